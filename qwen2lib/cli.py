@@ -1,0 +1,97 @@
+"""``qwen2lib`` command line: one subcommand per workbook stage.
+
+Every subcommand takes --model/--weights/--workdir like the notebooks' parameters, prints its
+progress, and on bad input exits 2 with a one-line reason.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import Qwen2LibError
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny", help="registry name, hub id or checkpoint folder (default: tiny)")
+    parser.add_argument("--weights", default="auto", choices=("auto", "random"),
+                        help="auto: local folder/HF cache/hub; random: real shape, seeded random weights")
+    parser.add_argument("--workdir", default=None, help="run folder (default: runs/<model>)")
+    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def workdir_of(args) -> Path:
+    from .artifacts import default_workdir
+
+    return Path(args.workdir) if args.workdir else default_workdir(args.model)
+
+
+def cmd_models(args) -> int:
+    import pandas as pd
+
+    from .registry import list_models
+
+    table = list_models()
+    if args.json:
+        print(table.to_json(orient="records", indent=2))
+    else:
+        with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 250):
+            print(table.to_string(index=False))
+    return 0
+
+
+def cmd_checkpoint(args) -> int:
+    from .loading import checkpoint_dir
+
+    print(checkpoint_dir(args.model, args.weights, args.seed))
+    return 0
+
+
+def cmd_patch(args) -> int:
+    from .artifacts import stage_dir
+    from .loading import checkpoint_dir
+    from .patching import build_deploy_package
+
+    source = checkpoint_dir(args.model, args.weights, args.seed)
+    out = stage_dir(workdir_of(args), "patched")
+    print(f"[patch] {args.model}: patching upstream modeling_qwen2.py into {out}", flush=True)
+    package = build_deploy_package(source, out, target=args.target, insert_slice=args.insert_slice)
+    print(f"[patch] wrote {package}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen2lib", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the model registry")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("checkpoint", help="print (building or finding it first) the local checkpoint folder of a model")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_checkpoint)
+
+    p = sub.add_parser("patch", help="write the deploy package (patched modeling file + config) to <workdir>/patched/")
+    _add_model_args(p)
+    p.add_argument("--target", default="onnx")
+    p.add_argument("--insert-slice", action="store_true", help="LM head on the last position only in prefill")
+    p.set_defaults(func=cmd_patch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (Qwen2LibError, FileNotFoundError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"qwen2lib {args.command}: error: {reason}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Run the workbook headless: every notebook in order with papermill, executed copies in ``executed/``.
+
+    python -m qwen2lib.workbook [-p NAME VALUE ...] [--only 03] [--output-dir executed]
+
+The kernel is named explicitly and every cell has a time limit, so a stuck or killed kernel
+fails the run instead of hanging it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+KERNEL = "python3"  # ipykernel's own spec: the interpreter of the environment running papermill
+CELL_TIMEOUT_S = 900
+
+
+def notebook_paths() -> list[Path]:
+    return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+
+
+def run_notebook(path: Path, output: Path, parameters: dict, cell_timeout: int = CELL_TIMEOUT_S) -> Path:
+    """Execute one notebook; raises papermill's PapermillExecutionError naming the failing cell."""
+    import papermill
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    papermill.execute_notebook(
+        str(path),
+        str(output),
+        parameters=parameters,
+        kernel_name=KERNEL,
+        execution_timeout=cell_timeout,
+        cwd=str(ROOT),
+        progress_bar=False,
+        log_output=False,
+    )
+    return output
+
+
+def _coerce(value: str):
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(value.lower(), value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    parser.add_argument("--only", action="append", default=[], help="run notebooks whose name starts with this (repeatable)")
+    parser.add_argument("--output-dir", default=str(ROOT / "executed"))
+    args = parser.parse_args(argv)
+    parameters = {name: _coerce(value) for name, value in args.parameter}
+    paths = [p for p in notebook_paths() if not args.only or any(p.name.startswith(o) for o in args.only)]
+    if not paths:
+        print("no notebooks matched", file=sys.stderr)
+        return 2
+    for path in paths:
+        start = time.perf_counter()
+        output = Path(args.output_dir) / path.name
+        print(f"[workbook] {path.name} ...", flush=True)
+        try:
+            run_notebook(path, output, parameters)
+        except Exception as exc:  # papermill's error names the cell and the traceback
+            print(f"[workbook] {path.name} FAILED after {time.perf_counter() - start:.0f} s: {exc}", file=sys.stderr)
+            print(f"[workbook] the executed copy with the error is {output}", file=sys.stderr)
+            return 1
+        print(f"[workbook] {path.name} ok in {time.perf_counter() - start:.0f} s -> {output}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

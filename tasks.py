@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""The two set-up commands of the README, with nothing but Python 3.11 and pip required.
+
+    python3 tasks.py workbook   # run every notebook in order on the embedded model -> executed/
+    python3 tasks.py test       # run the test suite (what CI runs)
+
+Each first creates or refreshes the local virtual environment ``.venv`` from requirements.txt.
+Extra arguments go to the underlying tool: ``python3 tasks.py test -k tokenizer``,
+``python3 tasks.py workbook -p model Qwen2-0.5B -p weights random``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+PYTHON = VENV / "bin" / "python"
+STAMP = VENV / ".qwen2lib-installed"
+
+
+def _fingerprint() -> str:
+    digest = hashlib.sha256()
+    for name in ("requirements.txt", "pyproject.toml"):
+        digest.update((ROOT / name).read_bytes())
+    return digest.hexdigest()
+
+
+def ensure_venv() -> None:
+    """Create .venv if needed and (re)install when requirements.txt or pyproject.toml changed."""
+    if not PYTHON.exists():
+        print(f"[tasks] creating {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    if STAMP.exists() and STAMP.read_text() == _fingerprint():
+        return
+    pip = [str(PYTHON), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    print("[tasks] installing pinned requirements into .venv (first run takes a few minutes)", flush=True)
+    subprocess.run(pip + ["-r", str(ROOT / "requirements.txt")], check=True)
+    subprocess.run(pip + ["--no-deps", "-e", str(ROOT)], check=True)
+    STAMP.write_text(_fingerprint())
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("test", "workbook"):
+        print(__doc__)
+        return 2
+    ensure_venv()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if argv[0] == "test":
+        cmd = [str(PYTHON), "-m", "pytest", *argv[1:]]
+    else:
+        cmd = [str(PYTHON), "-m", "qwen2lib.workbook", *argv[1:]]
+    return subprocess.call(cmd, cwd=ROOT, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

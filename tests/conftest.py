@@ -1,0 +1,48 @@
+"""Shared fixtures: no network, and tiny checkpoints that tests build themselves."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download at test time
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest
+import torch
+
+
+def tiny_hf_config(**overrides):
+    """A small random Qwen2 config (the LLMs-from-scratch way: tiny, then compare to the reference)."""
+    from transformers import Qwen2Config
+
+    cfg = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    cfg.update(overrides)
+    return Qwen2Config(**cfg)
+
+
+@pytest.fixture
+def make_checkpoint(tmp_path):
+    """Factory: save a seeded random transformers Qwen2 checkpoint (safetensors) and return its folder."""
+    from transformers import Qwen2ForCausalLM
+
+    def make(name: str = "ckpt", seed: int = 0, **overrides):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(tiny_hf_config(**overrides)).eval()
+        folder = tmp_path / name
+        model.save_pretrained(folder)
+        return folder
+
+    return make
