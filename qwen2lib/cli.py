@@ -13,7 +13,7 @@ from pathlib import Path
 from .errors import Qwen2LibError
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny", help="registry name, hub id or checkpoint folder (default: tiny)")
     parser.add_argument("--weights", default="auto", choices=("auto", "random"),
                         help="auto: local folder/HF cache/hub; random: real shape, seeded random weights")
@@ -49,17 +49,23 @@ def cmd_checkpoint(args) -> int:
     return 0
 
 
-def cmd_patch(args) -> int:
-    from .artifacts import stage_dir
-    from .loading import checkpoint_dir
-    from .patching import build_deploy_package
+# Stage modules add their own subcommands: each defines ``register_cli(subparsers)`` and may use
+# ``add_model_args`` and ``workdir_of`` from here. Listed in workbook order.
+STAGE_MODULES = ("patching", "calibration", "quantization", "compile", "generation", "bench", "evaluate")
 
-    source = checkpoint_dir(args.model, args.weights, args.seed)
-    out = stage_dir(workdir_of(args), "patched")
-    print(f"[patch] {args.model}: patching upstream modeling_qwen2.py into {out}", flush=True)
-    package = build_deploy_package(source, out, target=args.target, insert_slice=args.insert_slice)
-    print(f"[patch] wrote {package}")
-    return 0
+
+def _register_stages(sub) -> None:
+    import importlib
+
+    for name in STAGE_MODULES:
+        try:
+            module = importlib.import_module(f"qwen2lib.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"qwen2lib.{name}":  # that stage has not landed yet
+                continue
+            raise
+        if hasattr(module, "register_cli"):
+            module.register_cli(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,14 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("checkpoint", help="print (building or finding it first) the local checkpoint folder of a model")
-    _add_model_args(p)
+    add_model_args(p)
     p.set_defaults(func=cmd_checkpoint)
 
-    p = sub.add_parser("patch", help="write the deploy package (patched modeling file + config) to <workdir>/patched/")
-    _add_model_args(p)
-    p.add_argument("--target", default="onnx")
-    p.add_argument("--insert-slice", action="store_true", help="LM head on the last position only in prefill")
-    p.set_defaults(func=cmd_patch)
+    _register_stages(sub)
     return parser
 
 
