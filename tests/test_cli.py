@@ -22,4 +22,4 @@ def test_bad_input_exits_2_with_one_line():
 def test_checkpoint_prints_a_folder():
     result = run("checkpoint", "--model", "tiny-random")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("tiny-random-v1")
+    assert result.stdout.strip().endswith("tiny-random-v2")
