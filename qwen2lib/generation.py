@@ -1,0 +1,623 @@
+"""One generation loop for every backend: the torch model of any stage and the compiled ONNX graphs.
+
+A backend is anything with ``max_positions`` and two methods, so the loop never knows what runs it:
+
+    prefill(ids (B, T), attention_mask (B, T)) -> logits (B, V) of the last position, state
+    decode(next_ids (B, 1), state)              -> logits (B, V), state
+
+``state`` is the backend's own (a KV cache plus the growing attention mask). On top of that the loop
+does greedy or sampled decoding (temperature, top-k, top-p, repetition penalty, a seeded
+``torch.Generator``), stops on the family's end tokens, left-pads a batch of prompts, streams text
+deltas that never split a multi-byte character, and stamps every token with a clock reading so the
+benchmark can report TTFT and inter-token latency from the same run.
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import torch
+
+from .errors import PromptTooLongError
+
+# Both of the family's end tokens: base models end documents with <|endoftext|>, chat turns end with
+# <|im_end|>. Stopping on either is always right for Qwen2, whatever the checkpoint's config says.
+FAMILY_STOP_TOKENS = ("<|endoftext|>", "<|im_end|>")
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy (argmax); > 0: sample from softmax(logits / temperature)
+    top_k: int = 0  # keep the k most likely tokens (0: off)
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p (1: off)
+    repetition_penalty: float = 1.0  # CTRL-style: logits of tokens already seen are divided (>0) or multiplied (<0)
+    seed: int | None = None  # seeds the sampler's torch.Generator; None draws a fresh seed
+    ignore_eos: bool = False  # the benchmark forces each request's output length, as vLLM's does
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}: ask for at least one new token")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}: use 0 for greedy or a positive value to sample")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k}: use 0 (off) or a positive count")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p}: must be in (0, 1]; 1 turns it off")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty}: must be > 0; 1 turns it off")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Completion:
+    """One request: its tokens, text and when each token arrived (``time.perf_counter`` seconds)."""
+
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)  # generated; the stop token is kept when it ended the request
+    text: str = ""  # the generated text, special tokens skipped
+    finish_reason: str = "length"  # "stop" (an end token) or "length" (max_new_tokens)
+    start: float = 0.0  # clock when the request's prefill began
+    token_times: list[float] = field(default_factory=list)  # clock when each generated token was known
+
+    @property
+    def ttft_s(self) -> float:
+        """Time to first token: prefill plus the first sampling step."""
+        return self.token_times[0] - self.start
+
+    @property
+    def e2e_s(self) -> float:
+        return self.token_times[-1] - self.start
+
+    @property
+    def itl_s(self) -> list[float]:
+        """Inter-token latencies: the gaps between consecutive tokens."""
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Time per output token after the first: (E2E - TTFT) / (n - 1); None for one token."""
+        n = len(self.token_ids)
+        return (self.e2e_s - self.ttft_s) / (n - 1) if n > 1 else None
+
+
+class Backend(Protocol):
+    max_positions: int
+
+    def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Any]: ...
+
+    def decode(self, next_ids: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]: ...
+
+
+# ---- torch backend ----------------------------------------------------------------------------
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of each token = real tokens before it, so left padding shifts nothing. (B, T)"""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class TorchBackend:
+    """Any ``transformers``-style causal LM (reference, deploy package, quantized) or ``qwen2lib.model.Qwen2``.
+
+    The transformers path hands the model its own cache object back each step and passes explicit
+    position ids, so left-padded rows get the positions they would have alone.
+    """
+
+    name = "torch"
+
+    def __init__(self, model, max_positions: int | None = None):
+        from .model import Qwen2
+
+        self.model = model.eval()
+        self.scratch = isinstance(model, Qwen2)
+        config = model.args if self.scratch else model.config
+        self.max_positions = int(max_positions or config.max_position_embeddings)
+        if not self.scratch:
+            params = inspect.signature(model.forward).parameters
+            self._cache_kw = "cache" if "cache" in params else "past_key_values"
+            self._keep_last = "logits_to_keep" in params
+        self.device = next(model.parameters()).device
+        self.config = config
+
+    @torch.no_grad()
+    def prefill(self, ids, attention_mask):
+        ids, attention_mask = ids.to(self.device), attention_mask.to(self.device)
+        if self.scratch:
+            cache = self.model.new_cache()
+            mask = None if bool(attention_mask.all()) else attention_mask
+            logits = self.model(ids, cache, attention_mask=mask, last_only=True)
+            return logits[:, -1].float(), (cache, attention_mask)
+        kwargs = {"logits_to_keep": 1} if self._keep_last else {}
+        out = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
+                         use_cache=True, **kwargs)
+        return out.logits[:, -1].float(), (self._cache_of(out), attention_mask)
+
+    @torch.no_grad()
+    def decode(self, next_ids, state):
+        cache, attention_mask = state
+        next_ids = next_ids.to(self.device)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+        if self.scratch:
+            mask = None if bool(attention_mask.all()) else attention_mask
+            return self.model(next_ids, cache, attention_mask=mask)[:, -1].float(), (cache, attention_mask)
+        position_ids = attention_mask.long().sum(-1, keepdim=True) - 1  # (B, 1)
+        out = self.model(input_ids=next_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=True, **{self._cache_kw: cache})
+        return out.logits[:, -1].float(), (self._cache_of(out), attention_mask)
+
+    def _cache_of(self, out):
+        for name in ("cache", "past_key_values"):
+            value = getattr(out, name, None)
+            if value is not None:
+                return value
+        raise TypeError(f"{type(self.model).__name__} returned no KV cache: it cannot decode incrementally")
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Full-sequence logits (B, T, V) in fp32: the ``ids -> logits`` callable of evaluation and fidelity."""
+        ids = ids.to(self.device)
+        if self.scratch:
+            return self.model(ids).float()
+        return self.model(input_ids=ids, use_cache=False).logits.float()
+
+
+# ---- ONNX backend -----------------------------------------------------------------------------
+
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16"}
+
+
+class OnnxBackend:
+    """A compiled graph in onnxruntime, driven through the conventional decoder I/O names.
+
+    inputs ``input_ids`` (B, T), ``attention_mask`` (B, P + T), ``position_ids`` (B, T),
+    ``past_key_values.{i}.key|value`` (B, n_kv, P, hd) -> ``logits`` (B, T or 1, V),
+    ``present.{i}.key|value`` (B, n_kv, P + T, hd). Inputs a graph does not declare are not fed,
+    so graphs that derive positions from the mask run too. Relying on this contract only, the
+    backend runs any graph that follows it (notebook 04's, or an exporter's that uses the names).
+    """
+
+    name = "onnx"
+
+    def __init__(self, session, max_positions: int, num_key_value_heads: int | None = None,
+                 head_dim: int | None = None):
+        import numpy as np
+
+        self.session = session
+        inputs = {i.name: i for i in session.get_inputs()}
+        self.input_names = set(inputs)
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.num_layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
+        missing = [n for n in ("input_ids", "attention_mask") if n not in inputs]
+        if missing or not self.num_layers or "logits" not in self.output_names:
+            raise ValueError(f"the graph does not follow the decoder I/O convention: inputs {sorted(inputs)[:6]}..., "
+                             f"outputs {self.output_names[:4]}...; expected input_ids, attention_mask, "
+                             "past_key_values.{i}.key|value -> logits, present.{i}.key|value")
+        first = inputs["past_key_values.0.key"]
+        n_kv, hd = first.shape[1], first.shape[3]
+        self.kv_heads = n_kv if isinstance(n_kv, int) else num_key_value_heads
+        self.head_dim = hd if isinstance(hd, int) else head_dim
+        if self.kv_heads is None or self.head_dim is None:
+            raise ValueError("the graph's KV inputs have symbolic head dims: pass num_key_value_heads and head_dim")
+        self.kv_dtype = np.dtype(_ORT_DTYPES.get(first.type, "float32"))
+        self.max_positions = int(max_positions)
+
+    @classmethod
+    def load(cls, path: str | Path, config: dict | None = None, threads: int | None = None) -> "OnnxBackend":
+        """A graph file, or a compiled folder holding one ``*.onnx``.
+
+        ``config`` (the model's config.json as a dict) gives the position limit and KV shape; a
+        ``config.json`` beside the graph is used when it is not given.
+        """
+        import json
+
+        import onnxruntime as ort
+
+        path = Path(path)
+        graph, config = path, dict(config or {})
+        if path.is_dir():
+            graphs = sorted(path.glob("*.onnx"))
+            if len(graphs) != 1:
+                raise FileNotFoundError(f"{path}: expected one *.onnx graph, found {[g.name for g in graphs] or 'none'}; "
+                                        "compile one with `qwen2lib compile` or pass the graph file")
+            graph = graphs[0]
+            if not config and (path / "config.json").is_file():
+                config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        elif not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: compile a graph first (`qwen2lib compile ...`)")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+        max_positions = config.get("max_position_embeddings")
+        if not max_positions:
+            raise ValueError(f"{path}: no config.json beside the graph; pass the model's config")
+        return cls(session, max_positions, config.get("num_key_value_heads"),
+                   config.get("head_dim") or (hidden // heads if hidden and heads else None))
+
+    def _run(self, ids, attention_mask, past):
+        import numpy as np
+
+        feed = {"input_ids": ids.numpy().astype(np.int64), "attention_mask": attention_mask.numpy().astype(np.int64)}
+        if "position_ids" in self.input_names:
+            T = ids.shape[1]
+            feed["position_ids"] = _positions(attention_mask)[:, -T:].numpy().astype(np.int64)
+        for i, (k, v) in enumerate(past):
+            feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = k, v
+        out = dict(zip(self.output_names, self.session.run(None, feed)))
+        present = [(out[f"present.{i}.key"], out[f"present.{i}.value"]) for i in range(self.num_layers)]
+        return torch.from_numpy(out["logits"]).float(), present
+
+    def _empty_past(self, batch: int):
+        import numpy as np
+
+        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)  # (B, n_kv, 0, hd)
+        return [(empty, empty)] * self.num_layers
+
+    def prefill(self, ids, attention_mask):
+        logits, present = self._run(ids, attention_mask, self._empty_past(ids.shape[0]))
+        return logits[:, -1], (present, attention_mask)
+
+    def decode(self, next_ids, state):
+        past, attention_mask = state
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+        logits, present = self._run(next_ids, attention_mask, past)
+        return logits[:, -1], (present, attention_mask)
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Full-sequence logits (B, T, V); a graph compiled with insert_slice has the last position only."""
+        logits, _ = self._run(ids, torch.ones_like(ids), self._empty_past(ids.shape[0]))
+        if logits.shape[1] != ids.shape[1]:
+            raise ValueError("this graph returns last-position logits only (compiled with insert_slice): "
+                             "perplexity and C-Eval scoring need every position; compile without insert_slice")
+        return logits
+
+
+# ---- prompts and stop tokens ------------------------------------------------------------------
+
+def stop_token_ids(tokenizer=None, config=None) -> set[int]:
+    """The family's end tokens present in the vocabulary, plus whatever the config and tokenizer name."""
+    ids: set[int] = set()
+    if config is not None:
+        eos = config.get("eos_token_id") if isinstance(config, dict) else getattr(config, "eos_token_id", None)
+        ids.update([eos] if isinstance(eos, int) else list(eos or []))
+    if tokenizer is not None:
+        if tokenizer.eos_token_id is not None:
+            ids.add(int(tokenizer.eos_token_id))
+        vocab = tokenizer.get_vocab()
+        ids.update(vocab[t] for t in FAMILY_STOP_TOKENS if t in vocab)
+    return ids
+
+
+def encode_prompt(tokenizer, prompt, chat: bool = False) -> list[int]:
+    """Text (or a chat message list) -> token ids; ``chat`` wraps a text in the tokenizer's chat template."""
+    if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], int):
+        return list(prompt)
+    if isinstance(prompt, (list, tuple)):  # chat messages [{"role": ..., "content": ...}]
+        chat, messages = True, list(prompt)
+    else:
+        messages = [{"role": "user", "content": str(prompt)}]
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this tokenizer has no chat template: drop --chat/chat=True or use an -Instruct model")
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(str(prompt), add_special_tokens=False)
+
+
+def fit_prompt(ids: list[int], max_new_tokens: int, max_positions: int, truncate: str | None = None,
+               index: int = 0) -> list[int]:
+    """Refuse (or, with ``truncate="left"``, cut) a prompt that would run past the model's positions."""
+    if not ids:
+        raise ValueError(f"prompt {index} is empty: give at least one token")
+    if len(ids) + max_new_tokens <= max_positions:
+        return ids
+    room = max_positions - max_new_tokens
+    if truncate == "left" and room > 0:
+        return ids[-room:]
+    if truncate not in (None, "left"):
+        raise ValueError(f"truncate={truncate!r}: use None (refuse) or 'left' (keep the last tokens)")
+    raise PromptTooLongError(
+        f"prompt {index} has {len(ids)} tokens and max_new_tokens={max_new_tokens}: {len(ids) + max_new_tokens} "
+        f"positions, but the model has {max_positions} (max_position_embeddings or the compiled graph's limit). "
+        + (f"Shorten the prompt, lower max_new_tokens, or pass truncate='left' to keep its last {room} tokens"
+           if room > 0 else f"lower max_new_tokens below {max_positions}")
+    )
+
+
+# ---- sampling ---------------------------------------------------------------------------------
+
+def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply repetition penalty, temperature, top-k and top-p to logits (B, V), in the order HF does.
+
+    Tokens ruled out get -inf, so softmax of the result is the distribution that is sampled.
+    """
+    logits = logits.float()
+    if seen is not None and params.repetition_penalty != 1.0:
+        penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if params.greedy:
+        return logits
+    logits = logits / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token once the more likely ones already reach top_p (the most likely is always kept).
+        drop_sorted = (probs.cumsum(-1) - probs) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+                seen: torch.Tensor | None = None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,): argmax when greedy, else a draw from ``generator``."""
+    logits = process_logits(logits, params, seen)
+    if params.greedy:
+        return logits.argmax(-1)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+# ---- incremental detokenisation ---------------------------------------------------------------
+
+class TextStream:
+    """Text deltas as tokens arrive; the concatenation always equals decoding all tokens at once.
+
+    Byte-level BPE can split one character over several tokens (a rare CJK character, an emoji);
+    a decode that ends in U+FFFD is an unfinished character, so its text is held back until the
+    bytes that complete it arrive. Only the tokens since the last emitted boundary are re-decoded.
+    """
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # start of the window re-decoded for context
+        self.read_offset = 0  # tokens whose text has been emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip) if ids else ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        emitted = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset:])
+        if len(text) > len(emitted) and not text.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return text[len(emitted):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (the output ended inside a character)."""
+        emitted = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(emitted):]
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def _steps(backend: Backend, prompts: list[list[int]], params: SamplingParams, stops: set[int],
+           max_new: list[int], completions: list[Completion], pad_id: int) -> Iterator[tuple[int, int]]:
+    """Run one left-padded batch; fill ``completions`` in place and yield (row, token) as they arrive."""
+    B, T = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, T - len(prompt):] = torch.tensor(prompt)
+        mask[row, T - len(prompt):] = 1
+    generator = None
+    if not params.greedy:
+        generator = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
+    start = time.perf_counter()
+    for c in completions:
+        c.start = start
+    logits, state = backend.prefill(ids, mask)
+    seen = None  # (B, V): tokens of each row's prompt and output, for the repetition penalty
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(logits.shape, dtype=torch.bool)
+        for row, prompt in enumerate(prompts):
+            seen[row, prompt] = True
+    active = [True] * B
+    for _ in range(max(max_new)):
+        chosen = next_tokens(logits, params, generator, seen)  # (B,)
+        now = time.perf_counter()
+        for row in range(B):
+            if not active[row]:
+                continue
+            token = int(chosen[row])
+            c = completions[row]
+            c.token_ids.append(token)
+            c.token_times.append(now)
+            if token in stops and not params.ignore_eos:
+                c.finish_reason, active[row] = "stop", False
+            elif len(c.token_ids) >= max_new[row]:
+                c.finish_reason, active[row] = "length", False
+            yield row, token
+        if not any(active):
+            return
+        if seen is not None:
+            seen.scatter_(1, chosen[:, None], True)
+        feed = torch.tensor([int(chosen[r]) if active[r] else pad_id for r in range(B)])[:, None]  # (B, 1)
+        logits, state = backend.decode(feed, state)
+
+
+def _prepare(backend, tokenizer, prompts, params, chat, truncate, max_new_tokens):
+    single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (int, dict)))
+    items = [prompts] if single else list(prompts)
+    if not items:
+        raise ValueError("no prompts given")
+    if isinstance(max_new_tokens, int) or max_new_tokens is None:
+        max_new = [max_new_tokens or params.max_new_tokens] * len(items)
+    else:
+        max_new = [int(m) for m in max_new_tokens]
+        if len(max_new) != len(items):
+            raise ValueError(f"{len(max_new)} max_new_tokens for {len(items)} prompts")
+    ids = []
+    for i, (item, n) in enumerate(zip(items, max_new)):
+        if tokenizer is None and not (isinstance(item, (list, tuple)) and all(isinstance(t, int) for t in item)):
+            raise ValueError("without a tokenizer, prompts must be lists of token ids")
+        encoded = list(item) if tokenizer is None else encode_prompt(tokenizer, item, chat)
+        ids.append(fit_prompt(encoded, n, backend.max_positions, truncate, i))
+    return single, ids, max_new
+
+
+def generate(backend: Backend, tokenizer, prompts, params: SamplingParams | None = None, *, chat: bool = False,
+             truncate: str | None = None, max_new_tokens: int | Sequence[int] | None = None,
+             stop_ids: set[int] | None = None, on_text: Callable[[int, str], None] | None = None,
+             batch_size: int | None = None):
+    """Complete one prompt (-> ``Completion``) or a list of them (-> list, left-padded batches).
+
+    prompts: text, a chat message list, token ids, or a list of those. ``tokenizer`` may be None
+    when prompts are token ids (text is then left empty). ``max_new_tokens`` overrides
+    ``params.max_new_tokens``, per prompt if a list. ``on_text(index, delta)`` streams text.
+    """
+    params = params or SamplingParams()
+    single, ids, max_new = _prepare(backend, tokenizer, prompts, params, chat, truncate, max_new_tokens)
+    stops = stop_ids if stop_ids is not None else stop_token_ids(tokenizer, getattr(backend, "config", None))
+    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    completions = [Completion(prompt_ids=p) for p in ids]
+    batch_size = batch_size or len(ids)
+    for first in range(0, len(ids), batch_size):
+        rows = slice(first, first + batch_size)
+        streams = [TextStream(tokenizer) for _ in ids[rows]] if tokenizer is not None else None
+        for row, token in _steps(backend, ids[rows], params, stops, max_new[rows], completions[rows], pad_id):
+            if streams is not None:
+                delta = streams[row].push(token)
+                if delta and on_text is not None:
+                    on_text(first + row, delta)
+        for row, c in enumerate(completions[rows]):
+            if streams is not None:
+                tail = streams[row].flush()
+                if tail and on_text is not None:
+                    on_text(first + row, tail)
+                c.text = tokenizer.decode(c.token_ids, skip_special_tokens=True)
+    return completions[0] if single else completions
+
+
+def stream(backend: Backend, tokenizer, prompt, params: SamplingParams | None = None, *, chat: bool = False,
+           truncate: str | None = None, stop_ids: set[int] | None = None) -> Iterator[str]:
+    """Yield the text of one prompt's completion as it is generated, delta by delta."""
+    params = params or SamplingParams()
+    single, ids, max_new = _prepare(backend, tokenizer, prompt, params, chat, truncate, None)
+    if not single:
+        raise ValueError("stream() takes one prompt; use generate(..., on_text=...) for a batch")
+    stops = stop_ids if stop_ids is not None else stop_token_ids(tokenizer, getattr(backend, "config", None))
+    text = TextStream(tokenizer)
+    completion = [Completion(prompt_ids=ids[0])]
+    for _, token in _steps(backend, ids[:1], params, stops, max_new[:1], completion, tokenizer.pad_token_id or 0):
+        delta = text.push(token)
+        if delta:
+            yield delta
+    tail = text.flush()
+    if tail:
+        yield tail
+
+
+# ---- loading a backend by name ----------------------------------------------------------------
+
+def load_backend(model: str = "tiny", backend: str = "torch", *, weights: str = "auto", dtype="float32",
+                 seed: int = 0, compiled: str | Path | None = None, workdir: str | Path | None = None,
+                 precision: str = "fp32"):
+    """A ready backend by name: the transformers model (torch) or the compiled graph (onnx).
+
+    The onnx backend reads ``compiled`` if given, else builds or reuses ``<workdir>/compiled``.
+    """
+    if backend == "torch":
+        from .loading import load_model
+
+        return TorchBackend(load_model(model, dtype=dtype, weights=weights, seed=seed))
+    if backend == "onnx":
+        if compiled is None:
+            compiled = _ensure_graph(model, weights, workdir, seed, precision)
+        from .loading import checkpoint_dir
+        from .registry import read_folder_config
+
+        config = read_folder_config(checkpoint_dir(model, weights, seed))
+        out = OnnxBackend.load(compiled, config)
+        out.config = config
+        return out
+    raise ValueError(f"backend={backend!r}: use 'torch' or 'onnx'")
+
+
+def _ensure_graph(model, weights, workdir, seed, precision) -> Path:
+    from .artifacts import default_workdir
+    from .compile import ensure_compiled
+
+    workdir = Path(workdir) if workdir else default_workdir(model)
+    config = Path(__file__).resolve().parent.parent / "configs" / f"qwen2_{precision}.yaml"
+    return Path(ensure_compiled(model, weights, workdir, config=config, seed=seed))
+
+
+# The five ways notebook 05 runs a model, each built from (or reusing) the earlier stages' folders.
+STAGE_BACKENDS = ("fp32 torch", "int8 torch", "fp32 graph", "fp16 graph", "int8 graph")
+
+
+def stage_backend(label: str, model: str = "tiny", *, weights: str = "auto", workdir: str | Path | None = None,
+                  seed: int = 0, dtype="float32"):
+    """One of ``STAGE_BACKENDS``: the reference, notebook 03's int8 model, or a graph of notebook 04."""
+    if label == "fp32 torch":
+        return load_backend(model, "torch", weights=weights, dtype=dtype, seed=seed)
+    if label == "int8 torch":
+        from transformers import AutoModelForCausalLM
+
+        from .artifacts import default_workdir
+        from .quantization import ensure_quantized
+
+        workdir = Path(workdir) if workdir else default_workdir(model)
+        package = ensure_quantized(model, weights, workdir, seed=seed, scheme="w8a16")
+        return TorchBackend(AutoModelForCausalLM.from_pretrained(package, trust_remote_code=True))
+    if label.endswith(" graph"):
+        return load_backend(model, "onnx", weights=weights, seed=seed, workdir=workdir, precision=label.split()[0])
+    raise ValueError(f"unknown backend {label!r}: one of {', '.join(STAGE_BACKENDS)}")
+
+
+# ---- command line -----------------------------------------------------------------------------
+
+def cmd_generate(args) -> int:
+    from .cli import workdir_of
+    from .tokenizer import load_tokenizer
+
+    backend = load_backend(args.model, args.backend, weights=args.weights, dtype=args.dtype, seed=args.seed,
+                           compiled=args.compiled, workdir=workdir_of(args), precision=args.precision)
+    tokenizer = load_tokenizer(args.model)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    print(args.prompt if not args.chat else "", end="", flush=True)
+    result = generate(backend, tokenizer, args.prompt, params, chat=args.chat, truncate=args.truncate,
+                      on_text=lambda _, delta: print(delta, end="", flush=True))
+    n = len(result.token_ids)
+    tpot = result.tpot_s
+    print(f"\n[generate] {n} tokens ({result.finish_reason}), TTFT {1e3 * result.ttft_s:.1f} ms"
+          + (f", {1 / tpot:.1f} tok/s after the first" if tpot else ""), file=sys.stderr)
+    return 0
+
+
+def register_cli(sub) -> None:
+    from .cli import add_model_args
+
+    p = sub.add_parser("generate", help="generate from a prompt on the torch model or a compiled graph, streaming")
+    add_model_args(p)
+    p.add_argument("--backend", default="torch", choices=("torch", "onnx"))
+    p.add_argument("--compiled", default=None, help="compiled graph folder (default: <workdir>/compiled, built if missing)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"), help="which compiled graph (onnx)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (-Instruct models)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--truncate", default=None, choices=("left",), help="cut an over-long prompt from the left")
+    p.set_defaults(func=cmd_generate)

@@ -1,0 +1,188 @@
+"""Run a compiled Qwen2 graph (notebook 04's folder) in onnxruntime, with an explicit KV cache.
+
+    lm = OnnxCausalLM.load("runs/tiny/compiled/qwen2_int8")   # manifest.json + model.onnx
+    logits, state = lm.prefill(ids)            # ids (B, T) int64 [, attention_mask (B, T), 0 = left pad]
+    logits, state = lm.decode(next_ids, state) # next_ids (B, 1); logits (B, 1, V) float32 numpy
+    lm(ids)                                    # torch (B, T, V) float32: the ids -> logits callable
+                                               # of the fidelity report (stepwise for last-position graphs)
+
+``state`` is a ``KVState``: per layer (key, value) numpy (B, n_kv, P, hd) in the graph's KV dtype,
+plus the attention mask (B, P) so far. ``run()`` is the raw call with the conventional names, for
+callers that keep their own cache. Positions come from the mask (count of real tokens before each
+token), so left-padded batches need no position bookkeeping. Attributes worth knowing:
+``max_positions`` (the graph's rotary table size), ``last_position_logits``, ``kv_dtype``, ``manifest``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import NumericalOverflowError, PromptTooLongError
+
+_ORT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+               "all": "ORT_ENABLE_ALL"}
+_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+@dataclass
+class KVState:
+    past: list[tuple[np.ndarray, np.ndarray]]  # per layer (B, n_kv, P, hd)
+    attention_mask: np.ndarray  # (B, P) int64
+
+    @property
+    def length(self) -> int:
+        return self.attention_mask.shape[1]
+
+
+def positions_from_mask(attention_mask: np.ndarray) -> np.ndarray:
+    """Position of each token = real tokens before it; left padding gets position 0. (B, A) int64"""
+    return np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0).astype(np.int64)
+
+
+def session_options(threads: int | None = None, optimization_level: str = "all"):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _ORT_LEVELS[optimization_level])
+    if threads:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    return options
+
+
+class OnnxCausalLM:
+    """One onnxruntime session over a graph with the decoder I/O convention."""
+
+    def __init__(self, session, manifest: dict | None = None):
+        self.session = session
+        self.manifest = manifest or {}
+        inputs = {i.name: i for i in session.get_inputs()}
+        self.input_names = set(inputs)
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.num_layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
+        first = inputs["past_key_values.0.key"]
+        self.num_kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
+        self.kv_dtype = _NP[first.type]
+        logits_shape = session.get_outputs()[0].shape
+        self.vocab_size = int(logits_shape[-1])
+        self.last_position_logits = logits_shape[1] == 1
+        self.max_positions = int(self.manifest.get("max_sequence_length", 1 << 62))
+        self.operator_set = self.manifest.get("operator_set", "standard")
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, threads: int | None = None, optimization_level: str | None = None,
+             manifest: dict | None = None):
+        """A compiled folder (manifest.json + model.onnx) or a bare .onnx file.
+
+        ``manifest`` stands in for the folder's manifest.json (the compiler verifies before writing one).
+        """
+        import onnxruntime as ort
+
+        folder = Path(folder)
+        graph = folder
+        if folder.is_dir():
+            if manifest is None:
+                if not (folder / "manifest.json").is_file():
+                    raise FileNotFoundError(f"{folder} has no manifest.json: compile it first (`qwen2lib compile CONFIG`)")
+                manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+            graph = folder / manifest.get("graph", {}).get("file", "model.onnx")
+        elif not folder.is_file():
+            raise FileNotFoundError(f"{folder} does not exist: compile a graph first (`qwen2lib compile CONFIG`)")
+        manifest = dict(manifest or {})
+        if "operator_set" not in manifest:  # a bare graph: read its opsets (not its weights) to tell
+            import onnx
+
+            domains = {o.domain for o in onnx.load(str(graph), load_external_data=False).opset_import}
+            manifest["operator_set"] = "contrib" if "com.microsoft" in domains else "standard"
+        runtime = manifest.get("config", {}).get("runtime", {})
+        threads = threads if threads is not None else (runtime.get("threads") or None)
+        level = optimization_level or runtime.get("optimization_level", "all")
+        session = ort.InferenceSession(str(graph), session_options(threads, level), providers=["CPUExecutionProvider"])
+        return cls(session, manifest)
+
+    # ---- the raw call -------------------------------------------------------------------------
+    def empty_past(self, batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        empty = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), self.kv_dtype)  # (B, n_kv, 0, hd)
+        return [(empty, empty)] * self.num_layers
+
+    def run(self, input_ids, attention_mask=None, position_ids=None, past=None):
+        """One graph call: ids (B, T), mask (B, P + T), positions (B, T), past per layer (B, n_kv, P, hd).
+
+        Returns (logits (B, T or 1, V) float32, present per layer (B, n_kv, P + T, hd)).
+        """
+        ids = np.asarray(input_ids, dtype=np.int64)
+        B, T = ids.shape
+        past = past if past is not None else self.empty_past(B)
+        P = past[0][0].shape[2]
+        mask = np.ones((B, P + T), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        if position_ids is None:
+            position_ids = positions_from_mask(mask)[:, P:]
+        position_ids = np.asarray(position_ids, np.int64)
+        if position_ids.size and int(position_ids.max()) >= self.max_positions:
+            raise PromptTooLongError(f"position {int(position_ids.max())} is past this graph's limit of "
+                                     f"{self.max_positions} positions (graph.max_sequence_length); recompile with a "
+                                     "larger one or shorten the prompt")
+        if self.operator_set == "contrib" and B > 1 and T > 1 and P > 0:
+            # GroupQueryAttention continues a prompt over a cache for one row at a time; rows are independent.
+            rows = [self.run(ids[b:b + 1], mask[b:b + 1], position_ids[b:b + 1], [(k[b:b + 1], v[b:b + 1]) for k, v in past])
+                    for b in range(B)]
+            logits = np.concatenate([r[0] for r in rows])
+            present = [tuple(np.concatenate([r[1][i][j] for r in rows]) for j in range(2)) for i in range(self.num_layers)]
+            return logits, present
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids}
+        for i, (k, v) in enumerate(past):
+            feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = k, v
+        out = dict(zip(self.output_names, self.session.run(None, feed)))
+        present = [(out[f"present.{i}.key"], out[f"present.{i}.value"]) for i in range(self.num_layers)]
+        return out["logits"], present
+
+    # ---- generation-style calls ---------------------------------------------------------------
+    def prefill(self, input_ids, attention_mask=None) -> tuple[np.ndarray, KVState]:
+        ids = np.asarray(input_ids, np.int64)
+        mask = np.ones(ids.shape, np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        logits, present = self.run(ids, mask)
+        return logits, KVState(present, mask)
+
+    def decode(self, next_ids, state: KVState) -> tuple[np.ndarray, KVState]:
+        ids = np.asarray(next_ids, np.int64).reshape(-1, 1)
+        mask = np.concatenate([state.attention_mask, np.ones((ids.shape[0], 1), np.int64)], axis=1)
+        logits, present = self.run(ids, mask, past=state.past)
+        return logits, KVState(present, mask)
+
+    def __call__(self, input_ids):
+        """ids (B, T) -> torch float32 logits (B, T, V) for every position.
+
+        A last-position graph is walked one token at a time through its cache instead.
+        """
+        import torch
+
+        ids = np.asarray(input_ids.cpu() if hasattr(input_ids, "cpu") else input_ids, np.int64)
+        if not self.last_position_logits:
+            logits, _ = self.run(ids)
+        else:
+            steps, state = [], None
+            for t in range(ids.shape[1]):
+                if state is None:
+                    out, state = self.prefill(ids[:, :1])
+                else:
+                    out, state = self.decode(ids[:, t:t + 1], state)
+                steps.append(out[:, -1:])
+            logits = np.concatenate(steps, axis=1)
+        return torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
+
+
+def check_finite(logits: np.ndarray, present=None, what: str = "graph") -> None:
+    """Raise NumericalOverflowError naming the first output with inf/NaN (garbage is never returned silently)."""
+    if not np.isfinite(logits).all():
+        bad = np.argwhere(~np.isfinite(logits))[0].tolist()
+        raise NumericalOverflowError(f"{what}: logits hold inf/NaN (first at index {bad}); an activation "
+                                     "overflowed its dtype")
+    for i, (k, v) in enumerate(present or []):
+        for name, t in (("key", k), ("value", v)):
+            if not np.isfinite(t).all():
+                raise NumericalOverflowError(f"{what}: present.{i}.{name} (the KV cache of layer {i}) holds inf/NaN; "
+                                             f"layer {i}'s {name} projection overflowed {t.dtype}")

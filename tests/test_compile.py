@@ -1,0 +1,470 @@
+"""Notebook 04: YAML configs, the hand-built ONNX graphs, their parity/fidelity vs torch, the compile folder."""
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from qwen2lib.compile import (CompileVerificationError, activation_ranges, compile_model, config_path,
+                              ensure_compiled, fp16_plan, load_weights, read_manifest, sha256_of)
+from qwen2lib.config_schema import ConfigError, describe_schema, load_config
+from qwen2lib.errors import NumericalOverflowError, PromptTooLongError
+from qwen2lib.model import Qwen2Args
+from qwen2lib.onnx_graph import (GraphPlan, build_graph, op_histogram, pack_matmul_nbits, quantize_per_block_int8,
+                                 quantize_per_channel_int8)
+from qwen2lib.ort_runtime import OnnxCausalLM, check_finite
+
+SHIPPED = ("qwen2_fp32", "qwen2_fp16", "qwen2_int8", "qwen2_fp32_standard")
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+def hf_model(folder):
+    from transformers import Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def graph_for(folder, tmp_path, **plan):
+    """Build, save and load a graph straight from the builder (no verification phase)."""
+    args = Qwen2Args.from_config_dict(json.loads((Path(folder) / "config.json").read_text()))
+    built = build_graph(args, load_weights(Path(folder)), GraphPlan(max_sequence_length=256, **plan))
+    out = tmp_path / f"graph-{len(list(tmp_path.glob('graph-*')))}"
+    built.save(out)
+    onnx.checker.check_model(str(out / "model.onnx"))
+    return OnnxCausalLM.load(out / "model.onnx"), built
+
+
+def decode_vs_reference(lm, hf, prompt, steps=16):
+    """max |dlogits| of graph prefill + cached greedy steps vs the reference's full forward on the same tokens."""
+    logits, state = lm.prefill(prompt)
+    seq = prompt[0].tolist()
+    got = [logits[0]]
+    for _ in range(steps):
+        seq.append(int(logits[0, -1].argmax()))
+        logits, state = lm.decode([[seq[-1]]], state)
+        got.append(logits[0])
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor([seq])).logits[0].numpy()
+    return float(np.abs(np.concatenate(got) - ref).max())
+
+
+def small_config(tmp_path, text: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+# ---- YAML configs -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_validate(name):
+    cfg = load_config(config_path(name))
+    assert cfg["name"] == name
+    assert cfg["precision"] == name.split("_")[1]
+    assert cfg["graph"]["kv_cache_layout"] == "BNSH"
+
+
+def test_unknown_key_is_named_with_its_line(tmp_path):
+    path = small_config(tmp_path, """
+        precision: int8
+        graph:
+          opset: 21
+          last_positon_logits: true
+        """)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert exc.value.key == "graph.last_positon_logits" and exc.value.line == 4
+    assert f"{path.resolve()}:4:" in str(exc.value) and "last_position_logits" in str(exc.value)  # the suggestion
+
+
+def test_wrong_type_is_named_with_its_line(tmp_path):
+    path = small_config(tmp_path, """
+        graph:
+          opset: "21"
+        """)
+    with pytest.raises(ConfigError, match=r":2: graph.opset: expected int, got str") as exc:
+        load_config(path)
+    assert exc.value.line == 2
+    path = small_config(tmp_path, "graph:\n  max_sequence_length: true\n")
+    with pytest.raises(ConfigError, match="expected int, got bool"):
+        load_config(path)  # YAML true is not a number
+    path = small_config(tmp_path, "verify:\n  max_kld_mean: 1e-3\n")
+    with pytest.raises(ConfigError, match=r"write 1.0e-4"):
+        load_config(path)  # YAML 1.1 reads 1e-3 as text
+
+
+def test_bad_choice_and_section_shape(tmp_path):
+    with pytest.raises(ConfigError, match=r":1: precision: 'int4' is not one of fp32, fp16, int8"):
+        load_config(small_config(tmp_path, "precision: int4\n"))
+    with pytest.raises(ConfigError, match="graph: must be a section"):
+        load_config(small_config(tmp_path, "graph: contrib\n"))
+    with pytest.raises(ConfigError, match="appears twice"):
+        load_config(small_config(tmp_path, "precision: fp32\nprecision: fp16\n"))
+
+
+def test_missing_files_are_named_with_their_line(tmp_path):
+    path = small_config(tmp_path, """
+        precision: fp32
+        source:
+          checkpoint: no/such/folder
+        """)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert exc.value.key == "source.checkpoint" and exc.value.line == 3 and "does not exist" in str(exc.value)
+    with pytest.raises(ConfigError, match=r":1: base: 'missing.yaml' does not exist"):
+        load_config(small_config(tmp_path, "base: missing.yaml\n"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_rules_between_keys_point_at_the_offending_line(tmp_path):
+    path = small_config(tmp_path, f"""
+        base: {config_path('qwen2_int8').resolve()}
+        graph:
+          operator_set: standard
+        """)
+    with pytest.raises(ConfigError, match=r":3: graph.operator_set: precision int8 needs operator_set 'contrib'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="block_size: 48"):
+        load_config({"precision": "int8", "quantization": {"block_size": 48}})
+
+
+def test_base_inheritance_and_overrides():
+    cfg = load_config(config_path("qwen2_int8"), {"graph.last_position_logits": True})
+    assert cfg["graph"]["operator_set"] == "contrib" and cfg["graph"]["last_position_logits"] is True
+    assert cfg["verify"]["prompt_tokens"] == load_config(config_path("qwen2_fp32"))["verify"]["prompt_tokens"]
+    keys = {row["key"] for row in describe_schema()}
+    assert {"graph.dynamic_axes.batch", "quantization.granularity", "fp16.on_overflow"} <= keys
+
+
+# ---- int8 packing -----------------------------------------------------------------------------
+
+def test_per_channel_and_per_block_int8_error_bounds():
+    torch.manual_seed(0)
+    w = (torch.randn(24, 200) * torch.logspace(-2, 1, 24)[:, None]).numpy()  # rows of very different scale
+    q, s = quantize_per_channel_int8(w)
+    assert q.dtype == np.int8 and s.shape == (24,) and np.abs(q).max() <= 127
+    assert np.all(np.abs(q * s[:, None] - w) <= s[:, None] / 2 + 1e-7)  # round-to-nearest: half a step at most
+    qb, sb = quantize_per_block_int8(w, 64)
+    assert sb.shape == (24, 4)
+    assert np.all(np.abs(qb * np.repeat(sb, 64, 1)[:, :200] - w) <= np.repeat(sb, 64, 1)[:, :200] / 2 + 1e-7)
+    packed, scales = pack_matmul_nbits(q, s, 64, "float32")
+    assert packed.shape == (24, 4, 64) and scales.shape == (24, 4)
+    restored = (packed.reshape(24, -1)[:, :200].astype(np.int16) - 128) * scales.repeat(64, 1)[:, :200]
+    np.testing.assert_allclose(restored, q * s[:, None], rtol=0, atol=0)
+    assert np.all(packed.reshape(24, -1)[:, 200:] == 128)  # padding dequantizes to zero
+
+
+# ---- fp32 parity: both operator sets, several head layouts --------------------------------------
+
+@pytest.mark.parametrize("operator_set", ["contrib", "standard"])
+@pytest.mark.parametrize("heads,kv_heads,tied,rope", [
+    (4, 2, True, None),  # the tiny shape: GQA with 2 query heads per KV head
+    (4, 4, False, None),  # multi-head attention, untied head
+    (8, 1, True, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),  # MQA + YaRN
+    (6, 3, False, {"rope_type": "linear", "factor": 2.0}),
+])
+def test_fp32_graph_matches_transformers_over_prompt_and_cached_decode(make_checkpoint, tmp_path, operator_set,
+                                                                       heads, kv_heads, tied, rope):
+    rope_parameters = {"rope_type": "default", "rope_theta": 1e6} if rope is None else {"rope_theta": 1e6, **rope}
+    folder = make_checkpoint(num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tied,
+                             hidden_size=96 if heads == 6 else 64, rope_parameters=rope_parameters)
+    lm, built = graph_for(folder, tmp_path, operator_set=operator_set)
+    prompt = torch.randint(0, 320, (1, 11), generator=torch.Generator().manual_seed(1)).numpy()
+    assert decode_vs_reference(lm, hf_model(folder), prompt, steps=16) <= 1e-4
+    ops = op_histogram(built)
+    if operator_set == "contrib":
+        assert ops["com.microsoft:GroupQueryAttention"] == 2 and ops["com.microsoft:RotaryEmbedding"] == 4
+    else:
+        assert not any(op.startswith("com.microsoft") for op in ops)
+
+
+@pytest.mark.parametrize("operator_set", ["contrib", "standard"])
+def test_left_padded_batch_and_prompt_continuation(make_checkpoint, tmp_path, operator_set):
+    """Rows of different lengths, left-padded, decode like each row alone; a prompt continued over
+    a cache (T > 1 with a past) equals the uncached forward."""
+    folder = make_checkpoint()
+    hf = hf_model(folder)
+    lm, _ = graph_for(folder, tmp_path, operator_set=operator_set)
+    gen = torch.Generator().manual_seed(2)
+    rows = [torch.randint(0, 320, (n,), generator=gen).tolist() for n in (9, 4, 6)]
+    width = max(map(len, rows))
+    ids = np.array([[0] * (width - len(r)) + r for r in rows])
+    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    logits, state = lm.prefill(ids, mask)
+    seqs = [list(r) for r in rows]
+    for _ in range(5):
+        nxt = logits[:, -1].argmax(-1)
+        for s, t in zip(seqs, nxt):
+            s.append(int(t))
+        logits, state = lm.decode(nxt[:, None], state)
+    with torch.no_grad():
+        for b, s in enumerate(seqs):
+            ref = hf(input_ids=torch.tensor([s])).logits[0, -1].numpy()
+            assert np.abs(logits[b, -1] - ref).max() <= 1e-4, f"row {b}"
+    # continue a prompt of 7 tokens with 5 more in one call, batch of 2
+    ids2 = torch.randint(0, 320, (2, 12), generator=gen).numpy()
+    _, state = lm.prefill(ids2[:, :7])
+    logits, _ = lm.run(ids2[:, 7:], np.ones((2, 12), np.int64), past=state.past)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids2)).logits[:, 7:].numpy()
+    assert np.abs(logits - ref).max() <= 1e-4
+
+
+def test_positions_past_the_graph_limit_are_refused(make_checkpoint, tmp_path):
+    lm, _ = graph_for(make_checkpoint(), tmp_path)
+    lm.max_positions = 8
+    with pytest.raises(PromptTooLongError, match="past this graph's limit of 8"):
+        lm.prefill(np.zeros((1, 9), np.int64))
+
+
+def test_last_position_logits_and_fixed_axes(make_checkpoint, tmp_path):
+    folder = make_checkpoint()
+    lm, built = graph_for(folder, tmp_path, last_position_logits=True, batch=1)
+    prompt = np.arange(3, 13)[None]
+    logits, _ = lm.prefill(prompt)
+    assert logits.shape == (1, 1, 320)
+    with torch.no_grad():
+        ref = hf_model(folder)(input_ids=torch.tensor(prompt)).logits
+    assert np.abs(logits[0, -1] - ref[0, -1].numpy()).max() <= 1e-4
+    # the fidelity callable walks a last-position graph through its cache
+    assert torch.allclose(lm(torch.tensor(prompt)), ref, atol=1e-4)
+    assert built.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+
+
+# ---- the compile: folder, manifest, reuse, atomicity, CLI ------------------------------------------
+
+def test_compile_writes_a_verified_folder_with_manifest(make_checkpoint, tmp_path):
+    folder = make_checkpoint()
+    out = compile_model(config_path("qwen2_fp32"), model=str(folder), workdir=tmp_path / "wd", verbose=False)
+    assert out == tmp_path / "wd" / "compiled" / "qwen2_fp32"
+    m = read_manifest(out)
+    names_in = [i["name"] for i in m["inputs"]]
+    names_out = [o["name"] for o in m["outputs"]]
+    assert names_in == ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key",
+                        "past_key_values.0.value", "past_key_values.1.key", "past_key_values.1.value"]
+    assert names_out[:3] == ["logits", "present.0.key", "present.0.value"]
+    assert m["inputs"][3]["shape"] == ["batch", 2, "past_sequence", 16]  # (B, n_kv, P, hd)
+    assert m["outputs"][1]["shape"] == ["batch", 2, "total_sequence", 16]
+    assert m["parity"]["max_abs_dlogits"] <= 1e-4 and m["parity"]["decode_steps"] == 16
+    assert m["fidelity"]["top1_agreement"] == 1.0
+    assert m["graph"]["opset_imports"] == {"ai.onnx": 21, "com.microsoft": 1}
+    assert m["precision"]["attention"] == "fp32" and m["op_histogram"]["com.microsoft:GroupQueryAttention"] == 2
+    for name, f in m["files"].items():
+        assert sha256_of(out / name) == f["sha256"], name
+    assert "config.json" in m["files"] and json.loads((out / "metrics.json").read_text())["parity"] == m["parity"]
+    onnx.checker.check_model(str(out / "model.onnx"))
+    assert not list((tmp_path / "wd" / "compiled").glob(".*"))  # no temp folders left behind
+
+
+def test_ensure_compiled_reuses_only_an_identical_request(make_checkpoint, tmp_path):
+    folder = str(make_checkpoint())
+    wd = tmp_path / "wd"
+    first = ensure_compiled(folder, "auto", wd, config="qwen2_fp32_standard", verbose=False)
+    stamp = (first / "model.onnx").stat().st_mtime_ns
+    assert ensure_compiled(folder, "auto", wd, config="qwen2_fp32_standard", verbose=False) == first
+    assert (first / "model.onnx").stat().st_mtime_ns == stamp
+    ensure_compiled(folder, "auto", wd, config="qwen2_fp32_standard", overrides={"graph.opset": 17}, verbose=False)
+    assert (first / "model.onnx").stat().st_mtime_ns != stamp
+    assert read_manifest(first)["graph"]["opset_imports"] == {"ai.onnx": 17}
+    # a retrained checkpoint (new weight file) is a different request too
+    stamp = (first / "model.onnx").stat().st_mtime_ns
+    weights_file = Path(folder) / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes())
+    ensure_compiled(folder, "auto", wd, config="qwen2_fp32_standard", overrides={"graph.opset": 17}, verbose=False)
+    assert (first / "model.onnx").stat().st_mtime_ns != stamp
+
+
+def test_a_graph_missing_its_bounds_installs_nothing(make_checkpoint, tmp_path):
+    folder = make_checkpoint()
+    good = compile_model(config_path("qwen2_fp32"), model=str(folder), workdir=tmp_path, verbose=False)
+    stamp = (good / "model.onnx").stat().st_mtime_ns
+    with pytest.raises(CompileVerificationError, match=r"min_top1_agreement 1\.5"):
+        compile_model(config_path("qwen2_fp32"), model=str(folder), workdir=tmp_path, verbose=False,
+                      overrides={"verify.min_top1_agreement": 1.5})
+    assert (good / "model.onnx").stat().st_mtime_ns == stamp  # the earlier good folder is untouched
+    assert sorted(p.name for p in good.parent.iterdir()) == ["qwen2_fp32"]
+
+
+def test_external_data_folder_runs_like_the_embedded_one(make_checkpoint, tmp_path):
+    folder = make_checkpoint()
+    out = compile_model(config_path("qwen2_fp32"), model=str(folder), workdir=tmp_path, verbose=False,
+                        overrides={"graph.external_data": "always", "name": "ext"})
+    m = read_manifest(out)
+    assert m["graph"]["external_data"] == "model.onnx.data" and "model.onnx.data" in m["files"]
+    assert (out / "model.onnx").stat().st_size < 200_000  # the weights live in the data file
+    assert m["parity"]["max_abs_dlogits"] <= 1e-4
+
+
+def test_cli_compiles_and_reports_bad_configs_in_one_line(make_checkpoint, tmp_path, capsys):
+    from qwen2lib.cli import main
+
+    folder = make_checkpoint()
+    rc = main(["compile", "qwen2_fp32_standard", "--model", str(folder), "--workdir", str(tmp_path / "wd"),
+               "--set", "graph.last_position_logits=true"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "(7/8) verify vs torch" in out and '"max_abs_dlogits"' in out
+    assert read_manifest(tmp_path / "wd" / "compiled" / "qwen2_fp32_standard")["last_position_logits"] is True
+    bad = small_config(tmp_path, "precision: fp32\nruntime:\n  threads: two\n")
+    assert main(["compile", str(bad), "--model", str(folder), "--workdir", str(tmp_path / "wd")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cfg.yaml:3: runtime.threads: expected int" in err[0]
+
+
+# ---- fp16 and int8: fidelity bounds, overflow ------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["qwen2_fp16", "qwen2_int8"])
+def test_fp16_and_int8_graphs_meet_the_shipped_fidelity_bounds(make_checkpoint, tmp_path, name):
+    folder = make_checkpoint(num_hidden_layers=3)
+    out = compile_model(config_path(name), model=str(folder), workdir=tmp_path, verbose=False)  # raises if not
+    m = read_manifest(out)
+    bounds = load_config(config_path(name))["verify"]
+    fid = m["fidelity"]
+    assert fid["kld_mean"] <= bounds["max_kld_mean"] and fid["top1_agreement"] >= bounds["min_top1_agreement"]
+    assert fid["ppl_ratio"] <= bounds["max_ppl_ratio"]
+    assert fid["kld_mean"] > 0  # really a different precision, not the fp32 graph
+    if name == "qwen2_int8":
+        assert m["op_histogram"]["com.microsoft:MatMulNBits"] == 3 * 4 + 1  # qkv, o, gate|up, down per layer + head
+        assert m["precision"]["mlp"].startswith("int8 per-channel")
+        assert m["op_histogram"]["com.microsoft:GatherBlockQuantized"] == 1
+        assert m["precision"]["lm_head"].endswith("(tied: shares embed_tokens)")
+        uint8_tables = [t for t in onnx.load(str(out / "model.onnx")).graph.initializer
+                        if t.data_type == onnx.TensorProto.UINT8 and t.dims[0] == 320]
+        assert len(uint8_tables) == 1  # the tied embedding and LM head are one int8 table
+        assert m["inputs"][3]["dtype"] == "float32"
+    else:
+        assert m["inputs"][3]["dtype"] == "float16" and m["outputs"][0]["dtype"] == "float32"
+        assert m["fp16_probe"]["kept_in_fp32"] == []
+
+
+def test_int8_graph_reuses_notebook03_weights_and_scales(make_checkpoint, tmp_path):
+    """A quantized package (int8 weights + per-channel scales) gives the same graph as quantizing here."""
+    from safetensors.numpy import save_file
+
+    folder = make_checkpoint()
+    weights = load_weights(folder)
+    package = tmp_path / "quantized"
+    package.mkdir()
+    tensors = {}
+    for name, w in weights.items():
+        if name.endswith("_proj.weight"):
+            q, s = quantize_per_channel_int8(w)
+            tensors[name], tensors[name.replace(".weight", ".weight_scale")] = q, s
+    save_file(tensors, str(package / "model.safetensors"))
+    here = compile_model(config_path("qwen2_int8"), model=str(folder), workdir=tmp_path / "a", verbose=False,
+                         overrides={"quantization.reuse": "none"})
+    reused = compile_model(config_path("qwen2_int8"), model=str(folder), workdir=tmp_path / "b", verbose=False,
+                           overrides={"quantization.package": str(package)})
+    assert "notebook 03 package" in read_manifest(reused)["source"]["int8_weights"]
+    ids = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(3))
+    a, b = OnnxCausalLM.load(here)(ids), OnnxCausalLM.load(reused)(ids)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _overflowing_checkpoint(make_checkpoint):
+    """A checkpoint whose layer-0 MLP writes ~1e5 into one residual channel, as bf16-trained models can:
+    fine in fp32 (the norms rescale it), inf in fp16."""
+    from safetensors.torch import load_file, save_file
+
+    folder = make_checkpoint(num_hidden_layers=2)
+    path = folder / "model.safetensors"
+    state = load_file(path)
+    mlp = "model.layers.0.mlp"
+    state[f"{mlp}.gate_proj.weight"][7] *= 300  # one hidden unit fires ~50x harder ...
+    state[f"{mlp}.up_proj.weight"][7] *= 300
+    state[f"{mlp}.down_proj.weight"][5, 7] = 100.0  # ... and writes ~1e5 into residual channel 5
+    save_file(state, str(path), metadata={"format": "pt"})
+    return folder
+
+
+def test_fp16_overflow_is_detected_and_kept_in_fp32_or_refused(make_checkpoint, tmp_path):
+    folder = _overflowing_checkpoint(make_checkpoint)
+    hf = hf_model(folder)
+    blocks = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(0))
+    ranges = activation_ranges(hf, blocks)
+    assert ranges["layers.0.down_proj"] > 65504 and ranges["layers.0.residual"] > 65504
+    # 1) the detector: an fp16 graph that ignores the probe really emits inf/NaN, and it is caught
+    args = Qwen2Args.from_config_dict(json.loads((folder / "config.json").read_text()))
+    raw = build_graph(args, load_weights(folder), GraphPlan(dtype="float16", max_sequence_length=64))
+    raw.save(tmp_path / "raw")
+    logits, state = OnnxCausalLM.load(tmp_path / "raw" / "model.onnx").prefill(blocks[:1].numpy())
+    with pytest.raises(NumericalOverflowError, match="inf/NaN"):
+        check_finite(logits, state.past, "fp16 graph")
+    # 2) on_overflow: error names what overflowed
+    with pytest.raises(NumericalOverflowError, match=r"layers\.0\.down_proj reaches .*on_overflow: keep_fp32"):
+        compile_model(config_path("qwen2_fp16"), model=str(folder), workdir=tmp_path, verbose=False,
+                      overrides={"fp16.on_overflow": "error"})
+    # 3) keep_fp32: the residual stream and layer 0's MLP run in fp32, the rest in fp16, and it is faithful
+    out = compile_model(config_path("qwen2_fp16"), model=str(folder), workdir=tmp_path, verbose=False)
+    m = read_manifest(out)
+    assert m["fp16_probe"]["kept_in_fp32"] == ["layers.0.mlp", "residual"]
+    assert m["precision"]["attention"] == "fp16" and "layers [0] kept in fp32" in m["precision"]["mlp"]
+    assert m["fidelity"]["top1_agreement"] >= 0.95 and np.isfinite(m["fidelity"]["kld_mean"])
+
+
+def test_fp16_cannot_keep_queries_keys_values_so_it_refuses():
+    ranges = {"layers.1.k_proj": 2e5, "layers.0.residual": 10.0}
+    with pytest.raises(NumericalOverflowError, match=r"layers\.1\.k_proj.*KV cache"):
+        fp16_plan(ranges, headroom=4.0, on_overflow="keep_fp32")
+    keep, report = fp16_plan({"lm_head": 3e4, "layers.0.o_proj": 1.0}, headroom=4.0, on_overflow="keep_fp32")
+    assert keep == {"lm_head"} and report["over_limit"] == {"lm_head": 3e4}
+
+
+def test_a_yaml_names_its_checkpoint_relative_to_itself(make_checkpoint, tmp_path, monkeypatch):
+    folder = make_checkpoint("ckpt")
+    path = small_config(tmp_path, f"""
+        base: {config_path('qwen2_fp32_standard').resolve()}
+        source:
+          checkpoint: ckpt
+        """)
+    monkeypatch.chdir(folder)  # somewhere else: the path must not depend on the working directory
+    cfg = load_config(path)
+    assert cfg["source"]["checkpoint"] == str(folder.resolve())
+    out = compile_model(path, workdir=tmp_path / "wd", verbose=False)  # no model argument: the YAML's checkpoint
+    assert read_manifest(out)["source"]["folder"] == str(folder.resolve())
+
+
+def test_int8_per_tensor_activations_use_dynamic_quantize_matmul(make_checkpoint, tmp_path):
+    folder = make_checkpoint(tie_word_embeddings=False)
+    out = compile_model(config_path("qwen2_int8"), model=str(folder), workdir=tmp_path, verbose=False,
+                        overrides={"quantization.activations": "int8_per_tensor"})  # raises if under the bounds
+    m = read_manifest(out)
+    assert m["op_histogram"]["com.microsoft:DynamicQuantizeMatMul"] == 2 * 4 + 1
+    assert "com.microsoft:MatMulNBits" not in m["op_histogram"]
+    assert "DynamicQuantizeMatMul" in m["precision"]["lm_head"] and "(tied" not in m["precision"]["lm_head"]
+    with pytest.raises(ConfigError, match="per-channel weight scales only"):
+        load_config(config_path("qwen2_int8"), {"quantization.activations": "int8_per_tensor",
+                                                "quantization.granularity": "per_block"})
+
+
+def test_bounds_skip_top1_only_for_random_weights():
+    from qwen2lib.compile import check_bounds
+
+    cfg = load_config(config_path("qwen2_int8"))
+    parity = {"max_abs_dlogits": 0.1}
+    flat = {"kld_mean": 1e-4, "top1_agreement": 0.6, "ppl_ratio": 1.001}  # near-ties flip the argmax
+    assert check_bounds(cfg, parity, flat, random_weights=True) == []
+    assert check_bounds(cfg, parity, flat, random_weights=False) == [
+        "top1_agreement 0.6000 < verify.min_top1_agreement 0.9"]
+    broken = {"kld_mean": 0.5, "top1_agreement": 0.6, "ppl_ratio": 1.3}
+    assert len(check_bounds(cfg, parity, broken, random_weights=True)) == 2  # KL and perplexity still bound
+    nan = {"kld_mean": float("nan"), "top1_agreement": 1.0, "ppl_ratio": float("nan")}
+    assert len(check_bounds(cfg, parity, nan)) == 2  # NaN figures fail, they do not slip through
+
+
+def test_fidelity_refuses_non_finite_candidate_logits():
+    from qwen2lib.compile import fidelity
+
+    blocks = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    reference = lambda ids: torch.randn(*ids.shape, 50, generator=torch.Generator().manual_seed(1))  # noqa: E731
+    broken = lambda ids: torch.full((*ids.shape, 50), float("nan"))  # noqa: E731
+    with pytest.raises(NumericalOverflowError, match="inf/NaN"):
+        fidelity(reference, broken, blocks)
+    assert fidelity(reference, reference, blocks)["kld_mean"] == pytest.approx(0.0, abs=1e-12)
