@@ -1,0 +1,268 @@
+"""Stage 2: per-channel activation statistics of every Linear's input, on a calibration set.
+
+A forward pre-hook on each ``nn.Linear`` sees its input X (B, T, K) and keeps, per input channel k:
+
+  absmax       max over all calibration tokens of |X_k|: exact, what SmoothQuant's s_j uses.
+  percentile   a high percentile (default 99.9) of |X_k| over tokens. Storing every token of every Linear
+               is too much memory at real shapes, so it is estimated batch by batch: the exact nearest-rank
+               percentile of the batch's tokens (``kthvalue``), then the token-weighted mean over batches.
+               With a single batch it is exact; with several it is the mean of per-batch percentiles,
+               which is stable in the number of batches where the max only grows. The gap between the two
+               is what clipping (a percentile instead of the max) would buy.
+
+Saved with the model id, data set label, sample count and seed as ``stats.safetensors`` (keys
+``<linear>.absmax`` and ``<linear>.percentile``, (K,) fp32) plus ``metrics.json`` (the summary).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+
+STATS_FILE = "stats.safetensors"
+DEFAULT_PERCENTILE = 99.9
+
+
+def nearest_rank_percentile(abs_x: torch.Tensor, percentile: float) -> torch.Tensor:
+    """(M, K) -> (K,): the ceil(p/100 * M)-th smallest value of each column (kthvalue has no size limit)."""
+    m = abs_x.shape[0]
+    k = min(m, max(1, math.ceil(percentile / 100 * m)))
+    return abs_x.kthvalue(k, dim=0).values
+
+
+class ActivationStats:
+    """Forward pre-hooks on every nn.Linear of a model, accumulating per-channel input statistics."""
+
+    def __init__(self, model: nn.Module, percentile: float = DEFAULT_PERCENTILE):
+        if not 0 < percentile <= 100:
+            raise ValueError(f"percentile={percentile}: use a value in (0, 100], e.g. 99.9")
+        self.percentile = percentile
+        self.absmax: dict[str, torch.Tensor] = {}
+        self.percentile_sum: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self.hooks = [module.register_forward_pre_hook(self.hook(name))
+                      for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+        if not self.hooks:
+            raise ValueError("the model has no nn.Linear to observe (is it already quantized?)")
+
+    def hook(self, name: str):
+        def observe(module, args):
+            x = args[0].detach()
+            abs_x = x.reshape(-1, x.shape[-1]).float().abs()  # (M, K)
+            m = abs_x.shape[0]
+            batch_max = abs_x.amax(dim=0)
+            batch_pct = nearest_rank_percentile(abs_x, self.percentile) * m  # token-weighted
+            if name in self.absmax:
+                torch.maximum(self.absmax[name], batch_max, out=self.absmax[name])
+                self.percentile_sum[name] += batch_pct
+                self.tokens[name] += m
+            else:
+                self.absmax[name], self.percentile_sum[name], self.tokens[name] = batch_max, batch_pct, m
+        return observe
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in self.absmax:
+            out[f"{name}.absmax"] = self.absmax[name].contiguous()
+            out[f"{name}.percentile"] = (self.percentile_sum[name] / self.tokens[name]).contiguous()
+        return out
+
+
+@torch.no_grad()
+def collect_activation_stats(model: nn.Module, blocks: torch.Tensor, *, percentile: float = DEFAULT_PERCENTILE,
+                             batch_size: int = 4, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Run (N, L) token blocks through the model in batches; {"<linear>.absmax"|".percentile": (K,)}."""
+    from tqdm.auto import tqdm
+
+    observer = ActivationStats(model, percentile)
+    try:
+        starts = range(0, blocks.shape[0], batch_size)
+        for start in tqdm(starts, desc="calibration", unit="batch", disable=not progress):
+            model(blocks[start : start + batch_size], use_cache=False)
+    finally:
+        observer.remove()
+    return observer.tensors()
+
+
+def linear_names(stats: Mapping[str, torch.Tensor]) -> list[str]:
+    return [k[: -len(".absmax")] for k in stats if k.endswith(".absmax")]
+
+
+def outlier_summary(stats: Mapping[str, torch.Tensor], top: int = 5) -> dict[str, dict]:
+    """Per Linear: largest absmax, its channel, the median channel, their ratio, the top channels."""
+    summary = {}
+    for name in linear_names(stats):
+        a = stats[f"{name}.absmax"]
+        values, channels = a.topk(min(top, a.numel()))
+        median = float(a.median())
+        summary[name] = {"max": float(values[0]), "argmax_channel": int(channels[0]), "median": median,
+                         "max_over_median": float(values[0]) / median if median > 0 else math.inf,
+                         "top_channels": channels.tolist(),
+                         "percentile_max": float(stats[f"{name}.percentile"].max())}
+    return summary
+
+
+def save_stats(folder: str | os.PathLike, stats: Mapping[str, torch.Tensor], metrics: dict) -> Path:
+    from safetensors.torch import save_file
+
+    from .artifacts import write_metrics
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.float().contiguous().cpu() for k, v in stats.items()}, str(folder / STATS_FILE),
+              metadata={k: json.dumps(metrics.get(k)) for k in ("model", "dataset", "samples", "seq_len", "seed")})
+    write_metrics(folder, metrics)
+    return folder
+
+
+def load_stats(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = Path(folder) / STATS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run `qwen2lib calibrate` (notebook 02) first")
+    return load_file(str(path))
+
+
+def is_instruct(model: str) -> bool:
+    from .registry import resolve
+
+    try:
+        return bool(resolve(model).instruct)
+    except Exception:  # a folder the registry cannot name: decide by its name
+        return "instruct" in str(model).lower() or "chat" in str(model).lower()
+
+
+def ensure_calibration(model: str = "tiny", weights: str = "auto", workdir: str | os.PathLike | None = None, *,
+                       dataset: str = "builtin", data_path: str | os.PathLike | None = None, samples: int = 16,
+                       seq_len: int = 128, seed: int = 0, percentile: float = DEFAULT_PERCENTILE,
+                       batch_size: int = 4, fallback: bool = True, force: bool = False,
+                       progress: bool = True) -> Path:
+    """``<workdir>/calibration/`` (stats.safetensors + metrics.json), reused when its request matches.
+
+    The statistics are of the fp32 model ``load_model(model, weights=weights, seed=seed)``; an instruct
+    model sees its samples through its chat template. Defaults are CI-sized: peers use 128 x 512.
+    """
+    from .artifacts import atomic_dir, default_workdir, read_metrics, stage_dir
+    from .data import load_calibration_texts, sample_token_blocks
+    from .loading import load_model
+    from .tokenizer import load_tokenizer
+
+    workdir = Path(workdir) if workdir else default_workdir(model)
+    out = stage_dir(workdir, "calibration")
+    request = {"model": str(model), "weights": weights, "seed": seed, "dataset": dataset,
+               "data_path": str(data_path) if data_path else None, "samples": samples, "seq_len": seq_len,
+               "percentile": percentile, "batch_size": batch_size}
+    if not force and (out / STATS_FILE).is_file() and (out / "metrics.json").is_file() \
+            and read_metrics(out).get("request") == request:
+        return out
+    tokenizer = load_tokenizer(model)
+    chat = is_instruct(model)
+    texts = load_calibration_texts(dataset, data_path, tokenizer=tokenizer, chat=chat, fallback=fallback)
+    blocks = sample_token_blocks(texts.texts, tokenizer, samples, seq_len, seed)
+    hf_model = load_model(model, weights=weights, seed=seed)
+    stats = collect_activation_stats(hf_model, blocks, percentile=percentile, batch_size=batch_size, progress=progress)
+    metrics = {
+        "request": request, "model": str(model), "weights": weights, "seed": seed,
+        "dataset": texts.label, "dataset_name": texts.dataset, "fallback": texts.fallback, "source": texts.source,
+        "chat_template": chat, "samples": samples, "seq_len": seq_len, "tokens": int(blocks.numel()),
+        "documents": len(texts.texts), "percentile": percentile,
+        "percentile_estimator": "mean over batches of the per-batch nearest-rank percentile, token-weighted",
+        "linears": len(linear_names(stats)), "outliers": outlier_summary(stats),
+    }
+    with atomic_dir(out) as tmp:
+        save_stats(tmp, stats, metrics)
+    return out
+
+
+# ---- plots --------------------------------------------------------------------------------------
+
+
+def layer_matrix(stats: Mapping[str, torch.Tensor], linear: str = "self_attn.q_proj", key: str = "absmax"):
+    """(layers, K) matrix of one Linear kind's per-channel statistic, rows in layer order."""
+    rows = []
+    i = 0
+    while f"model.layers.{i}.{linear}.{key}" in stats:
+        rows.append(stats[f"model.layers.{i}.{linear}.{key}"])
+        i += 1
+    if not rows:
+        raise KeyError(f"no statistics for model.layers.*.{linear}: pick one of "
+                       f"{sorted({n.split('.', 3)[-1] for n in linear_names(stats) if n.startswith('model.layers.')})}")
+    return torch.stack(rows)
+
+
+def plot_outlier_heatmap(stats: Mapping[str, torch.Tensor], linear: str = "self_attn.q_proj", label: str = "", ax=None):
+    """Heatmap of log10 absmax per (layer, input channel): outlier channels show as bright columns."""
+    import matplotlib.pyplot as plt
+
+    m = layer_matrix(stats, linear)
+    ax = ax or plt.subplots(figsize=(9, 0.4 * m.shape[0] + 1.5))[1]
+    image = ax.imshow(m.clamp(min=1e-6).log10().numpy(), aspect="auto", cmap="magma", interpolation="nearest")
+    ax.figure.colorbar(image, ax=ax, label="log10 max|x|")
+    ax.set_xlabel("input channel")
+    ax.set_ylabel("decoder layer")
+    ax.set_yticks(range(0, m.shape[0], max(1, m.shape[0] // 12)))
+    ax.set_title(f"per-channel input absmax of {linear}" + (f"\n{label}" if label else ""), fontsize=9)
+    return ax
+
+
+def plot_channel_distribution(stats: Mapping[str, torch.Tensor], name: str, label: str = "", ax=None):
+    """One Linear's channels sorted by absmax, with the high percentile beside it (log scale)."""
+    import matplotlib.pyplot as plt
+
+    absmax, pct = stats[f"{name}.absmax"], stats[f"{name}.percentile"]
+    order = absmax.argsort(descending=True)
+    ax = ax or plt.subplots(figsize=(8, 3.2))[1]
+    ax.plot(absmax[order].numpy(), label="absmax")
+    ax.plot(pct[order].numpy(), label="high percentile (per-batch mean)", alpha=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("input channels, sorted by absmax")
+    ax.set_ylabel("|x|")
+    ax.set_title(f"{name}" + (f"\n{label}" if label else ""), fontsize=9)
+    ax.legend()
+    return ax
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+
+def cmd_calibrate(args) -> int:
+    from .artifacts import read_metrics
+    from .cli import workdir_of
+
+    out = ensure_calibration(args.model, args.weights, workdir_of(args), dataset=args.dataset,
+                             data_path=args.data_path, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+                             percentile=args.percentile, fallback=not args.no_fallback, force=args.force)
+    metrics = read_metrics(out)
+    print(f"{metrics['linears']} Linears, {metrics['tokens']} tokens of {metrics['dataset']}")
+    worst = sorted(metrics["outliers"].items(), key=lambda kv: -kv[1]["max_over_median"])[:5]
+    for name, o in worst:
+        print(f"  {name}: max {o['max']:.3g} at channel {o['argmax_channel']} = {o['max_over_median']:.1f} x median")
+    print(out)
+    return 0
+
+
+def register_cli(sub) -> None:
+    from .cli import add_model_args
+    from .data import DATASETS
+
+    p = sub.add_parser("calibrate", help="per-channel activation statistics of every Linear on a calibration set")
+    add_model_args(p)
+    p.add_argument("--dataset", default="builtin", choices=DATASETS)
+    p.add_argument("--data-path", default=None, help="local file/folder in the set's published layout")
+    p.add_argument("--samples", type=int, default=16, help="calibration samples (peers: 128)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sample (peers: 512)")
+    p.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE)
+    p.add_argument("--no-fallback", action="store_true", help="fail instead of using builtin when the set is unavailable")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_calibrate)

@@ -1,0 +1,574 @@
+"""Stage 3: int8 weights for the deploy package, two schemes, measured against the fp32 reference.
+
+W8A16     every Linear (but ``skip``) holds int8 weights, symmetric, one fp32 scale per output channel.
+          Activations stay 16-bit: the matmul runs ``aten._weight_int8pack_mm`` on bf16 activations, the
+          CPU kernel that reads int8 weights directly. Dequantising the whole weight to fp32 on every
+          call costs more than the fp32 matmul it replaces (see ``matmul_timings``), so it is not used.
+smoothquant  W8A8 for the Linears fed by an RMSNorm (q/k/v after ``input_layernorm``, gate/up after
+          ``post_attention_layernorm``): a per-input-channel factor ``s_j = max|X_j|^a / max|W_j|^(1-a)``
+          from the calibration absmax moves activation outliers into the weights (X/s, W*s) and the 1/s
+          is folded into the norm's weight, so it costs nothing at run time. Activations are quantized per
+          token, dynamically (absmax of each row / 127), and the product is int8 x int8 -> int32
+          (``torch._int_mm``), rescaled by (token scale x channel scale).
+          o_proj and down_proj stay W8A16: no norm precedes them, so there is nowhere free to fold s
+          (down_proj's could go into up_proj's rows, o_proj's into v_proj's rows only when every query
+          head of a kv group shares it), and their inputs -- the attention output and the SwiGLU product --
+          carry the largest per-channel outliers, which per-token int8 without smoothing would clip.
+
+lm_head (tied to the embeddings in small Qwen2) and the embeddings are kept in fp32 by default, as peers do.
+
+The quantized package is a copy of the deploy package with its own ``model.safetensors`` (``X.weight`` int8
+(N, K), ``X.weight_scale`` fp32 (N,), everything else as before), ``quantization_config`` in config.json and
+``modeling_qwen2_int8.py``, whose ``Qwen2ForCausalLMInt8`` (the class ``auto_map`` names) swaps in
+``Int8Linear`` modules before the weights load. So ``AutoModelForCausalLM.from_pretrained(pkg,
+trust_remote_code=True)`` returns the int8 model directly; that file imports ``qwen2lib.quantization``
+(as the patched ``quantize()`` does). ``load_quantized(pkg)`` is the same call, with transformers' warning
+about the (to it) unknown ``quant_method`` silenced.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import Qwen2LibError
+
+SCHEMES = ("w8a16", "smoothquant")
+QUANT_METHOD = "qwen2lib-int8"
+DEFAULT_SKIP = ("lm_head",)
+INT8_MODELING_FILE = "modeling_qwen2_int8.py"
+INT8_CLASS = "Qwen2ForCausalLMInt8"
+WEIGHTS_FILE = "model.safetensors"
+# Linears whose input is an RMSNorm's output, by the norm: the ones SmoothQuant can smooth for free.
+SMOOTH_GROUPS = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+)
+
+
+class QuantizationError(Qwen2LibError, ValueError):
+    """A quantization request that cannot be carried out (unknown scheme, missing statistics)."""
+
+
+# ---- int8 weights ------------------------------------------------------------------------------
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (N, K) float -> (int8 (N, K), fp32 scale (N,)).
+
+    scale_n = max_k |W_nk| / 127, so every row uses the full [-127, 127] range and the rounding error
+    of each weight is at most scale_n / 2. -128 is never produced: the range stays symmetric.
+    """
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (N,): an all-zero row keeps a finite scale
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()[:, None]  # (N, K)
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric int8 per row: (M, K) -> (int8 (M, K), fp32 scale (M, 1))."""
+    scale = x.detach().float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127
+    return torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+def int8_matmul(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    """int8 (M, K) x int8 (N, K)^T -> int32 (M, N), exactly.
+
+    ``torch._int_mm`` on CPU (VNNI); elsewhere an emulation in float64, which is exact because every
+    partial sum stays below 2^53 (127 * 127 * K for K < 5e11).
+    """
+    if xq.device.type == "cpu" and hasattr(torch, "_int_mm"):
+        return torch._int_mm(xq, wq.t())
+    return (xq.double() @ wq.double().t()).to(torch.int32)
+
+
+def int8_weight_matmul(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """W8A16: bf16 activations (M, K) times int8 weights (N, K) with per-channel scales -> (M, N) fp32.
+
+    On CPU ``aten._weight_int8pack_mm`` reads the int8 weight in its kernel (weight layout (N, K), scales
+    (N,) in the activation dtype). Its fp32-activation path is a slow reference; bf16 is the fast one,
+    and bf16 is what the "16" of W8A16 means. Elsewhere: the same numbers by dequantising.
+    """
+    xb = x.to(torch.bfloat16)
+    if x.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        return torch.ops.aten._weight_int8pack_mm(xb, wq, scale.to(torch.bfloat16)).float()
+    return (F.linear(xb.float(), wq.float()) * scale.float()).to(torch.bfloat16).float()
+
+
+class Int8Linear(nn.Module):
+    """A Linear with int8 weights (N, K) and fp32 per-output-channel scales (N,), as buffers.
+
+    ``activations="bf16"``: W8A16. ``activations="int8"``: W8A8 with per-token dynamic activation scales.
+    The bias (Qwen2's q/k/v have one) stays fp32 and is added after rescaling.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, activations: str = "bf16"):
+        super().__init__()
+        if activations not in ("bf16", "int8"):
+            raise QuantizationError(f"activations={activations!r}: use 'bf16' (W8A16) or 'int8' (W8A8)")
+        self.in_features, self.out_features, self.activations = in_features, out_features, activations
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, activations: str = "bf16") -> "Int8Linear":
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, activations)
+        q, scale = quantize_weight(linear.weight)
+        module.weight.copy_(q)
+        module.weight_scale.copy_(scale)
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias.detach().float())
+        return module.to(linear.weight.device)
+
+    def realign(self) -> None:
+        # Weights loaded from a safetensors mmap can start at any byte; the CPU int8 kernels read them with
+        # aligned vector loads (a misaligned weight crashed _weight_int8pack_mm). Copy once into fresh memory.
+        if self.weight.data_ptr() % 64 or not self.weight.is_contiguous():
+            self.weight = self.weight.contiguous().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.realign()
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if self.activations == "int8":
+            xq, x_scale = quantize_per_token(x2)  # (M, K) int8, (M, 1)
+            y = int8_matmul(xq.contiguous(), self.weight).float() * x_scale * self.weight_scale  # (M, N)
+        else:
+            y = int8_weight_matmul(x2, self.weight, self.weight_scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, activations={self.activations}"
+
+
+# ---- SmoothQuant --------------------------------------------------------------------------------
+
+
+def stats_absmax(stats: Mapping[str, torch.Tensor], linear_name: str) -> torch.Tensor:
+    """The calibration absmax (K,) of a Linear's input: ``stats["<name>.absmax"]`` (calibration.py) or ``stats[name]``."""
+    for key in (f"{linear_name}.absmax", linear_name):
+        if key in stats:
+            return stats[key].float()
+    raise QuantizationError(
+        f"the calibration statistics hold no input absmax for {linear_name!r}: were they collected on this "
+        "model? Run `qwen2lib calibrate --model <this model>` (notebook 02) and pass its statistics."
+    )
+
+
+def smoothing_factors(act_absmax: torch.Tensor, weights: Iterable[torch.Tensor], alpha: float) -> torch.Tensor:
+    """s_j = max|X_j|^alpha / max_over_weights|W_:,j|^(1-alpha), (K,); 1 where either side is 0."""
+    w_absmax = torch.stack([w.detach().float().abs().amax(dim=0) for w in weights]).amax(dim=0)  # (K,)
+    x = act_absmax.float().to(w_absmax.device)
+    s = x.pow(alpha) / w_absmax.pow(1 - alpha)
+    ok = (x > 0) & (w_absmax > 0) & torch.isfinite(s)
+    return torch.where(ok, s, torch.ones_like(s)).clamp(min=1e-5)
+
+
+@torch.no_grad()
+def smooth_model(model, stats: Mapping[str, torch.Tensor], alpha: float = 0.5) -> dict[str, torch.Tensor]:
+    """Fold SmoothQuant factors into each layer's norms and the Linears they feed, in place (still float).
+
+    The model computes the same function afterwards (up to fp32 rounding): norm(x) / s then W * s.
+    Returns {"layers.{i}.{norm}": s}.
+    """
+    if not 0 <= alpha <= 1:
+        raise QuantizationError(f"alpha={alpha}: the migration strength must lie in [0, 1] (SmoothQuant uses 0.5)")
+    factors = {}
+    for i, layer in enumerate(model.model.layers):
+        for norm_name, linear_names in SMOOTH_GROUPS:
+            norm = getattr(layer, norm_name)
+            linears = [layer.get_submodule(n) for n in linear_names]
+            act = stats_absmax(stats, f"model.layers.{i}.{linear_names[0]}")
+            for n in linear_names[1:]:  # they read the same tensor; take the max in case stats differ
+                act = torch.maximum(act, stats_absmax(stats, f"model.layers.{i}.{n}"))
+            s = smoothing_factors(act, [lin.weight for lin in linears], alpha)
+            norm.weight.div_(s.to(norm.weight.dtype))
+            for lin in linears:
+                lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
+            factors[f"layers.{i}.{norm_name}"] = s
+    return factors
+
+
+# ---- quantize_model -----------------------------------------------------------------------------
+
+
+def is_skipped(name: str, skip: Iterable[str]) -> bool:
+    """A pattern skips a Linear when it equals (or fnmatch-es) its full name or its last component."""
+    leaf = name.rsplit(".", 1)[-1]
+    return any(name == p or leaf == p or fnmatch.fnmatchcase(name, p) for p in skip)
+
+
+def smoothed_linear_names(model) -> set[str]:
+    return {f"model.layers.{i}.{n}" for i in range(len(model.model.layers)) for _, names in SMOOTH_GROUPS for n in names}
+
+
+@torch.no_grad()
+def quantize_model(model, scheme: str = "w8a16", *, stats: Mapping[str, torch.Tensor] | str | os.PathLike | None = None,
+                   alpha: float = 0.5, skip: Iterable[str] = DEFAULT_SKIP):
+    """Replace the model's nn.Linear layers by ``Int8Linear`` in place and return the model.
+
+    ``scheme``: "w8a16" or "smoothquant" (needs ``stats``: a calibration folder or its tensors).
+    ``skip``: Linear names or patterns kept in float (default: lm_head). The applied settings are recorded
+    in ``model.config.quantization_config``, which ``save_quantized`` writes to config.json.
+    """
+    if scheme not in SCHEMES:
+        raise QuantizationError(f"scheme={scheme!r}: choose one of {', '.join(SCHEMES)}")
+    skip = tuple(skip)
+    int8_activations: set[str] = set()
+    if scheme == "smoothquant":
+        if stats is None:
+            raise QuantizationError(
+                "scheme='smoothquant' needs activation statistics: pass stats=<calibration folder> (from "
+                "`qwen2lib calibrate`, notebook 02) or the dict of tensors it saved"
+            )
+        if not isinstance(stats, Mapping):
+            from .calibration import load_stats
+
+            stats = load_stats(stats)
+        smooth_model(model, stats, alpha)
+        int8_activations = {n for n in smoothed_linear_names(model) if not is_skipped(n, skip)}
+    modules = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or is_skipped(name, skip):
+            continue
+        activations = "int8" if name in int8_activations else "bf16"
+        parent_name, _, leaf = name.rpartition(".")
+        model.get_submodule(parent_name).__setattr__(leaf, Int8Linear.from_linear(module, activations))
+        modules[name] = "w8a8" if activations == "int8" else "w8a16"
+    if not modules:
+        raise QuantizationError(f"no nn.Linear left to quantize (skip={skip}): is the model already quantized?")
+    config = {
+        "quant_method": QUANT_METHOD,
+        "scheme": scheme,
+        "weights": "int8, symmetric, one fp32 scale per output channel",
+        "activations": {"w8a16": "bf16", "w8a8": "int8, symmetric, dynamic per token"},
+        "alpha": alpha if scheme == "smoothquant" else None,
+        "skip": list(skip),
+        "modules": modules,
+    }
+    if getattr(model, "config", None) is not None:
+        model.config.quantization_config = config
+    return model
+
+
+def convert_to_int8_modules(model, quantization_config: Mapping) -> None:
+    """Swap in empty ``Int8Linear`` modules named by a saved ``quantization_config`` (weights load after)."""
+    for name, kind in quantization_config["modules"].items():
+        linear = model.get_submodule(name)
+        parent_name, _, leaf = name.rpartition(".")
+        module = Int8Linear(linear.in_features, linear.out_features, linear.bias is not None,
+                            "int8" if kind == "w8a8" else "bf16")
+        model.get_submodule(parent_name).__setattr__(leaf, module)
+
+
+# ---- the quantized package ----------------------------------------------------------------------
+
+INT8_MODELING_SOURCE = '''"""Int8 variant of the patched Qwen2ForCausalLM, written by qwen2lib.quantization.
+
+Before the weights load, the Linears that config.quantization_config lists become
+qwen2lib.quantization.Int8Linear (int8 weight + fp32 weight_scale buffers), so
+AutoModelForCausalLM.from_pretrained(package, trust_remote_code=True) returns the int8 model.
+"""
+from .{patched_module} import Qwen2ForCausalLM
+
+
+class {cls}(Qwen2ForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        from qwen2lib.quantization import convert_to_int8_modules
+
+        quantization_config = getattr(config, "quantization_config", None)
+        if quantization_config:
+            convert_to_int8_modules(self, quantization_config)
+'''
+
+
+def patched_modeling_module(package: Path) -> str:
+    found = sorted(p.stem for p in package.glob("modeling_qwen2_*.py") if p.name != INT8_MODELING_FILE)
+    if not found:
+        raise QuantizationError(f"{package} holds no modeling_qwen2_<target>.py: is it a deploy package (notebook 01)?")
+    return found[0]
+
+
+def state_dict_for_saving(model) -> dict[str, torch.Tensor]:
+    """Every tensor once: a tied lm_head (it shares the embedding's storage) is left to the loader to re-tie."""
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        state[name] = tensor.detach().contiguous().cpu()
+    return state
+
+
+def save_quantized(model, deploy_package: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write the quantized package into ``out_dir`` (which must not exist or be empty): see the module doc."""
+    from safetensors.torch import save_file
+
+    src, out = Path(deploy_package), Path(out_dir)
+    config = getattr(model.config, "quantization_config", None)
+    if not config or config.get("quant_method") != QUANT_METHOD:
+        raise QuantizationError("the model carries no qwen2lib quantization_config: call quantize_model() first")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():  # code, tokenizer and notes; not the fp32 weights, the metrics or any symlink
+        if f.is_file() and not f.is_symlink() and f.suffix != ".safetensors" and f.name not in (
+                "config.json", "metrics.json", "model.safetensors.index.json"):
+            shutil.copy2(f, out / f.name)
+    patched = patched_modeling_module(src)
+    (out / INT8_MODELING_FILE).write_text(INT8_MODELING_SOURCE.format(patched_module=patched, cls=INT8_CLASS),
+                                          encoding="utf-8")
+    package_config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    package_config["auto_map"] = dict(package_config.get("auto_map", {}),
+                                      AutoModelForCausalLM=f"{Path(INT8_MODELING_FILE).stem}.{INT8_CLASS}")
+    package_config["architectures"] = [INT8_CLASS]
+    package_config["quantization_config"] = config
+    # The float tensors (embeddings, norms, biases, scales) are saved as the model holds them; "auto" loading
+    # must not cast them to the checkpoint's original dtype (a bf16 checkpoint would get bf16 scales).
+    float_dtypes = {t.dtype for t in model.state_dict().values() if t.is_floating_point()}
+    package_config["dtype"] = str(max(float_dtypes, key=lambda d: torch.finfo(d).bits)).removeprefix("torch.")
+    package_config.pop("torch_dtype", None)
+    (out / "config.json").write_text(json.dumps(package_config, indent=2) + "\n", encoding="utf-8")
+    save_file(state_dict_for_saving(model), str(out / WEIGHTS_FILE), metadata={"format": "pt", "quant_method": QUANT_METHOD})
+    return out
+
+
+def load_quantized(package_dir: str | os.PathLike, **kwargs):
+    """The int8 model of a quantized package (eval mode); transformers' unknown-quant_method warning silenced."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    quantizers_logger = hf_logging.get_logger("transformers.quantizers.auto")
+    level = quantizers_logger.level
+    quantizers_logger.setLevel(hf_logging.ERROR)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(package_dir), trust_remote_code=True, **kwargs)
+    finally:
+        quantizers_logger.setLevel(level)
+    return model.eval()
+
+
+# ---- sizes and timings --------------------------------------------------------------------------
+
+
+def memory_bytes(model) -> int:
+    """Bytes of every parameter and buffer, shared storage (tied embeddings) counted once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def linear_bytes(model) -> int:
+    """Bytes held by the Linear layers (float or int8) but lm_head: the part quantization shrinks."""
+    total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, Int8Linear)) and not name.endswith("lm_head"):
+            total += sum(t.untyped_storage().nbytes() for t in list(module.parameters()) + list(module.buffers()))
+    return total
+
+
+def disk_bytes(folder: str | os.PathLike) -> int:
+    """Bytes of a folder's *.safetensors (symlinks followed: a deploy package links the checkpoint's)."""
+    return sum(p.resolve().stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+def size_table(sizes: Mapping[str, Mapping[str, int]]):
+    """{label: {"disk_bytes", "memory_bytes"[, "linear_bytes"]}} -> DataFrame in MiB, with ratios to the first row."""
+    import pandas as pd
+
+    columns = {"disk_bytes": "on disk (MiB)", "memory_bytes": "in memory (MiB)", "linear_bytes": "Linear layers (MiB)"}
+    rows = {label: {title: s[key] / 2**20 for key, title in columns.items() if key in s} for label, s in sizes.items()}
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    first = table.iloc[0]
+    for title in list(table.columns):
+        table[title.replace(" (MiB)", " vs first")] = table[title] / first[title]
+    return table
+
+
+def _median_ms(fn, repeats: int) -> float:
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def matmul_timings(in_features: int = 896, out_features: int = 4864, tokens: Iterable[int] = (1, 512),
+                   repeats: int = 10, seed: int = 0, threads: int | None = 1):
+    """Median ms of one Linear's matmul, each way this module could run it, at each token count (CPU).
+
+    fp32 F.linear; "dequantise then fp32" (the slow path this module avoids); W8A16 (bf16 x int8 kernel);
+    W8A8 (per-token int8 + int32 matmul). ``threads=1`` by default: on a shared machine a multi-threaded
+    single-token call mostly measures how long the scheduler takes to wake the second thread (we saw ~12 ms
+    steps). ``None`` keeps torch's setting. Compare within one call only.
+    """
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _matmul_timings(in_features, out_features, tuple(tokens), repeats, seed)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _matmul_timings(in_features, out_features, tokens, repeats, seed):
+    import pandas as pd
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_features, in_features, generator=g) / in_features**0.5
+    lin = nn.Linear(in_features, out_features, bias=False)
+    lin.weight.copy_(w)
+    w8a16, w8a8 = Int8Linear.from_linear(lin, "bf16"), Int8Linear.from_linear(lin, "int8")
+    rows = []
+    for t in tokens:
+        x = torch.randn(t, in_features, generator=g)
+        rows.append({
+            "tokens": t,
+            "fp32 F.linear": _median_ms(lambda: F.linear(x, w), repeats),
+            "dequantise + fp32": _median_ms(lambda: F.linear(x, dequantize_weight(w8a16.weight, w8a16.weight_scale)), repeats),
+            "W8A16 int8pack (bf16 x)": _median_ms(lambda: w8a16(x), repeats),
+            "W8A8 _int_mm (per-token x)": _median_ms(lambda: w8a8(x), repeats),
+        })
+    return pd.DataFrame(rows).set_index("tokens")
+
+
+# ---- the stage ----------------------------------------------------------------------------------
+
+
+def logits_fn(model):
+    """ids (B, T) -> fp32 logits (B, T, V), no cache: the callable the fidelity report compares."""
+
+    @torch.no_grad()
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        return model(ids, use_cache=False).logits.float()
+
+    return run
+
+
+def request_of(model: str, weights: str, seed: int, scheme: str, alpha: float, skip, heldout_blocks: int,
+               heldout_len: int, calibration: Mapping | None) -> dict:
+    return {"model": str(model), "weights": weights, "seed": seed, "scheme": scheme,
+            "alpha": alpha if scheme == "smoothquant" else None, "skip": list(skip),
+            "heldout_blocks": heldout_blocks, "heldout_len": heldout_len,
+            "calibration": dict(calibration) if scheme == "smoothquant" else None}
+
+
+def ensure_quantized(model: str = "tiny", weights: str = "auto", workdir: str | os.PathLike | None = None, *,
+                     scheme: str = "w8a16", alpha: float = 0.5, seed: int = 0, skip: Iterable[str] = DEFAULT_SKIP,
+                     heldout_blocks: int = 4, heldout_len: int = 64, calibration: Mapping | None = None,
+                     force: bool = False) -> Path:
+    """``<workdir>/quantized/<scheme>/``: the quantized package plus a metrics.json holding the fidelity
+    report vs the fp32 deploy package on held-out blocks, per-layer SQNR and the sizes; reused when its
+    request matches. Builds the deploy package (and, for smoothquant, the calibration) when missing.
+
+    ``calibration``: keyword arguments for ``qwen2lib.calibration.ensure_calibration`` (dataset, samples, ...).
+    """
+    from .artifacts import atomic_dir, default_workdir, read_metrics, stage_dir, write_metrics
+    from .fidelity import fidelity_report, heldout_blocks as make_heldout_blocks, per_layer_sqnr
+    from .patching import ensure_patched
+
+    if scheme not in SCHEMES:
+        raise QuantizationError(f"scheme={scheme!r}: choose one of {', '.join(SCHEMES)}")
+    workdir = Path(workdir) if workdir else default_workdir(model)
+    calibration = dict(calibration or {})
+    request = request_of(model, weights, seed, scheme, alpha, skip, heldout_blocks, heldout_len, calibration)
+    out = stage_dir(workdir, "quantized", scheme)
+    package = ensure_patched(model, weights, workdir, seed=seed)
+    request["checkpoint"] = read_metrics(package).get("checkpoint")
+    if not force and (out / "metrics.json").is_file() and read_metrics(out).get("request") == request:
+        return out
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reference = AutoModelForCausalLM.from_pretrained(str(package), trust_remote_code=True, dtype=torch.float32).eval()
+    candidate = copy.deepcopy(reference)
+    stats, calibration_dir = None, None
+    if scheme == "smoothquant":
+        from .calibration import ensure_calibration, load_stats
+
+        calibration_dir = ensure_calibration(model, weights, workdir, seed=seed, **calibration)
+        stats = load_stats(calibration_dir)
+    started = time.perf_counter()
+    quantize_model(candidate, scheme, stats=stats, alpha=alpha, skip=skip)
+    quantize_s = time.perf_counter() - started
+    tokenizer = AutoTokenizer.from_pretrained(str(package))
+    blocks = make_heldout_blocks(tokenizer, heldout_blocks, heldout_len, seed=seed)
+    report = fidelity_report(logits_fn(reference), logits_fn(candidate), blocks, batch_size=1)
+    sqnr = per_layer_sqnr(reference, candidate, blocks[:1])
+    with atomic_dir(out) as tmp:
+        save_quantized(candidate, package, tmp)
+        sizes = {label: {"disk_bytes": disk_bytes(folder), "memory_bytes": memory_bytes(m), "linear_bytes": linear_bytes(m)}
+                 for label, folder, m in (("fp32", package, reference), (scheme, tmp, candidate))}
+        write_metrics(tmp, {
+            "request": request,
+            "scheme": scheme,
+            "deploy_package": str(package),
+            "calibration": str(calibration_dir) if calibration_dir else None,
+            "quantization_config": candidate.config.quantization_config,
+            "fidelity": report,
+            "sqnr_db": sqnr,
+            "sizes": sizes,
+            "quantize_s": quantize_s,
+            "heldout": {"blocks": heldout_blocks, "tokens_per_block": heldout_len,
+                        "text": "stdlib held-out files (qwen2lib.corpus), never trained on"},
+        })
+    return out
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+
+def cmd_quantize(args) -> int:
+    from .artifacts import read_metrics
+    from .cli import workdir_of
+    from .fidelity import fidelity_table
+
+    calibration = {"dataset": args.dataset, "data_path": args.data_path, "samples": args.samples,
+                   "seq_len": args.seq_len} if args.scheme == "smoothquant" else None
+    out = ensure_quantized(args.model, args.weights, workdir_of(args), scheme=args.scheme, alpha=args.alpha,
+                           seed=args.seed, skip=tuple(args.skip), calibration=calibration, force=args.force)
+    metrics = read_metrics(out)
+    print(fidelity_table({args.scheme: metrics["fidelity"]}).T.to_string())
+    print(size_table(metrics["sizes"]).to_string())
+    print(out)
+    return 0
+
+
+def register_cli(sub) -> None:
+    from .cli import add_model_args
+
+    p = sub.add_parser("quantize", help="int8 weights (w8a16) or SmoothQuant W8A8 for the deploy package, with a fidelity report")
+    add_model_args(p)
+    p.add_argument("--scheme", default="w8a16", choices=SCHEMES)
+    p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength in [0, 1]")
+    p.add_argument("--skip", nargs="*", default=list(DEFAULT_SKIP), help="Linear names/patterns kept in float")
+    p.add_argument("--dataset", default="builtin", help="smoothquant: calibration set (c4|ceval|alpaca|builtin)")
+    p.add_argument("--data-path", default=None, help="smoothquant: local file or folder of the calibration set")
+    p.add_argument("--samples", type=int, default=16, help="smoothquant: calibration samples")
+    p.add_argument("--seq-len", type=int, default=128, help="smoothquant: tokens per calibration sample")
+    p.add_argument("--force", action="store_true", help="rebuild even when a matching package exists")
+    p.set_defaults(func=cmd_quantize)

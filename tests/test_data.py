@@ -1,0 +1,121 @@
+import csv
+import gzip
+import json
+import zipfile
+
+import pytest
+import torch
+
+from qwen2lib import data
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from qwen2lib import load_tokenizer
+
+    return load_tokenizer("tiny-random")
+
+
+def write_c4(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "c4-validation.00000-of-00008.json.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        for i in range(5):
+            fh.write(json.dumps({"text": f"Document {i} about gardens and rivers.", "timestamp": "2019", "url": f"u{i}"}) + "\n")
+    return path
+
+
+def write_ceval(folder, with_test_split=True):
+    rows = [{"id": i, "question": f"问题 {i}?", "A": "甲", "B": "乙", "C": "丙", "D": "丁", "answer": "B",
+             "explanation": "因为"} for i in range(3)]
+    for split in ("dev", "val") + (("test",) if with_test_split else ()):
+        (folder / split).mkdir(parents=True, exist_ok=True)
+        with open(folder / split / f"computer_network_{split}.csv", "w", newline="", encoding="utf-8") as fh:
+            columns = ["id", "question", "A", "B", "C", "D"] + (["answer", "explanation"] if split != "test" else [])
+            writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    return folder
+
+
+def write_alpaca(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "alpaca_data_cleaned.json"
+    records = [{"instruction": "Name a colour.", "input": "", "output": "Blue."},
+               {"instruction": "Translate.", "input": "bonjour", "output": "hello"}]
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
+def test_c4_shard_file_and_folder(tmp_path):
+    path = write_c4(tmp_path / "c4")
+    for where in (path, tmp_path / "c4"):
+        texts = data.load_calibration_texts("c4", where)
+        assert texts.texts[3] == "Document 3 about gardens and rivers." and len(texts.texts) == 5
+        assert texts.dataset == "c4" and not texts.fallback and "c4" in texts.label
+
+
+def test_ceval_folder_and_zip_use_the_val_split(tmp_path):
+    folder = write_ceval(tmp_path / "ceval-exam")
+    texts = data.load_calibration_texts("ceval", folder)
+    assert len(texts.texts) == 3  # val only, not dev + test
+    assert texts.texts[0] == "问题 0?\nA. 甲\nB. 乙\nC. 丙\nD. 丁\n答案：B 因为"
+    archive = tmp_path / "ceval-exam.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for f in folder.rglob("*.csv"):
+            z.write(f, f.relative_to(folder).as_posix())
+    assert data.load_calibration_texts("ceval", archive).texts == texts.texts
+
+
+def test_ceval_test_split_without_answers(tmp_path):
+    folder = tmp_path / "only-test"
+    write_ceval(folder)
+    for split in ("dev", "val"):
+        for f in (folder / split).iterdir():
+            f.unlink()
+    texts = data.load_calibration_texts("ceval", folder)
+    assert texts.texts[1].endswith("答案：")
+
+
+def test_alpaca_plain_and_chat_template(tmp_path, tokenizer):
+    path = write_alpaca(tmp_path / "alpaca")
+    plain = data.load_calibration_texts("alpaca", path)
+    assert plain.texts == ["Name a colour.\n\nBlue.", "Translate.\n\nbonjour\n\nhello"]
+    chat = data.load_calibration_texts("alpaca", path, tokenizer=tokenizer, chat=True)
+    assert "<|im_start|>user\nTranslate.\n\nbonjour<|im_end|>" in chat.texts[1]
+    assert "<|im_start|>assistant\nhello" in chat.texts[1]
+
+
+def test_wrong_layouts_and_missing_paths_are_clear_errors(tmp_path):
+    write_alpaca(tmp_path / "a")
+    with pytest.raises(data.CalibrationDataError, match="text"):
+        data.load_calibration_texts("c4", tmp_path / "a" / "alpaca_data_cleaned.json")
+    with pytest.raises(data.CalibrationDataError, match="does not exist"):
+        data.load_calibration_texts("c4", tmp_path / "nowhere")
+    with pytest.raises(data.CalibrationDataError, match="choose one of"):
+        data.load_calibration_texts("wikitext")
+
+
+def test_offline_without_files_falls_back_to_builtin_and_says_so(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(data.CalibrationDataError, match="--data-path"):
+        data.load_calibration_texts("c4", fallback=False)
+    texts = data.load_calibration_texts("c4", fallback=True)
+    assert texts.fallback and texts.dataset == "builtin" and "offline fallback" in texts.label
+    assert "standing in for unavailable c4" in texts.label and "Falling back" in capsys.readouterr().out
+    from qwen2lib.corpus import stdlib_corpus
+
+    corpus = stdlib_corpus()
+    train = [corpus.read(f) for f in corpus.train_files]
+    assert texts.texts == [t for t in train if t.strip()]  # the (non-empty) train files, in order
+    assert not set(texts.texts) & {corpus.read(f) for f in corpus.heldout_files}  # never held-out text
+
+
+def test_sampling_is_deterministic_n_by_l(tokenizer):
+    texts = [f"text number {i} " * (i + 3) for i in range(20)]
+    a = data.sample_token_blocks(texts, tokenizer, 4, 16, seed=0)
+    assert a.shape == (4, 16) and a.dtype == torch.long
+    assert torch.equal(a, data.sample_token_blocks(texts, tokenizer, 4, 16, seed=0))
+    assert not torch.equal(a, data.sample_token_blocks(texts, tokenizer, 4, 16, seed=1))
+    with pytest.raises(data.CalibrationDataError, match="fewer than"):
+        data.sample_token_blocks(texts[:1], tokenizer, 64, 64)

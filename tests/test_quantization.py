@@ -1,0 +1,192 @@
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import tiny_hf_config
+from qwen2lib import quantization as q
+
+
+def seeded_model(seed: int = 0):
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(tiny_hf_config()).eval()
+
+
+def absmax_stats(model, ids) -> dict[str, torch.Tensor]:
+    """Per-input-channel absmax of every Linear, computed directly (the statistics SmoothQuant reads)."""
+    stats, hooks = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            def hook(mod, args, name=name):
+                x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
+                stats[f"{name}.absmax"] = torch.maximum(stats.get(f"{name}.absmax", x), x)
+            hooks.append(module.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    return stats
+
+
+def test_per_channel_rounding_error_is_at_most_half_a_step():
+    w = torch.randn(48, 32) * torch.logspace(-3, 1, 48)[:, None]  # rows of very different ranges
+    w[5] = 0  # an all-zero row keeps a finite scale
+    wq, scale = q.quantize_weight(w)
+    assert wq.dtype == torch.int8 and scale.shape == (48,) and int(wq.abs().max()) == 127
+    err = (q.dequantize_weight(wq, scale) - w).abs()  # (N, K)
+    assert torch.all(err <= scale[:, None] / 2 + 1e-7), float((err - scale[:, None] / 2).max())
+    assert torch.all(wq[5] == 0)
+
+
+def test_w8a16_linear_equals_dequantized_reference_matmul():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 96, bias=True)
+    int8 = q.Int8Linear.from_linear(lin, "bf16")
+    x = torch.randn(2, 7, 64)
+    reference = F.linear(x.bfloat16().float(), q.dequantize_weight(int8.weight, int8.weight_scale)) + lin.bias
+    # bf16 activations and a bf16 kernel output: agreement to bf16 precision
+    torch.testing.assert_close(int8(x), reference, rtol=2e-2, atol=2e-2)
+    assert int8(x).shape == (2, 7, 96) and int8.weight.dtype == torch.int8
+
+
+def test_w8a8_linear_is_exact_int32_matmul_rescaled():
+    torch.manual_seed(1)
+    lin = nn.Linear(64, 40, bias=False)
+    int8 = q.Int8Linear.from_linear(lin, "int8")
+    x = torch.randn(5, 64)
+    xq, xs = q.quantize_per_token(x)
+    acc = q.int8_matmul(xq, int8.weight)
+    assert acc.dtype == torch.int32
+    assert torch.equal(acc.double(), xq.double() @ int8.weight.double().t())  # exact, not approximate
+    torch.testing.assert_close(int8(x), acc.float() * xs * int8.weight_scale)
+    assert (int8(x) - lin(x)).abs().max() < 0.05 * lin(x).abs().max()
+
+
+def test_smoothquant_folding_leaves_fp32_outputs_unchanged():
+    model = seeded_model()
+    ids = torch.randint(0, 320, (2, 12))
+    stats = absmax_stats(model, ids)
+    stats["model.layers.0.self_attn.q_proj.absmax"][3] *= 50  # an outlier channel, as real models have
+    with torch.no_grad():
+        before = model(ids).logits
+    factors = q.smooth_model(model, stats, alpha=0.5)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert (after - before).abs().max() <= 1e-5
+    s = factors["layers.0.input_layernorm"]
+    assert not torch.allclose(s, torch.ones_like(s))  # it did move something
+
+
+def test_quantize_model_schemes_skip_and_config():
+    model = seeded_model()
+    ids = torch.randint(0, 320, (2, 12))
+    stats = absmax_stats(model, ids)
+    with torch.no_grad():
+        reference = model(ids).logits
+    w8a8 = q.quantize_model(seeded_model(), "smoothquant", stats=stats, alpha=0.5)
+    modules = w8a8.config.quantization_config["modules"]
+    assert modules["model.layers.0.self_attn.q_proj"] == "w8a8" and modules["model.layers.1.mlp.up_proj"] == "w8a8"
+    assert modules["model.layers.0.self_attn.o_proj"] == "w8a16" and modules["model.layers.0.mlp.down_proj"] == "w8a16"
+    assert isinstance(w8a8.lm_head, nn.Linear) and "lm_head" not in modules
+    w8a16 = q.quantize_model(seeded_model(), "w8a16", skip=("lm_head", "*.down_proj"))
+    assert isinstance(w8a16.model.layers[0].mlp.down_proj, nn.Linear)
+    with torch.no_grad():
+        for m in (w8a8, w8a16):
+            out = m(ids).logits
+            assert 0 < (out - reference).abs().max() < 0.1 * reference.abs().max()
+    with pytest.raises(q.QuantizationError, match="calibrate"):
+        q.quantize_model(seeded_model(), "smoothquant")
+    with pytest.raises(q.QuantizationError, match="w8a16"):
+        q.quantize_model(seeded_model(), "int4")
+
+
+@pytest.fixture(scope="module")
+def deploy_package(tmp_path_factory):
+    from qwen2lib.patching import build_deploy_package
+
+    root = tmp_path_factory.mktemp("quant")
+    seeded_model().save_pretrained(root / "checkpoint")
+    return build_deploy_package(root / "checkpoint", root / "patched")
+
+
+@pytest.mark.parametrize("scheme", q.SCHEMES)
+def test_save_and_reload_through_trust_remote_code_is_identical(deploy_package, tmp_path, scheme):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(deploy_package, trust_remote_code=True).eval()
+    ids = torch.randint(0, 320, (1, 10))
+    stats = absmax_stats(model, ids) if scheme == "smoothquant" else None
+    fp32_memory = q.memory_bytes(model)
+    model.quantize(scheme, stats=stats)  # the patched class's entry point
+    out = q.save_quantized(model, deploy_package, tmp_path / "pkg")
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["scheme"] == scheme
+    from safetensors.torch import load_file
+
+    tensors = load_file(out / q.WEIGHTS_FILE)
+    assert tensors["model.layers.0.mlp.up_proj.weight"].dtype == torch.int8
+    assert tensors["model.layers.0.mlp.up_proj.weight_scale"].shape == (128,)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert isinstance(reloaded.model.layers[1].self_attn.k_proj, q.Int8Linear)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert q.memory_bytes(reloaded) < fp32_memory
+    assert q.disk_bytes(out) < q.disk_bytes(deploy_package)
+    assert isinstance(q.load_quantized(out).model.layers[0].mlp.gate_proj, q.Int8Linear)
+
+
+def test_matmul_timings_table_has_every_path():
+    table = q.matmul_timings(64, 96, tokens=(1, 8), repeats=2)
+    assert list(table.index) == [1, 8] and (table > 0).all().all()
+
+
+def test_ensure_quantized_writes_package_and_fidelity_metrics_then_reuses(tmp_path):
+    from qwen2lib.artifacts import read_metrics
+    from qwen2lib.fidelity import REPORT_KEYS
+
+    kwargs = dict(seed=0, heldout_blocks=2, heldout_len=16, calibration={"samples": 2, "seq_len": 16, "progress": False})
+    out = q.ensure_quantized("tiny-random", "auto", tmp_path, scheme="smoothquant", alpha=0.6, **kwargs)
+    assert out == tmp_path / "quantized" / "smoothquant"
+    metrics = read_metrics(out)
+    assert set(REPORT_KEYS) <= set(metrics["fidelity"]) and metrics["fidelity"]["tokens"] == 32
+    assert metrics["fidelity"]["kld_mean"] > 0 and metrics["quantization_config"]["alpha"] == 0.6
+    assert (tmp_path / "calibration" / "stats.safetensors").is_file()  # built on the way
+    assert set(metrics["sqnr_db"]) == {f"layers.{i}" for i in range(4)}
+    sizes = metrics["sizes"]
+    assert sizes["smoothquant"]["linear_bytes"] < 0.3 * sizes["fp32"]["linear_bytes"]
+    assert list(q.size_table(sizes).index) == ["fp32", "smoothquant"]
+    stamp = (out / "metrics.json").stat().st_mtime_ns
+    assert q.ensure_quantized("tiny-random", "auto", tmp_path, scheme="smoothquant", alpha=0.6, **kwargs) == out
+    assert (out / "metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_cli_quantize_w8a16_and_bad_scheme(tmp_path, capsys):
+    from qwen2lib.cli import main
+
+    assert main(["quantize", "--model", "tiny-random", "--workdir", str(tmp_path), "--scheme", "w8a16"]) == 0
+    assert "kld_mean" in capsys.readouterr().out
+    assert (tmp_path / "quantized" / "w8a16" / q.WEIGHTS_FILE).is_file()
+    with pytest.raises(SystemExit):
+        main(["quantize", "--model", "tiny-random", "--scheme", "int4"])
+
+
+def test_reload_keeps_fp32_scales_of_a_bf16_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from qwen2lib.patching import build_deploy_package
+
+    seeded_model().to(torch.bfloat16).save_pretrained(tmp_path / "checkpoint")  # config.json says bfloat16
+    package = build_deploy_package(tmp_path / "checkpoint", tmp_path / "patched")
+    model = AutoModelForCausalLM.from_pretrained(package, trust_remote_code=True, dtype=torch.float32).eval()
+    q.quantize_model(model, "w8a16")
+    reloaded = q.load_quantized(q.save_quantized(model, package, tmp_path / "pkg"))  # no dtype given: "auto"
+    assert reloaded.model.layers[0].self_attn.q_proj.weight_scale.dtype == torch.float32
+    ids = torch.randint(0, 320, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
