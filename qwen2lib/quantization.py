@@ -95,17 +95,38 @@ def int8_matmul(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     return (xq.double() @ wq.double().t()).to(torch.int32)
 
 
-def int8_weight_matmul(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """W8A16: bf16 activations (M, K) times int8 weights (N, K) with per-channel scales -> (M, N) fp32.
+# Rows at or below which the int8 kernel wins (decode); above it one bf16 copy of the weight, made per call and
+# amortised over the rows, feeds the bf16 GEMM (prefill). Measured on 896 x 4864 (see matmul_timings).
+INT8PACK_MAX_ROWS = 32
 
-    On CPU ``aten._weight_int8pack_mm`` reads the int8 weight in its kernel (weight layout (N, K), scales
-    (N,) in the activation dtype). Its fp32-activation path is a slow reference; bf16 is the fast one,
-    and bf16 is what the "16" of W8A16 means. Elsewhere: the same numbers by dequantising.
+
+def int8pack_supports(in_features: int) -> bool:
+    # aten._weight_int8pack_mm's CPU kernel walks K in steps of 16: any other K reads past each row
+    # (NaN, garbage or a segfault in torch 2.13), so those shapes take the GEMM path.
+    return in_features % 16 == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def int8_weight_matmul(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """W8A16: bf16 activations (M, K) times int8 weights (N, K), per-channel scales (N,) -> (M, N) fp32.
+
+    Both paths compute round_bf16(sum_k bf16(x_k) * q_nk) * scale_n with fp32 accumulation (int8 -> bf16 is
+    exact), so they agree to bf16 output precision. Few rows: ``aten._weight_int8pack_mm`` reads the int8
+    weight in its kernel (4x fewer bytes than fp32: decode is memory-bound). Many rows: the matmul is
+    compute-bound, so the weight is widened to bf16 once per call and the bf16 GEMM (AVX512-BF16/AMX)
+    runs; without native bf16 that GEMM is emulated, so such CPUs keep the int8 kernel.
+    The scale is applied in fp32 after the kernel: a bf16 scale would add its own rounding.
     """
-    xb = x.to(torch.bfloat16)
-    if x.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-        return torch.ops.aten._weight_int8pack_mm(xb, wq, scale.to(torch.bfloat16)).float()
-    return (F.linear(xb.float(), wq.float()) * scale.float()).to(torch.bfloat16).float()
+    xb = x.to(torch.bfloat16).contiguous()
+    rows, in_features = xb.shape
+    native_bf16 = x.device.type == "cpu" and torch.cpu._is_avx512_bf16_supported()
+    use_int8pack = x.device.type == "cpu" and int8pack_supports(in_features) and (
+        rows <= INT8PACK_MAX_ROWS or not native_bf16)
+    if use_int8pack:
+        ones = torch.ones(wq.shape[0], dtype=torch.bfloat16, device=x.device)
+        y = torch.ops.aten._weight_int8pack_mm(xb, wq, ones)  # (M, N) bf16
+    else:
+        y = F.linear(xb, wq.to(torch.bfloat16))  # (M, N) bf16
+    return y.float() * scale.float()
 
 
 class Int8Linear(nn.Module):

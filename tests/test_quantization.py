@@ -53,6 +53,19 @@ def test_w8a16_linear_equals_dequantized_reference_matmul():
     assert int8(x).shape == (2, 7, 96) and int8.weight.dtype == torch.int8
 
 
+@pytest.mark.parametrize("in_features", [40, 64])  # 40: not a multiple of 16, which the int8 kernel cannot take
+@pytest.mark.parametrize("rows", [1, 5, q.INT8PACK_MAX_ROWS + 1])  # decode rows -> int8 kernel, prefill -> bf16 GEMM
+def test_w8a16_every_kernel_path_equals_the_dequantized_reference(in_features, rows):
+    torch.manual_seed(rows)
+    lin = nn.Linear(in_features, 24, bias=False)
+    int8 = q.Int8Linear.from_linear(lin, "bf16")
+    x = torch.randn(rows, in_features)
+    reference = F.linear(x.bfloat16().float(), int8.weight.float()) * int8.weight_scale  # fp32 of the same inputs
+    out = int8(x)
+    # the only difference allowed: the bf16 rounding of the kernel's output (relative 2^-8)
+    torch.testing.assert_close(out, reference, rtol=2**-8, atol=2**-8 * float(reference.abs().max()))
+
+
 def test_w8a8_linear_is_exact_int32_matmul_rescaled():
     torch.manual_seed(1)
     lin = nn.Linear(64, 40, bias=False)
