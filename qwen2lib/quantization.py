@@ -340,7 +340,7 @@ def state_dict_for_saving(model) -> dict[str, torch.Tensor]:
 
 
 def save_quantized(model, deploy_package: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Write the quantized package into ``out_dir`` (which must not exist or be empty): see the module doc."""
+    """Write the quantized package into ``out_dir`` (created if missing; use an empty folder): see the module doc."""
     from safetensors.torch import save_file
 
     src, out = Path(deploy_package), Path(out_dir)
@@ -544,6 +544,9 @@ def ensure_quantized(model: str = "tiny", weights: str = "auto", workdir: str | 
         save_quantized(candidate, package, tmp)
         sizes = {label: {"disk_bytes": disk_bytes(folder), "memory_bytes": memory_bytes(m), "linear_bytes": linear_bytes(m)}
                  for label, folder, m in (("fp32", package, reference), (scheme, tmp, candidate))}
+        # the reference runs in fp32, but its bytes on disk are the checkpoint as shipped (often bf16)
+        package_config = json.loads((package / "config.json").read_text(encoding="utf-8"))
+        sizes["fp32"]["disk_dtype"] = package_config.get("dtype") or package_config.get("torch_dtype")
         write_metrics(tmp, {
             "request": request,
             "scheme": scheme,
@@ -571,7 +574,8 @@ def cmd_quantize(args) -> int:
     calibration = {"dataset": args.dataset, "data_path": args.data_path, "samples": args.samples,
                    "seq_len": args.seq_len} if args.scheme == "smoothquant" else None
     out = ensure_quantized(args.model, args.weights, workdir_of(args), scheme=args.scheme, alpha=args.alpha,
-                           seed=args.seed, skip=tuple(args.skip), calibration=calibration, force=args.force)
+                           seed=args.seed, skip=tuple(args.skip), heldout_blocks=args.heldout_blocks,
+                           heldout_len=args.heldout_len, calibration=calibration, force=args.force)
     metrics = read_metrics(out)
     print(fidelity_table({args.scheme: metrics["fidelity"]}).T.to_string())
     print(size_table(metrics["sizes"]).to_string())
@@ -591,5 +595,7 @@ def register_cli(sub) -> None:
     p.add_argument("--data-path", default=None, help="smoothquant: local file or folder of the calibration set")
     p.add_argument("--samples", type=int, default=16, help="smoothquant: calibration samples")
     p.add_argument("--seq-len", type=int, default=128, help="smoothquant: tokens per calibration sample")
+    p.add_argument("--heldout-blocks", type=int, default=4, help="held-out blocks for the fidelity report")
+    p.add_argument("--heldout-len", type=int, default=64, help="tokens per held-out block")
     p.add_argument("--force", action="store_true", help="rebuild even when a matching package exists")
     p.set_defaults(func=cmd_quantize)

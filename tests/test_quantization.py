@@ -182,7 +182,8 @@ def test_ensure_quantized_writes_package_and_fidelity_metrics_then_reuses(tmp_pa
 def test_cli_quantize_w8a16_and_bad_scheme(tmp_path, capsys):
     from qwen2lib.cli import main
 
-    assert main(["quantize", "--model", "tiny-random", "--workdir", str(tmp_path), "--scheme", "w8a16"]) == 0
+    assert main(["quantize", "--model", "tiny-random", "--workdir", str(tmp_path), "--scheme", "w8a16",
+                 "--heldout-blocks", "1", "--heldout-len", "16"]) == 0
     assert "kld_mean" in capsys.readouterr().out
     assert (tmp_path / "quantized" / "w8a16" / q.WEIGHTS_FILE).is_file()
     with pytest.raises(SystemExit):
