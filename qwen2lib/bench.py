@@ -182,8 +182,8 @@ def compute_metrics(results: Sequence[RequestResult], duration_s: float) -> dict
 def benchmark(backend, requests: Sequence[Request], batch_size: int = 1, *, dataset: str = SYNTHETIC,
               label: str = "", progress: bool = True, warmup: bool = True) -> dict:
     """Run and summarise: the metrics plus what was run, and the raw per-request timings."""
-    if warmup:  # first calls pay one-off costs (allocator, onnxruntime arena); keep them out of the figures
-        run_requests(backend, [Request(requests[0].prompt_ids, 2)], 1, progress=False)
+    if warmup:  # a first call at a new batch shape pays one-off costs (allocator, onnxruntime arena growth)
+        run_requests(backend, [Request(r.prompt_ids, 2) for r in requests[:batch_size]], batch_size, progress=False)
     results, duration = run_requests(backend, requests, batch_size, progress, desc=f"{label or 'bench'} bs={batch_size}")
     return {
         "label": label,
@@ -197,7 +197,7 @@ def benchmark(backend, requests: Sequence[Request], batch_size: int = 1, *, data
 
 
 def sweep_batch_sizes(backend, requests: Sequence[Request], batch_sizes: Sequence[int], **kwargs) -> list[dict]:
-    return [benchmark(backend, requests, bs, warmup=i == 0, **kwargs) for i, bs in enumerate(batch_sizes)]
+    return [benchmark(backend, requests, bs, **kwargs) for bs in batch_sizes]
 
 
 # ---- reporting --------------------------------------------------------------------------------
@@ -229,7 +229,8 @@ def plot_latency_cdf(runs: dict | Sequence[dict], ax=None, metrics: Sequence[str
     for run in runs:
         for metric in metrics:
             values = np.sort([1e3 * r[f"{metric}_s"] for r in run["requests"]])
-            ax.step(values, np.arange(1, len(values) + 1) / len(values), where="post",
+            fraction = np.arange(len(values) + 1) / len(values)  # from 0 at the fastest request to 1
+            ax.step(np.r_[values[:1], values], fraction, where="post",
                     label=f"{run.get('label') or run['backend']} {metric.upper()}")
     ax.set_xlabel("latency (ms)")
     ax.set_ylabel("fraction of requests")

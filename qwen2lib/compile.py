@@ -180,11 +180,11 @@ def _int8_folder(cfg, model, weights, seed, workdir) -> Path | None:
             raise ConfigError("quantization.reuse 'notebook03' needs qwen2lib.quantization.ensure_quantized "
                               "(notebook 03), which this checkout lacks; use reuse: none") from exc
         return Path(ensure_quantized(model, weights, workdir, seed=seed, scheme="w8a16"))
-    if q["reuse"] == "auto":
-        candidate = stage_dir(workdir, "quantized")
-        shards = sorted(candidate.rglob("*.safetensors")) if candidate.is_dir() else []
-        if shards:
-            return shards[0].parent
+    if q["reuse"] == "auto":  # notebook 03's per-channel package when it is there (SmoothQuant's otherwise)
+        for scheme in ("w8a16", "smoothquant"):
+            candidate = stage_dir(workdir, "quantized", scheme)
+            if any(candidate.glob("*.safetensors")):
+                return candidate
     return None
 
 
@@ -194,7 +194,8 @@ def _int8_weights(cfg, folder: Path | None, source: Source) -> tuple[dict, str]:
         return {}, f"quantized here: {cfg['quantization']['granularity'].replace('_', '-')} symmetric int8"
     floats, quantized = read_quantized_package(folder)
     source.weights.update({k: v for k, v in floats.items() if k in source.weights})
-    return quantized, f"notebook 03 package {folder}"
+    return quantized, (f"notebook 03 package {folder} ({len(quantized)} int8 weights and their scales; "
+                       "groups it left in float are quantized here)")
 
 
 # ---- verification data ---------------------------------------------------------------------------
@@ -252,22 +253,6 @@ def decode_parity(reference, lm: OnnxCausalLM, prompt: torch.Tensor, steps: int)
             "per_position": [diff[p] for p in sorted(diff)]}  # max |dlogits| at each compared position
 
 
-def _fidelity_fallback(reference, candidate, blocks) -> dict:
-    """The fidelity metrics notebook 03 defines, for when ``qwen2lib.fidelity`` has not landed."""
-    ref = reference(blocks).double()
-    out = candidate(blocks).double()
-    logp_ref, logp_out = torch.log_softmax(ref, -1), torch.log_softmax(out, -1)
-    kld = (logp_ref.exp() * (logp_ref - logp_out)).sum(-1).flatten()  # (N*T,)
-    targets = blocks[:, 1:]
-    nll_ref = -logp_ref[:, :-1].gather(-1, targets[..., None]).mean()
-    nll_out = -logp_out[:, :-1].gather(-1, targets[..., None]).mean()
-    return {"max_abs_dlogits": float((ref - out).abs().max()), "kld_mean": float(kld.mean()),
-            "kld_p99": float(torch.quantile(kld.float(), 0.99)),
-            "top1_agreement": float((ref.argmax(-1) == out.argmax(-1)).double().mean()),
-            "ppl_ratio": float(torch.exp(nll_out - nll_ref)), "ppl_reference": float(torch.exp(nll_ref)),
-            "ppl_candidate": float(torch.exp(nll_out)), "implementation": "qwen2lib.compile fallback"}
-
-
 def fidelity(reference, candidate, blocks: torch.Tensor) -> dict:
     """The fidelity report (``qwen2lib.fidelity``) of a candidate ids -> logits callable; a candidate
     that emits inf/NaN raises NumericalOverflowError instead of producing NaN figures."""
@@ -280,10 +265,8 @@ def fidelity(reference, candidate, blocks: torch.Tensor) -> dict:
                                          "activation overflowed its dtype")
         return out
 
-    try:
-        from .fidelity import fidelity_report
-    except ImportError:
-        return _fidelity_fallback(reference, candidate, blocks)
+    from .fidelity import fidelity_report
+
     report = fidelity_report(reference, candidate, blocks)
     report = report.to_dict() if hasattr(report, "to_dict") else dict(report)
     return {k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in report.items()

@@ -170,114 +170,44 @@ class TorchBackend:
 
 # ---- ONNX backend -----------------------------------------------------------------------------
 
-_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16"}
-
-
 class OnnxBackend:
-    """A compiled graph in onnxruntime, driven through the conventional decoder I/O names.
+    """A compiled graph of notebook 04, run by the compile stage's ``OnnxCausalLM`` (explicit KV cache).
 
-    inputs ``input_ids`` (B, T), ``attention_mask`` (B, P + T), ``position_ids`` (B, T),
-    ``past_key_values.{i}.key|value`` (B, n_kv, P, hd) -> ``logits`` (B, T or 1, V),
-    ``present.{i}.key|value`` (B, n_kv, P + T, hd). Inputs a graph does not declare are not fed,
-    so graphs that derive positions from the mask run too. Relying on this contract only, the
-    backend runs any graph that follows it (notebook 04's, or an exporter's that uses the names).
+    The graph takes ``input_ids``, ``attention_mask`` (1 = token, 0 = left pad), ``position_ids`` and
+    ``past_key_values.{i}.key|value`` and returns ``logits`` and ``present.{i}.key|value``; the
+    runtime keeps the cache and the mask in its ``KVState``, so this class only converts tensors.
     """
 
     name = "onnx"
+    # onnxruntime's worker threads spin for a while after each call; torch's own pool running the
+    # sampling ops meanwhile fights them for the cores (measured: batch-4 decode 3x slower), so the
+    # loop samples on one thread for this backend.
+    sampling_threads = 1
 
-    def __init__(self, session, max_positions: int, num_key_value_heads: int | None = None,
-                 head_dim: int | None = None):
-        import numpy as np
-
-        self.session = session
-        inputs = {i.name: i for i in session.get_inputs()}
-        self.input_names = set(inputs)
-        self.output_names = [o.name for o in session.get_outputs()]
-        self.num_layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
-        missing = [n for n in ("input_ids", "attention_mask") if n not in inputs]
-        if missing or not self.num_layers or "logits" not in self.output_names:
-            raise ValueError(f"the graph does not follow the decoder I/O convention: inputs {sorted(inputs)[:6]}..., "
-                             f"outputs {self.output_names[:4]}...; expected input_ids, attention_mask, "
-                             "past_key_values.{i}.key|value -> logits, present.{i}.key|value")
-        first = inputs["past_key_values.0.key"]
-        n_kv, hd = first.shape[1], first.shape[3]
-        self.kv_heads = n_kv if isinstance(n_kv, int) else num_key_value_heads
-        self.head_dim = hd if isinstance(hd, int) else head_dim
-        if self.kv_heads is None or self.head_dim is None:
-            raise ValueError("the graph's KV inputs have symbolic head dims: pass num_key_value_heads and head_dim")
-        self.kv_dtype = np.dtype(_ORT_DTYPES.get(first.type, "float32"))
-        self.max_positions = int(max_positions)
+    def __init__(self, runtime, max_positions: int | None = None):
+        self.runtime = runtime
+        # the graph's rotary table size, capped by the model's own limit when known
+        self.max_positions = int(min(runtime.max_positions, max_positions or runtime.max_positions))
 
     @classmethod
-    def load(cls, path: str | Path, config: dict | None = None, threads: int | None = None) -> "OnnxBackend":
-        """A graph file, or a compiled folder holding one ``*.onnx``.
+    def load(cls, folder: str | Path, config: dict | None = None, threads: int | None = None) -> "OnnxBackend":
+        """A compiled folder (manifest.json + model.onnx); ``config`` is the model's config.json dict."""
+        from .ort_runtime import OnnxCausalLM
 
-        ``config`` (the model's config.json as a dict) gives the position limit and KV shape; a
-        ``config.json`` beside the graph is used when it is not given.
-        """
-        import json
-
-        import onnxruntime as ort
-
-        path = Path(path)
-        graph, config = path, dict(config or {})
-        if path.is_dir():
-            graphs = sorted(path.glob("*.onnx"))
-            if len(graphs) != 1:
-                raise FileNotFoundError(f"{path}: expected one *.onnx graph, found {[g.name for g in graphs] or 'none'}; "
-                                        "compile one with `qwen2lib compile` or pass the graph file")
-            graph = graphs[0]
-            if not config and (path / "config.json").is_file():
-                config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        elif not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist: compile a graph first (`qwen2lib compile ...`)")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-        hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
-        max_positions = config.get("max_position_embeddings")
-        if not max_positions:
-            raise ValueError(f"{path}: no config.json beside the graph; pass the model's config")
-        return cls(session, max_positions, config.get("num_key_value_heads"),
-                   config.get("head_dim") or (hidden // heads if hidden and heads else None))
-
-    def _run(self, ids, attention_mask, past):
-        import numpy as np
-
-        feed = {"input_ids": ids.numpy().astype(np.int64), "attention_mask": attention_mask.numpy().astype(np.int64)}
-        if "position_ids" in self.input_names:
-            T = ids.shape[1]
-            feed["position_ids"] = _positions(attention_mask)[:, -T:].numpy().astype(np.int64)
-        for i, (k, v) in enumerate(past):
-            feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = k, v
-        out = dict(zip(self.output_names, self.session.run(None, feed)))
-        present = [(out[f"present.{i}.key"], out[f"present.{i}.value"]) for i in range(self.num_layers)]
-        return torch.from_numpy(out["logits"]).float(), present
-
-    def _empty_past(self, batch: int):
-        import numpy as np
-
-        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)  # (B, n_kv, 0, hd)
-        return [(empty, empty)] * self.num_layers
+        limit = (config or {}).get("max_position_embeddings")
+        return cls(OnnxCausalLM.load(folder, threads=threads), limit)
 
     def prefill(self, ids, attention_mask):
-        logits, present = self._run(ids, attention_mask, self._empty_past(ids.shape[0]))
-        return logits[:, -1], (present, attention_mask)
+        logits, state = self.runtime.prefill(ids.numpy(), attention_mask.numpy())
+        return torch.from_numpy(logits[:, -1]).float(), state
 
     def decode(self, next_ids, state):
-        past, attention_mask = state
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
-        logits, present = self._run(next_ids, attention_mask, past)
-        return logits[:, -1], (present, attention_mask)
+        logits, state = self.runtime.decode(next_ids.numpy(), state)
+        return torch.from_numpy(logits[:, -1]).float(), state
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """Full-sequence logits (B, T, V); a graph compiled with insert_slice has the last position only."""
-        logits, _ = self._run(ids, torch.ones_like(ids), self._empty_past(ids.shape[0]))
-        if logits.shape[1] != ids.shape[1]:
-            raise ValueError("this graph returns last-position logits only (compiled with insert_slice): "
-                             "perplexity and C-Eval scoring need every position; compile without insert_slice")
-        return logits
+        """Full-sequence logits (B, T, V) in fp32 (a last-position graph is walked token by token)."""
+        return self.runtime(ids)
 
 
 # ---- prompts and stop tokens ------------------------------------------------------------------
@@ -420,6 +350,20 @@ def _steps(backend: Backend, prompts: list[list[int]], params: SamplingParams, s
     generator = None
     if not params.greedy:
         generator = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
+    threads = getattr(backend, "sampling_threads", None)
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield from _decode(backend, prompts, ids, mask, params, stops, max_new, completions, pad_id, generator)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+@torch.no_grad()
+def _decode(backend, prompts, ids, mask, params, stops, max_new, completions, pad_id, generator):
+    """Prefill ids/mask (B, T), then one decode step per token until every row has finished."""
+    B = len(prompts)
     start = time.perf_counter()
     for c in completions:
         c.start = start
@@ -556,8 +500,7 @@ def _ensure_graph(model, weights, workdir, seed, precision) -> Path:
     from .compile import ensure_compiled
 
     workdir = Path(workdir) if workdir else default_workdir(model)
-    config = Path(__file__).resolve().parent.parent / "configs" / f"qwen2_{precision}.yaml"
-    return Path(ensure_compiled(model, weights, workdir, config=config, seed=seed))
+    return Path(ensure_compiled(model, weights, workdir, config=f"qwen2_{precision}", seed=seed))
 
 
 # The five ways notebook 05 runs a model, each built from (or reusing) the earlier stages' folders.
@@ -570,14 +513,11 @@ def stage_backend(label: str, model: str = "tiny", *, weights: str = "auto", wor
     if label == "fp32 torch":
         return load_backend(model, "torch", weights=weights, dtype=dtype, seed=seed)
     if label == "int8 torch":
-        from transformers import AutoModelForCausalLM
-
         from .artifacts import default_workdir
-        from .quantization import ensure_quantized
+        from .quantization import ensure_quantized, load_quantized
 
         workdir = Path(workdir) if workdir else default_workdir(model)
-        package = ensure_quantized(model, weights, workdir, seed=seed, scheme="w8a16")
-        return TorchBackend(AutoModelForCausalLM.from_pretrained(package, trust_remote_code=True))
+        return TorchBackend(load_quantized(ensure_quantized(model, weights, workdir, seed=seed, scheme="w8a16")))
     if label.endswith(" graph"):
         return load_backend(model, "onnx", weights=weights, seed=seed, workdir=workdir, precision=label.split()[0])
     raise ValueError(f"unknown backend {label!r}: one of {', '.join(STAGE_BACKENDS)}")

@@ -1,8 +1,6 @@
 """The generation loop against transformers' generate, and its sampling, batching, streaming and stopping."""
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from transformers import Qwen2ForCausalLM
@@ -215,46 +213,18 @@ def test_cli_generate_streams_to_the_terminal(capsys, tmp_path):
     assert "[generate] 6 tokens" in captured.err or "(stop)" in captured.err
 
 
-# ---- ONNX backend ----------------------------------------------------------------------------------
+# ---- ONNX backend: the compile stage's graphs -------------------------------------------------------
 
-def export_decoder_graph(model: Qwen2, path):
-    """Test-only export of the from-scratch model with the conventional decoder I/O names."""
-    from qwen2lib.model import KVCache
+@pytest.fixture(scope="module", params=["qwen2_fp32", "qwen2_fp32_standard"])
+def onnx_backend(request, hf_model, tmp_path_factory):
+    """The fp32 graph (onnxruntime contrib ops, and plain ONNX ops) compiled from the same weights."""
+    from qwen2lib.compile import compile_model
+    from qwen2lib.generation import load_backend
 
-    n_layers, n_kv, hd = model.args.num_hidden_layers, model.args.num_key_value_heads, model.args.head_dim
-
-    class Decoder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, attention_mask, *past):
-            cache = KVCache(n_layers)
-            cache.keys, cache.values = list(past[0::2]), list(past[1::2])
-            logits = self.model(input_ids, cache, attention_mask=attention_mask)
-            return (logits, *[t for kv in zip(cache.keys, cache.values) for t in kv])
-
-    kv = [f"{i}.{part}" for i in range(n_layers) for part in ("key", "value")]
-    past = [torch.randn(1, n_kv, 3, hd) for _ in kv]
-    axes = {"input_ids": {0: "B", 1: "T"}, "attention_mask": {0: "B", 1: "P+T"}, "logits": {0: "B", 1: "T"},
-            **{f"past_key_values.{n}": {0: "B", 2: "P"} for n in kv}, **{f"present.{n}": {0: "B", 2: "P+T"} for n in kv}}
-    with warnings.catch_warnings():  # the tracer's notes on Python-level branches, fixed for T > 1 here
-        warnings.simplefilter("ignore")
-        torch.onnx.export(Decoder().eval(), (torch.ones(1, 2, dtype=torch.long), torch.ones(1, 5, dtype=torch.long), *past),
-                          str(path), input_names=["input_ids", "attention_mask"] + [f"past_key_values.{n}" for n in kv],
-                          output_names=["logits"] + [f"present.{n}" for n in kv], dynamic_axes=axes, dynamo=False,
-                          opset_version=17)
-    return path
-
-
-@pytest.fixture(scope="module")
-def onnx_backend(hf_model, tmp_path_factory):
-    import onnxruntime as ort
-
-    from qwen2lib.generation import OnnxBackend
-
-    path = export_decoder_graph(Qwen2.from_hf(hf_model).eval(), tmp_path_factory.mktemp("graph") / "decoder.onnx")
-    return OnnxBackend(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), max_positions=256)
+    root = tmp_path_factory.mktemp(request.param)
+    hf_model.save_pretrained(root / "ckpt")
+    compiled = compile_model(request.param, model=str(root / "ckpt"), out_dir=root / "compiled", verbose=False)
+    return load_backend(str(root / "ckpt"), "onnx", compiled=compiled)
 
 
 def test_onnx_graph_greedy_is_token_identical_to_torch_for_32_tokens(hf_model, onnx_backend):
@@ -266,26 +236,13 @@ def test_onnx_graph_greedy_is_token_identical_to_torch_for_32_tokens(hf_model, o
 
 
 def test_onnx_graph_left_padded_batch_and_full_logits_match_torch(hf_model, onnx_backend):
+    assert onnx_backend.max_positions == 256  # the model's limit, below the graph's rotary table
     prompts = [PROMPT, [9, 8, 7], [100, 200, 300, 44, 55]]
     torch_out = generate(TorchBackend(hf_model), None, prompts, SamplingParams(max_new_tokens=16), stop_ids=set())
+    threads = torch.get_num_threads()
     onnx_out = generate(onnx_backend, None, prompts, SamplingParams(max_new_tokens=16), stop_ids=set())
     assert [c.token_ids for c in onnx_out] == [c.token_ids for c in torch_out]
+    assert torch.get_num_threads() == threads, "sampling on one thread for onnxruntime must not leak out"
     ids = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(onnx_backend.logits(ids), hf_model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
-
-
-def test_a_graph_without_the_decoder_io_names_is_refused(tmp_path):
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    from qwen2lib.generation import OnnxBackend
-
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    path = tmp_path / "other.onnx"
-    onnx.save(helper.make_model(graph), path)
-    with pytest.raises(ValueError, match="decoder I/O convention"):
-        OnnxBackend(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), max_positions=16)
