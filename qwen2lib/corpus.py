@@ -1,8 +1,13 @@
 """A corpus every machine that runs the workbook already has: the Python standard library's own sources.
 
-Nothing is downloaded and nothing is copied into this repository. The file list is sorted, the
-held-out files are drawn with a seeded permutation, and a SHA-256 over (relative path, content)
-records exactly which text a model saw.
+Nothing is downloaded and nothing is copied into this repository. The selection rule is fixed and
+written into the description: every ``*.py`` under ``sysconfig.get_paths()["stdlib"]`` except the
+folders and files in ``EXCLUDED_DIRS`` / ``EXCLUDED_FILES`` (test suites, GUI code, vendored or
+generated text, and the parts Linux distributions split into separate packages), in sorted order.
+
+Whether a file is held out depends on its own path and the seed only (a hash, not a position in the
+list), so one file is on the same side on every install, even one that lacks some packages. A SHA-256
+over (relative path, content) of the used files records exactly which text a model saw.
 """
 from __future__ import annotations
 
@@ -15,11 +20,19 @@ from pathlib import Path
 
 import torch
 
-# Folders left out: test suites (huge, repetitive fixtures), GUI demos, vendored or generated text, and
-# the codec tables of encodings/ (character maps that would make held-out perplexity meaninglessly low).
-EXCLUDED_DIRS = frozenset(
-    {"test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo", "ensurepip", "__pycache__", "pydoc_data",
-     "tkinter", "encodings"}
+# Left out, by folder name anywhere in the path: test suites (huge, repetitive fixtures), GUI code and
+# demos, vendored or generated text (pydoc's topic dump, the codec tables of encodings/ that would make
+# perplexity meaninglessly low), and what Debian/Ubuntu ship as separate packages (lib2to3, distutils,
+# tkinter, idlelib, ensurepip), so a distribution's python3.11 selects the same files as python.org's.
+EXCLUDED_DIRS = frozenset({
+    "__pycache__", "site-packages", "dist-packages", "test", "tests", "idle_test", "idlelib", "tkinter",
+    "turtledemo", "lib2to3", "distutils", "ensurepip", "pydoc_data", "encodings", "__phello__",
+})
+# Top-level files that differ per machine (build configuration, site hooks) or are one data table.
+EXCLUDED_FILES = ("_sysconfigdata", "sitecustomize.py", "usercustomize.py", "this.py", "html/entities.py")
+SELECTION_RULE = (
+    "every *.py under the stdlib folder, sorted by relative path, except folders named "
+    + ", ".join(sorted(EXCLUDED_DIRS)) + ", folders config-*, and files starting with " + ", ".join(EXCLUDED_FILES)
 )
 
 
@@ -27,17 +40,23 @@ EXCLUDED_DIRS = frozenset(
 class Corpus:
     root: Path
     train_files: tuple[str, ...]  # posix paths relative to root, sorted
-    heldout_files: tuple[str, ...]
-    sha256: str = field(repr=False)
+    heldout_files: tuple[str, ...]  # never trained on
+    sha256: str = field(repr=False)  # over (relative path, content) of train + held-out files
     seed: int = 0
+    held_out_fraction: float = 0.05
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return tuple(sorted(self.train_files + self.heldout_files))
 
     @property
     def description(self) -> str:
         version = ".".join(map(str, sys.version_info[:3]))
         return (
-            f"CPython {version} standard library *.py sources under {self.root} "
-            f"(excluding {', '.join(sorted(EXCLUDED_DIRS))}): {len(self.train_files)} train files, "
-            f"{len(self.heldout_files)} held-out files (seeded permutation, seed {self.seed})"
+            f"CPython {version} standard library sources under {self.root}: {SELECTION_RULE}. "
+            f"{len(self.train_files)} train files, {len(self.heldout_files)} held-out files "
+            f"(a file is held out when sha256('{self.seed}:' + path) falls in the lowest "
+            f"{self.held_out_fraction:.0%} of the hash range)"
         )
 
     def read(self, relative: str) -> str:
@@ -46,11 +65,15 @@ class Corpus:
     def summary(self) -> dict:
         return {
             "description": self.description,
+            "selection_rule": SELECTION_RULE,
             "root": str(self.root),
+            "python": ".".join(map(str, sys.version_info[:3])),
             "sha256": self.sha256,
             "train_files": len(self.train_files),
             "heldout_files": len(self.heldout_files),
+            "heldout_file_names": list(self.heldout_files),
             "seed": self.seed,
+            "held_out_fraction": self.held_out_fraction,
         }
 
 
@@ -58,72 +81,114 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def stdlib_corpus(seed: int = 0, heldout_fraction: float = 0.05) -> Corpus:
+def is_selected(relative: str) -> bool:
+    """The selection rule for one posix path relative to the stdlib folder."""
+    parts = relative.split("/")
+    if EXCLUDED_DIRS.intersection(parts[:-1]) or any(p.startswith("config-") for p in parts[:-1]):
+        return False
+    return relative.endswith(".py") and not relative.startswith(EXCLUDED_FILES)
+
+
+def is_held_out(relative: str, seed: int, fraction: float) -> bool:
+    """A per-file coin: depends on nothing but the path and the seed, so it is stable across installs."""
+    digest = hashlib.sha256(f"{seed}:{relative}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
+
+
+def corpus_sha256(root: Path, files) -> str:
+    digest = hashlib.sha256()
+    for relative in sorted(files):
+        content = (root / relative).read_bytes()
+        # lengths first, so no two different (path, content) lists can hash the same
+        digest.update(f"{len(relative)}:{relative}:{len(content)}:".encode())
+        digest.update(content)
+    return digest.hexdigest()
+
+
+def stdlib_corpus(seed: int = 0, held_out_fraction: float = 0.05) -> Corpus:
     """The stdlib split into train and held-out files; the same on every install of one CPython version."""
     root = stdlib_root()
-    files = sorted(
-        p.relative_to(root).as_posix()
-        for p in root.rglob("*.py")
-        if not EXCLUDED_DIRS.intersection(p.relative_to(root).parts)
-    )
-    if len(files) < 20:
+    files = sorted(rel for rel in (p.relative_to(root).as_posix() for p in root.rglob("*.py")) if is_selected(rel))
+    if len(files) < 100:
         raise RuntimeError(f"only {len(files)} Python files under {root}: is this a full CPython installation?")
-    order = list(files)
-    random.Random(seed).shuffle(order)
-    n_heldout = max(1, round(len(files) * heldout_fraction))
-    heldout = tuple(sorted(order[:n_heldout]))
-    train = tuple(sorted(order[n_heldout:]))
-    digest = hashlib.sha256()
-    for relative in files:
-        digest.update(relative.encode())
-        digest.update(b"\0")
-        digest.update((root / relative).read_bytes())
-    return Corpus(root=root, train_files=train, heldout_files=heldout, sha256=digest.hexdigest(), seed=seed)
+    heldout = tuple(f for f in files if is_held_out(f, seed, held_out_fraction))
+    train = tuple(f for f in files if not is_held_out(f, seed, held_out_fraction))
+    if not heldout:
+        raise ValueError(f"held_out_fraction={held_out_fraction} holds out none of {len(files)} files")
+    return Corpus(root=root, train_files=train, heldout_files=heldout, sha256=corpus_sha256(root, files),
+                  seed=seed, held_out_fraction=held_out_fraction)
 
 
-def token_stream(corpus: Corpus, files: tuple[str, ...], tokenizer, max_tokens: int, seed: int = 0) -> torch.Tensor:
-    """Files in seeded order, tokenized and joined by <|endoftext|>, until ``max_tokens``. (N,) int64"""
+# ---- tokenization ----------------------------------------------------------------------------------
+
+def tokenize_files(corpus: Corpus, files, tokenizer) -> list[torch.Tensor]:
+    """Each file's token ids, in the order given. One batched call: the Rust tokenizer uses every core."""
+    texts = [corpus.read(relative) for relative in files]
+    return [torch.tensor(ids, dtype=torch.long) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def shuffled_files(files, seed: int) -> list[str]:
     order = list(files)
     random.Random(seed).shuffle(order)
+    return order
+
+
+def token_stream(corpus: Corpus, files, tokenizer, max_tokens: int | None = None, seed: int = 0) -> torch.Tensor:
+    """Files in seeded order, tokenized and joined by <|endoftext|>, stopping once ``max_tokens`` are in. (N,)
+
+    Files are tokenized in groups and only until the budget is reached, so a short run reads a few files.
+    """
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    ids: list[int] = []
-    for relative in order:
-        ids.extend(tokenizer.encode(corpus.read(relative)))
-        ids.append(eos)
-        if len(ids) >= max_tokens:
+    order = shuffled_files(files, seed)
+    pieces: list[torch.Tensor] = []
+    count, group = 0, 16
+    for start in range(0, len(order), group):
+        for ids in tokenize_files(corpus, order[start : start + group], tokenizer):
+            pieces += [ids, torch.tensor([eos])]
+            count += ids.numel() + 1
+        if max_tokens is not None and count >= max_tokens:
             break
-    return torch.tensor(ids[:max_tokens], dtype=torch.long)
+    stream = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.long)
+    return stream if max_tokens is None else stream[:max_tokens]
 
 
 def blocks(stream: torch.Tensor, block_len: int) -> torch.Tensor:
-    """Cut a token stream into non-overlapping rows of ``block_len``. (N // block_len, block_len)"""
+    """Cut a token stream into non-overlapping rows of ``block_len``; the tail is dropped. (N // block_len, block_len)"""
     n = stream.numel() // block_len
     return stream[: n * block_len].view(n, block_len)
 
 
-def spread_blocks(corpus: Corpus, files: tuple[str, ...], tokenizer, n_blocks: int, block_len: int,
-                  per_file: int = 2) -> torch.Tensor:
-    """Up to ``per_file`` blocks from the start of each file in sorted order, so one file cannot dominate.
+def spread_blocks(per_file_ids: list[torch.Tensor], n_blocks: int, block_len: int) -> torch.Tensor:
+    """``n_blocks`` rows taken round-robin over files, each file's blocks evenly spaced through it.
 
-    Returns (n_blocks, block_len) token ids; raises if the files hold fewer blocks.
+    Round-robin keeps one long file from dominating; even spacing covers a file's code, not just its
+    module docstring. Returns (n_blocks, block_len); raises if the files hold fewer blocks.
     """
-    rows: list[torch.Tensor] = []
-    for relative in files:
-        ids = torch.tensor(tokenizer.encode(corpus.read(relative)), dtype=torch.long)
-        rows.extend(blocks(ids, block_len)[:per_file])
-        if len(rows) >= n_blocks:
-            return torch.stack(rows[:n_blocks])
-    raise ValueError(f"{len(files)} files hold only {len(rows)} blocks of {block_len} tokens (asked for {n_blocks})")
+    per_file = [blocks(ids, block_len) for ids in per_file_ids]
+    available = sum(b.shape[0] for b in per_file)
+    if available < n_blocks:
+        raise ValueError(f"{len(per_file)} files hold only {available} blocks of {block_len} tokens (asked for {n_blocks})")
+    # how many blocks each file gives: one per file per round until n_blocks are taken
+    take = [0] * len(per_file)
+    remaining = n_blocks
+    while remaining:
+        for i, b in enumerate(per_file):
+            if remaining and take[i] < b.shape[0]:
+                take[i] += 1
+                remaining -= 1
+    rows = []
+    for b, k in zip(per_file, take):
+        if k:
+            rows.append(b[torch.linspace(0, b.shape[0] - 1, k).round().long()])
+    return torch.cat(rows)
 
 
 def heldout_token_blocks(tokenizer, n_blocks: int, block_len: int, seed: int = 0) -> torch.Tensor:
     """Held-out text (never trained on) as (n_blocks, block_len) token ids, spread over the held-out files.
 
-    ``seed`` picks the per-file spread: 0 takes blocks from each file's start; other seeds shuffle the files first.
+    ``seed`` 0 takes the held-out files in sorted order; other seeds shuffle them first, which changes the
+    files that give one block more than the others when ``n_blocks`` is not a multiple of their count.
     """
     corpus = stdlib_corpus(seed=0)
-    files = list(corpus.heldout_files)
-    if seed:
-        random.Random(seed).shuffle(files)
-    per_file = max(1, -(-n_blocks // len(files)))
-    return spread_blocks(corpus, tuple(files), tokenizer, n_blocks, block_len, per_file=per_file)
+    files = list(corpus.heldout_files) if not seed else shuffled_files(corpus.heldout_files, seed)
+    return spread_blocks(tokenize_files(corpus, files, tokenizer), n_blocks, block_len)

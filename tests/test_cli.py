@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+from qwen2lib.tiny import TINY_RECIPE
+
 
 def run(*args):
     return subprocess.run([sys.executable, "-m", "qwen2lib.cli", *args], capture_output=True, text=True, timeout=300)
@@ -22,4 +24,4 @@ def test_bad_input_exits_2_with_one_line():
 def test_checkpoint_prints_a_folder():
     result = run("checkpoint", "--model", "tiny-random")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("tiny-random-v2")
+    assert result.stdout.strip().endswith(f"tiny-random-{TINY_RECIPE}")

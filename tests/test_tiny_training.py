@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qwen2lib.corpus import heldout_token_blocks, stdlib_corpus
-from qwen2lib.train_tiny import exact_restricted_loss, train_tiny
+from qwen2lib.train_tiny import (expand_to_vocabulary, slot_cross_entropy, slot_log_multiplicity, train_tiny,
+                                 vocabulary_slots)
 
 
 def test_corpus_split_is_deterministic_disjoint_and_hashed():
@@ -19,26 +20,31 @@ def test_corpus_split_is_deterministic_disjoint_and_hashed():
     assert not any(f.startswith(("test/", "encodings/")) for f in a.train_files + a.heldout_files)
 
 
-def test_exact_restricted_loss_equals_full_vocabulary_cross_entropy():
+def test_slot_loss_equals_full_vocabulary_cross_entropy_of_the_expanded_table():
     g = torch.Generator().manual_seed(0)
-    V, D, N = 50, 8, 64
-    present = torch.tensor([1, 4, 7, 9, 20, 33, 41])
-    table = torch.randn(V, D, generator=g)
-    shared = torch.randn(D, generator=g)
-    is_other = ~torch.isin(torch.arange(V), present)
-    table[is_other] = shared  # the saved model: every non-present row equals the shared one
-    slot_of = torch.full((V,), present.numel(), dtype=torch.long)
-    slot_of[present] = torch.arange(present.numel())
-    hidden, targets = torch.randn(N, D, generator=g), torch.randint(0, V, (N,), generator=g)
-    full = F.cross_entropy(hidden @ table.T, targets)
-    cheap = exact_restricted_loss(hidden, targets, table[present], shared, slot_of, V)
-    torch.testing.assert_close(cheap, full, atol=1e-5, rtol=0)
-    # and it is not vacuous: with distinct rows the shortcut is wrong
-    table[is_other] = torch.randn(int(is_other.sum()), D, generator=g)
-    assert abs(F.cross_entropy(hidden @ table.T, targets).item() - cheap.item()) > 1e-2
+    V, D, N = 60, 8, 200
+    # a training stream over ids 0..39 with skewed counts; ids 40..59 never occur (unseen)
+    stream = torch.multinomial(1.0 / torch.arange(1, 41, dtype=torch.float), 2000, replacement=True, generator=g)
+    for unseen_band in ("rarest", "own"):
+        slot_of, n_own, band_sizes = vocabulary_slots(stream, V, n_own_rows=10, band_edges=(20,), unseen_band=unseen_band)
+        assert n_own == 10 and int(band_sizes.sum()) == V - 10 and (band_sizes > 0).all()
+        assert slot_of.unique().numel() == n_own + len(band_sizes)
+        table = torch.randn(n_own + len(band_sizes), D, generator=g)  # (P + K, D)
+        full_table = expand_to_vocabulary(table, slot_of)  # (V, D): what the saved checkpoint holds
+        hidden, targets = torch.randn(N, D, generator=g), torch.randint(0, V, (N,), generator=g)
+        full = F.cross_entropy(hidden @ full_table.T, targets)
+        cheap = slot_cross_entropy(hidden @ table.T, slot_of[targets], slot_log_multiplicity(n_own, band_sizes))
+        torch.testing.assert_close(cheap, full, atol=1e-5, rtol=0)
+        # not vacuous: with distinct rows inside a band the shortcut is wrong
+        full_table[slot_of >= n_own] = torch.randn(int((slot_of >= n_own).sum()), D, generator=g)
+        assert abs(F.cross_entropy(hidden @ full_table.T, targets).item() - cheap.item()) > 1e-2
+    # unseen ids share the rarest seen band by default, so held-out text never meets a zero-probability band
+    slot_of, _, _ = vocabulary_slots(stream, V, n_own_rows=10, band_edges=(20,))
+    assert slot_of[59] == slot_of[stream.bincount(minlength=V)[:40].argmin()]
 
 
-SHORT = dict(steps=6, train_tokens=12_000, block_len=32, batch_size=4, warmup_steps=1, heldout_blocks=4, n_present=512)
+SHORT = dict(steps=6, train_tokens=12_000, block_len=32, batch_size=4, warmup_steps=1, heldout_blocks=4,
+             heldout_block_len=32, n_own_rows=512, band_edges=(1024,))
 
 
 def test_short_training_is_deterministic_learns_and_saves_a_normal_checkpoint(tmp_path):
