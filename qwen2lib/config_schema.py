@@ -63,7 +63,8 @@ SCHEMA: dict[str, Any] = {
         "block_size": _f(int, 128, "MatMulNBits block along the input features (power of two >= 16)"),
         "activations": _f(str, "int8_per_block", "int8_per_block: each row's activations quantized per block "
                           "at run time (MatMulNBits) | int8_per_tensor: one scale per call (DynamicQuantizeMatMul: "
-                          "fastest for batches and prefill, less exact) | float: fp32 compute (slow)",
+                          "fastest for batches and prefill, less exact; the LM head stays MatMulNBits) | float: fp32 "
+                          "compute (slow)",
                           choices=("int8_per_block", "int8_per_tensor", "float")),
         "modules": _f(list, ["embed_tokens", "attention", "mlp", "lm_head"],
                       "weight groups stored as int8: embed_tokens, attention, mlp, lm_head"),
@@ -278,7 +279,7 @@ def _check_semantics(cfg: dict, where: dict) -> None:
         if not (value == "dynamic" or (isinstance(value, int) and value >= (0 if axis == "past_sequence" else 1))):
             fail(f"graph.dynamic_axes.{axis}", f"{value!r}: use 'dynamic' or a positive size")
     if q["activations"] == "int8_per_tensor" and q["granularity"] != "per_channel":
-        fail("quantization.activations", "int8_per_tensor (DynamicQuantizeMatMul) takes per-channel weight "
+        fail("quantization.activations", f"{q['activations']} (DynamicQuantizeMatMul) takes per-channel weight "
                                          "scales only; use granularity: per_channel")
     bs = q["block_size"]
     if bs < 16 or bs & (bs - 1):

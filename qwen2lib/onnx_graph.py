@@ -51,6 +51,9 @@ class GraphBuildError(ValueError):
     """The checkpoint uses a feature the compiled graphs do not implement."""
 
 
+ACTIVATION_SCHEMES = ("int8_per_block", "int8_per_tensor", "float")
+
+
 @dataclass(frozen=True)
 class GraphPlan:
     operator_set: str = "contrib"  # standard | contrib
@@ -60,7 +63,7 @@ class GraphPlan:
     block_size: int = 128  # MatMulNBits block along K (activations are quantized per block too)
     granularity: str = "per_channel"  # per_channel: one scale per output channel | per_block
     activations: str = "int8_per_block"  # int8_per_block (MatMulNBits accuracy_level 4) | int8_per_tensor
-    # (DynamicQuantizeMatMul) | float (MatMulNBits accuracy_level 0: dequantizes every call, slow)
+    # (DynamicQuantizeMatMul; the head stays MatMulNBits) | float (MatMulNBits accuracy_level 0: slow)
     max_sequence_length: int = 4096  # rows of the rotary tables = the largest position + 1
     batch: str | int = "batch"
     sequence: str | int = "sequence"
@@ -80,10 +83,10 @@ class GraphPlan:
             raise ValueError(f"cannot quantize {sorted(unknown)}: quantizable groups are {QUANTIZABLE_GROUPS}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size={self.block_size}: MatMulNBits needs a power of two >= 16")
-        if self.activations not in ("int8_per_block", "int8_per_tensor", "float"):
-            raise ValueError(f"activations={self.activations!r}: use int8_per_block, int8_per_tensor or float")
+        if self.activations not in ACTIVATION_SCHEMES:
+            raise ValueError(f"activations={self.activations!r}: use one of {', '.join(ACTIVATION_SCHEMES)}")
         if self.activations == "int8_per_tensor" and self.granularity != "per_channel":
-            raise ValueError("int8_per_tensor activations take per-channel weight scales only")
+            raise ValueError(f"{self.activations} activations take per-channel weight scales only")
         if self.granularity not in ("per_channel", "per_block"):
             raise ValueError(f"granularity={self.granularity!r}: use per_channel or per_block")
 
@@ -414,7 +417,11 @@ def build_graph(args: Qwen2Args, weights: Mapping[str, np.ndarray], plan: GraphP
     hidden = g.cast(hidden, residual, lm_dt)
     head_name = "lm_head.weight" if not args.tie_word_embeddings else "model.embed_tokens.weight"
     if "lm_head" in plan.quantize:
-        logits = _int8_matmul(g, plan, hidden, [head_name], weights, quantized, lm_dt, "/lm_head")
+        # The head always runs MatMulNBits: for a 151,936-row table it measured no slower than DynamicQuantizeMatMul
+        # at 1 and 8 rows (bandwidth-bound either way), and a tied head then reads the embedding's int8 bytes.
+        head_activations = "int8_per_block" if plan.activations == "int8_per_tensor" else None
+        logits = _int8_matmul(g, plan, hidden, [head_name], weights, quantized, lm_dt, "/lm_head",
+                              activations=head_activations)
     else:
         # Gemm with transB reads the (V, D) table as stored, so a tied head shares the embedding's copy.
         shared = args.tie_word_embeddings and lm_dt == base and embed is not None
@@ -451,8 +458,10 @@ def weight_precision(args: Qwen2Args, plan: GraphPlan) -> dict[str, str]:
             kept = [i for i in range(args.num_hidden_layers) if f"layers.{i}.{group}" in plan.keep_fp32]
             out[group] = short[plan.dtype] + (f" (layers {kept} kept in fp32)" if kept else "")
     out["lm_head"] = int8 if "lm_head" in plan.quantize else short[plan.layer_dtype("lm_head")]
-    quantized_alike = ("lm_head" in plan.quantize) == ("embed_tokens" in plan.quantize) and not (
-        "lm_head" in plan.quantize and plan.activations == "int8_per_tensor")  # (K, N) layout: its own copy
+    if "lm_head" in plan.quantize and plan.activations == "int8_per_tensor":
+        out["lm_head"] = (f"int8 {plan.granularity.replace('_', '-')} symmetric (MatMulNBits block {plan.block_size}, "
+                          "int8 per-block activations, every call)")
+    quantized_alike = ("lm_head" in plan.quantize) == ("embed_tokens" in plan.quantize)
     if args.tie_word_embeddings and quantized_alike and plan.layer_dtype("lm_head") == plan.dtype:
         out["lm_head"] += " (tied: shares embed_tokens)"
     out["kv_cache"] = short[plan.kv_dtype]
@@ -589,20 +598,24 @@ def _packed(g, plan, names, weights, quantized, dt, node_name=None):
     return g.packed[key]
 
 
-def _int8_matmul(g, plan, x, names, weights, quantized, dt, node_name, bias=None):
+def _int8_matmul(g, plan, x, names, weights, quantized, dt, node_name, bias=None, activations=None):
     """x @ dequant(W)^T (+ bias) with int8 weights, by the plan's activation scheme."""
-    if plan.activations == "int8_per_tensor":
+    activations = activations or plan.activations
+    if bias is not None and not isinstance(bias, str):
+        bias = g.init(f"{node_name}.bias", bias.astype(_NP_DTYPE[dt]))
+    if activations == "int8_per_tensor":
         parts = [_int8_rows(plan, weights, quantized, n) for n in names]
         q = np.concatenate([p[0] for p in parts], axis=0)  # (N, K)
         s = np.concatenate([p[1][:, 0] for p in parts]).astype(np.float32)  # (N,)
-        inputs = [x, g.init(f"{node_name}.qweight_t", np.ascontiguousarray(q.T)), g.init(f"{node_name}.scales", s), ""]
+        inputs = [x, g.init(f"{node_name}.qweight_t", np.ascontiguousarray(q.T)),
+                  g.init(f"{node_name}.column_scales", s), ""]
         if bias is not None:
-            inputs.append(g.init(f"{node_name}.bias", bias.astype(np.float32)))
+            inputs.append(bias)
         return g.op("DynamicQuantizeMatMul", inputs, f"{node_name}/DynamicQuantizeMatMul", domain=CONTRIB)
     b, scales, N, K = _packed(g, plan, names, weights, quantized, dt, node_name)
     inputs = [x, b, scales]
     if bias is not None:
-        inputs += ["", "", g.init(f"{node_name}.bias", bias)]
+        inputs += ["", "", bias]
     return g.op("MatMulNBits", inputs, f"{node_name}/MatMulNBits", domain=CONTRIB, K=K, N=N, bits=8,
                 block_size=plan.block_size, accuracy_level=plan.accuracy_level)
 
