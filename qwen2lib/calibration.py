@@ -252,16 +252,22 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def add_calibration_set_args(p, purpose: str = "") -> None:
+    """--dataset/--data-path/--samples/--seq-len, shared by `calibrate` and `quantize --scheme smoothquant`."""
+    from .data import DATASETS
+
+    p.add_argument("--dataset", default="builtin", choices=DATASETS, help=f"{purpose}calibration set")
+    p.add_argument("--data-path", default=None, help=f"{purpose}local file/folder in the set's published layout")
+    p.add_argument("--samples", type=int, default=16, help=f"{purpose}calibration samples (peers: 128)")
+    p.add_argument("--seq-len", type=int, default=128, help=f"{purpose}tokens per sample (peers: 512)")
+
+
 def register_cli(sub) -> None:
     from .cli import add_model_args
-    from .data import DATASETS
 
     p = sub.add_parser("calibrate", help="per-channel activation statistics of every Linear on a calibration set")
     add_model_args(p)
-    p.add_argument("--dataset", default="builtin", choices=DATASETS)
-    p.add_argument("--data-path", default=None, help="local file/folder in the set's published layout")
-    p.add_argument("--samples", type=int, default=16, help="calibration samples (peers: 128)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sample (peers: 512)")
+    add_calibration_set_args(p)
     p.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE)
     p.add_argument("--no-fallback", action="store_true", help="fail instead of using builtin when the set is unavailable")
     p.add_argument("--force", action="store_true")

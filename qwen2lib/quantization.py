@@ -584,6 +584,7 @@ def cmd_quantize(args) -> int:
 
 
 def register_cli(sub) -> None:
+    from .calibration import add_calibration_set_args
     from .cli import add_model_args
 
     p = sub.add_parser("quantize", help="int8 weights (w8a16) or SmoothQuant W8A8 for the deploy package, with a fidelity report")
@@ -591,10 +592,7 @@ def register_cli(sub) -> None:
     p.add_argument("--scheme", default="w8a16", choices=SCHEMES)
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength in [0, 1]")
     p.add_argument("--skip", nargs="*", default=list(DEFAULT_SKIP), help="Linear names/patterns kept in float")
-    p.add_argument("--dataset", default="builtin", help="smoothquant: calibration set (c4|ceval|alpaca|builtin)")
-    p.add_argument("--data-path", default=None, help="smoothquant: local file or folder of the calibration set")
-    p.add_argument("--samples", type=int, default=16, help="smoothquant: calibration samples")
-    p.add_argument("--seq-len", type=int, default=128, help="smoothquant: tokens per calibration sample")
+    add_calibration_set_args(p, "smoothquant: ")
     p.add_argument("--heldout-blocks", type=int, default=4, help="held-out blocks for the fidelity report")
     p.add_argument("--heldout-len", type=int, default=64, help="tokens per held-out block")
     p.add_argument("--force", action="store_true", help="rebuild even when a matching package exists")

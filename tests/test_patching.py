@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_hf_config
 
 from qwen2lib import patching
 from qwen2lib.errors import ModelNotFoundError, WrongModelTypeError
@@ -45,23 +46,9 @@ ALLOWED_CONFIGURATION_IMPORTS = {
 
 
 def tiny_config(**overrides):
-    from transformers import Qwen2Config
-
-    cfg = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        rope_parameters={"rope_type": "default", "rope_theta": 10_000.0},
-        bos_token_id=0,
-        eos_token_id=1,
-    )
-    cfg.update(overrides)
-    return Qwen2Config(**cfg)
+    """conftest's tiny config with a larger vocabulary, an untied head and base-10k RoPE."""
+    return tiny_hf_config(**{"vocab_size": VOCAB, "tie_word_embeddings": False,
+                             "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0}, **overrides})
 
 
 def save_checkpoint(folder: Path, seed: int = 0, **overrides) -> Path:
