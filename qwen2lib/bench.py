@@ -300,12 +300,11 @@ def cmd_bench(args) -> int:
 
 def register_cli(sub) -> None:
     from .cli import add_model_args
+    from .generation import add_backend_args
 
     p = sub.add_parser("bench", help="serving-style benchmark (ShareGPT requests or synthetic) -> <workdir>/inference/")
     add_model_args(p)
-    p.add_argument("--backend", default="torch", choices=("torch", "onnx"))
-    p.add_argument("--compiled", default=None, help="compiled graph folder (default: <workdir>/compiled, built if missing)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"), help="which compiled graph (onnx)")
+    add_backend_args(p)
     p.add_argument("--dataset", default=None, help="ShareGPT-format JSON; without it a seeded synthetic set")
     p.add_argument("--num-requests", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=1)

@@ -386,15 +386,15 @@ def cmd_eval_ppl(args) -> int:
 def register_cli(sub) -> None:
     from .cli import add_model_args
 
+    from .generation import add_backend_args
+
     p = sub.add_parser("eval", help="accuracy: C-Eval (OpenCompass PPL mode) or strided perplexity of a text file")
     evals = p.add_subparsers(dest="eval_command", required=True)
     for name, func, help_text in (("ceval", cmd_eval_ceval, "C-Eval val accuracy, 5-shot, lowest answer CE wins"),
                                   ("ppl", cmd_eval_ppl, "strided-window perplexity of a text file")):
         q = evals.add_parser(name, help=help_text)
         add_model_args(q)
-        q.add_argument("--backend", default="torch", choices=("torch", "onnx"))
-        q.add_argument("--compiled", default=None, help="compiled graph folder (default: <workdir>/compiled)")
-        q.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"), help="which compiled graph")
+        add_backend_args(q)
         if name == "ceval":
             q.add_argument("--data", default=None, help="folder of {subject}_dev.csv/{subject}_val.csv; "
                                                         "default: download from the hub (online only)")

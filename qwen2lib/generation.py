@@ -544,14 +544,19 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def add_backend_args(p) -> None:
+    """--backend/--compiled/--precision: which runtime, and which compiled graph for onnx (generate, bench, eval)."""
+    p.add_argument("--backend", default="torch", choices=("torch", "onnx"))
+    p.add_argument("--compiled", default=None, help="compiled graph folder (default: <workdir>/compiled, built if missing)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"), help="which compiled graph (onnx)")
+
+
 def register_cli(sub) -> None:
     from .cli import add_model_args
 
     p = sub.add_parser("generate", help="generate from a prompt on the torch model or a compiled graph, streaming")
     add_model_args(p)
-    p.add_argument("--backend", default="torch", choices=("torch", "onnx"))
-    p.add_argument("--compiled", default=None, help="compiled graph folder (default: <workdir>/compiled, built if missing)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"), help="which compiled graph (onnx)")
+    add_backend_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (-Instruct models)")
     p.add_argument("--max-new-tokens", type=int, default=64)
