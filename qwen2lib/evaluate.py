@@ -385,7 +385,6 @@ def cmd_eval_ppl(args) -> int:
 
 def register_cli(sub) -> None:
     from .cli import add_model_args
-
     from .generation import add_backend_args
 
     p = sub.add_parser("eval", help="accuracy: C-Eval (OpenCompass PPL mode) or strided perplexity of a text file")
