@@ -17,7 +17,7 @@ from .artifacts import atomic_dir
 from .paths import cache_root
 
 # Bump when the architecture or the training recipe changes: old caches are then rebuilt.
-TINY_RECIPE = "v4"
+TINY_RECIPE = "v5"
 
 
 @contextlib.contextmanager
