@@ -6,8 +6,9 @@ and notebook 04's fp32 and int8 ONNX graphs in onnxruntime.
 
 Prefill: tokens/s over one ``--prompt``-token prompt (batch 1), logits of the last position only
 (``logits_to_keep=1`` for transformers, ``graph.last_position_logits`` for the graphs). Decode:
-tokens/s over ``--decode`` greedy steps after a short prompt, for each batch size, timed step by
-step with the KV cache (the prompt's prefill not counted). ``--rounds`` rounds interleave the
+tokens/s over ``--decode`` greedy steps after a ``--context``-token prompt (16: short; 512 shows what
+copying the KV cache each step would cost), for each batch size, timed step by step with the KV
+cache (the prompt's prefill not counted). ``--rounds`` rounds interleave the
 backends (each loaded, measured and released in turn); each figure is the backend's best round, so
 load from other processes on a shared machine disturbs all rows alike. Random weights: the speed is real, the text
 is not. Compare rows of one run only.
@@ -31,9 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qwen2lib import load_model  # noqa: E402
 from qwen2lib.artifacts import default_workdir  # noqa: E402
 from qwen2lib.compile import ensure_compiled  # noqa: E402
-from qwen2lib.ort_runtime import OnnxCausalLM  # noqa: E402
+from qwen2lib.ort_runtime import KVState, OnnxCausalLM  # noqa: E402
 
-DECODE_PROMPT = 16  # tokens per row before the timed decode steps
 
 
 class TorchRunner:
@@ -52,16 +52,21 @@ class TorchRunner:
 
 
 class GraphRunner:
-    def __init__(self, lm: OnnxCausalLM):
+    def __init__(self, lm: OnnxCausalLM, copy_kv: bool = False):
         self.lm = lm
+        self.copy_kv = copy_kv  # feed the cache and take a fresh concatenated copy back each step (the plain way)
 
     def prefill(self, ids):
         logits, state = self.lm.prefill(ids)
         return logits[:, -1], state
 
     def decode(self, next_ids, state):
-        logits, state = self.lm.decode(next_ids, state)
-        return logits[:, -1], state
+        if not self.copy_kv:
+            logits, state = self.lm.decode(next_ids, state)
+            return logits[:, -1], state
+        mask = np.concatenate([state.attention_mask, np.ones((len(next_ids), 1), np.int64)], axis=1)
+        logits, present = self.lm.run(next_ids, mask, past=state.past)
+        return logits[:, -1], KVState(present, mask)
 
 
 def time_prefill(runner, prompt_len: int, vocab: int) -> float:
@@ -71,9 +76,9 @@ def time_prefill(runner, prompt_len: int, vocab: int) -> float:
     return prompt_len / (time.perf_counter() - t0)
 
 
-def time_decode(runner, batch: int, steps: int, vocab: int) -> float:
+def time_decode(runner, batch: int, steps: int, vocab: int, context: int) -> float:
     rng = np.random.default_rng(1)
-    ids = rng.integers(0, vocab, (batch, DECODE_PROMPT))
+    ids = rng.integers(0, vocab, (batch, context))
     logits, state = runner.prefill(ids)
     for _ in range(2):  # warm-up steps, not timed
         logits, state = runner.decode(logits.argmax(-1)[:, None], state)
@@ -88,7 +93,7 @@ def measure_round(label, runner, args, vocab) -> dict:
     t0 = time.perf_counter()
     row = {"prefill tok/s": time_prefill(runner, args.prompt, vocab)}
     for b in args.batches:
-        row[f"decode b{b} tok/s"] = time_decode(runner, b, args.decode, vocab)
+        row[f"decode b{b} tok/s"] = time_decode(runner, b, args.decode, vocab, args.context)
     print(f"[bench]   {label:26s} {', '.join(f'{k} {v:.1f}' for k, v in row.items())} "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
     return row
@@ -101,11 +106,14 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt", type=int, default=512, help="prefill prompt length")
     p.add_argument("--decode", type=int, default=128, help="timed decode steps")
+    p.add_argument("--context", type=int, default=16, help="prompt tokens per row before the timed decode steps")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--rounds", type=int, default=3,
                    help="interleaved rounds over all backends; each figure is its best round (least disturbed)")
     p.add_argument("--workdir", default=None, help="where the graphs are compiled (default runs/<model>)")
     p.add_argument("--skip", nargs="*", default=[], help="backends to leave out (labels as printed)")
+    p.add_argument("--kv-copy-row", action="store_true",
+                   help="add the int8 graph decoding with a KV cache copied each step (what writing it in place saves)")
     args = p.parse_args(argv)
     load_before = os.getloadavg()[0]
     if load_before > 0.5:
@@ -142,14 +150,16 @@ def main(argv=None) -> int:
         model = load_model(args.model, weights=args.weights, dtype="float32")
         return TorchRunner(torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8))
 
-    def graph(label):
-        return lambda: GraphRunner(OnnxCausalLM.load(graphs[label], threads=args.threads))
+    def graph(label, copy_kv=False):
+        return lambda: GraphRunner(OnnxCausalLM.load(graphs[label], threads=args.threads), copy_kv)
 
     from qwen2lib.registry import resolve
 
     vocab = resolve(args.model).config["vocab_size"]
     backends = [("transformers fp32", hf("float32")), ("transformers bf16", hf("bfloat16")),
                 ("torch dynamic int8", dynamic_int8)] + [(label, graph(label)) for label in graphs]
+    if args.kv_copy_row and "graph int8" in graphs:
+        backends.append(("graph int8, KV copied per step", graph("graph int8", copy_kv=True)))
     # Rounds interleave the backends, so a burst of load from other processes hits one round of every
     # backend alike instead of all of one backend's figures. One backend is loaded at a time: idle
     # thread pools of the others (onnxruntime and OpenMP spin-wait) would steal the cores.
@@ -176,7 +186,7 @@ def main(argv=None) -> int:
                 table[f"{col.split()[0] if col.startswith('prefill') else col.split()[1]} x {short}"] = \
                     table[col] / table.loc[ref_label, col]
     print(f"\n{args.model} ({args.weights} weights), {args.threads} threads, prefill {args.prompt} tokens, "
-          f"decode {args.decode} tokens after a {DECODE_PROMPT}-token prompt, best of {args.rounds} interleaved "
+          f"decode {args.decode} tokens after a {args.context}-token prompt, best of {args.rounds} interleaved "
           f"rounds; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; load average "
           f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     print(table.round(2).to_markdown() if _has_tabulate() else table.round(2).to_string())

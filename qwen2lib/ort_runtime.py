@@ -6,8 +6,9 @@
     lm(ids)                                    # torch (B, T, V) float32: the ids -> logits callable
                                                # of the fidelity report (stepwise for last-position graphs)
 
-``state`` is a ``KVState``: per layer (key, value) numpy (B, n_kv, P, hd) in the graph's KV dtype,
-plus the attention mask (B, P) so far. ``run()`` is the raw call with the conventional names, for
+``state`` is a ``KVState``: per layer (key, value) numpy buffers (B, n_kv, C >= P, hd) in the graph's KV
+dtype (``state.past``: the filled (B, n_kv, P, hd) part), plus the attention mask (B, P) so far. Contrib
+graphs decode into those buffers in place. ``run()`` is the raw call with the conventional names, for
 callers that keep their own cache. Positions come from the mask (count of real tokens before each
 token), so left-padded batches need no position bookkeeping. Attributes worth knowing:
 ``max_positions`` (the graph's rotary table size), ``last_position_logits``, ``kv_dtype``, ``manifest``.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +31,29 @@ _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 @dataclass
 class KVState:
-    past: list[tuple[np.ndarray, np.ndarray]]  # per layer (B, n_kv, P, hd)
+    """The cache after P tokens: per layer (key, value) buffers (B, n_kv, C, hd) whose first P positions hold it.
+
+    A contrib graph decodes into the buffers in place (C > P: GroupQueryAttention's shared past/present
+    buffers), so a step copies no cache; ``past`` is the (B, n_kv, P, hd) view of what is filled. The
+    state a decode returns shares those buffers: to branch (two continuations of one prefix), decode
+    from ``KVState([(k.copy(), v.copy()) for k, v in state.past], state.attention_mask.copy())``.
+    """
+    buffers: list[tuple[np.ndarray, np.ndarray]]  # per layer (B, n_kv, C, hd), C >= P
     attention_mask: np.ndarray  # (B, P) int64
+    bound: list | None = field(default=None, repr=False)  # OrtValues over ``buffers``, made once per allocation
 
     @property
     def length(self) -> int:
         return self.attention_mask.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.buffers[0][0].shape[2]
+
+    @property
+    def past(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        P = self.length
+        return [(k[:, :, :P], v[:, :, :P]) for k, v in self.buffers]
 
 
 def positions_from_mask(attention_mask: np.ndarray) -> np.ndarray:
@@ -105,6 +123,12 @@ class OnnxCausalLM:
         return cls(session, manifest)
 
     # ---- the raw call -------------------------------------------------------------------------
+    def _check_positions(self, position_ids: np.ndarray) -> None:
+        if position_ids.size and int(position_ids.max()) >= self.max_positions:
+            raise PromptTooLongError(f"position {int(position_ids.max())} is past this graph's limit of "
+                                     f"{self.max_positions} positions (graph.max_sequence_length); recompile with a "
+                                     "larger one or shorten the prompt")
+
     def empty_past(self, batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
         empty = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), self.kv_dtype)  # (B, n_kv, 0, hd)
         return [(empty, empty)] * self.num_layers
@@ -122,10 +146,7 @@ class OnnxCausalLM:
         if position_ids is None:
             position_ids = positions_from_mask(mask)[:, P:]
         position_ids = np.asarray(position_ids, np.int64)
-        if position_ids.size and int(position_ids.max()) >= self.max_positions:
-            raise PromptTooLongError(f"position {int(position_ids.max())} is past this graph's limit of "
-                                     f"{self.max_positions} positions (graph.max_sequence_length); recompile with a "
-                                     "larger one or shorten the prompt")
+        self._check_positions(position_ids)
         if self.operator_set == "contrib" and B > 1 and T > 1 and P > 0:
             # GroupQueryAttention continues a prompt over a cache for one row at a time; rows are independent.
             rows = [self.run(ids[b:b + 1], mask[b:b + 1], position_ids[b:b + 1], [(k[b:b + 1], v[b:b + 1]) for k, v in past])
@@ -135,7 +156,8 @@ class OnnxCausalLM:
             return logits, present
         feed = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids}
         for i, (k, v) in enumerate(past):
-            feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = k, v
+            feed[f"past_key_values.{i}.key"] = np.ascontiguousarray(k)  # a view of a larger buffer is copied
+            feed[f"past_key_values.{i}.value"] = np.ascontiguousarray(v)
         out = dict(zip(self.output_names, self.session.run(None, feed)))
         present = [(out[f"present.{i}.key"], out[f"present.{i}.value"]) for i in range(self.num_layers)]
         return out["logits"], present
@@ -150,8 +172,41 @@ class OnnxCausalLM:
     def decode(self, next_ids, state: KVState) -> tuple[np.ndarray, KVState]:
         ids = np.asarray(next_ids, np.int64).reshape(-1, 1)
         mask = np.concatenate([state.attention_mask, np.ones((ids.shape[0], 1), np.int64)], axis=1)
-        logits, present = self.run(ids, mask, past=state.past)
-        return logits, KVState(present, mask)
+        if self.operator_set != "contrib":
+            logits, present = self.run(ids, mask, past=state.past)
+            return logits, KVState(present, mask)
+        return self._decode_in_place(ids, mask, state)
+
+    def _decode_in_place(self, ids: np.ndarray, mask: np.ndarray, state: KVState) -> tuple[np.ndarray, KVState]:
+        """One step that writes the new key/value into the state's buffers (past and present bound to the same
+        memory, as onnxruntime-genai runs GroupQueryAttention), growing them when full."""
+        import onnxruntime as ort
+
+        P = state.length
+        position_ids = positions_from_mask(mask)[:, P:]
+        self._check_positions(position_ids)
+        if state.capacity <= P or state.bound is None:
+            capacity = max(state.capacity, P + max(128, P))  # room to grow without a copy per step
+            buffers = []
+            for k, v in state.buffers:
+                grown = [np.zeros(k.shape[:2] + (capacity,) + k.shape[3:], k.dtype) for _ in range(2)]
+                grown[0][:, :, :P], grown[1][:, :, :P] = k[:, :, :P], v[:, :, :P]
+                buffers.append(tuple(grown))
+            bound = [tuple(ort.OrtValue.ortvalue_from_numpy(t) for t in pair) for pair in buffers]
+            state = KVState(buffers, state.attention_mask, bound)
+        binding = self.session.io_binding()
+        binding.bind_output("logits")
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_cpu_input("position_ids", position_ids)
+        for i, (k, v) in enumerate(state.bound):
+            binding.bind_ortvalue_input(f"past_key_values.{i}.key", k)
+            binding.bind_ortvalue_input(f"past_key_values.{i}.value", v)
+            binding.bind_ortvalue_output(f"present.{i}.key", k)
+            binding.bind_ortvalue_output(f"present.{i}.value", v)
+        self.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()
+        return logits, KVState(state.buffers, mask, state.bound)
 
     def __call__(self, input_ids):
         """ids (B, T) -> torch float32 logits (B, T, V) for every position.

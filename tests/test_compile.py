@@ -217,11 +217,37 @@ def test_left_padded_batch_and_prompt_continuation(make_checkpoint, tmp_path, op
     assert np.abs(logits - ref).max() <= 1e-4
 
 
+def test_contrib_decode_writes_the_cache_in_place_and_grows_it(make_checkpoint, tmp_path):
+    """Shared past/present buffers give the logits of the copying path, across a buffer growth."""
+    lm, _ = graph_for(make_checkpoint(), tmp_path, operator_set="contrib")
+    ids = torch.randint(0, 320, (2, 5), generator=torch.Generator().manual_seed(3)).numpy()
+    logits, state = lm.prefill(ids)
+    past, mask = state.past, state.attention_mask
+    capacities, same_buffers = set(), []
+    for step in range(140):  # the first buffers hold 5 + 128 positions: one growth on the way
+        nxt = logits[:, -1].argmax(-1)[:, None]
+        previous = state.buffers if step else None
+        logits, state = lm.decode(nxt, state)
+        same_buffers.append(state.buffers is previous)
+        capacities.add(state.capacity)
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+        copied, past = lm.run(nxt, mask, past=past)  # the copying path: fresh present arrays each step
+        np.testing.assert_allclose(logits, copied, atol=1e-5, rtol=0)
+    assert len(capacities) == 2 and min(capacities) == 5 + 128, capacities
+    assert sum(same_buffers) == 138, "decode should reuse its buffers except when it allocates or grows them"
+    for (k, v), (k_ref, v_ref) in zip(state.past, past):
+        np.testing.assert_allclose(k, k_ref, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(v, v_ref, atol=1e-6, rtol=0)
+
+
 def test_positions_past_the_graph_limit_are_refused(make_checkpoint, tmp_path):
     lm, _ = graph_for(make_checkpoint(), tmp_path)
     lm.max_positions = 8
     with pytest.raises(PromptTooLongError, match="past this graph's limit of 8"):
         lm.prefill(np.zeros((1, 9), np.int64))
+    _, state = lm.prefill(np.zeros((1, 8), np.int64))  # positions 0..7 fit; the next token's does not
+    with pytest.raises(PromptTooLongError, match="position 8 is past"):
+        lm.decode([[1]], state)
 
 
 def test_last_position_logits_and_fixed_axes(make_checkpoint, tmp_path):
