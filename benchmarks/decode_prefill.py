@@ -132,8 +132,10 @@ def main(argv=None) -> int:
     configs = Path(__file__).resolve().parent.parent / "configs"
     variants = {  # label -> (shipped config, extra keys)
         "graph fp32": ("qwen2_fp32", {}),
-        "graph int8": ("qwen2_int8", {}),  # the shipped int8 config: MatMulNBits, activations quantized per block
-        "graph int8 per-tensor act": ("qwen2_int8", {"quantization": {"activations": "int8_per_tensor"}}),
+        "graph int8": ("qwen2_int8", {}),  # the shipped int8 config: activations per call, down_proj's per block
+        "graph int8 per-block act": ("qwen2_int8", {"quantization": {"activations": "int8_per_block",
+                                                                     "per_block_projections": []}}),
+        "graph int8 per-tensor act": ("qwen2_int8", {"quantization": {"per_block_projections": []}}),
     }
     graphs = {}
     for label, (base, extra) in variants.items():

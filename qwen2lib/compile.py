@@ -358,7 +358,7 @@ def _plan(cfg: dict, args: Qwen2Args, keep_fp32=frozenset()) -> GraphPlan:
         operator_set=g["operator_set"], opset=g["opset"], dtype=_DTYPE[cfg["precision"]],
         quantize=tuple(q["modules"]) if cfg["precision"] == "int8" else (),
         block_size=q["block_size"], granularity=q["granularity"],
-        activations=q["activations"],
+        activations=q["activations"], per_block_projections=tuple(q["per_block_projections"]),
         max_sequence_length=g["max_sequence_length"] or args.max_position_embeddings,
         batch=axes["batch"], sequence=axes["sequence"], past_sequence=axes["past_sequence"],
         last_position_logits=g["last_position_logits"], keep_fp32=keep_fp32,

@@ -20,6 +20,8 @@ import yaml
 
 from .errors import Qwen2LibError
 
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # a layer's Linears as graphs run them (q|k|v, gate|up fused)
+
 
 class ConfigError(Qwen2LibError, ValueError):
     """A compile config that does not validate; ``key`` and ``line`` say where."""
@@ -66,6 +68,9 @@ SCHEMA: dict[str, Any] = {
                           "fastest for batches and prefill, less exact; the LM head stays MatMulNBits) | float: fp32 "
                           "compute (slow)",
                           choices=("int8_per_block", "int8_per_tensor", "float")),
+        "per_block_projections": _f(list, [], "with int8_per_tensor: projections whose activations stay quantized "
+                                    "per block (MatMulNBits), for inputs with outlier channels: qkv_proj, o_proj, "
+                                    "gate_up_proj, down_proj"),
         "modules": _f(list, ["embed_tokens", "attention", "mlp", "lm_head"],
                       "weight groups stored as int8: embed_tokens, attention, mlp, lm_head"),
         "reuse": _f(str, "auto", "notebook03: weights and scales from <workdir>/quantized (built if missing) | "
@@ -281,6 +286,13 @@ def _check_semantics(cfg: dict, where: dict) -> None:
     if q["activations"] == "int8_per_tensor" and q["granularity"] != "per_channel":
         fail("quantization.activations", f"{q['activations']} (DynamicQuantizeMatMul) takes per-channel weight "
                                          "scales only; use granularity: per_channel")
+    bad = [m for m in q["per_block_projections"] if m not in PROJECTIONS]
+    if bad or len(set(q["per_block_projections"])) != len(q["per_block_projections"]):
+        fail("quantization.per_block_projections", f"{q['per_block_projections']}: list each of "
+                                                   f"{', '.join(PROJECTIONS)} at most once")
+    if q["per_block_projections"] and q["activations"] != "int8_per_tensor":
+        fail("quantization.per_block_projections", f"applies with activations: int8_per_tensor only "
+                                                   f"(activations here: {q['activations']})")
     bs = q["block_size"]
     if bs < 16 or bs & (bs - 1):
         fail("quantization.block_size", f"{bs}: MatMulNBits needs a power of two >= 16 (16, 32, 64, 128, 256)")

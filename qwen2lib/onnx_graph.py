@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .config_schema import PROJECTIONS
 from .model import Qwen2Args
 
 FP16_MAX = 65504.0
@@ -64,6 +65,7 @@ class GraphPlan:
     granularity: str = "per_channel"  # per_channel: one scale per output channel | per_block
     activations: str = "int8_per_block"  # int8_per_block (MatMulNBits accuracy_level 4) | int8_per_tensor
     # (DynamicQuantizeMatMul; the head stays MatMulNBits) | float (MatMulNBits accuracy_level 0: slow)
+    per_block_projections: tuple[str, ...] = ()  # with int8_per_tensor: projections kept per block (MatMulNBits)
     max_sequence_length: int = 4096  # rows of the rotary tables = the largest position + 1
     batch: str | int = "batch"
     sequence: str | int = "sequence"
@@ -89,6 +91,15 @@ class GraphPlan:
             raise ValueError(f"{self.activations} activations take per-channel weight scales only")
         if self.granularity not in ("per_channel", "per_block"):
             raise ValueError(f"granularity={self.granularity!r}: use per_channel or per_block")
+        unknown = set(self.per_block_projections) - set(PROJECTIONS)
+        if unknown:
+            raise ValueError(f"per_block_projections {sorted(unknown)}: projections are {', '.join(PROJECTIONS)}")
+        if self.per_block_projections and self.activations != "int8_per_tensor":
+            raise ValueError("per_block_projections only applies with int8_per_tensor activations")
+
+    def activations_for(self, projection: str) -> str:
+        """The activation scheme of one projection (qkv_proj, o_proj, gate_up_proj, down_proj)."""
+        return "int8_per_block" if projection in self.per_block_projections else self.activations
 
     def layer_dtype(self, part: str) -> str:
         """Compute dtype of a part: 'residual', 'lm_head', 'layers.{i}.attention', 'layers.{i}.mlp'."""
@@ -452,18 +463,24 @@ def weight_precision(args: Qwen2Args, plan: GraphPlan) -> dict[str, str]:
     kernel = ("DynamicQuantizeMatMul, int8 per-tensor activations" if plan.activations == "int8_per_tensor" else
               f"MatMulNBits block {plan.block_size}, {'float' if plan.activations == 'float' else 'int8 per-block'} "
               "activations")
-    int8 = f"int8 {plan.granularity.replace('_', '-')} symmetric ({kernel})"
+
+    def int8(projections=()):
+        per_block = [name for name in projections if name in plan.per_block_projections]
+        extra = (f"; {', '.join(per_block)}: MatMulNBits block {plan.block_size}, int8 per-block activations"
+                 if per_block else "")
+        return f"int8 {plan.granularity.replace('_', '-')} symmetric ({kernel}{extra})"
+
     out = {"embed_tokens": short[plan.dtype], "norms": short[plan.layer_dtype("residual")]}
     if "embed_tokens" in plan.quantize:
         out["embed_tokens"] = (f"int8 {plan.granularity.replace('_', '-')} symmetric (GatherBlockQuantized "
                                f"block {plan.block_size})")
-    for group in ("attention", "mlp"):
+    for group, projections in (("attention", ("qkv_proj", "o_proj")), ("mlp", ("gate_up_proj", "down_proj"))):
         if group in plan.quantize:
-            out[group] = int8
+            out[group] = int8(projections)
         else:
             kept = [i for i in range(args.num_hidden_layers) if f"layers.{i}.{group}" in plan.keep_fp32]
             out[group] = short[plan.dtype] + (f" (layers {kept} kept in fp32)" if kept else "")
-    out["lm_head"] = int8 if "lm_head" in plan.quantize else short[plan.layer_dtype("lm_head")]
+    out["lm_head"] = int8() if "lm_head" in plan.quantize else short[plan.layer_dtype("lm_head")]
     if "lm_head" in plan.quantize and plan.activations == "int8_per_tensor":
         out["lm_head"] = (f"int8 {plan.granularity.replace('_', '-')} symmetric (MatMulNBits block {plan.block_size}, "
                           "int8 per-block activations, every call)")
@@ -606,7 +623,7 @@ def _packed(g, plan, names, weights, quantized, dt, node_name=None):
 
 def _int8_matmul(g, plan, x, names, weights, quantized, dt, node_name, bias=None, activations=None):
     """x @ dequant(W)^T (+ bias) with int8 weights, by the plan's activation scheme."""
-    activations = activations or plan.activations
+    activations = activations or plan.activations_for(node_name.rsplit("/", 1)[-1])
     if bias is not None and not isinstance(bias, str):
         bias = g.init(f"{node_name}.bias", bias.astype(_NP_DTYPE[dt]))
     if activations == "int8_per_tensor":

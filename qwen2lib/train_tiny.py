@@ -86,7 +86,7 @@ def vocabulary_slots(train_stream: torch.Tensor, vocab_size: int, n_own_rows: in
     order, ranks in [n_own_rows, band_edges[0]), [band_edges[0], band_edges[1]), ... one band each,
     the remaining training ids one more, and ids absent from training the last band.
     ``classes`` (V,) splits every band further by class (``surface_classes``: what a token looks like);
-    a part that no training token falls in joins its band's largest part, so no slot is never a target.
+    a part that no training token falls in joins its band's largest part, so every slot is some target.
     Returns slot_of (V,), the number P of own rows, and band_sizes (K,) with every band non-empty.
     """
     ids, counts = train_stream.unique(return_counts=True)  # ids sorted ascending
@@ -113,7 +113,9 @@ def vocabulary_slots(train_stream: torch.Tensor, vocab_size: int, n_own_rows: in
     else:
         raise ValueError(f"unseen_band={unseen_band!r}: 'rarest' or 'own'")
     if classes is not None:
-        bands = [part for band in bands if band.numel() for part in split_by_class(band, classes, train_stream)]
+        seen = torch.zeros(vocab_size, dtype=torch.bool)
+        seen[ids] = True
+        bands = [part for band in bands if band.numel() for part in split_by_class(band, classes, seen)]
     band_sizes = []
     for k, members in enumerate(b for b in bands if b.numel()):
         slot_of[members] = own.numel() + k
@@ -122,10 +124,8 @@ def vocabulary_slots(train_stream: torch.Tensor, vocab_size: int, n_own_rows: in
     return slot_of, own.numel(), torch.tensor(band_sizes, dtype=torch.long)
 
 
-def split_by_class(band: torch.Tensor, classes: torch.Tensor, train_stream: torch.Tensor) -> list[torch.Tensor]:
-    """A band's ids grouped by class, in class order; parts without a training occurrence join the largest."""
-    seen = torch.zeros_like(classes, dtype=torch.bool)
-    seen[train_stream] = True
+def split_by_class(band: torch.Tensor, classes: torch.Tensor, seen: torch.Tensor) -> list[torch.Tensor]:
+    """A band's ids grouped by class, in class order; parts with no id ``seen`` (V,) in training join the largest."""
     parts = [band[classes[band] == c] for c in classes[band].unique().tolist()]
     kept = [part for part in parts if seen[part].any()]
     orphans = [part for part in parts if not seen[part].any()]

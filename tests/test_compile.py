@@ -357,8 +357,11 @@ def test_fp16_and_int8_graphs_meet_the_shipped_fidelity_bounds(make_checkpoint, 
     assert fid["ppl_ratio"] <= bounds["max_ppl_ratio"]
     assert fid["kld_mean"] > 0  # really a different precision, not the fp32 graph
     if name == "qwen2_int8":
-        assert m["op_histogram"]["com.microsoft:MatMulNBits"] == 3 * 4 + 1  # qkv, o, gate|up, down per layer + head
-        assert m["precision"]["mlp"].startswith("int8 per-channel")
+        # q|k|v, o and gate|up quantize their activations per call; down_proj (the SwiGLU product, outlier
+        # channels) per block in MatMulNBits, like the head
+        assert m["op_histogram"]["com.microsoft:DynamicQuantizeMatMul"] == 3 * 3
+        assert m["op_histogram"]["com.microsoft:MatMulNBits"] == 3 + 1
+        assert m["precision"]["mlp"].startswith("int8 per-channel") and "down_proj: MatMulNBits" in m["precision"]["mlp"]
         assert m["op_histogram"]["com.microsoft:GatherBlockQuantized"] == 1
         assert m["precision"]["lm_head"].endswith("(tied: shares embed_tokens)")
         uint8_tables = [t for t in onnx.load(str(out / "model.onnx")).graph.initializer
@@ -460,7 +463,8 @@ def test_a_yaml_names_its_checkpoint_relative_to_itself(make_checkpoint, tmp_pat
 def test_int8_per_tensor_activations_use_dynamic_quantize_matmul(make_checkpoint, tmp_path):
     folder = make_checkpoint(tie_word_embeddings=False)
     out = compile_model(config_path("qwen2_int8"), model=str(folder), workdir=tmp_path, verbose=False,
-                        overrides={"quantization.activations": "int8_per_tensor"})  # raises if under the bounds
+                        overrides={"quantization.activations": "int8_per_tensor",
+                                   "quantization.per_block_projections": []})  # raises if under the bounds
     m = read_manifest(out)
     assert m["op_histogram"]["com.microsoft:DynamicQuantizeMatMul"] == 2 * 4
     assert m["op_histogram"]["com.microsoft:MatMulNBits"] == 1  # the head (an untied one here)
@@ -468,6 +472,10 @@ def test_int8_per_tensor_activations_use_dynamic_quantize_matmul(make_checkpoint
     with pytest.raises(ConfigError, match="per-channel weight scales only"):
         load_config(config_path("qwen2_int8"), {"quantization.activations": "int8_per_tensor",
                                                 "quantization.granularity": "per_block"})
+    with pytest.raises(ConfigError, match=r"per_block_projections: \['mlp'\]: list each of qkv_proj"):
+        load_config(config_path("qwen2_int8"), {"quantization.per_block_projections": ["mlp"]})
+    with pytest.raises(ConfigError, match="int8_per_tensor only"):
+        load_config(config_path("qwen2_int8"), {"quantization.activations": "int8_per_block"})
 
 
 def test_bounds_skip_top1_only_for_random_weights():
