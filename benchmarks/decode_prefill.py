@@ -32,8 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qwen2lib import load_model  # noqa: E402
 from qwen2lib.artifacts import default_workdir  # noqa: E402
 from qwen2lib.compile import ensure_compiled  # noqa: E402
-from qwen2lib.ort_runtime import KVState, OnnxCausalLM  # noqa: E402
-
+from qwen2lib.ort_runtime import OnnxCausalLM  # noqa: E402
 
 
 class TorchRunner:
@@ -61,12 +60,8 @@ class GraphRunner:
         return logits[:, -1], state
 
     def decode(self, next_ids, state):
-        if not self.copy_kv:
-            logits, state = self.lm.decode(next_ids, state)
-            return logits[:, -1], state
-        mask = np.concatenate([state.attention_mask, np.ones((len(next_ids), 1), np.int64)], axis=1)
-        logits, present = self.lm.run(next_ids, mask, past=state.past)
-        return logits[:, -1], KVState(present, mask)
+        logits, state = self.lm.decode(next_ids, state, in_place=not self.copy_kv)
+        return logits[:, -1], state
 
 
 def time_prefill(runner, prompt_len: int, vocab: int) -> float:

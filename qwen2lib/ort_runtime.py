@@ -169,10 +169,12 @@ class OnnxCausalLM:
         logits, present = self.run(ids, mask)
         return logits, KVState(present, mask)
 
-    def decode(self, next_ids, state: KVState) -> tuple[np.ndarray, KVState]:
+    def decode(self, next_ids, state: KVState, in_place: bool = True) -> tuple[np.ndarray, KVState]:
+        """One token per row. Contrib graphs write the cache into ``state``'s buffers (``in_place``); otherwise
+        the cache goes in and a fresh concatenated copy comes back, as with any graph of this I/O convention."""
         ids = np.asarray(next_ids, np.int64).reshape(-1, 1)
         mask = np.concatenate([state.attention_mask, np.ones((ids.shape[0], 1), np.int64)], axis=1)
-        if self.operator_set != "contrib":
+        if self.operator_set != "contrib" or not in_place:
             logits, present = self.run(ids, mask, past=state.past)
             return logits, KVState(present, mask)
         return self._decode_in_place(ids, mask, state)
