@@ -85,13 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line_reason(exc: BaseException) -> str:
+    """What went wrong, in one line: an OS error names its path and the system's reason."""
+    if isinstance(exc, OSError) and not isinstance(exc, Qwen2LibError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        return f"{where}{exc.strerror}" + (f" (-> {exc.filename2})" if exc.filename2 is not None else "")
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (Qwen2LibError, FileNotFoundError, ValueError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"qwen2lib {args.command}: error: {reason}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"qwen2lib {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (Qwen2LibError, OSError, ValueError) as exc:
+        print(f"qwen2lib {args.command}: error: {one_line_reason(exc)}", file=sys.stderr)
         return 2
 
 

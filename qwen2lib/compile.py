@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import atomic_dir, default_workdir, stage_dir, write_metrics
+from .artifacts import atomic_dir, check_replaceable, default_workdir, stage_dir, write_metrics
 from .config_schema import ConfigError, load_config
 from .errors import NumericalOverflowError, Qwen2LibError
 from .model import Qwen2Args
@@ -119,8 +119,9 @@ def load_weights(folder: Path) -> dict[str, np.ndarray]:
     """Every tensor of the folder's safetensors as float32 numpy (bf16 checkpoints upcast exactly)."""
     from safetensors.torch import load_file
 
-    from .loading import check_safetensors
+    from .loading import check_safetensors, check_weights_match_config
 
+    check_weights_match_config(folder)
     out = {}
     for shard in check_safetensors(folder):
         for name, tensor in load_file(shard).items():
@@ -419,6 +420,7 @@ def compile_model(config: str | os.PathLike | dict, model: str | None = None, we
         weights = weights or src["weights"] or "auto"
         workdir = Path(workdir) if workdir else default_workdir(model)
         final = Path(out_dir) if out_dir else stage_dir(workdir, "compiled", cfg["name"])
+        check_replaceable(final)  # before any slow work: never replace a folder qwen2lib did not write
     with phases("source weights", str(model)):
         folder = _source_folder(cfg, model, weights, seed, workdir)
         hf_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .artifacts import check_component
 from .errors import Qwen2LibError
 
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # a layer's Linears as graphs run them (q|k|v, gate|up fused)
@@ -345,5 +346,10 @@ def load_config(source: str | os.PathLike | dict, overrides: dict | None = None)
     _check_semantics(cfg, where)
     if not cfg["name"]:
         cfg["name"] = path.stem if path is not None else f"qwen2_{cfg['precision']}"
+    try:  # the name becomes <workdir>/compiled/<name>: one folder name, never a path
+        check_component(cfg["name"], "name")
+    except ValueError as exc:
+        file, line = where.get("name", (str(path) if path else None, None))
+        raise ConfigError(str(exc), "name", line, file) from None
     cfg["_source"] = str(path.resolve()) if path is not None else None
     return cfg

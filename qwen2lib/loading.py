@@ -64,6 +64,59 @@ def check_safetensors(folder: Path) -> list[Path]:
     return shards
 
 
+def expected_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} of a Qwen2ForCausalLM checkpoint with this config.json (lm_head only when untied)."""
+    H, I, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    n_heads, n_kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    hd = config.get("head_dim") or H // n_heads
+    shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+            p + "self_attn.q_proj.weight": (n_heads * hd, H), p + "self_attn.q_proj.bias": (n_heads * hd,),
+            p + "self_attn.k_proj.weight": (n_kv * hd, H), p + "self_attn.k_proj.bias": (n_kv * hd,),
+            p + "self_attn.v_proj.weight": (n_kv * hd, H), p + "self_attn.v_proj.bias": (n_kv * hd,),
+            p + "self_attn.o_proj.weight": (H, n_heads * hd),
+            p + "mlp.gate_proj.weight": (I, H), p + "mlp.up_proj.weight": (I, H), p + "mlp.down_proj.weight": (H, I),
+        })
+    if not config.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (V, H)
+    return shapes
+
+
+def check_weights_match_config(folder: Path) -> None:
+    """Refuse, from the safetensors headers alone (nothing loaded), a checkpoint whose tensors do not match
+    its config.json: transformers would fill missing layers with random weights or drop extra ones."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    expected = expected_tensor_shapes(config)
+    found: dict[str, tuple[int, ...]] = {}
+    for shard in check_safetensors(folder):
+        for name, info in _read_header(shard).items():
+            if name != "__metadata__":
+                found[name] = tuple(info["shape"])
+    # a tied checkpoint may still carry lm_head (it equals the embedding); old ones carry rotary buffers
+    optional = {"lm_head.weight"} if config.get("tie_word_embeddings", False) else set()
+    where = f"{folder}: config.json ({config['num_hidden_layers']} layers, hidden {config['hidden_size']})"
+    for name, shape in expected.items():
+        if name not in found:
+            raise WeightsError(f"{where} needs {name} {list(shape)}, which the weights lack: config.json and the "
+                               "*.safetensors do not belong together; download the checkpoint again")
+        if found[name] != shape:
+            raise WeightsError(f"{where} says {name} is {list(shape)} but the weights hold {list(found[name])}: "
+                               "config.json and the *.safetensors do not belong together")
+    extra = sorted(n for n in found if n not in expected and n not in optional and not n.endswith("rotary_emb.inv_freq"))
+    if extra:
+        raise WeightsError(f"{where} has no place for {extra[0]} (and {len(extra) - 1} more unexpected tensors): "
+                           "config.json and the *.safetensors do not belong together")
+
+
+def _read_header(path: Path) -> dict:
+    with open(path, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        return json.loads(fh.read(header_len))
+
+
 def _check_one_safetensors(path: Path) -> None:
     """A safetensors file is an 8-byte header length, a JSON header, then the tensor bytes it lists."""
     size = path.stat().st_size
@@ -162,13 +215,13 @@ def checkpoint_dir(model: str | os.PathLike = "tiny", weights: str = "auto", see
     for folder in candidates:
         if folder.is_dir():
             read_folder_config(folder)
-            check_safetensors(folder)
+            check_weights_match_config(folder)
             return folder
     if spec.hub_id is None:
         raise WeightsUnavailableError(f"{spec.folder} has no weights")
     cached = _hf_cache_folder(spec.hub_id)
     if cached is not None and list(cached.glob("*.safetensors")):
-        check_safetensors(cached)
+        check_weights_match_config(cached)
         return cached
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise WeightsUnavailableError(unavailable_message(spec, "HF_HUB_OFFLINE=1 and nothing local"))
@@ -176,7 +229,7 @@ def checkpoint_dir(model: str | os.PathLike = "tiny", weights: str = "auto", see
         folder = _download(spec.hub_id)
     except Exception as exc:
         raise WeightsUnavailableError(unavailable_message(spec, f"offline or hub unreachable: {type(exc).__name__}")) from exc
-    check_safetensors(folder)
+    check_weights_match_config(folder)
     return folder
 
 
@@ -197,7 +250,7 @@ def load_model(model: str | os.PathLike = "tiny", *, dtype: str | torch.dtype = 
               "speed and shape figures are real, quality figures mean nothing", file=sys.stderr)
         return build_random_model(spec, torch_dtype, seed)
     folder = checkpoint_dir(model, weights, seed)
-    check_safetensors(folder)
+    check_weights_match_config(folder)
     try:
         hf_model = Qwen2ForCausalLM.from_pretrained(folder, dtype=torch_dtype)
     except Exception as exc:

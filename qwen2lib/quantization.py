@@ -40,7 +40,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .artifacts import MARKER
 from .errors import Qwen2LibError
+from .patching import load_deploy_package, package_auto_map, package_target, verify_package_code
 
 SCHEMES = ("w8a16", "smoothquant")
 QUANT_METHOD = "qwen2lib-int8"
@@ -339,6 +341,25 @@ def state_dict_for_saving(model) -> dict[str, torch.Tensor]:
     return state
 
 
+def int8_code(package: Path) -> dict[str, str]:
+    """{INT8_MODELING_FILE: text}: the one Python file a quantized package adds to the deploy package's."""
+    return {INT8_MODELING_FILE: INT8_MODELING_SOURCE.format(patched_module=patched_modeling_module(package),
+                                                            cls=INT8_CLASS)}
+
+
+def int8_auto_map(package: Path) -> dict[str, str]:
+    config = json.loads((package / "config.json").read_text(encoding="utf-8"))
+    return dict(config.get("auto_map") or {}, AutoModelForCausalLM=f"{Path(INT8_MODELING_FILE).stem}.{INT8_CLASS}")
+
+
+def verify_quantized_code(package: str | os.PathLike) -> dict[str, str]:
+    """``verify_package_code`` for a quantized package: its files are the deploy package's plus the int8 one."""
+    package = Path(package)
+    target = package_target(package)
+    auto_map = dict(package_auto_map(target), AutoModelForCausalLM=f"{Path(INT8_MODELING_FILE).stem}.{INT8_CLASS}")
+    return verify_package_code(package, int8_code(package), auto_map)
+
+
 def save_quantized(model, deploy_package: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write the quantized package into ``out_dir`` (created if missing; use an empty folder): see the module doc."""
     from safetensors.torch import save_file
@@ -350,14 +371,12 @@ def save_quantized(model, deploy_package: str | os.PathLike, out_dir: str | os.P
     out.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():  # code, tokenizer and notes; not the fp32 weights, the metrics or any symlink
         if f.is_file() and not f.is_symlink() and f.suffix != ".safetensors" and f.name not in (
-                "config.json", "metrics.json", "model.safetensors.index.json"):
+                "config.json", "metrics.json", "model.safetensors.index.json", MARKER):
             shutil.copy2(f, out / f.name)
-    patched = patched_modeling_module(src)
-    (out / INT8_MODELING_FILE).write_text(INT8_MODELING_SOURCE.format(patched_module=patched, cls=INT8_CLASS),
-                                          encoding="utf-8")
+    for name, text in int8_code(src).items():
+        (out / name).write_text(text, encoding="utf-8")
     package_config = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    package_config["auto_map"] = dict(package_config.get("auto_map", {}),
-                                      AutoModelForCausalLM=f"{Path(INT8_MODELING_FILE).stem}.{INT8_CLASS}")
+    package_config["auto_map"] = int8_auto_map(src)
     package_config["architectures"] = [INT8_CLASS]
     package_config["quantization_config"] = config
     # The float tensors (embeddings, norms, biases, scales) are saved as the model holds them; "auto" loading
@@ -375,6 +394,7 @@ def load_quantized(package_dir: str | os.PathLike, **kwargs):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    verify_quantized_code(package_dir)
     quantizers_logger = hf_logging.get_logger("transformers.quantizers.auto")
     level = quantizers_logger.level
     quantizers_logger.setLevel(hf_logging.ERROR)
@@ -523,9 +543,9 @@ def ensure_quantized(model: str = "tiny", weights: str = "auto", workdir: str | 
     if not force and (out / "metrics.json").is_file() and read_metrics(out).get("request") == request:
         return out
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    reference = AutoModelForCausalLM.from_pretrained(str(package), trust_remote_code=True, dtype=torch.float32).eval()
+    reference = load_deploy_package(package, torch.float32)
     candidate = copy.deepcopy(reference)
     stats, calibration_dir = None, None
     if scheme == "smoothquant":
@@ -549,6 +569,7 @@ def ensure_quantized(model: str = "tiny", weights: str = "auto", workdir: str | 
         sizes["fp32"]["disk_dtype"] = package_config.get("dtype") or package_config.get("torch_dtype")
         write_metrics(tmp, {
             "request": request,
+            "generated_code": verify_quantized_code(tmp),
             "scheme": scheme,
             "deploy_package": str(package),
             "calibration": str(calibration_dir) if calibration_dir else None,
