@@ -23,6 +23,15 @@ from typing import Mapping
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from .artifacts import default_workdir, read_metrics, stage_dir, write_metrics
+from .data import DATASETS, CalibrationDataError, load_calibration_texts, sample_token_blocks
+from .errors import Qwen2LibError
+from .patching import ensure_patched, load_deploy_package
+from .registry import resolve
+from .stages import ensure_stage, recorded_request
+from .tokenizer import load_tokenizer
 
 STATS_FILE = "stats.safetensors"
 DEFAULT_PERCENTILE = 99.9
@@ -113,10 +122,6 @@ def outlier_summary(stats: Mapping[str, torch.Tensor], top: int = 5) -> dict[str
 
 
 def save_stats(folder: str | os.PathLike, stats: Mapping[str, torch.Tensor], metrics: dict) -> Path:
-    from safetensors.torch import save_file
-
-    from .artifacts import write_metrics
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.float().contiguous().cpu() for k, v in stats.items()}, str(folder / STATS_FILE),
@@ -126,8 +131,6 @@ def save_stats(folder: str | os.PathLike, stats: Mapping[str, torch.Tensor], met
 
 
 def load_stats(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     path = Path(folder) / STATS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run `qwen2lib calibrate` (notebook 02) first")
@@ -135,54 +138,76 @@ def load_stats(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def is_instruct(model: str) -> bool:
-    from .registry import resolve
-
     try:
         return bool(resolve(model).instruct)
-    except Exception:  # a folder the registry cannot name: decide by its name
+    except Qwen2LibError:  # a folder the registry cannot name: decide by its name
         return "instruct" in str(model).lower() or "chat" in str(model).lower()
 
 
+DEFAULT_REQUEST = {"dataset": "builtin", "data_path": None, "samples": 16, "seq_len": 128,
+                   "percentile": DEFAULT_PERCENTILE, "batch_size": 4}
+
+
+def calibration_request(folder: Path, seed: int, **asked) -> dict:
+    """The calibration request: what was asked; for what was not (None), the existing calibration's value
+    when there is one (so 03 uses 02's statistics), else the default. Another data set is only ever used
+    when asked for."""
+    existing = recorded_request(folder) or {}
+    request = {k: (asked.get(k) if asked.get(k) is not None else existing.get(k, default))
+               for k, default in DEFAULT_REQUEST.items()}
+    if asked.get("dataset") is not None and asked.get("data_path") is None:
+        request["data_path"] = None  # a data set named anew does not inherit the old one's path
+    request["data_path"] = str(request["data_path"]) if request["data_path"] else None
+    request["seed"] = seed
+    return request
+
+
 def ensure_calibration(model: str = "tiny", weights: str = "auto", workdir: str | os.PathLike | None = None, *,
-                       dataset: str = "builtin", data_path: str | os.PathLike | None = None, samples: int = 16,
-                       seq_len: int = 128, seed: int = 0, percentile: float = DEFAULT_PERCENTILE,
-                       batch_size: int = 4, fallback: bool = True, force: bool = False,
-                       progress: bool = True) -> Path:
-    """``<workdir>/calibration/`` (stats.safetensors + metrics.json), reused when its request matches.
+                       dataset: str | None = None, data_path: str | os.PathLike | None = None,
+                       samples: int | None = None, seq_len: int | None = None, seed: int = 0,
+                       percentile: float | None = None, batch_size: int | None = None, fallback: bool = True,
+                       force: bool = False, progress: bool = True, verbose: bool = True) -> Path:
+    """``<workdir>/calibration/`` (stats.safetensors + metrics.json): the statistics of notebook 01's deploy
+    package (loaded with its checked remote code) on a calibration set.
 
-    The statistics are of the fp32 model ``load_model(model, weights=weights, seed=seed)``; an instruct
-    model sees its samples through its chat template. Defaults are CI-sized: peers use 128 x 512.
+    Settings left None keep the existing calibration's (``calibration_request``); defaults are CI-sized
+    (peers use 128 x 512). An instruct model sees its samples through its chat template.
     """
-    from .artifacts import atomic_dir, default_workdir, read_metrics, stage_dir
-    from .data import load_calibration_texts, sample_token_blocks
-    from .loading import load_model
-    from .tokenizer import load_tokenizer
-
     workdir = Path(workdir) if workdir else default_workdir(model)
     out = stage_dir(workdir, "calibration")
-    request = {"model": str(model), "weights": weights, "seed": seed, "dataset": dataset,
-               "data_path": str(data_path) if data_path else None, "samples": samples, "seq_len": seq_len,
-               "percentile": percentile, "batch_size": batch_size}
-    if not force and (out / STATS_FILE).is_file() and (out / "metrics.json").is_file() \
-            and read_metrics(out).get("request") == request:
-        return out
-    tokenizer = load_tokenizer(model)
-    chat = is_instruct(model)
-    texts = load_calibration_texts(dataset, data_path, tokenizer=tokenizer, chat=chat, fallback=fallback)
-    blocks = sample_token_blocks(texts.texts, tokenizer, samples, seq_len, seed)
-    hf_model = load_model(model, weights=weights, seed=seed)
-    stats = collect_activation_stats(hf_model, blocks, percentile=percentile, batch_size=batch_size, progress=progress)
-    metrics = {
-        "request": request, "model": str(model), "weights": weights, "seed": seed,
-        "dataset": texts.label, "dataset_name": texts.dataset, "fallback": texts.fallback, "source": texts.source,
-        "chat_template": chat, "samples": samples, "seq_len": seq_len, "tokens": int(blocks.numel()),
-        "documents": len(texts.texts), "percentile": percentile,
-        "percentile_estimator": "mean over batches of the per-batch nearest-rank percentile, token-weighted",
-        "linears": len(linear_names(stats)), "outliers": outlier_summary(stats),
-    }
-    with atomic_dir(out) as tmp:
+    request = calibration_request(out, seed, dataset=dataset, data_path=data_path, samples=samples, seq_len=seq_len,
+                                  percentile=percentile, batch_size=batch_size)
+    if request["dataset"] not in DATASETS:
+        raise CalibrationDataError(f"dataset {request['dataset']!r}: use one of {', '.join(DATASETS)}")
+    package = ensure_patched(model, weights, workdir, seed=seed, verbose=verbose)
+
+    def build(tmp: Path) -> dict:
+        tokenizer = load_tokenizer(str(package))
+        chat = is_instruct(model)
+        texts = load_calibration_texts(request["dataset"], request["data_path"], tokenizer=tokenizer, chat=chat,
+                                       fallback=fallback)
+        blocks = sample_token_blocks(texts.texts, tokenizer, request["samples"], request["seq_len"], seed)
+        stats = collect_activation_stats(load_deploy_package(package), blocks, percentile=request["percentile"],
+                                         batch_size=request["batch_size"], progress=progress)
+        metrics = {
+            "request": request, "model": str(model), "weights": weights, "seed": seed, "deploy_package": str(package),
+            "dataset": texts.label, "dataset_name": texts.dataset, "fallback": texts.fallback, "source": texts.source,
+            "chat_template": chat, "samples": request["samples"], "seq_len": request["seq_len"],
+            "tokens": int(blocks.numel()), "documents": len(texts.texts), "percentile": request["percentile"],
+            "percentile_estimator": "mean over batches of the per-batch nearest-rank percentile, token-weighted",
+            "linears": len(linear_names(stats)), "outliers": outlier_summary(stats),
+        }
         save_stats(tmp, stats, metrics)
-    return out
+        return metrics
+
+    return ensure_stage("calibration", out, request, {"patched": package}, build, force=force, verbose=verbose)
+
+
+def describe(folder: str | os.PathLike) -> str:
+    """One line: which data the statistics in ``folder`` came from."""
+    m = read_metrics(folder)
+    return (f"calibration statistics of {m['dataset_name']} ({m['samples']} x {m['seq_len']} tokens"
+            f"{', fallback for an unavailable set' if m.get('fallback') else ''}) from {folder}")
 
 
 # ---- plots --------------------------------------------------------------------------------------
@@ -237,7 +262,6 @@ def plot_channel_distribution(stats: Mapping[str, torch.Tensor], name: str, labe
 
 
 def cmd_calibrate(args) -> int:
-    from .artifacts import read_metrics
     from .cli import workdir_of
 
     out = ensure_calibration(args.model, args.weights, workdir_of(args), dataset=args.dataset,
@@ -253,13 +277,16 @@ def cmd_calibrate(args) -> int:
 
 
 def add_calibration_set_args(p, purpose: str = "") -> None:
-    """--dataset/--data-path/--samples/--seq-len, shared by `calibrate` and `quantize --scheme smoothquant`."""
-    from .data import DATASETS
-
-    p.add_argument("--dataset", default="builtin", choices=DATASETS, help=f"{purpose}calibration set")
+    """--dataset/--data-path/--samples/--seq-len, shared by `calibrate` and `quantize`. Unset: the existing
+    calibration's setting (notebook 02's), else the default."""
+    d = DEFAULT_REQUEST
+    p.add_argument("--dataset", default=None, choices=DATASETS,
+                   help=f"{purpose}calibration set (default: the existing calibration's, else {d['dataset']})")
     p.add_argument("--data-path", default=None, help=f"{purpose}local file/folder in the set's published layout")
-    p.add_argument("--samples", type=int, default=16, help=f"{purpose}calibration samples (peers: 128)")
-    p.add_argument("--seq-len", type=int, default=128, help=f"{purpose}tokens per sample (peers: 512)")
+    p.add_argument("--samples", type=int, default=None,
+                   help=f"{purpose}calibration samples (default {d['samples']}; peers: 128)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help=f"{purpose}tokens per sample (default {d['seq_len']}; peers: 512)")
 
 
 def register_cli(sub) -> None:
@@ -268,7 +295,7 @@ def register_cli(sub) -> None:
     p = sub.add_parser("calibrate", help="per-channel activation statistics of every Linear on a calibration set")
     add_model_args(p)
     add_calibration_set_args(p)
-    p.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE)
+    p.add_argument("--percentile", type=float, default=None, help=f"default {DEFAULT_PERCENTILE}")
     p.add_argument("--no-fallback", action="store_true", help="fail instead of using builtin when the set is unavailable")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_calibrate)

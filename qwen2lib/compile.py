@@ -30,14 +30,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime
 import torch
+import transformers
+import yaml
+from safetensors.torch import load_file
 
-from .artifacts import atomic_dir, check_replaceable, default_workdir, stage_dir, write_metrics
+from . import __version__
+from .artifacts import check_replaceable, default_workdir, stage_dir
 from .config_schema import ConfigError, load_config
+from .corpus import heldout_token_blocks
 from .errors import NumericalOverflowError, Qwen2LibError
+from .fidelity import fidelity_report
+from .loading import check_safetensors, check_weights_match_config, checkpoint_dir, load_model
 from .model import Qwen2Args
-from .onnx_graph import FP16_MAX, GraphPlan, build_graph, op_histogram, io_signature
+from .onnx_graph import FP16_MAX, GraphPlan, build_graph, io_signature, op_histogram
 from .ort_runtime import OnnxCausalLM, check_finite
+from .patching import ensure_patched, load_deploy_package
+from .quantization import ensure_quantized
+from .stages import ensure_stage
+from .tokenizer import load_tokenizer
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 MANIFEST_FORMAT = "qwen2lib-compiled/1"
@@ -102,40 +115,22 @@ class Source:
     weights: dict[str, np.ndarray]  # float32, Hugging Face names
 
 
-def _source_folder(cfg: dict, model: str, weights: str, seed: int, workdir: Path) -> Path:
-    from .loading import checkpoint_dir
-
+def _source_folder(cfg: dict, model: str, weights: str, seed: int, workdir: Path, verbose: bool) -> Path:
+    """The folder whose config and weights the graph is built from: notebook 01's deploy package (default),
+    or the raw checkpoint (``source.package: checkpoint``, to study the builder on its own)."""
     if cfg["source"]["package"] == "patched":
-        try:
-            from .patching import ensure_patched
-        except ImportError as exc:
-            raise ConfigError("source.package 'patched' needs qwen2lib.patching.ensure_patched (notebook 01), "
-                              "which this checkout lacks; use source.package: checkpoint") from exc
-        return Path(ensure_patched(model, weights, workdir, seed=seed))
+        return Path(ensure_patched(model, weights, workdir, seed=seed, verbose=verbose))
     return Path(checkpoint_dir(model, weights, seed))
 
 
 def load_weights(folder: Path) -> dict[str, np.ndarray]:
     """Every tensor of the folder's safetensors as float32 numpy (bf16 checkpoints upcast exactly)."""
-    from safetensors.torch import load_file
-
-    from .loading import check_safetensors, check_weights_match_config
-
     check_weights_match_config(folder)
     out = {}
     for shard in check_safetensors(folder):
         for name, tensor in load_file(shard).items():
             out[name] = tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy()
     return out
-
-
-def checkpoint_fingerprint(folder: Path) -> str:
-    """Cheap identity of a checkpoint: config.json bytes + each weight file's name, size and mtime."""
-    h = hashlib.sha256((folder / "config.json").read_bytes() if (folder / "config.json").is_file() else b"")
-    for f in sorted(folder.glob("*.safetensors")):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
 
 
 def read_quantized_package(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]:
@@ -145,8 +140,6 @@ def read_quantized_package(folder: Path) -> tuple[dict[str, np.ndarray], dict[st
     ``X.scales`` (N,) or (N, 1). Float tensors (norms changed by SmoothQuant, unquantized Linears) are
     returned too, so they replace the checkpoint's.
     """
-    from safetensors.torch import load_file
-
     tensors = {}
     for shard in sorted(Path(folder).glob("*.safetensors")):
         tensors.update(load_file(shard))
@@ -167,36 +160,29 @@ def read_quantized_package(folder: Path) -> tuple[dict[str, np.ndarray], dict[st
     return floats, quantized
 
 
-def _int8_folder(cfg, model, weights, seed, workdir) -> Path | None:
-    """Where int8 weights come from, per ``quantization.package`` / ``reuse``; None: quantize here."""
+def _int8_folder(cfg, model, weights, seed, workdir, verbose) -> Path | None:
+    """The quantized package int8 weights come from: ``quantization.package`` when named, else notebook 03's
+    ``quantized/<quantization.from_scheme>`` (built when missing) for a graph of the deploy package; None
+    when compiling the raw checkpoint, whose weights the shared quantizer (``qwen2lib.int8``) rounds here."""
     q = cfg["quantization"]
     if cfg["precision"] != "int8":
         return None
     if q["package"]:
         return Path(q["package"])
-    if q["reuse"] == "notebook03":
-        try:
-            from .quantization import ensure_quantized
-        except ImportError as exc:
-            raise ConfigError("quantization.reuse 'notebook03' needs qwen2lib.quantization.ensure_quantized "
-                              "(notebook 03), which this checkout lacks; use reuse: none") from exc
-        return Path(ensure_quantized(model, weights, workdir, seed=seed, scheme="w8a16"))
-    if q["reuse"] == "auto":  # notebook 03's per-channel package when it is there (SmoothQuant's otherwise)
-        for scheme in ("w8a16", "smoothquant"):
-            candidate = stage_dir(workdir, "quantized", scheme)
-            if any(candidate.glob("*.safetensors")):
-                return candidate
+    if cfg["source"]["package"] == "patched":
+        return Path(ensure_quantized(model, weights, workdir, seed=seed, scheme=q["from_scheme"], verbose=verbose))
     return None
 
 
 def _int8_weights(cfg, folder: Path | None, source: Source) -> tuple[dict, str]:
     """({"<linear>.weight": (int8, scales)}, label); empty when the graph builder quantizes itself."""
     if folder is None:
-        return {}, f"quantized here: {cfg['quantization']['granularity'].replace('_', '-')} symmetric int8"
+        return {}, (f"quantized here (source.package: checkpoint) by qwen2lib.int8: "
+                    f"{cfg['quantization']['granularity'].replace('_', '-')} symmetric int8")
     floats, quantized = read_quantized_package(folder)
     source.weights.update({k: v for k, v in floats.items() if k in source.weights})
-    return quantized, (f"notebook 03 package {folder} ({len(quantized)} int8 weights and their scales; "
-                       "groups it left in float are quantized here)")
+    return quantized, (f"notebook 03 package {folder} ({len(quantized)} int8 weights and their scales; groups "
+                       "it left in float are rounded here by the same quantizer, qwen2lib.int8)")
 
 
 # ---- verification data ---------------------------------------------------------------------------
@@ -206,9 +192,6 @@ def verify_tokens(folder: Path, vocab_size: int, n_blocks: int, block_tokens: in
     library files the tiny model never trained on) when the folder has a tokenizer that fits the
     vocabulary, else seeded random ids (test checkpoints with a toy vocabulary)."""
     if (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file():
-        from .corpus import heldout_token_blocks
-        from .tokenizer import load_tokenizer
-
         ids = heldout_token_blocks(load_tokenizer(str(folder)), n_blocks, block_tokens, seed=seed)
         if int(ids.max()) < vocab_size:
             return ids, "held-out Python stdlib files (qwen2lib.corpus)"
@@ -265,8 +248,6 @@ def fidelity(reference, candidate, blocks: torch.Tensor) -> dict:
             raise NumericalOverflowError("the compiled graph's logits on the held-out blocks hold inf/NaN: an "
                                          "activation overflowed its dtype")
         return out
-
-    from .fidelity import fidelity_report
 
     report = fidelity_report(reference, candidate, blocks)
     report = report.to_dict() if hasattr(report, "to_dict") else dict(report)
@@ -352,8 +333,13 @@ def fp16_plan(ranges: dict[str, float], headroom: float, on_overflow: str) -> tu
 
 # ---- the compile ---------------------------------------------------------------------------------
 
-def _plan(cfg: dict, args: Qwen2Args, keep_fp32=frozenset()) -> GraphPlan:
+def _plan(cfg: dict, args: Qwen2Args, keep_fp32=frozenset(), hf_config: dict | None = None) -> GraphPlan:
+    """The graph plan: the YAML's choices, with what the package's config.json decides (insert_slice ->
+    last-position logits, unless graph.last_position_logits says otherwise)."""
     g, q = cfg["graph"], cfg["quantization"]
+    last = g["last_position_logits"]
+    if last is None:
+        last = bool((hf_config or {}).get("insert_slice", False))
     axes = {k: (k if v == "dynamic" else int(v)) for k, v in g["dynamic_axes"].items()}
     return GraphPlan(
         operator_set=g["operator_set"], opset=g["opset"], dtype=_DTYPE[cfg["precision"]],
@@ -362,7 +348,7 @@ def _plan(cfg: dict, args: Qwen2Args, keep_fp32=frozenset()) -> GraphPlan:
         activations=q["activations"], per_block_projections=tuple(q["per_block_projections"]),
         max_sequence_length=g["max_sequence_length"] or args.max_position_embeddings,
         batch=axes["batch"], sequence=axes["sequence"], past_sequence=axes["past_sequence"],
-        last_position_logits=g["last_position_logits"], keep_fp32=keep_fp32,
+        last_position_logits=last, keep_fp32=keep_fp32,
     )
 
 
@@ -372,13 +358,6 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _request(cfg: dict, model_id: str, weights: str, seed: int, folder: Path, int8_folder: Path | None) -> dict:
-    """What a compiled folder was built from; ``ensure_compiled`` reuses it only on an exact match."""
-    return {"model": model_id, "weights": weights, "seed": seed, "checkpoint": checkpoint_fingerprint(folder),
-            "int8_package": checkpoint_fingerprint(int8_folder) if int8_folder else None,
-            "config": {k: v for k, v in cfg.items() if k != "_source"}}
 
 
 def check_bounds(cfg: dict, parity: dict, fid: dict, random_weights: bool = False) -> list[str]:
@@ -402,131 +381,151 @@ def check_bounds(cfg: dict, parity: dict, fid: dict, random_weights: bool = Fals
 
 def compile_model(config: str | os.PathLike | dict, model: str | None = None, weights: str | None = None,
                   workdir: str | os.PathLike | None = None, *, seed: int = 0, overrides: dict | None = None,
-                  out_dir: str | os.PathLike | None = None, verbose: bool = True) -> Path:
-    """Compile a checkpoint per a YAML config (path, shipped name or dict); returns the output folder.
+                  out_dir: str | os.PathLike | None = None, verbose: bool = True, force: bool = True) -> Path:
+    """Compile per a YAML config (path, shipped name or dict) into ``<workdir>/compiled/<name>/``; returns it.
 
+    The graph is built from notebook 01's deploy package (fp32, fp16) or notebook 03's quantized package
+    (int8), each ensured first (``source.package: checkpoint`` builds from the raw checkpoint instead).
     ``model``/``weights`` override the config's ``source``; ``overrides`` maps dotted keys to values
-    (``{"graph.last_position_logits": True}``). Raises ConfigError on a bad config,
-    NumericalOverflowError when fp16 cannot hold the model, CompileVerificationError when the graph
-    misses its config's parity/fidelity bounds (nothing is installed then).
+    (``{"graph.opset": 17}``). ``force=False`` reuses a folder built from the same inputs, config and code
+    (``ensure_compiled``). Raises ConfigError on a bad config, NumericalOverflowError when fp16 cannot hold
+    the model, CompileVerificationError when the graph misses its bounds (nothing is installed then).
     """
-    from .loading import load_model
-
     cfg = load_config(config if isinstance(config, dict) else config_path(config), overrides)
+    src = cfg["source"]
+    model = model or src["checkpoint"] or src["model"] or "tiny"
+    weights = weights or src["weights"] or "auto"
+    workdir = Path(workdir) if workdir else default_workdir(model)
+    final = Path(out_dir) if out_dir else stage_dir(workdir, "compiled", cfg["name"])
+    check_replaceable(final)  # before any slow work: never replace a folder qwen2lib did not write
+    folder = _source_folder(cfg, model, weights, seed, workdir, verbose)
+    int8_folder = _int8_folder(cfg, model, weights, seed, workdir, verbose)
+    inputs = {"source": folder, **({"int8_package": int8_folder} if int8_folder else {})}
+    request = {"config": {k: v for k, v in cfg.items() if k != "_source"}, "seed": seed}
+
+    def build(tmp: Path) -> dict:
+        return _compile_into(tmp, cfg, folder, int8_folder, str(model), weights, seed, verbose)
+
+    out = ensure_stage("compiled", final, request, inputs, build, force=force, verbose=verbose)
+    if verbose:
+        print(f"[compile {cfg['name']}] {out}", flush=True)
+    return out
+
+
+def _load_source(cfg: dict, folder: Path, int8_folder: Path | None, model: str, phases) -> tuple:
+    """(Source, int8 weights, their label): the package's config and float weights, and the int8 ones."""
+    with phases("source weights", str(folder)):
+        hf_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        source = Source(model, folder, hf_config, Qwen2Args.from_config_dict(hf_config), load_weights(folder))
+    with phases("int8 weights", "yes" if cfg["precision"] == "int8" else "not needed"):
+        quantized, label = _int8_weights(cfg, int8_folder, source) if cfg["precision"] == "int8" else ({}, None)
+    return source, quantized, label
+
+
+def load_reference(folder: Path):
+    """The torch fp32 reference a graph is checked against: the deploy package it was built from (its code
+    checked first), or the plain transformers model of a raw checkpoint."""
+    if (folder / "patches.json").is_file():
+        model = load_deploy_package(folder, torch.float32)
+        model.config.insert_slice = False  # the reference scores every position; a sliced graph is walked per step
+        return model
+    return load_model(str(folder), dtype=torch.float32)
+
+
+def _compile_into(tmp: Path, cfg: dict, folder: Path, int8_folder: Path | None, model: str, weights: str,
+                  seed: int, verbose: bool) -> dict:
+    """Build, save, check and verify the graph into ``tmp``; returns the metrics (manifest.json written too)."""
     phases = _Phases(cfg["name"], verbose)
     with phases("config", cfg["_source"] or "dict"):
-        src = cfg["source"]
-        model = model or src["checkpoint"] or src["model"] or "tiny"
-        weights = weights or src["weights"] or "auto"
-        workdir = Path(workdir) if workdir else default_workdir(model)
-        final = Path(out_dir) if out_dir else stage_dir(workdir, "compiled", cfg["name"])
-        check_replaceable(final)  # before any slow work: never replace a folder qwen2lib did not write
-    with phases("source weights", str(model)):
-        folder = _source_folder(cfg, model, weights, seed, workdir)
-        hf_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        args = Qwen2Args.from_config_dict(hf_config)
-        source = Source(str(model), folder, hf_config, args, load_weights(folder))
-    with phases("int8 weights", "yes" if cfg["precision"] == "int8" else "not needed"):
-        quantized, quant_label = ({}, None)
-        int8_folder = _int8_folder(cfg, model, weights, seed, workdir)
-        if cfg["precision"] == "int8":
-            quantized, quant_label = _int8_weights(cfg, int8_folder, source)
+        pass
+    source, quantized, quant_label = _load_source(cfg, folder, int8_folder, model, phases)
     v = cfg["verify"]
-    blocks, text_label = verify_tokens(folder, args.vocab_size, v["blocks"], v["block_tokens"], seed)
-    reference_model = None  # loaded when first needed: at 7B+ the weights, the graph and the reference do not all fit
-    keep, probe = frozenset(), None
+    blocks, text_label = verify_tokens(folder, source.args.vocab_size, v["blocks"], v["block_tokens"], seed)
+    reference_model, keep, probe = None, frozenset(), None  # at 7B+ weights, graph and reference do not all fit
     with phases("fp16 range probe", "yes" if cfg["precision"] == "fp16" else "not needed"):
         if cfg["precision"] == "fp16":
-            reference_model = load_model(str(folder), dtype=torch.float32)
-            ranges = activation_ranges(reference_model, blocks)
-            keep, probe = fp16_plan(ranges, cfg["fp16"]["headroom"], cfg["fp16"]["on_overflow"])
+            reference_model = load_reference(folder)
+            keep, probe = fp16_plan(activation_ranges(reference_model, blocks), cfg["fp16"]["headroom"],
+                                    cfg["fp16"]["on_overflow"])
             if verbose and keep:
                 print(f"[compile {cfg['name']}]     kept in fp32 (fp16 would overflow): {', '.join(sorted(keep))}")
-    plan = _plan(cfg, args, keep)
+    plan = _plan(cfg, source.args, keep, source.config)
     with phases("graph build", f"{plan.operator_set} ops, {cfg['precision']}"):
-        built = build_graph(args, source.weights, plan, quantized)
+        built = build_graph(source.args, source.weights, plan, quantized)
         source.weights.clear()  # the graph holds its own (transposed, cast or packed) copies
-    with atomic_dir(final) as tmp:
-        with phases("save + onnx.checker"):
-            external = {"auto": None, "always": True, "never": False}[cfg["graph"]["external_data"]]
-            files = built.save(tmp, external)
-            import onnx
+    with phases("save + onnx.checker"):
+        external = {"auto": None, "always": True, "never": False}[cfg["graph"]["external_data"]]
+        files = built.save(tmp, external)
+        onnx.checker.check_model(str(tmp / "model.onnx"))
+        histogram, precision = op_histogram(built), built.precision
+        del built
+        for name in ("config.json",) + TOKENIZER_FILES:
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, tmp / name)
+    with phases("verify vs torch", f"{v['prompt_tokens']}-token prompt + {v['decode_steps']} decode steps, "
+                                   f"{v['blocks']}x{v['block_tokens']} tokens of {text_label}"):
+        parity, fid = _verify(tmp, cfg, plan, reference_model or load_reference(folder), blocks, source.config)
+        del reference_model
+    with phases("manifest"):
+        manifest = _manifest(tmp, cfg, plan, source, files, histogram, precision, probe, parity, fid, weights, seed,
+                             quant_label, text_label, phases.timings)
+    return {"name": cfg["name"], "model": model, "weights": weights, "seed": seed, "precision": cfg["precision"],
+            "operator_set": plan.operator_set, "source": str(folder), "int8_package": str(int8_folder or ""),
+            "graph_bytes": sum(f["bytes"] for n, f in manifest["files"].items() if n.startswith("model.onnx")),
+            "last_position_logits": plan.last_position_logits,
+            "parity": parity, "fidelity": fid, "kept_in_fp32": sorted(keep)}
 
-            onnx.checker.check_model(str(tmp / "model.onnx"))
-            histogram = op_histogram(built)
-            signature = io_signature(tmp / "model.onnx")
-            precision = built.precision
-            del built
-            for name in ("config.json",) + TOKENIZER_FILES:
-                if (folder / name).is_file():
-                    shutil.copy2(folder / name, tmp / name)
-        with phases("verify vs torch", f"{v['prompt_tokens']}-token prompt + {v['decode_steps']} decode steps, "
-                                       f"{v['blocks']}x{v['block_tokens']} tokens of {text_label}"):
-            if reference_model is None:
-                reference_model = load_model(str(folder), dtype=torch.float32)
-            reference = reference_logits_fn(reference_model)
-            lm = OnnxCausalLM.load(tmp, manifest={"config": cfg, "max_sequence_length": plan.max_sequence_length,
-                                                  "operator_set": plan.operator_set})
-            prompt = blocks.flatten()[: v["prompt_tokens"]][None]
-            parity = decode_parity(reference, lm, prompt, v["decode_steps"])
-            fid = fidelity(reference, lm, blocks)
-            random_weights = bool(hf_config.get("qwen2lib_random_weights"))
-            failures = check_bounds(cfg, parity, fid, random_weights)
-            if random_weights:
-                fid["note"] = "random weights: top-1 agreement reported, not bounded (near-flat logits)"
-            del lm, reference, reference_model
-            if failures:
-                raise CompileVerificationError(f"{cfg['name']}: the compiled graph misses its bounds: "
-                                               + "; ".join(failures) + " (nothing installed)")
-        with phases("manifest"):
-            manifest = {
-                "format": MANIFEST_FORMAT,
-                "name": cfg["name"],
-                "config": cfg,
-                "request": _request(cfg, str(model), weights, seed, folder, int8_folder),
-                "source": {"model": str(model), "weights": weights, "seed": seed, "folder": str(folder),
-                           "int8_weights": quant_label, "random_weights": random_weights},
-                "model_config": {k: hf_config.get(k) for k in ("vocab_size", "hidden_size", "intermediate_size",
-                                                               "num_hidden_layers", "num_attention_heads",
-                                                               "num_key_value_heads", "tie_word_embeddings",
-                                                               "max_position_embeddings", "rms_norm_eps")},
-                "graph": {"file": "model.onnx", "external_data": "model.onnx.data" if len(files) > 1 else None,
-                          "opset": cfg["graph"]["opset"],
-                          "opset_imports": {(o.domain or "ai.onnx"): o.version for o in _opsets(tmp)},
-                          "nodes": sum(histogram.values())},
-                "operator_set": plan.operator_set,
-                "max_sequence_length": plan.max_sequence_length,
-                "last_position_logits": plan.last_position_logits,
-                "kv_cache": {"layout": "BNSH", "shape": ["batch", args.num_key_value_heads, "sequence",
-                                                         args.head_dim], "dtype": plan.kv_dtype,
-                             "num_layers": args.num_hidden_layers},
-                **signature,
-                "precision": precision,
-                "op_histogram": dict(histogram.most_common()),
-                "fp16_probe": probe,
-                "verify_text": text_label,
-                "parity": parity,
-                "fidelity": fid,
-                "limits": _limits(plan),
-                "timings_s": phases.timings,
-                "versions": _versions(),
-            }
-            manifest["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
-                                 for p in sorted(tmp.iterdir()) if p.is_file()}
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
-            write_metrics(tmp, {"name": cfg["name"], "model": str(model), "weights": weights, "seed": seed,
-                                "precision": cfg["precision"], "operator_set": plan.operator_set,
-                                "graph_bytes": sum(f["bytes"] for n, f in manifest["files"].items()
-                                                   if n.startswith("model.onnx")),
-                                "parity": parity, "fidelity": fid, "kept_in_fp32": sorted(keep)})
-    if verbose:
-        print(f"[compile {cfg['name']}] wrote {final}", flush=True)
-    return final
+
+def _verify(tmp: Path, cfg: dict, plan: GraphPlan, reference_model, blocks: torch.Tensor, hf_config: dict):
+    """Parity over a prompt + cached decode steps and the fidelity report; raises when a bound is missed."""
+    v = cfg["verify"]
+    reference = reference_logits_fn(reference_model)
+    lm = OnnxCausalLM.load(tmp, manifest={"config": cfg, "max_sequence_length": plan.max_sequence_length,
+                                          "operator_set": plan.operator_set})
+    prompt = blocks.flatten()[: v["prompt_tokens"]][None]
+    parity = decode_parity(reference, lm, prompt, v["decode_steps"])
+    fid = fidelity(reference, lm, blocks)  # a last-position graph is walked token by token through its cache
+    random_weights = bool(hf_config.get("qwen2lib_random_weights"))
+    failures = check_bounds(cfg, parity, fid, random_weights)
+    if random_weights:
+        fid["note"] = "random weights: top-1 agreement reported, not bounded (near-flat logits)"
+    if failures:
+        raise CompileVerificationError(f"{cfg['name']}: the compiled graph misses its bounds: " + "; ".join(failures)
+                                       + " (nothing installed)")
+    return parity, fid
+
+
+def _manifest(tmp, cfg, plan, source, files, histogram, precision, probe, parity, fid, weights, seed,
+              quant_label, text_label, timings) -> dict:
+    args, hf_config = source.args, source.config
+    manifest = {
+        "format": MANIFEST_FORMAT, "name": cfg["name"], "config": cfg,
+        "source": {"model": source.model_id, "weights": weights, "seed": seed, "folder": str(source.folder),
+                   "int8_weights": quant_label, "random_weights": bool(hf_config.get("qwen2lib_random_weights"))},
+        "model_config": {k: hf_config.get(k) for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                       "num_hidden_layers", "num_attention_heads",
+                                                       "num_key_value_heads", "tie_word_embeddings",
+                                                       "max_position_embeddings", "rms_norm_eps", "insert_slice")},
+        "graph": {"file": "model.onnx", "external_data": "model.onnx.data" if len(files) > 1 else None,
+                  "opset": cfg["graph"]["opset"],
+                  "opset_imports": {(o.domain or "ai.onnx"): o.version for o in _opsets(tmp)},
+                  "nodes": sum(histogram.values())},
+        "operator_set": plan.operator_set, "max_sequence_length": plan.max_sequence_length,
+        "last_position_logits": plan.last_position_logits,
+        "kv_cache": {"layout": "BNSH", "shape": ["batch", args.num_key_value_heads, "sequence", args.head_dim],
+                     "dtype": plan.kv_dtype, "num_layers": args.num_hidden_layers},
+        **io_signature(tmp / "model.onnx"),
+        "precision": precision, "op_histogram": dict(histogram.most_common()), "fp16_probe": probe,
+        "verify_text": text_label, "parity": parity, "fidelity": fid, "limits": _limits(plan),
+        "timings_s": timings, "versions": _versions(),
+    }
+    manifest["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
+                         for p in sorted(tmp.iterdir()) if p.is_file() and p.name != "metrics.json"}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
+    return manifest
 
 
 def _opsets(folder: Path):
-    import onnx
-
     return onnx.load(str(folder / "model.onnx"), load_external_data=False).opset_import
 
 
@@ -543,12 +542,6 @@ def _limits(plan: GraphPlan) -> list[str]:
 
 
 def _versions() -> dict:
-    import onnx
-    import onnxruntime
-    import transformers
-
-    from . import __version__
-
     return {"qwen2lib": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "torch": torch.__version__, "transformers": transformers.__version__}
 
@@ -563,31 +556,15 @@ def read_manifest(folder: str | os.PathLike) -> dict:
 def ensure_compiled(model: str = "tiny", weights: str = "auto", workdir: str | os.PathLike | None = None, *,
                     config: str | os.PathLike | dict = "qwen2_fp32", seed: int = 0, overrides: dict | None = None,
                     verbose: bool = True) -> Path:
-    """``<workdir>/compiled/<config name>/`` when its manifest matches this request (model, weights,
-    seed, checkpoint fingerprint, full config) and its files are whole; otherwise compile it."""
-    cfg = load_config(config if isinstance(config, dict) else config_path(config), overrides)
-    workdir = Path(workdir) if workdir else default_workdir(model)
-    final = stage_dir(workdir, "compiled", cfg["name"])
-    # the checkpoint as it resolves now (fails early, with the loader's message, when there are no weights)
-    folder = _source_folder(cfg, model, weights, seed, workdir)
-    if (final / "manifest.json").is_file():
-        manifest = read_manifest(final)
-        whole = all((final / n).is_file() and (final / n).stat().st_size == f["bytes"]
-                    for n, f in manifest.get("files", {}).items())
-        int8_folder = _int8_folder(cfg, model, weights, seed, workdir)
-        wanted = json.loads(json.dumps(_request(cfg, str(model), weights, seed, folder, int8_folder), default=str))
-        if whole and manifest.get("request") == wanted:
-            if verbose:
-                print(f"[compile {cfg['name']}] reusing {final} (same model, weights, seed, checkpoint and config)")
-            return final
-    return compile_model(cfg, model, weights, workdir, seed=seed, overrides=None, verbose=verbose)
+    """``<workdir>/compiled/<config name>/``, reused when built from the same packages, config and code,
+    else compiled (``qwen2lib.stages`` says why)."""
+    return compile_model(config, model, weights, workdir, seed=seed, overrides=overrides, verbose=verbose,
+                         force=False)
 
 
 # ---- command line --------------------------------------------------------------------------------
 
 def _parse_set(items: list[str]) -> dict:
-    import yaml
-
     out = {}
     for item in items or []:
         if "=" not in item:

@@ -54,8 +54,9 @@ SCHEMA: dict[str, Any] = {
         "model": _f((str, NONE), None, "registry name, hub id or checkpoint folder; null: the caller's --model"),
         "weights": _f((str, NONE), None, "auto | random; null: the caller's --weights", choices=("auto", "random", None)),
         "checkpoint": _f((str, NONE), None, "a checkpoint folder to compile (overrides model)", file=True),
-        "package": _f(str, "checkpoint", "checkpoint: the model's weights | patched: notebook 01's deploy package",
-                      choices=("checkpoint", "patched")),
+        "package": _f(str, "patched", "patched: notebook 01's deploy package (int8: notebook 03's quantized "
+                      "package of it) | checkpoint: the raw checkpoint (int8 rounded here by qwen2lib.int8)",
+                      choices=("patched", "checkpoint")),
     },
     "precision": _f(str, "fp32", "fp32 | fp16 | int8: how the graph stores its weights and computes",
                     choices=("fp32", "fp16", "int8")),
@@ -74,9 +75,9 @@ SCHEMA: dict[str, Any] = {
                                     "gate_up_proj, down_proj"),
         "modules": _f(list, ["embed_tokens", "attention", "mlp", "lm_head"],
                       "weight groups stored as int8: embed_tokens, attention, mlp, lm_head"),
-        "reuse": _f(str, "auto", "notebook03: weights and scales from <workdir>/quantized (built if missing) | "
-                    "auto: those when present, else quantize here | none: quantize here",
-                    choices=("auto", "notebook03", "none")),
+        "from_scheme": _f(str, "w8a16", "which of notebook 03's quantized packages (<workdir>/quantized/<scheme>, "
+                          "built if missing) the int8 weights and scales come from",
+                          choices=("w8a16", "smoothquant")),
         "package": _f((str, NONE), None, "a quantized package folder to take int8 weights and scales from", file=True),
     },
     "graph": {
@@ -92,8 +93,9 @@ SCHEMA: dict[str, Any] = {
             "past_sequence": _f((str, int), "dynamic", "'dynamic' or a fixed size (cached tokens)"),
         },
         "kv_cache_layout": _f(str, "BNSH", "(B, n_kv, T, hd), the layout GroupQueryAttention uses", choices=("BNSH",)),
-        "last_position_logits": _f(bool, False, "logits of the last position only (insert_slice): faster "
-                                   "prefill, but no perplexity/scoring over every position"),
+        "last_position_logits": _f((bool, NONE), None, "logits of the last position only (insert_slice): faster "
+                                   "prefill, but no perplexity/scoring over every position; null: as the "
+                                   "package's config.json says (insert_slice)"),
         "external_data": _f(str, "auto", "auto: weights in model.onnx.data when over 2 GB | always | never",
                             choices=("auto", "always", "never")),
     },

@@ -32,6 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .config_schema import PROJECTIONS
+from .int8 import quantize_per_block, quantize_weight
 from .model import Qwen2Args
 
 FP16_MAX = 65504.0
@@ -179,32 +180,6 @@ class BuiltGraph:
 
 
 # ---- int8 weights for MatMulNBits ---------------------------------------------------------------
-
-def quantize_per_channel_int8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 with one scale per output channel (row of the (N, K) weight).
-
-    scale = max|w_row| / 127, q = round(w / scale) in [-127, 127]; an all-zero row gets scale 1.
-    """
-    w = np.asarray(weight, dtype=np.float32)
-    absmax = np.abs(w).max(axis=1)
-    scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)  # (N,)
-    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
-    return q, scale
-
-
-def quantize_per_block_int8(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 with one scale per (row, block of ``block_size`` input features). scales (N, k_blocks)."""
-    w = np.asarray(weight, dtype=np.float32)
-    N, K = w.shape
-    k_blocks = -(-K // block_size)
-    padded = np.zeros((N, k_blocks * block_size), np.float32)
-    padded[:, :K] = w
-    blocks = padded.reshape(N, k_blocks, block_size)
-    absmax = np.abs(blocks).max(axis=2)
-    scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)  # (N, k_blocks)
-    q = np.clip(np.rint(blocks / scale[..., None]), -127, 127).astype(np.int8).reshape(N, -1)[:, :K]
-    return q, scale
-
 
 def pack_matmul_nbits(q: np.ndarray, scale: np.ndarray, block_size: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """int8 (N, K) + scales (N,) or (N, k_blocks) -> MatMulNBits' B (N, k_blocks, block) uint8 and scales.
@@ -600,9 +575,9 @@ def _int8_rows(plan, weights, quantized, name):
         q, s = quantized[name]
         return np.asarray(q, np.int8), np.asarray(s, np.float32).reshape(len(q), -1)
     if plan.granularity == "per_channel":
-        q, s = quantize_per_channel_int8(weights[name])
+        q, s = quantize_weight(weights[name])
         return q, s[:, None]
-    return quantize_per_block_int8(weights[name], plan.block_size)
+    return quantize_per_block(weights[name], plan.block_size)
 
 
 def _packed(g, plan, names, weights, quantized, dt, node_name=None):

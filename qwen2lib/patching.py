@@ -40,8 +40,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from .artifacts import atomic_dir, read_metrics, stage_dir, write_metrics
+from .artifacts import default_workdir, read_metrics, stage_dir, write_metrics
 from .errors import ModelNotFoundError, Qwen2LibError, WeightsError, WrongModelTypeError
+from .loading import checkpoint_dir
+from .stages import ensure_stage, recorded_request
 
 # The transformers release whose qwen2 source the anchors below were copied from.
 PATCHES_WRITTEN_FOR = "5.24.0"
@@ -986,21 +988,29 @@ def build_deploy_package(
     target: str = "onnx",
     insert_slice: bool = False,
     dual_chunk_attention: bool = False,
+    force: bool = True,
+    verbose: bool = False,
 ) -> Path:
-    """Write a deploy package folder (atomically) and return its path.
+    """Write a deploy package folder (atomically, as the ``patched`` stage) and return its path.
 
     It holds the patched ``modeling_qwen2_<target>.py`` / ``configuration_qwen2_<target>.py``, a
     ``config.json`` whose ``auto_map`` points at them, the tokenizer files (copied), the weights
-    (absolute symlinks into ``checkpoint_dir``), ``patches.json`` and ``metrics.json``. Load it with
-    ``AutoModelForCausalLM.from_pretrained(package, trust_remote_code=True)``.
+    (absolute symlinks into ``checkpoint_dir``), ``patches.json`` and ``metrics.json`` (with the stage
+    record of ``qwen2lib.stages``). Load it with ``load_deploy_package`` (code checked, then
+    ``AutoModelForCausalLM.from_pretrained(package, trust_remote_code=True)``). ``force=False`` reuses a
+    package built from the same checkpoint, settings and patch code.
     """
     checkpoint = Path(checkpoint_dir)
     out = Path(out_dir)
     checkpoint_config = read_checkpoint_config(checkpoint)
     weight_files = weight_files_of(checkpoint)
     check_not_inside(out, checkpoint)
-    sources = patched_sources(target, dual_chunk_attention=dual_chunk_attention)
-    with atomic_dir(out) as package:
+    check_target(target)
+    request = {"target": target, "insert_slice": bool(insert_slice), "dual_chunk_attention": dual_chunk_attention,
+               "transformers_version": installed_transformers_version()}
+
+    def build(package: Path) -> dict:
+        sources = patched_sources(target, dual_chunk_attention=dual_chunk_attention)
         (package / sources.modeling_filename).write_text(sources.modeling, encoding="utf-8")
         (package / sources.configuration_filename).write_text(sources.configuration, encoding="utf-8")
         write_json(package / "config.json", package_config(checkpoint_config, target, insert_slice))
@@ -1010,8 +1020,33 @@ def build_deploy_package(
         write_json(package / "patches.json", summary)
         metrics = build_metrics(checkpoint, summary, target, insert_slice, tokenizer_files, linked)
         metrics["generated_code"] = verify_package_code(package)
-        write_metrics(package, metrics)
-    return out
+        return metrics
+
+    return ensure_stage("patched", out, request, {"checkpoint": checkpoint}, build, force=force, verbose=verbose)
+
+
+def ensure_patched(
+    model: str = "tiny",
+    weights: str = "auto",
+    workdir: str | os.PathLike | None = None,
+    *,
+    seed: int = 0,
+    target: str = "onnx",
+    insert_slice: bool | None = None,
+    verbose: bool = True,
+) -> Path:
+    """The deploy package in ``<workdir>/patched/``, reused when built from this checkpoint with these settings
+    and this checkout's patches, else (re)built (``qwen2lib.stages`` says why).
+
+    Later stages call this so they run without notebook 01 having run first. ``insert_slice=None`` keeps
+    whatever an existing package has (False for a new one). No proof is run here: see ``prove_package``.
+    """
+    package = stage_dir(workdir or default_workdir(model), "patched")
+    checkpoint = Path(checkpoint_dir(model, weights, seed))
+    if insert_slice is None:
+        insert_slice = bool((recorded_request(package) or {}).get("insert_slice", False))
+    return build_deploy_package(checkpoint, package, target=target, insert_slice=insert_slice, force=False,
+                                verbose=verbose)
 
 
 class PackageCodeError(Qwen2LibError, RuntimeError):
@@ -1066,49 +1101,6 @@ def verify_package_code(package: str | os.PathLike, extra: dict[str, str] | None
     if missing:
         raise PackageCodeError(f"{package} lacks the module(s) its auto_map names ({', '.join(missing)}): rebuild it")
     return code_digests(expected)
-
-
-def package_is_current(package: Path, checkpoint: Path, target: str, insert_slice: bool | None) -> bool:
-    """Whether ``package`` was built from ``checkpoint`` by this transformers with these settings."""
-    if not (package / "config.json").is_file() or not (package / "metrics.json").is_file():
-        return False
-    metrics = read_metrics(package)
-    config = json.loads((package / "config.json").read_text(encoding="utf-8"))
-    try:
-        code_is_current = metrics.get("generated_code") == code_digests(expected_package_code(package))
-    except PackageCodeError:
-        return False
-    return (
-        code_is_current
-        and metrics.get("checkpoint") == str(checkpoint.resolve())
-        and metrics.get("transformers_version") == installed_transformers_version()
-        and metrics.get("target") == target
-        and (insert_slice is None or config.get("insert_slice") == insert_slice)
-    )
-
-
-def ensure_patched(
-    model: str = "tiny",
-    weights: str = "auto",
-    workdir: str | os.PathLike | None = None,
-    *,
-    seed: int = 0,
-    target: str = "onnx",
-    insert_slice: bool | None = None,
-) -> Path:
-    """The deploy package in ``<workdir>/patched/``, (re)built from the model's checkpoint when missing or stale.
-
-    Later stages call this so they run without notebook 01 having run first. ``insert_slice=None`` keeps
-    whatever an existing package has (False for a new one). No proof is run here: see ``prove_package``.
-    """
-    from .artifacts import default_workdir
-    from .loading import checkpoint_dir
-
-    package = stage_dir(workdir or default_workdir(model), "patched")
-    checkpoint = Path(checkpoint_dir(model, weights, seed))
-    if package_is_current(package, checkpoint, target, insert_slice):
-        return package
-    return build_deploy_package(checkpoint, package, target=target, insert_slice=bool(insert_slice))
 
 
 def build_metrics(checkpoint: Path, summary: dict, target: str, insert_slice: bool,

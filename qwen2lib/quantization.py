@@ -27,11 +27,11 @@ about the (to it) unknown ``quant_method`` silenced.
 """
 from __future__ import annotations
 
-import copy
 import fnmatch
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -40,9 +40,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .artifacts import MARKER
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from .artifacts import MARKER, default_workdir, read_metrics, stage_dir
+from .calibration import describe as describe_calibration, ensure_calibration, load_stats
 from .errors import Qwen2LibError
-from .patching import load_deploy_package, package_auto_map, package_target, verify_package_code
+from .int8 import dequantize_weight, quantize_per_token, quantize_weight
+from .fidelity import fidelity_report, fidelity_table, heldout_blocks as make_heldout_blocks, per_layer_sqnr
+from .patching import (ensure_patched, load_deploy_package, package_auto_map, package_target,
+                       verify_package_code)
+from .stages import ensure_stage, recorded_request
 
 SCHEMES = ("w8a16", "smoothquant")
 QUANT_METHOD = "qwen2lib-int8"
@@ -62,28 +71,6 @@ class QuantizationError(Qwen2LibError, ValueError):
 
 
 # ---- int8 weights ------------------------------------------------------------------------------
-
-
-def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8: (N, K) float -> (int8 (N, K), fp32 scale (N,)).
-
-    scale_n = max_k |W_nk| / 127, so every row uses the full [-127, 127] range and the rounding error
-    of each weight is at most scale_n / 2. -128 is never produced: the range stays symmetric.
-    """
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (N,): an all-zero row keeps a finite scale
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
-
-
-def dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale.float()[:, None]  # (N, K)
-
-
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic symmetric int8 per row: (M, K) -> (int8 (M, K), fp32 scale (M, 1))."""
-    scale = x.detach().float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127
-    return torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8), scale
 
 
 def int8_matmul(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
@@ -261,8 +248,6 @@ def quantize_model(model, scheme: str = "w8a16", *, stats: Mapping[str, torch.Te
                 "`qwen2lib calibrate`, notebook 02) or the dict of tensors it saved"
             )
         if not isinstance(stats, Mapping):
-            from .calibration import load_stats
-
             stats = load_stats(stats)
         smooth_model(model, stats, alpha)
         int8_activations = {n for n in smoothed_linear_names(model) if not is_skipped(n, skip)}
@@ -362,8 +347,6 @@ def verify_quantized_code(package: str | os.PathLike) -> dict[str, str]:
 
 def save_quantized(model, deploy_package: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write the quantized package into ``out_dir`` (created if missing; use an empty folder): see the module doc."""
-    from safetensors.torch import save_file
-
     src, out = Path(deploy_package), Path(out_dir)
     config = getattr(model.config, "quantization_config", None)
     if not config or config.get("quant_method") != QUANT_METHOD:
@@ -391,9 +374,6 @@ def save_quantized(model, deploy_package: str | os.PathLike, out_dir: str | os.P
 
 def load_quantized(package_dir: str | os.PathLike, **kwargs):
     """The int8 model of a quantized package (eval mode); transformers' unknown-quant_method warning silenced."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
     verify_quantized_code(package_dir)
     quantizers_logger = hf_logging.get_logger("transformers.quantizers.auto")
     level = quantizers_logger.level
@@ -510,90 +490,115 @@ def logits_fn(model):
     return run
 
 
-def request_of(model: str, weights: str, seed: int, scheme: str, alpha: float, skip, heldout_blocks: int,
-               heldout_len: int, calibration: Mapping | None) -> dict:
-    return {"model": str(model), "weights": weights, "seed": seed, "scheme": scheme,
-            "alpha": alpha if scheme == "smoothquant" else None, "skip": list(skip),
-            "heldout_blocks": heldout_blocks, "heldout_len": heldout_len,
-            "calibration": dict(calibration) if scheme == "smoothquant" else None}
+def check_request(scheme: str, alpha: float) -> None:
+    """Refuse a bad scheme or alpha before any stage is built."""
+    if scheme not in SCHEMES:
+        raise QuantizationError(f"scheme={scheme!r}: choose one of {', '.join(SCHEMES)}")
+    if not 0 <= alpha <= 1:
+        raise QuantizationError(f"alpha={alpha}: the migration strength must lie in [0, 1] (SmoothQuant uses 0.5)")
+
+
+def calibration_to_use(workdir: Path, out: Path, calibration: Mapping | None) -> dict:
+    """What to ask the calibration stage for: the settings given; none given: 02's statistics as they are,
+    or, when calibration/ was deleted, the request this package was last built with."""
+    if calibration:
+        return dict(calibration)
+    if (stage_dir(workdir, "calibration") / "metrics.json").is_file():
+        return {}
+    previous = (recorded_request(out) or {}).get("calibration") or {}
+    return {k: previous[k] for k in ("dataset", "data_path", "samples", "seq_len", "percentile", "batch_size")
+            if k in previous}
 
 
 def ensure_quantized(model: str = "tiny", weights: str = "auto", workdir: str | os.PathLike | None = None, *,
                      scheme: str = "w8a16", alpha: float = 0.5, seed: int = 0, skip: Iterable[str] = DEFAULT_SKIP,
                      heldout_blocks: int = 4, heldout_len: int = 64, calibration: Mapping | None = None,
-                     force: bool = False) -> Path:
-    """``<workdir>/quantized/<scheme>/``: the quantized package plus a metrics.json holding the fidelity
-    report vs the fp32 deploy package on held-out blocks, per-layer SQNR and the sizes; reused when its
-    request matches. Builds the deploy package (and, for smoothquant, the calibration) when missing.
+                     force: bool = False, verbose: bool = True) -> Path:
+    """``<workdir>/quantized/<scheme>/``: the deploy package's own ``quantize()`` run with notebook 02's
+    statistics, saved as a quantized package, with a metrics.json holding the fidelity report vs the fp32
+    deploy package on held-out blocks, per-layer SQNR, the sizes and the activation outliers the statistics
+    show. Reused when nothing it depends on changed (``qwen2lib.stages``).
 
-    ``calibration``: keyword arguments for ``qwen2lib.calibration.ensure_calibration`` (dataset, samples, ...).
+    ``calibration``: settings for ``ensure_calibration`` (dataset, data_path, samples, ...); None uses the
+    existing calibration as it is.
     """
-    from .artifacts import atomic_dir, default_workdir, read_metrics, stage_dir, write_metrics
-    from .fidelity import fidelity_report, heldout_blocks as make_heldout_blocks, per_layer_sqnr
-    from .patching import ensure_patched
-
-    if scheme not in SCHEMES:
-        raise QuantizationError(f"scheme={scheme!r}: choose one of {', '.join(SCHEMES)}")
+    check_request(scheme, alpha)
+    skip = tuple(skip)
     workdir = Path(workdir) if workdir else default_workdir(model)
-    calibration = dict(calibration or {})
-    request = request_of(model, weights, seed, scheme, alpha, skip, heldout_blocks, heldout_len, calibration)
     out = stage_dir(workdir, "quantized", scheme)
-    package = ensure_patched(model, weights, workdir, seed=seed)
-    request["checkpoint"] = read_metrics(package).get("checkpoint")
-    if not force and (out / "metrics.json").is_file() and read_metrics(out).get("request") == request:
-        return out
+    package = ensure_patched(model, weights, workdir, seed=seed, verbose=verbose)
+    calibration_dir = ensure_calibration(model, weights, workdir, seed=seed, verbose=verbose,
+                                         **calibration_to_use(workdir, out, calibration))
+    if verbose:
+        print(f"[quantized] {describe_calibration(calibration_dir)}", file=sys.stderr, flush=True)
+    request = {"scheme": scheme, "alpha": alpha if scheme == "smoothquant" else None, "skip": list(skip),
+               "heldout_blocks": heldout_blocks, "heldout_len": heldout_len, "seed": seed,
+               "calibration": recorded_request(calibration_dir)}
 
-    from transformers import AutoTokenizer
-
-    reference = load_deploy_package(package, torch.float32)
-    candidate = copy.deepcopy(reference)
-    stats, calibration_dir = None, None
-    if scheme == "smoothquant":
-        from .calibration import ensure_calibration, load_stats
-
-        calibration_dir = ensure_calibration(model, weights, workdir, seed=seed, **calibration)
+    def build(tmp: Path) -> dict:
+        reference = load_deploy_package(package, torch.float32)
+        candidate = load_deploy_package(package, torch.float32)
         stats = load_stats(calibration_dir)
-    started = time.perf_counter()
-    quantize_model(candidate, scheme, stats=stats, alpha=alpha, skip=skip)
-    quantize_s = time.perf_counter() - started
-    tokenizer = AutoTokenizer.from_pretrained(str(package))
-    blocks = make_heldout_blocks(tokenizer, heldout_blocks, heldout_len, seed=seed)
-    report = fidelity_report(logits_fn(reference), logits_fn(candidate), blocks, batch_size=1)
-    sqnr = per_layer_sqnr(reference, candidate, blocks[:1])
-    with atomic_dir(out) as tmp:
+        started = time.perf_counter()
+        candidate.quantize(scheme, stats=stats, alpha=alpha, skip=skip)  # the package's entry point
+        quantize_s = time.perf_counter() - started
+        blocks = make_heldout_blocks(AutoTokenizer.from_pretrained(str(package)), heldout_blocks, heldout_len, seed=seed)
+        report = fidelity_report(logits_fn(reference), logits_fn(candidate), blocks, batch_size=1)
+        sqnr = per_layer_sqnr(reference, candidate, blocks[:1])
         save_quantized(candidate, package, tmp)
         sizes = {label: {"disk_bytes": disk_bytes(folder), "memory_bytes": memory_bytes(m), "linear_bytes": linear_bytes(m)}
                  for label, folder, m in (("fp32", package, reference), (scheme, tmp, candidate))}
         # the reference runs in fp32, but its bytes on disk are the checkpoint as shipped (often bf16)
         package_config = json.loads((package / "config.json").read_text(encoding="utf-8"))
         sizes["fp32"]["disk_dtype"] = package_config.get("dtype") or package_config.get("torch_dtype")
-        write_metrics(tmp, {
-            "request": request,
-            "generated_code": verify_quantized_code(tmp),
-            "scheme": scheme,
-            "deploy_package": str(package),
-            "calibration": str(calibration_dir) if calibration_dir else None,
+        return {
+            "request": request, "generated_code": verify_quantized_code(tmp), "scheme": scheme,
+            "deploy_package": str(package), "calibration": str(calibration_dir),
+            "calibration_data": read_metrics(calibration_dir)["dataset"],
             "quantization_config": candidate.config.quantization_config,
-            "fidelity": report,
-            "sqnr_db": sqnr,
-            "sizes": sizes,
-            "quantize_s": quantize_s,
+            "activation_outliers": activation_outliers(stats),
+            "fidelity": report, "sqnr_db": sqnr, "sizes": sizes, "quantize_s": quantize_s,
             "heldout": {"blocks": heldout_blocks, "tokens_per_block": heldout_len,
                         "text": "stdlib held-out files (qwen2lib.corpus), never trained on"},
-        })
-    return out
+        }
+
+    return ensure_stage("quantized", out, request, {"patched": package, "calibration": calibration_dir}, build,
+                        force=force, verbose=verbose)
+
+
+# The graph's projections and the Linear whose input each one reads (q|k|v share one input, gate|up another).
+PROJECTION_INPUTS = {"qkv_proj": "self_attn.q_proj", "o_proj": "self_attn.o_proj", "gate_up_proj": "mlp.gate_proj",
+                     "down_proj": "mlp.down_proj"}
+# An input whose largest channel is this many times its median channel is one that a single activation
+# scale per call would clip: the int8 graph keeps such projections' activations per block.
+OUTLIER_RATIO_FOR_PER_BLOCK = 20.0
+
+
+def activation_outliers(stats: Mapping[str, torch.Tensor]) -> dict:
+    """Per graph projection: the largest (max / median channel absmax) over layers of its input, and the
+    decision it implies for the int8 graph (``per_block_projections`` of ``qwen2_int8.yaml``'s ``auto``)."""
+    ratios = {}
+    for projection, linear in PROJECTION_INPUTS.items():
+        worst, i = 0.0, 0
+        while f"model.layers.{i}.{linear}.absmax" in stats:
+            a = stats[f"model.layers.{i}.{linear}.absmax"].float()
+            median = float(a.median())
+            worst = max(worst, float(a.max()) / median if median > 0 else float("inf"))
+            i += 1
+        ratios[projection] = worst
+    return {"max_over_median": ratios, "threshold": OUTLIER_RATIO_FOR_PER_BLOCK,
+            "per_block_projections": [p for p, r in ratios.items() if r >= OUTLIER_RATIO_FOR_PER_BLOCK]}
 
 
 # ---- command line -------------------------------------------------------------------------------
 
 
 def cmd_quantize(args) -> int:
-    from .artifacts import read_metrics
     from .cli import workdir_of
-    from .fidelity import fidelity_table
 
-    calibration = {"dataset": args.dataset, "data_path": args.data_path, "samples": args.samples,
-                   "seq_len": args.seq_len} if args.scheme == "smoothquant" else None
+    check_request(args.scheme, args.alpha)
+    calibration = {k: v for k, v in (("dataset", args.dataset), ("data_path", args.data_path),
+                                     ("samples", args.samples), ("seq_len", args.seq_len)) if v is not None}
     out = ensure_quantized(args.model, args.weights, workdir_of(args), scheme=args.scheme, alpha=args.alpha,
                            seed=args.seed, skip=tuple(args.skip), heldout_blocks=args.heldout_blocks,
                            heldout_len=args.heldout_len, calibration=calibration, force=args.force)
@@ -605,7 +610,7 @@ def cmd_quantize(args) -> int:
 
 
 def register_cli(sub) -> None:
-    from .calibration import add_calibration_set_args
+    from .calibration import add_calibration_set_args  # noqa: the CLI helpers live with their stage
     from .cli import add_model_args
 
     p = sub.add_parser("quantize", help="int8 weights (w8a16) or SmoothQuant W8A8 for the deploy package, with a fidelity report")
@@ -613,7 +618,7 @@ def register_cli(sub) -> None:
     p.add_argument("--scheme", default="w8a16", choices=SCHEMES)
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength in [0, 1]")
     p.add_argument("--skip", nargs="*", default=list(DEFAULT_SKIP), help="Linear names/patterns kept in float")
-    add_calibration_set_args(p, "smoothquant: ")
+    add_calibration_set_args(p)
     p.add_argument("--heldout-blocks", type=int, default=4, help="held-out blocks for the fidelity report")
     p.add_argument("--heldout-len", type=int, default=64, help="tokens per held-out block")
     p.add_argument("--force", action="store_true", help="rebuild even when a matching package exists")

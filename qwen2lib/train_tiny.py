@@ -27,6 +27,7 @@ import json
 import math
 import platform
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -251,13 +252,12 @@ def train_slots(body, slot_table: torch.Tensor, train_slot_blocks: torch.Tensor,
         if on_step is not None:
             on_step(step, losses[-1])
         elapsed = time.perf_counter() - start
-        if step == max(10, recipe["steps"] // 10) and elapsed / (step + 1) * recipe["steps"] > 4 * 60 * max_minutes:
-            raise RuntimeError(
-                f"training tiny would take about {elapsed / (step + 1) * recipe['steps'] / 60:.0f} minutes here "
-                f"(sized for {max_minutes:g} on 2 idle cores): this machine is much slower or busier than planned. "
-                "Point QWEN2LIB_CACHE at a folder with a prebuilt tiny model, retry when the machine is idle, "
-                "or use model='tiny-random'"
-            )
+        if step == max(10, recipe["steps"] // 10) and elapsed / (step + 1) * recipe["steps"] > 60 * max_minutes:
+            # a busy machine only makes it slower: say how long, never give up (the steps, not the clock, end it)
+            left = elapsed / (step + 1) * (recipe["steps"] - step - 1) / 60
+            print(f"[qwen2lib] training tiny: about {left:.0f} more minutes at this machine's current speed "
+                  f"(sized for {max_minutes:g} on 2 idle cores); it runs once, then the cache serves it",
+                  file=sys.stderr, flush=True)
     body.eval()
     return {"losses": losses, "tokens_seen": tokens_seen, "train_seconds": time.perf_counter() - start,
             "matmul_dtype": "bfloat16" if isinstance(autocast, torch.autocast) else "float32"}
@@ -267,8 +267,8 @@ def train_tiny(out_dir: Path, *, seed: int = 0, max_minutes: float = 7.0, progre
     """Train, save a transformers checkpoint + tokenizer + ``model_card.json`` into ``out_dir``; return the card.
 
     ``overrides`` change the recipe (``RECIPE``'s keys; tests use a few steps on a few files).
-    ``max_minutes`` is what the recipe is sized for on 2 idle cores; training stops with an error
-    only when, a tenth of the way in, it projects to more than four times that.
+    ``max_minutes`` is what the recipe is sized for on 2 idle cores; when, a tenth of the way in, it projects
+    to more, the time left is printed (a busy machine is slower, never a failure).
     """
     import tokenizers
     import transformers

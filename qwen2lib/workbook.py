@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from .tiny import tiny_dir
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 KERNEL = "python3"  # ipykernel's own spec: the interpreter of the environment running papermill
@@ -60,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         print("no notebooks matched", file=sys.stderr)
         return 2
+    if str(parameters.get("model", "tiny")) == "tiny":
+        # the embedded model trains once on first use: do it here, with progress and no cell time limit
+        print("[workbook] the embedded model 'tiny' ...", flush=True)
+        print(f"[workbook] tiny: {tiny_dir(trained=True)}", flush=True)
     for path in paths:
         start = time.perf_counter()
         output = Path(args.output_dir) / path.name

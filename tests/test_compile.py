@@ -15,8 +15,8 @@ from qwen2lib.compile import (CompileVerificationError, activation_ranges, compi
 from qwen2lib.config_schema import ConfigError, describe_schema, load_config
 from qwen2lib.errors import NumericalOverflowError, PromptTooLongError
 from qwen2lib.model import Qwen2Args
-from qwen2lib.onnx_graph import (GraphPlan, build_graph, op_histogram, pack_matmul_nbits, quantize_per_block_int8,
-                                 quantize_per_channel_int8)
+from qwen2lib.int8 import quantize_per_block, quantize_weight
+from qwen2lib.onnx_graph import GraphPlan, build_graph, op_histogram, pack_matmul_nbits
 from qwen2lib.ort_runtime import OnnxCausalLM, check_finite
 
 SHIPPED = ("qwen2_fp32", "qwen2_fp16", "qwen2_int8", "qwen2_fp32_standard")
@@ -148,10 +148,10 @@ def test_base_inheritance_and_overrides():
 def test_per_channel_and_per_block_int8_error_bounds():
     torch.manual_seed(0)
     w = (torch.randn(24, 200) * torch.logspace(-2, 1, 24)[:, None]).numpy()  # rows of very different scale
-    q, s = quantize_per_channel_int8(w)
+    q, s = quantize_weight(w)
     assert q.dtype == np.int8 and s.shape == (24,) and np.abs(q).max() <= 127
     assert np.all(np.abs(q * s[:, None] - w) <= s[:, None] / 2 + 1e-7)  # round-to-nearest: half a step at most
-    qb, sb = quantize_per_block_int8(w, 64)
+    qb, sb = quantize_per_block(w, 64)
     assert sb.shape == (24, 4)
     assert np.all(np.abs(qb * np.repeat(sb, 64, 1)[:, :200] - w) <= np.repeat(sb, 64, 1)[:, :200] / 2 + 1e-7)
     packed, scales = pack_matmul_nbits(q, s, 64, "float32")
@@ -349,7 +349,10 @@ def test_cli_compiles_and_reports_bad_configs_in_one_line(make_checkpoint, tmp_p
 @pytest.mark.parametrize("name", ["qwen2_fp16", "qwen2_int8"])
 def test_fp16_and_int8_graphs_meet_the_shipped_fidelity_bounds(make_checkpoint, tmp_path, name):
     folder = make_checkpoint(num_hidden_layers=3)
-    out = compile_model(config_path(name), model=str(folder), workdir=tmp_path, verbose=False)  # raises if not
+    # int8 from the raw checkpoint (this toy checkpoint has no tokenizer to calibrate with): the shared quantizer
+    overrides = {"source.package": "checkpoint"} if name == "qwen2_int8" else {}
+    out = compile_model(config_path(name), model=str(folder), workdir=tmp_path, verbose=False,
+                        overrides=overrides)  # raises if not
     m = read_manifest(out)
     bounds = load_config(config_path(name))["verify"]
     fid = m["fidelity"]
@@ -384,11 +387,11 @@ def test_int8_graph_reuses_notebook03_weights_and_scales(make_checkpoint, tmp_pa
     tensors = {}
     for name, w in weights.items():
         if name.endswith("_proj.weight"):
-            q, s = quantize_per_channel_int8(w)
+            q, s = quantize_weight(w)
             tensors[name], tensors[name.replace(".weight", ".weight_scale")] = q, s
     save_file(tensors, str(package / "model.safetensors"))
     here = compile_model(config_path("qwen2_int8"), model=str(folder), workdir=tmp_path / "a", verbose=False,
-                         overrides={"quantization.reuse": "none"})
+                         overrides={"source.package": "checkpoint"})
     reused = compile_model(config_path("qwen2_int8"), model=str(folder), workdir=tmp_path / "b", verbose=False,
                            overrides={"quantization.package": str(package)})
     assert "notebook 03 package" in read_manifest(reused)["source"]["int8_weights"]
@@ -457,13 +460,15 @@ def test_a_yaml_names_its_checkpoint_relative_to_itself(make_checkpoint, tmp_pat
     cfg = load_config(path)
     assert cfg["source"]["checkpoint"] == str(folder.resolve())
     out = compile_model(path, workdir=tmp_path / "wd", verbose=False)  # no model argument: the YAML's checkpoint
-    assert read_manifest(out)["source"]["folder"] == str(folder.resolve())
+    assert read_manifest(out)["source"]["model"] == str(folder.resolve())
+    package = Path(read_manifest(out)["source"]["folder"])
+    assert json.loads((package / "metrics.json").read_text())["checkpoint"] == str(folder.resolve())
 
 
 def test_int8_per_tensor_activations_use_dynamic_quantize_matmul(make_checkpoint, tmp_path):
     folder = make_checkpoint(tie_word_embeddings=False)
     out = compile_model(config_path("qwen2_int8"), model=str(folder), workdir=tmp_path, verbose=False,
-                        overrides={"quantization.activations": "int8_per_tensor",
+                        overrides={"quantization.activations": "int8_per_tensor", "source.package": "checkpoint",
                                    "quantization.per_block_projections": []})  # raises if under the bounds
     m = read_manifest(out)
     assert m["op_histogram"]["com.microsoft:DynamicQuantizeMatMul"] == 2 * 4

@@ -12,7 +12,16 @@ import pytest
 
 from qwen2lib.workbook import ROOT, notebook_paths
 
-NOTEBOOK_TIMEOUT_S = 1800  # whole notebook; each cell also has the workbook's own per-cell limit
+NOTEBOOK_TIMEOUT_S = 3600  # whole notebook, generous for a busy machine; each cell also has the workbook's limit
+
+
+@pytest.fixture(scope="module", autouse=True)
+def embedded_model_built():
+    """Build (or find) `tiny` before any notebook runs, with no time limit: on a busy machine its one-time
+    training is slow, and no notebook cell should be what waits for it."""
+    from qwen2lib.tiny import tiny_dir
+
+    tiny_dir(trained=True)
 
 
 @pytest.mark.notebook

@@ -164,17 +164,29 @@ def test_a_tampered_quantized_package_is_refused(package, tmp_path):
     assert not sentinel.exists()
 
 
-def test_cli_quantize_refuses_a_tampered_run_folder(tmp_path, capsys):
+def test_cli_never_runs_a_tampered_run_folder(tmp_path, capsys):
+    from qwen2lib.patching import verify_package_code
+
     workdir = tmp_path / "run"
     assert cli.main(["patch", "--model", "tiny-random", "--workdir", str(workdir), "--no-proof"]) == 0
-    capsys.readouterr()
+    target = workdir / "patched" / "configuration_qwen2_onnx.py"
+    pristine = target.read_bytes()
+    # an appended payload changes the file's size: the stage sees a damaged folder and rebuilds it
     sentinel = tmp_path / "ran"
-    _append_payload(workdir / "patched" / "configuration_qwen2_onnx.py", sentinel)
-    code = cli.main(["quantize", "--model", "tiny-random", "--workdir", str(workdir), "--heldout-blocks", "1",
-                     "--heldout-len", "16"])
+    _append_payload(target, sentinel)
+    assert cli.main(["quantize", "--model", "tiny-random", "--workdir", str(workdir), "--heldout-blocks", "1",
+                     "--heldout-len", "16"]) == 0
+    assert not sentinel.exists() and target.read_bytes() == pristine
+    verify_package_code(workdir / "patched")
+    # an edit of the same size passes the size check: the code check refuses it before any import
+    payload = b"open(%r, 'w')#" % str(sentinel)
+    target.write_bytes(payload + pristine[len(payload):])
+    capsys.readouterr()
+    code = cli.main(["quantize", "--model", "tiny-random", "--workdir", str(workdir), "--scheme", "smoothquant",
+                     "--heldout-blocks", "1", "--heldout-len", "16"])
     err = capsys.readouterr().err.strip().splitlines()
     assert not sentinel.exists()
-    assert code == 2 and len(err) == 1 and "configuration_qwen2_onnx.py differs" in err[0], err
+    assert code == 2 and "configuration_qwen2_onnx.py differs" in err[-1], err
 
 
 # ---- config.json and the weights must belong together -----------------------------------------------

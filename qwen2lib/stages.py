@@ -1,0 +1,172 @@
+"""The stage graph and its one reuse rule.
+
+    checkpoint -> patched -> calibration -> quantized/<scheme> -> compiled/<config> -> inference
+
+Each stage folder under the run's ``workdir`` is built by ``ensure_stage`` and carries, in its
+``metrics.json``, a ``stage`` record:
+
+    key        the request (the stage's own settings), the identity of every input artefact, and a hash of
+               each source file that builds the stage
+    identity   a fingerprint of this folder's key and contents: the next stage's input identity
+    inputs     {input name: {"path", "identity"}}, so any figure traces back to the checkpoint and the code
+    files      {file: bytes}, to tell a whole folder from a damaged one
+
+A folder is reused only when its key equals the key asked for now; otherwise it is rebuilt and one line
+says why (``patched: rebuilding, code changed: patching.py``). A change upstream changes that stage's
+identity, so everything after it rebuilds too. ``ensure`` is the one entry point by stage name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Mapping
+
+from .artifacts import atomic_dir, read_metrics, write_metrics
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+GRAPH = ("checkpoint", "patched", "calibration", "quantized", "compiled", "inference")
+# The source files that build each stage; editing any of them rebuilds that stage and what follows it.
+STAGE_CODE = {
+    "patched": ("patching.py",),
+    "calibration": ("calibration.py", "data.py"),
+    "quantized": ("quantization.py", "int8.py", "fidelity.py", "corpus.py"),
+    "compiled": ("compile.py", "onnx_graph.py", "int8.py", "config_schema.py", "ort_runtime.py", "rope.py",
+                 "model.py", "fidelity.py", "corpus.py"),
+}
+SMALL_FILE = 1 << 24  # files up to this size are hashed into the identity; larger ones by name and size
+
+
+def code_digest(stage: str) -> dict[str, str]:
+    """{source file: sha256 prefix} of the files that build ``stage``."""
+    return {name: hashlib.sha256((PACKAGE_DIR / name).read_bytes()).hexdigest()[:16] for name in STAGE_CODE[stage]}
+
+
+def checkpoint_identity(folder: str | os.PathLike) -> str:
+    """A checkpoint's fingerprint: config.json's bytes and each weight file's name, size and mtime."""
+    folder = Path(folder)
+    h = hashlib.sha256((folder / "config.json").read_bytes() if (folder / "config.json").is_file() else b"")
+    for f in sorted(folder.glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return "ckpt-" + h.hexdigest()[:16]
+
+
+def identity(folder: str | os.PathLike) -> str:
+    """The identity of an artefact: a stage folder's recorded one, else (a checkpoint, a folder given by
+    path) its checkpoint fingerprint."""
+    folder = Path(folder)
+    try:
+        record = read_metrics(folder).get("stage") or {}
+    except (FileNotFoundError, ValueError):
+        record = {}
+    return record.get("identity") or checkpoint_identity(folder)
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(folder.iterdir())
+            if p.is_file() and p.name != "metrics.json"}
+
+
+def _fingerprint(key: dict, folder: Path) -> str:
+    h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode())
+    for name, size in _files(folder).items():
+        h.update(f"{name}:{size}".encode())
+        path = folder / name
+        if size <= SMALL_FILE and not path.is_symlink():
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def _normal(data):
+    """JSON round trip: the form a key has once read back from metrics.json."""
+    return json.loads(json.dumps(data, sort_keys=True, default=str))
+
+
+def stage_key(stage: str, request: Mapping, inputs: Mapping[str, str | os.PathLike]) -> dict:
+    return _normal({"request": dict(request), "inputs": {n: identity(p) for n, p in inputs.items()},
+                    "code": code_digest(stage)})
+
+
+def why_rebuild(old: dict | None, new: dict) -> str | None:
+    """One line saying what differs between the key a folder was built with and the key asked for now."""
+    if not old:
+        return "building (nothing reusable there)"
+    changed = [f for f in new["code"] if old.get("code", {}).get(f) != new["code"][f]]
+    if changed:
+        return "rebuilding, code changed: " + ", ".join(changed)
+    changed = [n for n in new["inputs"] if old.get("inputs", {}).get(n) != new["inputs"][n]]
+    if changed:
+        return "rebuilding, input changed: " + ", ".join(changed)
+    old_req, new_req = old.get("request", {}), new["request"]
+    diffs = [f"{k} {old_req.get(k)!r} -> {new_req.get(k)!r}" for k in sorted(set(old_req) | set(new_req))
+             if old_req.get(k) != new_req.get(k)]
+    if diffs:
+        return "rebuilding, request changed: " + "; ".join(diffs)[:300]
+    return None
+
+
+def _reusable(folder: Path, key: dict) -> tuple[bool, str | None]:
+    """(reuse?, reason to rebuild)."""
+    try:
+        record = read_metrics(folder).get("stage") or {}
+    except (FileNotFoundError, ValueError):
+        return False, "building (nothing reusable there)" if not folder.exists() else "rebuilding, no stage record"
+    reason = why_rebuild(record.get("key"), key)
+    if reason:
+        return False, reason
+    damaged = [n for n, size in (record.get("files") or {}).items()
+               if not (folder / n).is_file() or (folder / n).stat().st_size != size]
+    if damaged:
+        return False, f"rebuilding, files damaged or missing: {', '.join(damaged[:3])}"
+    return True, None
+
+
+def recorded_request(folder: str | os.PathLike) -> dict | None:
+    """The request a stage folder was built with (None when there is no such folder)."""
+    try:
+        return (read_metrics(folder).get("stage") or {}).get("key", {}).get("request")
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def ensure_stage(stage: str, folder: str | os.PathLike, request: Mapping, inputs: Mapping[str, str | os.PathLike],
+                 build: Callable[[Path], dict], *, force: bool = False, verbose: bool = True) -> Path:
+    """Reuse ``folder`` when its key matches; else run ``build(tmp) -> metrics`` into a temp folder that
+    replaces it atomically, and record the stage (key, identity, inputs, files) in its metrics.json."""
+    folder = Path(folder)
+    key = stage_key(stage, request, inputs)
+    reuse, reason = _reusable(folder, key)
+    if reuse and not force:
+        if verbose:
+            print(f"[{stage}] reusing {folder}", file=sys.stderr, flush=True)
+        return folder
+    if verbose:
+        print(f"[{stage}] {reason or 'rebuilding (forced)'}: {folder}", file=sys.stderr, flush=True)
+    with atomic_dir(folder) as tmp:
+        metrics = build(tmp) or {}
+        metrics["stage"] = {"name": stage, "key": key, "identity": f"{stage}-{_fingerprint(key, tmp)}",
+                            "inputs": {n: {"path": str(Path(p).resolve()), "identity": key["inputs"][n]}
+                                       for n, p in inputs.items()},
+                            "files": _files(tmp)}
+        write_metrics(tmp, metrics)
+    return folder
+
+
+def ensure(stage: str, model: str = "tiny", weights: str = "auto", workdir: str | os.PathLike | None = None,
+           **request) -> Path:
+    """The folder of ``stage`` for this model and request, reused or (re)built with everything before it."""
+    if stage == "checkpoint":
+        from .loading import checkpoint_dir
+
+        return checkpoint_dir(model, weights, request.get("seed", 0))
+    builders = {"patched": ("patching", "ensure_patched"), "calibration": ("calibration", "ensure_calibration"),
+                "quantized": ("quantization", "ensure_quantized"), "compiled": ("compile", "ensure_compiled")}
+    if stage not in builders:
+        raise ValueError(f"stage {stage!r}: one of {', '.join(GRAPH[:-1])} (inference is notebook 05's report)")
+    import importlib
+
+    module, name = builders[stage]
+    return getattr(importlib.import_module(f"qwen2lib.{module}"), name)(model, weights, workdir, **request)

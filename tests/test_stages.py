@@ -1,0 +1,164 @@
+"""The stage graph: each stage built from its predecessor's folder, rebuilt when its inputs or code change."""
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qwen2lib import stages
+from qwen2lib.artifacts import read_metrics
+from qwen2lib.calibration import ensure_calibration
+from qwen2lib.compile import ensure_compiled, read_manifest
+from qwen2lib.ort_runtime import OnnxCausalLM
+from qwen2lib.patching import ensure_patched
+from qwen2lib.quantization import ensure_quantized
+
+MODEL = "tiny-random"  # the real tokenizer, so every calibration set reads; seconds per stage
+SMALL = {"samples": 4, "seq_len": 32}
+HELDOUT = {"heldout_blocks": 1, "heldout_len": 16}
+
+
+def identity(folder: Path) -> str:
+    return read_metrics(folder)["stage"]["identity"]
+
+
+def write_c4_shard(folder: Path) -> Path:
+    """A c4 shard in its published form: gzip'd JSON lines with text, timestamp and url."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "c4-train.00000-of-01024.json.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        for i in range(40):
+            record = {"text": f"Document {i}: the quick brown fox jumps over the lazy dog near river {i}. " * 6,
+                      "timestamp": "2019-04-25T12:57:54Z", "url": f"https://example.com/{i}"}
+            fh.write(json.dumps(record) + "\n")
+    return path
+
+
+def test_a_second_run_with_nothing_changed_rebuilds_nothing(tmp_path, capsys):
+    wd = tmp_path / "run"
+    first = ensure_quantized(MODEL, "auto", wd, calibration=SMALL, **HELDOUT)
+    before = {s: identity(p) for s, p in (("patched", wd / "patched"), ("calibration", wd / "calibration"),
+                                          ("quantized", first))}
+    stamp = (first / "metrics.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert ensure_quantized(MODEL, "auto", wd, **HELDOUT) == first
+    err = capsys.readouterr().err
+    assert "building" not in err and "[quantized] reusing" in err, err
+    assert (first / "metrics.json").stat().st_mtime_ns == stamp
+    assert before == {s: identity(p) for s, p in (("patched", wd / "patched"), ("calibration", wd / "calibration"),
+                                                  ("quantized", first))}
+    # every stage names its inputs' identities: the quantized package traces back to the checkpoint
+    record = read_metrics(first)["stage"]
+    assert record["inputs"]["patched"]["identity"] == before["patched"]
+    assert record["inputs"]["calibration"]["identity"] == before["calibration"]
+    patched_inputs = read_metrics(wd / "patched")["stage"]["inputs"]
+    assert patched_inputs["checkpoint"]["identity"].startswith("ckpt-")
+
+
+def test_02_with_c4_then_03_quantizes_with_c4_statistics(tmp_path, capsys):
+    wd = tmp_path / "run"
+    shard = write_c4_shard(tmp_path / "c4")
+    calibration = ensure_calibration(MODEL, "auto", wd, dataset="c4", data_path=shard, **SMALL)
+    assert read_metrics(calibration)["dataset_name"] == "c4"
+    capsys.readouterr()
+    out = ensure_quantized(MODEL, "auto", wd, scheme="smoothquant", **HELDOUT)  # no dataset given: 02's statistics
+    err = capsys.readouterr().err
+    assert "calibration statistics of c4" in err and "[calibration] reusing" in err, err
+    metrics = read_metrics(out)
+    assert metrics["stage"]["key"]["request"]["calibration"]["dataset"] == "c4"
+    assert metrics["stage"]["inputs"]["calibration"]["identity"] == identity(calibration)
+    assert "c4" in metrics["calibration_data"]
+    # deleting calibration/ makes 03 rebuild it with the same request (not the default data set)
+    shutil.rmtree(calibration)
+    assert ensure_quantized(MODEL, "auto", wd, scheme="smoothquant", **HELDOUT) == out
+    assert read_metrics(calibration)["dataset_name"] == "c4"
+    # another data set only when asked for, and then everything after calibration rebuilds
+    ensure_quantized(MODEL, "auto", wd, scheme="smoothquant", calibration={"dataset": "builtin", **SMALL}, **HELDOUT)
+    assert read_metrics(calibration)["dataset_name"] == "builtin"
+    assert read_metrics(out)["stage"]["key"]["request"]["calibration"]["dataset"] == "builtin"
+
+
+def test_cli_quantize_takes_the_calibration_parameters(tmp_path, capsys):
+    from qwen2lib.cli import main
+
+    wd = tmp_path / "run"
+    shard = write_c4_shard(tmp_path / "c4")
+    assert main(["quantize", "--model", MODEL, "--workdir", str(wd), "--dataset", "c4", "--data-path", str(shard),
+                 "--samples", "4", "--seq-len", "32", "--heldout-blocks", "1", "--heldout-len", "16"]) == 0
+    assert read_metrics(wd / "calibration")["dataset_name"] == "c4"
+    assert read_metrics(wd / "quantized" / "w8a16")["stage"]["key"]["request"]["calibration"]["samples"] == 4
+    assert main(["quantize", "--model", MODEL, "--workdir", str(wd), "--alpha", "5", "--scheme", "smoothquant"]) == 2
+    assert "alpha=5.0" in capsys.readouterr().err
+    assert not (wd / "quantized" / "smoothquant").exists()
+
+
+def _copy_of_the_library_with(tmp_path: Path, file: str, line: str) -> Path:
+    copy = tmp_path / "checkout-copy"
+    shutil.copytree(stages.PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(copy / file, "a", encoding="utf-8") as fh:
+        fh.write(line)
+    return copy
+
+
+def test_a_changed_patch_source_rebuilds_patched_and_everything_after_it(make_checkpoint, tmp_path, monkeypatch,
+                                                                          capsys):
+    folder, wd = str(make_checkpoint()), tmp_path / "run"
+    graph = ensure_compiled(folder, "auto", wd, config="qwen2_fp32_standard", verbose=False)
+    before = identity(wd / "patched"), identity(graph)
+    capsys.readouterr()
+    monkeypatch.setattr(stages, "PACKAGE_DIR", _copy_of_the_library_with(tmp_path, "patching.py", "# edited\n"))
+    ensure_compiled(folder, "auto", wd, config="qwen2_fp32_standard", verbose=True)
+    err = capsys.readouterr().err
+    assert "[patched] rebuilding, code changed: patching.py" in err, err
+    assert "[compiled] rebuilding, input changed: source" in err, err
+    assert identity(wd / "patched") != before[0] and identity(graph) != before[1]
+
+
+def test_a_changed_graph_builder_rebuilds_the_graph_only(make_checkpoint, tmp_path, monkeypatch, capsys):
+    folder, wd = str(make_checkpoint()), tmp_path / "run"
+    graph = ensure_compiled(folder, "auto", wd, config="qwen2_fp32_standard", verbose=False)
+    patched = identity(wd / "patched")
+    monkeypatch.setattr(stages, "PACKAGE_DIR", _copy_of_the_library_with(tmp_path, "onnx_graph.py", "# edited\n"))
+    capsys.readouterr()
+    ensure_compiled(folder, "auto", wd, config="qwen2_fp32_standard", verbose=True)
+    err = capsys.readouterr().err
+    assert "[patched] reusing" in err and "[compiled] rebuilding, code changed: onnx_graph.py" in err, err
+    assert identity(wd / "patched") == patched
+
+
+def test_a_package_built_with_insert_slice_compiles_to_last_position_logits(make_checkpoint, tmp_path):
+    folder, wd = str(make_checkpoint()), tmp_path / "run"
+    ensure_patched(folder, "auto", wd, insert_slice=True)
+    graph = ensure_compiled(folder, "auto", wd, config="qwen2_fp32", verbose=False)
+    assert read_manifest(graph)["last_position_logits"] is True
+    ids = np.random.default_rng(0).integers(2, 320, (2, 7))
+    logits, _ = OnnxCausalLM.load(graph).prefill(ids)
+    assert logits.shape == (2, 1, 320)
+    # the package's own model gives the same last-position logits
+    from qwen2lib.patching import load_deploy_package
+
+    with torch.no_grad():
+        ref = load_deploy_package(wd / "patched")(input_ids=torch.as_tensor(ids), use_cache=False).logits
+    assert ref.shape == (2, 1, 320)
+    np.testing.assert_allclose(logits, ref.numpy(), atol=1e-4)
+
+
+def test_the_int8_graph_compiles_from_the_quantized_package(tmp_path):
+    wd = tmp_path / "run"
+    graph = ensure_compiled(MODEL, "auto", wd, config="qwen2_int8", verbose=False,
+                            overrides={"verify.blocks": 1, "verify.block_tokens": 16})
+    record = read_metrics(graph)["stage"]
+    assert record["inputs"]["int8_package"]["identity"] == identity(wd / "quantized" / "w8a16")
+    assert record["inputs"]["source"]["identity"] == identity(wd / "patched")
+    assert "notebook 03 package" in read_manifest(graph)["source"]["int8_weights"]
+
+
+def test_ensure_by_stage_name(tmp_path):
+    assert stages.ensure("patched", MODEL, "auto", tmp_path / "run") == tmp_path / "run" / "patched"
+    with pytest.raises(ValueError, match="stage 'inference'"):
+        stages.ensure("inference", MODEL, "auto", tmp_path / "run")
