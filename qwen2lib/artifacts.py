@@ -30,10 +30,16 @@ class ForeignFolderError(Qwen2LibError, FileExistsError):
     """A stage would replace a folder that qwen2lib did not write."""
 
 
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
 def default_workdir(model: str) -> Path:
-    """``runs/<model>`` with any path separators of a hub id or folder flattened."""
+    """``runs/<model>`` (any path separators of a hub id or folder flattened), at the top of the workbook's
+    checkout, so JupyterLab (whose notebooks run in notebooks/), papermill, the workbook command and the CLI
+    all share one run folder; outside a checkout, under the current folder."""
     safe = str(model).rstrip("/").replace("\\", "/").split("/")[-1] or "model"
-    return Path("runs") / safe
+    root = CHECKOUT if (CHECKOUT / "notebooks").is_dir() and (CHECKOUT / "qwen2lib").is_dir() else Path.cwd()
+    return root / "runs" / safe
 
 
 def stage_dir(workdir: str | os.PathLike, stage: str, *sub: str) -> Path:

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
+import zipfile
 from pathlib import Path
 
 from .errors import Qwen2LibError
@@ -89,9 +92,16 @@ def one_line_reason(exc: BaseException) -> str:
     """What went wrong, in one line: an OS error names its path and the system's reason."""
     if isinstance(exc, OSError) and not isinstance(exc, Qwen2LibError) and exc.strerror:
         where = f"{exc.filename}: " if exc.filename is not None else ""
-        return f"{where}{exc.strerror}" + (f" (-> {exc.filename2})" if exc.filename2 is not None else "")
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        line = f"{where}{exc.strerror}" + (f" (-> {exc.filename2})" if exc.filename2 is not None else "")
+    else:
+        text = str(exc).strip()
+        line = text.splitlines()[0] if text else type(exc).__name__
+    return line.encode("utf-8", "backslashreplace").decode("utf-8")  # a non-UTF-8 argument must not break the print
+
+
+# What bad input raises: refused in one line, exit 2 (ValueError covers JSON and Unicode errors).
+BAD_INPUT = (Qwen2LibError, OSError, ValueError, zipfile.BadZipFile)
+DEBUG_VARIABLE = "QWEN2LIB_DEBUG"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,9 +111,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"qwen2lib {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (Qwen2LibError, OSError, ValueError) as exc:
+    except BAD_INPUT as exc:
+        if os.environ.get(DEBUG_VARIABLE):
+            traceback.print_exc()
         print(f"qwen2lib {args.command}: error: {one_line_reason(exc)}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a bug, not bad input: still one line, the traceback on request
+        if os.environ.get(DEBUG_VARIABLE):
+            traceback.print_exc()
+        print(f"qwen2lib {args.command}: internal error: {type(exc).__name__}: {one_line_reason(exc)} "
+              f"(rerun with {DEBUG_VARIABLE}=1 for the traceback, and please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

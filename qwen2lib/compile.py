@@ -38,7 +38,7 @@ import yaml
 from safetensors.torch import load_file
 
 from . import __version__
-from .artifacts import check_replaceable, default_workdir, stage_dir
+from .artifacts import check_replaceable, default_workdir, read_metrics, stage_dir
 from .config_schema import ConfigError, load_config
 from .corpus import heldout_token_blocks
 from .errors import NumericalOverflowError, Qwen2LibError
@@ -333,9 +333,25 @@ def fp16_plan(ranges: dict[str, float], headroom: float, on_overflow: str) -> tu
 
 # ---- the compile ---------------------------------------------------------------------------------
 
-def _plan(cfg: dict, args: Qwen2Args, keep_fp32=frozenset(), hf_config: dict | None = None) -> GraphPlan:
+def per_block_projections(cfg: dict, int8_folder: Path | None) -> tuple[list[str], str]:
+    """The projections whose activations stay per block, and why: as listed in the YAML, or (``auto``) as the
+    calibration statistics recorded with the quantized package decide (``quantization.activation_outliers``)."""
+    listed = cfg["quantization"]["per_block_projections"]
+    if listed != "auto":
+        return list(listed), "listed in the config"
+    outliers = read_metrics(int8_folder).get("activation_outliers") if int8_folder else None
+    if not outliers:
+        raise ConfigError(f"per_block_projections: auto needs the activation statistics a quantized package of "
+                          f"notebook 03 records; {int8_folder} has none (rebuild it, or list the projections)")
+    ratios = ", ".join(f"{p} {r:.1f}" for p, r in outliers["max_over_median"].items())
+    return list(outliers["per_block_projections"]), (f"calibration statistics: input max/median channel "
+                                                     f"{ratios}; per block at >= {outliers['threshold']:g}")
+
+
+def _plan(cfg: dict, args: Qwen2Args, keep_fp32=frozenset(), hf_config: dict | None = None,
+          per_block: list[str] = ()) -> GraphPlan:
     """The graph plan: the YAML's choices, with what the package's config.json decides (insert_slice ->
-    last-position logits, unless graph.last_position_logits says otherwise)."""
+    last-position logits, unless graph.last_position_logits says otherwise) and the resolved per-block list."""
     g, q = cfg["graph"], cfg["quantization"]
     last = g["last_position_logits"]
     if last is None:
@@ -345,7 +361,7 @@ def _plan(cfg: dict, args: Qwen2Args, keep_fp32=frozenset(), hf_config: dict | N
         operator_set=g["operator_set"], opset=g["opset"], dtype=_DTYPE[cfg["precision"]],
         quantize=tuple(q["modules"]) if cfg["precision"] == "int8" else (),
         block_size=q["block_size"], granularity=q["granularity"],
-        activations=q["activations"], per_block_projections=tuple(q["per_block_projections"]),
+        activations=q["activations"], per_block_projections=tuple(per_block) if q["activations"] == "int8_per_tensor" else (),
         max_sequence_length=g["max_sequence_length"] or args.max_position_embeddings,
         batch=axes["batch"], sequence=axes["sequence"], past_sequence=axes["past_sequence"],
         last_position_logits=last, keep_fp32=keep_fp32,
@@ -449,7 +465,8 @@ def _compile_into(tmp: Path, cfg: dict, folder: Path, int8_folder: Path | None, 
                                     cfg["fp16"]["on_overflow"])
             if verbose and keep:
                 print(f"[compile {cfg['name']}]     kept in fp32 (fp16 would overflow): {', '.join(sorted(keep))}")
-    plan = _plan(cfg, source.args, keep, source.config)
+    per_block, per_block_reason = per_block_projections(cfg, int8_folder) if cfg["precision"] == "int8" else ([], None)
+    plan = _plan(cfg, source.args, keep, source.config, per_block)
     with phases("graph build", f"{plan.operator_set} ops, {cfg['precision']}"):
         built = build_graph(source.args, source.weights, plan, quantized)
         source.weights.clear()  # the graph holds its own (transposed, cast or packed) copies
@@ -473,6 +490,7 @@ def _compile_into(tmp: Path, cfg: dict, folder: Path, int8_folder: Path | None, 
             "operator_set": plan.operator_set, "source": str(folder), "int8_package": str(int8_folder or ""),
             "graph_bytes": sum(f["bytes"] for n, f in manifest["files"].items() if n.startswith("model.onnx")),
             "last_position_logits": plan.last_position_logits,
+            "per_block_projections": {"projections": list(plan.per_block_projections), "why": per_block_reason},
             "parity": parity, "fidelity": fid, "kept_in_fp32": sorted(keep)}
 
 

@@ -47,6 +47,7 @@ def _f(types, default, doc, choices=None, file=False) -> Field:
 
 
 NONE = type(None)
+MAX_SEQUENCE_LENGTH = 1 << 20  # past Qwen2.5-1M's 1,010,000 positions; a larger table is a typo (GBs of rotary rows)
 SCHEMA: dict[str, Any] = {
     "name": _f((str, NONE), None, "output folder under <workdir>/compiled/ (default: the YAML file's name)"),
     "base": _f((str, NONE), None, "another config this one extends, relative to this file", file=True),
@@ -70,9 +71,10 @@ SCHEMA: dict[str, Any] = {
                           "fastest for batches and prefill, less exact; the LM head stays MatMulNBits) | float: fp32 "
                           "compute (slow)",
                           choices=("int8_per_block", "int8_per_tensor", "float")),
-        "per_block_projections": _f(list, [], "with int8_per_tensor: projections whose activations stay quantized "
-                                    "per block (MatMulNBits), for inputs with outlier channels: qkv_proj, o_proj, "
-                                    "gate_up_proj, down_proj"),
+        "per_block_projections": _f((list, str), [], "with int8_per_tensor: projections whose activations stay "
+                                    "quantized per block (MatMulNBits), for inputs with outlier channels: qkv_proj, "
+                                    "o_proj, gate_up_proj, down_proj; auto: those whose calibration statistics "
+                                    "(notebook 02, recorded by notebook 03's package) show outlier channels"),
         "modules": _f(list, ["embed_tokens", "attention", "mlp", "lm_head"],
                       "weight groups stored as int8: embed_tokens, attention, mlp, lm_head"),
         "from_scheme": _f(str, "w8a16", "which of notebook 03's quantized packages (<workdir>/quantized/<scheme>, "
@@ -281,16 +283,23 @@ def _check_semantics(cfg: dict, where: dict) -> None:
                                    "onnxruntime's MatMulNBits); use contrib or precision fp32/fp16")
     if not 17 <= g["opset"] <= 23:
         fail("graph.opset", f"{g['opset']} is outside the supported 17-23 (onnxruntime 1.32 and the ops used)")
-    if g["max_sequence_length"] < 0:
-        fail("graph.max_sequence_length", "must be >= 1, or 0 for the model's max_position_embeddings")
+    if not 0 <= g["max_sequence_length"] <= MAX_SEQUENCE_LENGTH:
+        fail("graph.max_sequence_length", f"{g['max_sequence_length']}: must be 1..{MAX_SEQUENCE_LENGTH:,} (the rotary "
+                                          "tables grow with it), or 0 for the model's max_position_embeddings")
     for axis, value in g["dynamic_axes"].items():
         if not (value == "dynamic" or (isinstance(value, int) and value >= (0 if axis == "past_sequence" else 1))):
             fail(f"graph.dynamic_axes.{axis}", f"{value!r}: use 'dynamic' or a positive size")
     if q["activations"] == "int8_per_tensor" and q["granularity"] != "per_channel":
         fail("quantization.activations", f"{q['activations']} (DynamicQuantizeMatMul) takes per-channel weight "
                                          "scales only; use granularity: per_channel")
-    bad = [m for m in q["per_block_projections"] if m not in PROJECTIONS]
-    if bad or len(set(q["per_block_projections"])) != len(q["per_block_projections"]):
+    listed = q["per_block_projections"]
+    if isinstance(listed, str) and listed != "auto":
+        fail("quantization.per_block_projections", f"{listed!r}: use 'auto' or a list of {', '.join(PROJECTIONS)}")
+    if listed == "auto" and cfg["source"]["package"] == "checkpoint" and not q["package"]:
+        fail("quantization.per_block_projections", "auto reads the calibration statistics of notebook 03's package: "
+                                                   "use source.package: patched, or list the projections")
+    bad = [] if listed == "auto" else [m for m in listed if m not in PROJECTIONS]
+    if bad or (listed != "auto" and len(set(listed)) != len(listed)):
         fail("quantization.per_block_projections", f"{q['per_block_projections']}: list each of "
                                                    f"{', '.join(PROJECTIONS)} at most once")
     if q["per_block_projections"] and q["activations"] != "int8_per_tensor":

@@ -13,6 +13,7 @@ benchmark can report TTFT and inter-token latency from the same run.
 """
 from __future__ import annotations
 
+import math
 import inspect
 import sys
 import time
@@ -40,15 +41,16 @@ class SamplingParams:
     ignore_eos: bool = False  # the benchmark forces each request's output length, as vLLM's does
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
+        # each check is written "not <valid>" so that NaN, which fails every comparison, is refused too
+        if not self.max_new_tokens >= 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens}: ask for at least one new token")
-        if self.temperature < 0:
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature={self.temperature}: use 0 for greedy or a positive value to sample")
-        if self.top_k < 0:
+        if not self.top_k >= 0:
             raise ValueError(f"top_k={self.top_k}: use 0 (off) or a positive count")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p}: must be in (0, 1]; 1 turns it off")
-        if self.repetition_penalty <= 0:
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
             raise ValueError(f"repetition_penalty={self.repetition_penalty}: must be > 0; 1 turns it off")
 
     @property
@@ -495,32 +497,38 @@ def load_backend(model: str = "tiny", backend: str = "torch", *, weights: str = 
     raise ValueError(f"backend={backend!r}: use 'torch' or 'onnx'")
 
 
-def _ensure_graph(model, weights, workdir, seed, precision) -> Path:
+def _ensure_graph(model, weights, workdir, seed, precision, config: str | None = None) -> Path:
     from .artifacts import default_workdir
     from .compile import ensure_compiled
 
     workdir = Path(workdir) if workdir else default_workdir(model)
-    return Path(ensure_compiled(model, weights, workdir, config=f"qwen2_{precision}", seed=seed))
+    return Path(ensure_compiled(model, weights, workdir, config=config or f"qwen2_{precision}", seed=seed))
 
 
-# The five ways notebook 05 runs a model, each built from (or reusing) the earlier stages' folders.
-STAGE_BACKENDS = ("fp32 torch", "int8 torch", "fp32 graph", "fp16 graph", "int8 graph")
+# The ways notebook 05 runs a model, each built from (or reusing) the earlier stages' folders: the transformers
+# reference, notebook 03's two int8 packages in torch, and notebook 04's graphs (int8: one per package).
+STAGE_BACKENDS = ("fp32 torch", "int8 torch", "int8 torch smoothquant", "fp32 graph", "fp16 graph", "int8 graph",
+                  "int8 graph smoothquant")
 
 
 def stage_backend(label: str, model: str = "tiny", *, weights: str = "auto", workdir: str | Path | None = None,
                   seed: int = 0, dtype="float32"):
-    """One of ``STAGE_BACKENDS``: the reference, notebook 03's int8 model, or a graph of notebook 04."""
+    """One of ``STAGE_BACKENDS``: the reference, one of notebook 03's int8 packages, or a graph of notebook 04."""
+    if label not in STAGE_BACKENDS:
+        raise ValueError(f"unknown backend {label!r}: one of {', '.join(STAGE_BACKENDS)}")
+    scheme = "smoothquant" if label.endswith(" smoothquant") else "w8a16"
     if label == "fp32 torch":
         return load_backend(model, "torch", weights=weights, dtype=dtype, seed=seed)
-    if label == "int8 torch":
+    if label.startswith("int8 torch"):
         from .artifacts import default_workdir
         from .quantization import ensure_quantized, load_quantized
 
         workdir = Path(workdir) if workdir else default_workdir(model)
-        return TorchBackend(load_quantized(ensure_quantized(model, weights, workdir, seed=seed, scheme="w8a16")))
-    if label.endswith(" graph"):
-        return load_backend(model, "onnx", weights=weights, seed=seed, workdir=workdir, precision=label.split()[0])
-    raise ValueError(f"unknown backend {label!r}: one of {', '.join(STAGE_BACKENDS)}")
+        return TorchBackend(load_quantized(ensure_quantized(model, weights, workdir, seed=seed, scheme=scheme)))
+    precision = label.split()[0]
+    compiled = _ensure_graph(model, weights, workdir, seed, precision,
+                             "qwen2_int8_smoothquant" if scheme == "smoothquant" else None)
+    return load_backend(model, "onnx", weights=weights, seed=seed, workdir=workdir, compiled=compiled)
 
 
 # ---- command line -----------------------------------------------------------------------------
@@ -529,11 +537,11 @@ def cmd_generate(args) -> int:
     from .cli import workdir_of
     from .tokenizer import load_tokenizer
 
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)  # before loading
     backend = load_backend(args.model, args.backend, weights=args.weights, dtype=args.dtype, seed=args.seed,
                            compiled=args.compiled, workdir=workdir_of(args), precision=args.precision)
     tokenizer = load_tokenizer(args.model)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     print(args.prompt if not args.chat else "", end="", flush=True)
     result = generate(backend, tokenizer, args.prompt, params, chat=args.chat, truncate=args.truncate,
                       on_text=lambda _, delta: print(delta, end="", flush=True))

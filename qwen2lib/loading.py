@@ -236,8 +236,8 @@ def checkpoint_dir(model: str | os.PathLike = "tiny", weights: str = "auto", see
 def load_model(model: str | os.PathLike = "tiny", *, dtype: str | torch.dtype = torch.float32, weights: str = "auto", seed: int = 0):
     """A transformers ``Qwen2ForCausalLM`` in eval mode for a registry name, hub id or folder.
 
-    weights="random" builds the registry architecture in memory with seeded random weights
-    (nothing written), for compile and speed work at real shapes without a download.
+    weights="random" loads the registry architecture's seeded random checkpoint (bf16, built once into the
+    cache), upcast to ``dtype``: the same numbers every stage's package is built from.
     """
     from transformers import Qwen2ForCausalLM
 
@@ -248,7 +248,7 @@ def load_model(model: str | os.PathLike = "tiny", *, dtype: str | torch.dtype = 
     if weights == "random" and not spec.embedded:
         print(f"[qwen2lib] RANDOM WEIGHTS: {spec.name} at its real shape, seed {seed}; "
               "speed and shape figures are real, quality figures mean nothing", file=sys.stderr)
-        return build_random_model(spec, torch_dtype, seed)
+    # random weights too come from their (bf16) checkpoint on disk, so every stage sees the same numbers
     folder = checkpoint_dir(model, weights, seed)
     check_weights_match_config(folder)
     try:

@@ -22,11 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import NumericalOverflowError, PromptTooLongError
+from .errors import NumericalOverflowError, PromptTooLongError, Qwen2LibError
 
 _ORT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
                "all": "ORT_ENABLE_ALL"}
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class GraphLoadError(Qwen2LibError, RuntimeError):
+    """A graph file onnxruntime cannot open (truncated, corrupt, or not ONNX)."""
 
 
 @dataclass
@@ -119,7 +123,12 @@ class OnnxCausalLM:
         runtime = manifest.get("config", {}).get("runtime", {})
         threads = threads if threads is not None else (runtime.get("threads") or None)
         level = optimization_level or runtime.get("optimization_level", "all")
-        session = ort.InferenceSession(str(graph), session_options(threads, level), providers=["CPUExecutionProvider"])
+        try:
+            session = ort.InferenceSession(str(graph), session_options(threads, level), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's own error types (InvalidProtobuf, Fail, NoSuchFile ...)
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise GraphLoadError(f"{graph} cannot be loaded by onnxruntime ({reason}): it is damaged or not a "
+                                 "compiled graph; compile it again (`qwen2lib compile CONFIG`)") from None
         return cls(session, manifest)
 
     # ---- the raw call -------------------------------------------------------------------------

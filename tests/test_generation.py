@@ -223,7 +223,7 @@ def onnx_backend(request, hf_model, tmp_path_factory):
 
     root = tmp_path_factory.mktemp(request.param)
     hf_model.save_pretrained(root / "ckpt")
-    compiled = compile_model(request.param, model=str(root / "ckpt"), out_dir=root / "compiled", verbose=False)
+    compiled = compile_model(request.param, model=str(root / "ckpt"), workdir=root / "run", verbose=False)
     return load_backend(str(root / "ckpt"), "onnx", compiled=compiled)
 
 

@@ -244,3 +244,98 @@ def test_the_checkpoint_is_never_touched_by_a_rejected_compile(make_checkpoint, 
 
         compile_model("qwen2_fp32", str(folder), out_dir=folder, verbose=False)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+# ---- the bad-input table of the README: each row, one line, exit 2 -------------------------------------
+
+def _folder(tmp_path, name, files: dict) -> str:
+    folder = tmp_path / name
+    folder.mkdir()
+    for file, content in files.items():
+        (folder / file).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(folder)
+
+
+def _truncated_checkpoint(make_checkpoint) -> str:
+    folder = make_checkpoint("truncated")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    return str(folder)
+
+
+def _mismatched_checkpoint(make_checkpoint) -> str:
+    folder = make_checkpoint("mismatch")
+    _edit_config(folder, num_hidden_layers=6)
+    return str(folder)
+
+
+def _damaged_graph(make_checkpoint, tmp_path) -> str:
+    from qwen2lib.compile import compile_model
+
+    out = compile_model("qwen2_fp32_standard", str(make_checkpoint("g")), workdir=tmp_path / "g-run", verbose=False)
+    graph = out / "model.onnx"
+    graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
+    return str(out)
+
+
+BAD_INPUT_ROWS = {
+    "unknown model": (lambda mc, tp: ["checkpoint", "--model", "Qwen3-0.6B"], "unknown model 'Qwen3-0.6B'"),
+    "folder without config.json": (lambda mc, tp: ["checkpoint", "--model", _folder(tp, "empty", {"x.txt": "x"})],
+                                   "config.json"),
+    "llama config": (lambda mc, tp: ["checkpoint", "--model", _folder(tp, "llama", {
+        "config.json": json.dumps({"model_type": "llama"})})], "llama"),
+    "pickle-only checkpoint": (lambda mc, tp: ["checkpoint", "--model", _folder(tp, "pickle", {
+        "config.json": (mc("p") / "config.json").read_text(), "pytorch_model.bin": b"\x80\x04"})], "pickle"),
+    "truncated safetensors": (lambda mc, tp: ["checkpoint", "--model", _truncated_checkpoint(mc)], "truncated"),
+    "config and weights disagree": (lambda mc, tp: ["checkpoint", "--model", _mismatched_checkpoint(mc)],
+                                    "do not belong together"),
+    "compile name is a path": (lambda mc, tp: ["compile", "qwen2_fp32", "--model", "tiny-random", "--workdir",
+                                               str(tp / "w"), "--set", "name=../../victim"], "one plain folder name"),
+    "max_sequence_length absurd": (lambda mc, tp: ["compile", "qwen2_fp32", "--model", "tiny-random", "--set",
+                                                   "graph.max_sequence_length=99999999999"], "must be 1..1,048,576"),
+    "workdir is a file": (lambda mc, tp: ["patch", "--model", "tiny-random", "--no-proof", "--workdir",
+                                          _folder(tp, "wd", {"f": "x"}) + "/f"], "File exists"),
+    "temperature nan": (lambda mc, tp: ["generate", "--model", "tiny-random", "--temperature", "nan", "--prompt",
+                                        "x"], "temperature=nan"),
+    "a zip that is not a zip": (lambda mc, tp: ["calibrate", "--model", "tiny-random", "--workdir", str(tp / "w"),
+                                                "--dataset", "ceval", "--data-path",
+                                                _folder(tp, "z", {"ceval-exam.zip": b"not a zip"}) + "/ceval-exam.zip"],
+                                "zip"),
+    "alpha outside [0, 1]": (lambda mc, tp: ["quantize", "--model", "tiny-random", "--workdir", str(tp / "w"),
+                                             "--scheme", "smoothquant", "--alpha", "5"], "alpha=5.0"),
+    "damaged compiled graph": (lambda mc, tp: ["generate", "--model", "tiny-random", "--backend", "onnx",
+                                               "--compiled", _damaged_graph(mc, tp), "--prompt", "x"],
+                               "cannot be loaded by onnxruntime"),
+    "non-UTF-8 argument": (lambda mc, tp: ["checkpoint", "--model", "caf\udce9"], "unknown model"),
+}
+
+
+@pytest.mark.parametrize("row", list(BAD_INPUT_ROWS))
+def test_bad_input_row_exits_2_in_one_line(row, make_checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv_of, expected = BAD_INPUT_ROWS[row]
+    argv = argv_of(make_checkpoint, tmp_path)
+    capsys.readouterr()
+    code = cli.main(argv)
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("qwen2lib ")]
+    assert code == 2, (row, code, err)
+    assert len(err) == 1 and expected in err[0], (row, err)
+
+
+def test_the_readme_lists_every_bad_input_row():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    missing = [row for row in BAD_INPUT_ROWS if f"| {row} |" not in readme]
+    assert not missing, f"README's bad-input table lacks: {missing}"
+
+
+def test_an_unexpected_error_is_one_line_with_the_traceback_on_request(monkeypatch, capsys):
+    def broken(args):
+        raise KeyError("internal")
+
+    monkeypatch.setattr(cli, "cmd_models", broken)
+    assert cli.main(["models"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "internal error: KeyError" in err[0] and "QWEN2LIB_DEBUG=1" in err[0]
+    monkeypatch.setenv("QWEN2LIB_DEBUG", "1")
+    assert cli.main(["models"]) == 1
+    assert "Traceback" in capsys.readouterr().err
