@@ -336,6 +336,8 @@ def benchmark_server(url: str, requests: Sequence[Request], *, request_rate: flo
         raise ValueError(f"max_concurrency={max_concurrency}: use 1 or more, or None for no limit")
     if not requests:
         raise ValueError("no requests to send")
+    if chat and tokenizer is None and any(r.prompt is None for r in requests):
+        raise ValueError("the chat endpoint takes text: pass tokenizer= to decode the synthetic token ids, or a ShareGPT set")
     delays = arrival_delays(len(requests), request_rate, burstiness, seed)
     model = model or asyncio.run(_served_model(url, timeout_s))
     outcomes, duration = asyncio.run(_load(url, list(requests), model, chat, tokenizer, delays, max_concurrency,

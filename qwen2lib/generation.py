@@ -177,7 +177,7 @@ class TorchBackend:
         from transformers import DynamicCache
 
         cache, mask = state
-        index = torch.tensor(rows, device=mask.device)
+        index = torch.tensor(rows, dtype=torch.long, device=mask.device)
         mask = mask[index]
         first = int(mask.any(0).nonzero()[0])  # the earliest position some kept row uses
         layers = [(k[index, :, first:], v[index, :, first:]) for k, v in self._layers(cache)]

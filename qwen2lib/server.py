@@ -202,6 +202,8 @@ async def handle_completion(request: web.Request, chat: bool) -> web.StreamRespo
         if options["stream"]:
             return await _stream(request, job, events, options, config["tokenizer"], meta)
         return await _complete(job, events, options, config["tokenizer"], meta)
+    except ConnectionResetError:  # the client hung up between two chunks: nobody is left to answer
+        return web.Response(status=499)
     finally:
         engine.cancel(job)  # no-op when it finished; frees the row at once when the client went away
 

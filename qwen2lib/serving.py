@@ -118,7 +118,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._live = weakref.WeakSet()  # every request not yet garbage: a leak shows up here
-        self.counts = {"completed": 0, "cancelled": 0, "failed": 0, "tokens": 0}
+        self.counts = {"completed": 0, "cancelled": 0, "failed": 0, "tokens": 0, "peak_batch": 0}
 
     # ---- the API --------------------------------------------------------------------------------
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -182,19 +182,22 @@ class Engine:
 
     # ---- the engine thread --------------------------------------------------------------------
     def _run(self) -> None:
-        threads = getattr(self.backend, "sampling_threads", None)
+        threads, previous = getattr(self.backend, "sampling_threads", None), torch.get_num_threads()
         if threads:  # see OnnxBackend.sampling_threads: onnxruntime's pool and torch's must not fight
             torch.set_num_threads(threads)
-        while True:
-            with self._cond:
-                while not self._stopping and not self._waiting and not self._rows:
-                    self._cond.wait()
-                if self._stopping:
-                    return
-            try:
-                self._step()
-            except Exception as exc:  # a backend failure fails the requests in flight, not the server
-                self._fail_all(f"{type(exc).__name__}: {exc}".splitlines()[0])
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._waiting and not self._rows:
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                try:
+                    self._step()
+                except Exception as exc:  # a backend failure fails the requests in flight, not the server
+                    self._fail_all(f"{type(exc).__name__}: {exc}".splitlines()[0])
+        finally:
+            torch.set_num_threads(previous)
 
     @torch.no_grad()
     def _step(self) -> None:
@@ -202,6 +205,7 @@ class Engine:
         self._admit()
         if not self._rows:
             return
+        self.counts["peak_batch"] = max(self.counts["peak_batch"], len(self._rows))
         feed = torch.tensor([[r.output[-1]] for r in self._rows])  # (B, 1)
         logits, self._state = self.backend.decode(feed, self._state)
         now = time.perf_counter()
