@@ -381,3 +381,27 @@ def test_cli_bench_url_writes_the_run(tiny_random, tmp_path, capsys):
     assert "ttft p99 ms" in out and "out tok/s" in out
     run = json.loads((tmp_path / "inference" / "bench-url-ours-synthetic-rate50.json").read_text())
     assert run["completed"] == 4 and run["request_rate"] == 50 and run["failed"] == 0
+
+
+def test_a_compiled_graph_serves_joining_requests_as_it_generates_them_alone(hf_model, tmp_path):
+    """The onnx backend's KVState rows join and leave too (contrib graph: the cache is decoded in place)."""
+    from qwen2lib.compile import compile_model
+    from qwen2lib.generation import load_backend
+
+    hf_model.save_pretrained(tmp_path / "ckpt")
+    compiled = compile_model("qwen2_fp32", model=str(tmp_path / "ckpt"), out_dir=tmp_path / "compiled", verbose=False)
+    backend = load_backend(str(tmp_path / "ckpt"), "onnx", compiled=compiled)
+    params = [SamplingParams(max_new_tokens=n) for n in (12, 9, 15, 6, 10)]
+    alone = [generate(backend, None, p, q, stop_ids=set()).token_ids for p, q in zip(PROMPTS, params)]
+    engine = Engine(backend, stop_ids=set(), config=EngineConfig(max_batch=3)).start()
+    try:
+        jobs, chain = Collector(engine), None
+        for i in reversed(range(1, len(PROMPTS))):
+            chain = (2 + i % 3, PROMPTS[i], params[i], chain)
+        jobs.submit(PROMPTS[0], params[0], then=chain)
+        jobs.wait(len(PROMPTS))
+        served = {tuple(r.prompt_ids): r.output for r in jobs.requests}
+        assert [served[tuple(p)] for p in PROMPTS] == alone
+        assert engine.stats()["peak_batch"] == 3
+    finally:
+        engine.stop()
