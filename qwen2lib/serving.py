@@ -209,9 +209,10 @@ class Engine:
         feed = torch.tensor([[r.output[-1]] for r in self._rows])  # (B, 1)
         logits, self._state = self.backend.decode(feed, self._state)
         now = time.perf_counter()
-        for row, token in zip(list(self._rows), self._sample(self._rows, logits)):
-            self._emit(row, token, now)
-        self._retire()
+        events = [(row, self._record(row, token, now)) for row, token in zip(self._rows, self._sample(self._rows, logits))]
+        self._retire()  # before the events go out: a client told "finished" finds its row already gone
+        for row, event in events:
+            self._send(row, event)
 
     def _admit(self) -> None:
         while len(self._rows) < self.config.max_batch:
@@ -237,12 +238,12 @@ class Engine:
         if request.params.repetition_penalty != 1.0:
             request.seen = torch.zeros(logits.shape, dtype=torch.bool)
             request.seen[0, request.prompt_ids] = True
-        self._emit(request, int(self._sample([request], logits)[0]), time.perf_counter())
-        if request.finished:
-            return
-        with self._cond:
-            self._state = state if self._state is None else self.backend.join_states(self._state, state)
-            self._rows.append(request)
+        event = self._record(request, int(self._sample([request], logits)[0]), time.perf_counter())
+        if not request.finished:
+            with self._cond:
+                self._state = state if self._state is None else self.backend.join_states(self._state, state)
+                self._rows.append(request)
+        self._send(request, event)
 
     def _sample(self, rows: list[ServeRequest], logits: torch.Tensor) -> list[int]:
         """One token per row, each with its own parameters and generator (so a row's draws do not depend on the batch)."""
@@ -258,7 +259,8 @@ class Engine:
                     r.seen[0, tokens[i]] = True
         return tokens
 
-    def _emit(self, request: ServeRequest, token: int, now: float) -> None:
+    def _record(self, request: ServeRequest, token: int, now: float) -> Event:
+        """Add a sampled token to the request and decide whether it finished; the event to send."""
         request.output.append(token)
         self.counts["tokens"] += 1
         if token in self.stop_ids and not request.params.ignore_eos:
@@ -267,7 +269,7 @@ class Engine:
             request.finish_reason = "length"
         if request.finished:
             self.counts["completed"] += 1
-        self._send(request, Event(token=token, time=now, finish_reason=request.finish_reason))
+        return Event(token=token, time=now, finish_reason=request.finish_reason)
 
     def _retire(self) -> None:
         """Cut finished and cancelled rows out of the batch state."""
