@@ -7,7 +7,8 @@
 ``llama-server`` is built from the llama.cpp sources vendored in the llama-cpp-python source package
 (``pip download llama-cpp-python --no-binary :all:``, then ``cmake -B build && cmake --build build --target
 llama-server`` in ``vendor/llama.cpp``); its GGUF is the same checkpoint converted by llama.cpp's
-``convert_hf_to_gguf.py --outtype q8_0`` (gguf-py from the same tree) unless ``--gguf`` names one.
+``convert_hf_to_gguf.py --outtype q8_0`` (gguf-py from the same tree; it also imports ``sentencepiece``, so have
+that importable, e.g. on PYTHONPATH) unless ``--gguf`` names one.
 
 Both servers run as child processes on 127.0.0.1 (free ports), one after the other, with the same slot count
 (our ``--max-batch``, llama.cpp's ``-np``, continuous batching in both) and the same thread count; the same
@@ -81,7 +82,9 @@ def ensure_gguf(args, out_dir: Path) -> Path:
     if not gguf.is_file():
         folder = checkpoint_dir(args.model, args.weights, args.seed)
         convert = Path(args.convert).resolve()
-        env = dict(os.environ, PYTHONPATH=str(convert.parent / "gguf-py"))
+        # the converter imports gguf-py from its own tree, and sentencepiece (pip install sentencepiece) even for BPE
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(convert.parent / "gguf-py"),
+                                                                        os.environ.get("PYTHONPATH")])))
         subprocess.run([sys.executable, str(convert), str(folder), "--outfile", str(gguf), "--outtype", "q8_0"],
                        check=True, env=env)
     return gguf
