@@ -5,7 +5,9 @@ A backend is anything with ``max_positions`` and two methods, so the loop never 
     prefill(ids (B, T), attention_mask (B, T)) -> logits (B, V) of the last position, state
     decode(next_ids (B, 1), state)              -> logits (B, V), state
 
-``state`` is the backend's own (a KV cache plus the growing attention mask). On top of that the loop
+``state`` is the backend's own (a KV cache plus the growing attention mask); ``join_states(a, b)`` and
+``select_rows(state, rows)`` let the serving engine (``qwen2lib.serving``) splice rows in and out of a running
+batch between steps (both backends here have them). On top of that the loop
 does greedy or sampled decoding (temperature, top-k, top-p, repetition penalty, a seeded
 ``torch.Generator``), stops on the family's end tokens, left-pads a batch of prompts, streams text
 deltas that never split a multi-byte character, and stamps every token with a clock reading so the
