@@ -11,10 +11,21 @@ client limited to ``batch_size`` requests in flight.
 Metric names and formulas follow vLLM: TTFT, TPOT = (E2E - TTFT) / (n - 1) per request,
 ITL = every gap between consecutive tokens, E2E; each as mean / median / p99 in ms; throughput
 over the wall time of the whole run.
+
+Two ways to run the requests. In process (``benchmark``): fixed batches back to back, the no-server
+baseline. Against a server (``benchmark_server``, ``qwen2lib bench --url``): any OpenAI-compatible
+endpoint (``qwen2lib serve``, llama.cpp's ``llama-server``, vLLM) is sent the same requests the way
+vLLM's ``benchmark_serving`` sends them: streamed completions with ``max_tokens`` = the reply's length
+and ``ignore_eos``, arriving as a Poisson process at ``request_rate`` per second (gamma gaps with shape
+``burstiness``; all at once when the rate is infinite), at most ``max_concurrency`` in flight. TTFT is
+the first streamed token chunk, ITL every gap between chunks, E2E the last chunk, each from the moment
+the request was sent; output tokens come from the server's ``usage``.
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import random
 import sys
 import time
@@ -23,6 +34,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from .errors import Qwen2LibError
 
 MIN_TOKENS = 4
 MAX_PROMPT_TOKENS = 1024
@@ -200,6 +213,145 @@ def sweep_batch_sizes(backend, requests: Sequence[Request], batch_sizes: Sequenc
     return [benchmark(backend, requests, bs, **kwargs) for bs in batch_sizes]
 
 
+# ---- against a server -------------------------------------------------------------------------
+
+def arrival_delays(num_requests: int, request_rate: float = math.inf, burstiness: float = 1.0, seed: int = 0) -> np.ndarray:
+    """Seconds to wait before sending each request: 0 first, then gamma gaps of mean 1 / request_rate.
+
+    burstiness 1 is a Poisson process (exponential gaps); an infinite rate sends everything at once.
+    """
+    if not request_rate > 0 or not burstiness > 0:
+        raise ValueError(f"request_rate={request_rate}, burstiness={burstiness}: both must be > 0 (inf: all at once)")
+    if math.isinf(request_rate):
+        return np.zeros(num_requests)
+    gaps = np.random.default_rng(seed).gamma(burstiness, 1.0 / (request_rate * burstiness), num_requests)
+    gaps[0] = 0.0
+    return gaps
+
+
+def base_url(url: str) -> str:
+    """``http://host:port`` from a server address given with or without ``/v1``."""
+    if not url.startswith(("http://", "https://")):
+        raise Qwen2LibError(f"--url {url!r}: give the server's address, e.g. http://127.0.0.1:8000")
+    return url.rstrip("/").removesuffix("/v1")
+
+
+def _request_body(request: Request, model: str, chat: bool, tokenizer) -> dict:
+    body = {"model": model, "max_tokens": request.output_len, "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True}
+    if chat:
+        text = request.prompt if request.prompt is not None else tokenizer.decode(request.prompt_ids)
+        body["messages"] = [{"role": "user", "content": text}]
+    else:
+        body["prompt"] = request.prompt if request.prompt is not None else request.prompt_ids
+    return body
+
+
+async def _send(session, endpoint: str, body: dict, request: Request, chat: bool) -> RequestResult | str:
+    """One streamed request -> its timings, or the reason it failed."""
+    import aiohttp
+
+    start = time.perf_counter()
+    times, usage = [], {}
+    try:
+        async with session.post(endpoint, json=body) as response:
+            if response.status != 200:
+                return f"HTTP {response.status}: {(await response.text())[:300]}"
+            async for line in response.content:
+                line = line.strip()
+                if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                if chunk.get("error"):
+                    return f"server error: {chunk['error'].get('message', chunk['error'])}"
+                usage = chunk.get("usage") or usage
+                choice = (chunk.get("choices") or [None])[0]
+                if choice is None:
+                    continue
+                piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                if piece is not None and (piece or not choice.get("finish_reason")):  # a token, not a bare terminator
+                    times.append(time.perf_counter())
+    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    if not times:
+        return "the stream held no tokens"
+    n = int(usage.get("completion_tokens") or len(times))
+    return RequestResult(int(usage.get("prompt_tokens") or request.prompt_len), n, times[0] - start,
+                         [b - a for a, b in zip(times, times[1:])], times[-1] - start)
+
+
+async def _load(url, requests, model, chat, tokenizer, delays, max_concurrency, timeout_s, progress):
+    import aiohttp
+    from tqdm.auto import tqdm
+
+    endpoint = f"{url}/v1/{'chat/completions' if chat else 'completions'}"
+    limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    bar = tqdm(total=len(requests), desc="bench --url", unit="req", disable=not progress, file=sys.stderr)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        async def one(request):
+            body = _request_body(request, model, chat, tokenizer)
+            if limit is None:
+                outcome = await _send(session, endpoint, body, request, chat)
+            else:
+                async with limit:
+                    outcome = await _send(session, endpoint, body, request, chat)
+            bar.update(1)
+            return outcome
+
+        probe = await _send(session, endpoint, _request_body(Request(requests[0].prompt_ids, 2, requests[0].prompt),
+                                                              model, chat, tokenizer), requests[0], chat)
+        if isinstance(probe, str):
+            raise Qwen2LibError(f"{endpoint}: the test request failed ({probe}); is the server up and serving {model!r}?")
+        tasks, start = [], time.perf_counter()
+        for delay, request in zip(delays, requests):
+            if delay:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(request)))
+        outcomes = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    bar.close()
+    return outcomes, duration
+
+
+async def _served_model(url: str, timeout_s: float) -> str:
+    import aiohttp
+
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+            async with session.get(f"{url}/v1/models") as response:
+                return (await response.json())["data"][0]["id"]
+    except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, IndexError, ValueError) as exc:
+        raise Qwen2LibError(f"{url}/v1/models did not answer with a model ({type(exc).__name__}: {exc}); "
+                            "is an OpenAI-compatible server running there? (pass --served-model to skip the lookup)") from exc
+
+
+def benchmark_server(url: str, requests: Sequence[Request], *, request_rate: float = math.inf,
+                     max_concurrency: int | None = None, model: str | None = None, chat: bool = False, tokenizer=None,
+                     burstiness: float = 1.0, seed: int = 0, dataset: str = SYNTHETIC, label: str = "",
+                     timeout_s: float = 600.0, progress: bool = True) -> dict:
+    """Send ``requests`` to an OpenAI-compatible server as vLLM's benchmark_serving does; the same dict as ``benchmark``."""
+    url = base_url(url)
+    if max_concurrency is not None and max_concurrency < 1:
+        raise ValueError(f"max_concurrency={max_concurrency}: use 1 or more, or None for no limit")
+    if not requests:
+        raise ValueError("no requests to send")
+    if chat and tokenizer is None and any(r.prompt is None for r in requests):
+        raise ValueError("the chat endpoint takes text: pass tokenizer= to decode the synthetic token ids, or a ShareGPT set")
+    delays = arrival_delays(len(requests), request_rate, burstiness, seed)
+    model = model or asyncio.run(_served_model(url, timeout_s))
+    outcomes, duration = asyncio.run(_load(url, list(requests), model, chat, tokenizer, delays, max_concurrency,
+                                           timeout_s, progress))
+    results = [o for o in outcomes if isinstance(o, RequestResult)]
+    errors = [o for o in outcomes if isinstance(o, str)]
+    if not results:
+        raise Qwen2LibError(f"all {len(errors)} requests to {url} failed; the first: {errors[0]}")
+    return {"label": label or model, "backend": "server", "url": url, "model": model, "dataset": dataset,
+            "num_requests": len(requests), "request_rate": request_rate, "max_concurrency": max_concurrency,
+            "batch_size": max_concurrency, "failed": len(errors), "errors": errors[:10],
+            **compute_metrics(results, duration), "requests": [asdict(r) for r in results]}
+
+
 # ---- reporting --------------------------------------------------------------------------------
 
 def metrics_table(runs: dict | Sequence[dict]):
@@ -210,7 +362,7 @@ def metrics_table(runs: dict | Sequence[dict]):
     rows = []
     for run in runs:
         row = {"label": run.get("label") or run.get("backend"), "dataset": run["dataset"], "batch": run["batch_size"],
-               "requests": run["completed"]}
+               "rate": run.get("request_rate"), "requests": run["completed"], "failed": run.get("failed", 0)}
         for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
             for stat in ("mean", "median", "p99"):
                 row[f"{key[:-3]} {stat} ms"] = run[key][stat]
@@ -257,6 +409,33 @@ def plot_throughput_vs_batch(runs: Sequence[dict], ax=None):
     return ax
 
 
+def plot_latency_vs_rate(runs: Sequence[dict], axes=None, stat: str = "median"):
+    """TTFT and TPOT (``stat``: mean, median or p99) against request rate, one line per label.
+
+    An infinite rate (all at once) is drawn one step beyond the largest finite rate and labelled inf.
+    """
+    import matplotlib.pyplot as plt
+
+    axes = axes if axes is not None else plt.subplots(1, 2, figsize=(11, 4))[1]
+    finite = sorted({r["request_rate"] for r in runs if not math.isinf(r["request_rate"])}) or [1.0]
+    inf_at = finite[-1] * 2
+    for label in dict.fromkeys(r["label"] for r in runs):
+        points = sorted((inf_at if math.isinf(r["request_rate"]) else r["request_rate"], r) for r in runs
+                        if r["label"] == label)
+        for ax, metric in zip(axes, ("ttft_ms", "tpot_ms")):
+            ax.plot([x for x, _ in points], [r[metric][stat] for _, r in points], marker="o", label=label)
+    ticks = finite + ([inf_at] if any(math.isinf(r["request_rate"]) for r in runs) else [])
+    for ax, name in zip(axes, ("TTFT", "TPOT")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [("inf" if t == inf_at and t not in finite else f"{t:g}") for t in ticks])
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_ylabel(f"{name} {stat} (ms)")
+        ax.set_title(f"{name} against request rate")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return axes
+
+
 def save_run(run: dict, folder: str | Path, name: str) -> Path:
     from .artifacts import atomic_write_text
 
@@ -277,11 +456,14 @@ def cmd_bench(args) -> int:
     from .generation import load_backend
     from .tokenizer import load_tokenizer
 
+    url = _check_args(args)
     tokenizer = load_tokenizer(args.model)
     requests, dataset = load_requests(args.dataset, tokenizer, args.num_requests, args.seed)
     if dataset == SYNTHETIC:
         print(f"[bench] no --dataset: {len(requests)} SYNTHETIC requests (seeded lognormal lengths, random tokens)",
               file=sys.stderr)
+    if url is not None:
+        return _bench_url(args, url, requests, dataset, tokenizer)
     backend = load_backend(args.model, args.backend, weights=args.weights, dtype=args.dtype, seed=args.seed,
                            compiled=args.compiled, workdir=workdir_of(args), precision=args.precision)
     label = f"{args.backend}" + (f"-{args.precision}" if args.backend == "onnx" else f"-{args.dtype}")
@@ -298,6 +480,40 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _check_args(args) -> str | None:
+    """Validate before any model or tokenizer loads; the server's base URL when --url is given."""
+    if args.num_requests < 1 or args.batch_size < 1:
+        raise ValueError(f"--num-requests {args.num_requests} --batch-size {args.batch_size}: both must be at least 1")
+    if args.url is None:
+        return None
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise ValueError(f"--max-concurrency {args.max_concurrency}: use 1 or more (omit it for no limit)")
+    if not args.request_rate > 0 or not args.burstiness > 0:
+        raise ValueError(f"--request-rate {args.request_rate} --burstiness {args.burstiness}: both must be > 0 "
+                         "(--request-rate inf sends everything at once)")
+    return base_url(args.url)
+
+
+def _bench_url(args, url, requests, dataset, tokenizer) -> int:
+    import pandas as pd
+
+    from .artifacts import stage_dir
+    from .cli import workdir_of
+
+    run = benchmark_server(url, requests, request_rate=args.request_rate, max_concurrency=args.max_concurrency,
+                           model=args.served_model, chat=args.endpoint == "chat", tokenizer=tokenizer,
+                           burstiness=args.burstiness, seed=args.seed, dataset=dataset, label=args.label or "")
+    with pd.option_context("display.width", 200, "display.max_columns", None, "display.float_format", "{:.2f}".format):
+        print(metrics_table(run).T.to_string())
+    for error in run["errors"][:3]:
+        print(f"[bench] failed request: {error}", file=sys.stderr)
+    rate = "inf" if math.isinf(args.request_rate) else f"{args.request_rate:g}"
+    name = f"bench-url-{run['label']}-{dataset.removesuffix('.json')}-rate{rate}".replace("/", "_")
+    path = save_run(run, stage_dir(workdir_of(args), "inference"), name)
+    print(f"[bench] wrote {path}", file=sys.stderr)
+    return 0
+
+
 def register_cli(sub) -> None:
     from .cli import add_model_args
     from .generation import add_backend_args
@@ -307,5 +523,13 @@ def register_cli(sub) -> None:
     add_backend_args(p)
     p.add_argument("--dataset", default=None, help="ShareGPT-format JSON; without it a seeded synthetic set")
     p.add_argument("--num-requests", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1, help="in-process mode: rows per fixed batch")
+    p.add_argument("--url", default=None, help="measure this OpenAI-compatible server instead (e.g. http://127.0.0.1:8000); "
+                   "--model then only names the tokenizer used to sample the requests")
+    p.add_argument("--request-rate", type=float, default=math.inf, help="with --url: Poisson arrivals per second (default inf: all at once)")
+    p.add_argument("--burstiness", type=float, default=1.0, help="with --url: gamma shape of the arrival gaps (1: Poisson)")
+    p.add_argument("--max-concurrency", type=int, default=None, help="with --url: requests in flight at most (default no limit)")
+    p.add_argument("--endpoint", default="completions", choices=("completions", "chat"), help="with --url: which API")
+    p.add_argument("--served-model", default=None, help="with --url: the model id to send (default: the server's first)")
+    p.add_argument("--label", default=None, help="with --url: name of the run in tables and plots")
     p.set_defaults(func=cmd_bench)

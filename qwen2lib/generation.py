@@ -5,7 +5,9 @@ A backend is anything with ``max_positions`` and two methods, so the loop never 
     prefill(ids (B, T), attention_mask (B, T)) -> logits (B, V) of the last position, state
     decode(next_ids (B, 1), state)              -> logits (B, V), state
 
-``state`` is the backend's own (a KV cache plus the growing attention mask). On top of that the loop
+``state`` is the backend's own (a KV cache plus the growing attention mask); ``join_states(a, b)`` and
+``select_rows(state, rows)`` let the serving engine (``qwen2lib.serving``) splice rows in and out of a running
+batch between steps (both backends here have them). On top of that the loop
 does greedy or sampled decoding (temperature, top-k, top-p, repetition penalty, a seeded
 ``torch.Generator``), stops on the family's end tokens, left-pads a batch of prompts, streams text
 deltas that never split a multi-byte character, and stamps every token with a clock reading so the
@@ -23,7 +25,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 
-from .errors import PromptTooLongError
+from .errors import PromptTooLongError, Qwen2LibError
 
 # Both of the family's end tokens: base models end documents with <|endoftext|>, chat turns end with
 # <|im_end|>. Stopping on either is always right for Qwen2, whatever the checkpoint's config says.
@@ -105,6 +107,15 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _left_pad(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """``x`` grown to length ``n`` along ``dim`` by zeros in front (left padding of a cache or mask)."""
+    if x.shape[dim] == n:
+        return x
+    shape = list(x.shape)
+    shape[dim] = n - x.shape[dim]
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
 class TorchBackend:
     """Any ``transformers``-style causal LM (reference, deploy package, quantized) or ``qwen2lib.model.Qwen2``.
 
@@ -153,6 +164,34 @@ class TorchBackend:
         out = self.model(input_ids=next_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=True, **{self._cache_kw: cache})
         return out.logits[:, -1].float(), (self._cache_of(out), attention_mask)
+
+    # Continuous batching (qwen2lib.serving) splices rows in and out of a running state between decode steps.
+    def join_states(self, a, b):
+        """The rows of ``a`` then ``b`` in one state, the shorter left-padded (mask 0) to the longer's length."""
+        from transformers import DynamicCache
+
+        (cache_a, mask_a), (cache_b, mask_b) = a, b
+        n = max(mask_a.shape[1], mask_b.shape[1])
+        layers = [tuple(torch.cat([_left_pad(x, n, 2), _left_pad(y, n, 2)]) for x, y in ((ka, kb), (va, vb)))
+                  for (ka, va), (kb, vb) in zip(self._layers(cache_a), self._layers(cache_b))]
+        return DynamicCache(layers), torch.cat([_left_pad(mask_a, n, 1), _left_pad(mask_b, n, 1)])
+
+    def select_rows(self, state, rows: list[int]):
+        """Only ``rows`` of the state, without the left padding none of them needs any more."""
+        from transformers import DynamicCache
+
+        cache, mask = state
+        index = torch.tensor(rows, dtype=torch.long, device=mask.device)
+        mask = mask[index]
+        first = int(mask.any(0).nonzero()[0])  # the earliest position some kept row uses
+        layers = [(k[index, :, first:], v[index, :, first:]) for k, v in self._layers(cache)]
+        return DynamicCache(layers), mask[:, first:]
+
+    def _layers(self, cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self.scratch or not hasattr(cache, "layers"):
+            raise Qwen2LibError(f"{type(self.model).__name__}'s cache cannot be split into rows: serve a transformers "
+                                "model (load_backend/stage_backend) or a compiled graph")
+        return [(layer.keys, layer.values) for layer in cache.layers]
 
     def _cache_of(self, out):
         for name in ("cache", "past_key_values"):
@@ -206,6 +245,16 @@ class OnnxBackend:
     def decode(self, next_ids, state):
         logits, state = self.runtime.decode(next_ids.numpy(), state)
         return torch.from_numpy(logits[:, -1]).float(), state
+
+    def join_states(self, a, b):
+        from .ort_runtime import join_kv
+
+        return join_kv(a, b)
+
+    def select_rows(self, state, rows: list[int]):
+        from .ort_runtime import select_kv
+
+        return select_kv(state, rows)
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Full-sequence logits (B, T, V) in fp32 (a last-position graph is walked token by token)."""

@@ -60,6 +60,37 @@ class KVState:
         return [(k[:, :, :P], v[:, :, :P]) for k, v in self.buffers]
 
 
+def join_kv(a: KVState, b: KVState) -> KVState:
+    """The rows of ``a`` then ``b`` in one state, the shorter left-padded (mask 0) to the longer's length.
+
+    The serving engine splices a newly prefilled request into its running batch this way; the copy drops
+    the in-place buffers' spare capacity, so the next contrib decode re-allocates and re-binds once.
+    """
+    n = max(a.length, b.length)
+    buffers = []
+    for (ka, va), (kb, vb) in zip(a.past, b.past):
+        pair = []
+        for x, y in ((ka, kb), (va, vb)):
+            out = np.zeros((x.shape[0] + y.shape[0], x.shape[1], n, x.shape[3]), x.dtype)
+            out[:x.shape[0], :, n - x.shape[2]:] = x
+            out[x.shape[0]:, :, n - y.shape[2]:] = y
+            pair.append(out)
+        buffers.append(tuple(pair))
+    mask = np.zeros((a.attention_mask.shape[0] + b.attention_mask.shape[0], n), np.int64)
+    mask[:a.attention_mask.shape[0], n - a.length:] = a.attention_mask
+    mask[a.attention_mask.shape[0]:, n - b.length:] = b.attention_mask
+    return KVState(buffers, mask)
+
+
+def select_kv(state: KVState, rows: list[int]) -> KVState:
+    """Only ``rows`` of ``state``, without the left padding none of them needs any more (a copy)."""
+    mask = state.attention_mask[rows]
+    first = int(np.argmax(mask.any(axis=0)))  # the earliest position some kept row uses
+    buffers = [(np.ascontiguousarray(k[rows, :, first:]), np.ascontiguousarray(v[rows, :, first:]))
+               for k, v in state.past]
+    return KVState(buffers, np.ascontiguousarray(mask[:, first:]))
+
+
 def positions_from_mask(attention_mask: np.ndarray) -> np.ndarray:
     """Position of each token = real tokens before it; left padding gets position 0. (B, A) int64"""
     return np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0).astype(np.int64)
