@@ -45,12 +45,13 @@ from .errors import NumericalOverflowError, Qwen2LibError
 from .fidelity import fidelity_report
 from .loading import check_safetensors, check_weights_match_config, checkpoint_dir, load_model
 from .model import Qwen2Args
-from .onnx_graph import FP16_MAX, GraphPlan, build_graph, io_signature, op_histogram
+from .onnx_graph import FP16_MAX, GraphPlan, build_graph, io_signature, op_histogram, weight_precision
 from .ort_runtime import OnnxCausalLM, check_finite
 from .patching import ensure_patched, load_deploy_package
 from .quantization import ensure_quantized
 from .stages import ensure_stage
 from .tokenizer import load_tokenizer
+from .trace import export_package_graph
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 MANIFEST_FORMAT = "qwen2lib-compiled/1"
@@ -438,6 +439,13 @@ def _load_source(cfg: dict, folder: Path, int8_folder: Path | None, model: str, 
     return source, quantized, label
 
 
+def traced(cfg: dict, folder: Path) -> bool:
+    """The standard-ops fp32 graph of a deploy package is traced from its model (``qwen2lib.trace``), as the
+    guide's compiler does; every other graph is built node by node (``qwen2lib.onnx_graph``)."""
+    return (cfg["graph"]["operator_set"] == "standard" and cfg["precision"] == "fp32"
+            and (folder / "patches.json").is_file())
+
+
 def load_reference(folder: Path):
     """The torch fp32 reference a graph is checked against: the deploy package it was built from (its code
     checked first), or the plain transformers model of a raw checkpoint."""
@@ -467,15 +475,25 @@ def _compile_into(tmp: Path, cfg: dict, folder: Path, int8_folder: Path | None, 
                 print(f"[compile {cfg['name']}]     kept in fp32 (fp16 would overflow): {', '.join(sorted(keep))}")
     per_block, per_block_reason = per_block_projections(cfg, int8_folder) if cfg["precision"] == "int8" else ([], None)
     plan = _plan(cfg, source.args, keep, source.config, per_block)
-    with phases("graph build", f"{plan.operator_set} ops, {cfg['precision']}"):
-        built = build_graph(source.args, source.weights, plan, quantized)
-        source.weights.clear()  # the graph holds its own (transposed, cast or packed) copies
+    external = {"auto": None, "always": True, "never": False}[cfg["graph"]["external_data"]]
+    if traced(cfg, folder):
+        with phases("graph build", "torch.onnx.export of the deploy package's model (standard ops, fp32)"):
+            reference_model = load_reference(folder)
+            reference_model.config.insert_slice = plan.last_position_logits  # the graph computes what the plan says
+            files = export_package_graph(reference_model, tmp, opset=cfg["graph"]["opset"], external=external,
+                                         max_positions=plan.max_sequence_length)
+            reference_model.config.insert_slice = False  # as a reference it scores every position
+            histogram, precision = op_histogram(tmp / "model.onnx"), weight_precision(source.args, plan)
+            source.weights.clear()
+    else:
+        with phases("graph build", f"{plan.operator_set} ops, {cfg['precision']}"):
+            built = build_graph(source.args, source.weights, plan, quantized)
+            source.weights.clear()  # the graph holds its own (transposed, cast or packed) copies
+            files = built.save(tmp, external)
+            histogram, precision = op_histogram(built), built.precision
+            del built
     with phases("save + onnx.checker"):
-        external = {"auto": None, "always": True, "never": False}[cfg["graph"]["external_data"]]
-        files = built.save(tmp, external)
         onnx.checker.check_model(str(tmp / "model.onnx"))
-        histogram, precision = op_histogram(built), built.precision
-        del built
         for name in ("config.json",) + TOKENIZER_FILES:
             if (folder / name).is_file():
                 shutil.copy2(folder / name, tmp / name)

@@ -283,6 +283,10 @@ def _check_semantics(cfg: dict, where: dict) -> None:
                                    "onnxruntime's MatMulNBits); use contrib or precision fp32/fp16")
     if not 17 <= g["opset"] <= 23:
         fail("graph.opset", f"{g['opset']} is outside the supported 17-23 (onnxruntime 1.32 and the ops used)")
+    traced = g["operator_set"] == "standard" and cfg["precision"] == "fp32" and cfg["source"]["package"] == "patched"
+    if traced and g["opset"] < 18:
+        fail("graph.opset", f"{g['opset']}: the standard-ops graph of a deploy package is traced by torch.onnx.export, "
+                            "which emits opset 18 or later")
     if not 0 <= g["max_sequence_length"] <= MAX_SEQUENCE_LENGTH:
         fail("graph.max_sequence_length", f"{g['max_sequence_length']}: must be 1..{MAX_SEQUENCE_LENGTH:,} (the rotary "
                                           "tables grow with it), or 0 for the model's max_position_embeddings")
