@@ -505,22 +505,25 @@ def _ensure_graph(model, weights, workdir, seed, precision) -> Path:
 
 # The five ways notebook 05 runs a model, each built from (or reusing) the earlier stages' folders.
 STAGE_BACKENDS = ("fp32 torch", "int8 torch", "fp32 graph", "fp16 graph", "int8 graph")
+# Accuracy also compares notebook 03's other int8 scheme; "int8 torch" is its W8A16 package.
+ACCURACY_STAGES = ("fp32 torch", "int8 torch", "int8 torch smoothquant", "fp32 graph", "fp16 graph", "int8 graph")
 
 
 def stage_backend(label: str, model: str = "tiny", *, weights: str = "auto", workdir: str | Path | None = None,
                   seed: int = 0, dtype="float32"):
-    """One of ``STAGE_BACKENDS``: the reference, notebook 03's int8 model, or a graph of notebook 04."""
+    """One of ``ACCURACY_STAGES``: the reference, notebook 03's int8 models, or a graph of notebook 04."""
     if label == "fp32 torch":
         return load_backend(model, "torch", weights=weights, dtype=dtype, seed=seed)
-    if label == "int8 torch":
+    if label in ("int8 torch", "int8 torch smoothquant"):
         from .artifacts import default_workdir
         from .quantization import ensure_quantized, load_quantized
 
         workdir = Path(workdir) if workdir else default_workdir(model)
-        return TorchBackend(load_quantized(ensure_quantized(model, weights, workdir, seed=seed, scheme="w8a16")))
+        scheme = "smoothquant" if label.endswith("smoothquant") else "w8a16"
+        return TorchBackend(load_quantized(ensure_quantized(model, weights, workdir, seed=seed, scheme=scheme)))
     if label.endswith(" graph"):
         return load_backend(model, "onnx", weights=weights, seed=seed, workdir=workdir, precision=label.split()[0])
-    raise ValueError(f"unknown backend {label!r}: one of {', '.join(STAGE_BACKENDS)}")
+    raise ValueError(f"unknown backend {label!r}: one of {', '.join(ACCURACY_STAGES)}")
 
 
 # ---- command line -----------------------------------------------------------------------------
