@@ -515,12 +515,20 @@ def stage_backend(label: str, model: str = "tiny", *, weights: str = "auto", wor
     if label == "fp32 torch":
         return load_backend(model, "torch", weights=weights, dtype=dtype, seed=seed)
     if label in ("int8 torch", "int8 torch smoothquant"):
-        from .artifacts import default_workdir
+        from .artifacts import default_workdir, read_metrics, stage_dir
         from .quantization import ensure_quantized, load_quantized
 
         workdir = Path(workdir) if workdir else default_workdir(model)
         scheme = "smoothquant" if label.endswith("smoothquant") else "w8a16"
-        return TorchBackend(load_quantized(ensure_quantized(model, weights, workdir, seed=seed, scheme=scheme)))
+        folder = stage_dir(workdir, "quantized", scheme)
+        built = read_metrics(folder).get("request", {}) if (folder / "metrics.json").is_file() else {}
+        # Notebook 03's settings (alpha, calibration, held-out blocks) when it built this model: the
+        # request then matches and its package is reused, not rebuilt with the defaults.
+        settings = {k: built[k] for k in ("alpha", "skip", "heldout_blocks", "heldout_len", "calibration")
+                    if built.get(k) is not None and [built.get("model"), built.get("weights"), built.get("seed")]
+                    == [str(model), weights, seed]}
+        return TorchBackend(load_quantized(ensure_quantized(model, weights, workdir, seed=seed, scheme=scheme,
+                                                            **settings)))
     if label.endswith(" graph"):
         return load_backend(model, "onnx", weights=weights, seed=seed, workdir=workdir, precision=label.split()[0])
     raise ValueError(f"unknown backend {label!r}: one of {', '.join(ACCURACY_STAGES)}")
