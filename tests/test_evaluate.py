@@ -309,8 +309,8 @@ def test_limit_subjects_and_an_interrupted_run_resumes(tmp_path, tokenizer):
 
 
 def test_accuracy_table_has_a_delta_against_fp32_per_set():
-    def result(avg):
-        return {"dataset": "C-Eval (val)", "average_accuracy": avg,
+    def result(avg, dataset="C-Eval (val)"):
+        return {"dataset": dataset, "average_accuracy": avg,
                 "categories": {"STEM": {"accuracy": avg - 0.1}, "Average": {"accuracy": avg}}}
 
     table = accuracy_table({"fp32 torch": result(0.5), "int8 torch": result(0.48), "int8 graph": result(0.53)},
@@ -318,9 +318,12 @@ def test_accuracy_table_has_a_delta_against_fp32_per_set():
     assert list(table.index) == ["fp32 torch", "int8 torch", "int8 graph"]
     assert table["C-Eval (val) Δ vs fp32 torch"].tolist() == pytest.approx([0.0, -2.0, 3.0])
     assert table.loc["int8 torch", "C-Eval (val) STEM %"] == pytest.approx(38.0)
-    two = accuracy_table({"fp32 torch": {"ceval": result(0.5), "mmlu": result(0.3)},
-                          "fp16 graph": {"ceval": result(0.5), "mmlu": result(0.31)}})
-    assert two.loc["fp16 graph", "mmlu Δ vs fp32 torch"] == pytest.approx(1.0)
+    two = accuracy_table({"fp32 torch": {"ceval": result(0.5), "mmlu": result(0.3, "MMLU (test)")},
+                          "fp16 graph": {"ceval": result(0.5), "mmlu": result(0.31, "MMLU (test)")}})
+    assert two.loc["fp16 graph", "MMLU (test) Δ vs fp32 torch"] == pytest.approx(1.0)
+    assert two.loc["fp16 graph", "C-Eval (val) Δ vs fp32 torch"] == pytest.approx(0.0)
+    stand_in = accuracy_table({"fp32 torch": result(0.5, "not C-Eval: built-in stdlib-docstring multiple choice")})
+    assert list(stand_in.columns) == ["not C-Eval avg %", "not C-Eval Δ vs fp32 torch"]
 
 
 def test_builtin_set_is_labelled_not_ceval_and_loads(tmp_path, tokenizer):

@@ -135,7 +135,8 @@ class _NoFile:
 def accuracy_table(results: Mapping[str, Mapping], reference: str | None = None, categories: bool = False):
     """One row per stage: each benchmark's average accuracy (%) and its delta against the reference row.
 
-    ``results``: stage label -> an ``evaluate_benchmark`` result, or -> {name: result} for several sets.
+    ``results``: stage label -> an ``evaluate_benchmark`` result, or -> {name: result} for several sets;
+    columns are named by each result's dataset label, so the offline stand-in never reads as C-Eval.
     The reference is ``reference`` or the first stage (fp32 torch); deltas are percentage points, the way
     Qwen publishes its quantized models' scores against bf16. ``categories`` adds OpenCompass's category columns.
     """
@@ -148,10 +149,9 @@ def accuracy_table(results: Mapping[str, Mapping], reference: str | None = None,
         raise ValueError(f"reference {reference!r} is not one of {', '.join(results)}")
 
     def scores(result: Mapping) -> dict[str, float]:
-        sets = {"": result} if "categories" in result else result
         out = {}
-        for name, r in sets.items():
-            title = name or r["dataset"].split(":")[0]  # "C-Eval (val)", or "not C-Eval" for the stand-in
+        for r in ([result] if "categories" in result else result.values()):
+            title = r["dataset"].split(":")[0]  # "C-Eval (val)", "MMLU (test)", or "not C-Eval" for the stand-in
             out[f"{title} avg %"] = 100 * r["average_accuracy"]
             if categories:
                 out.update({f"{title} {c} %": 100 * v["accuracy"] for c, v in r["categories"].items() if c != "Average"})
