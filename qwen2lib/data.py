@@ -3,7 +3,8 @@
   c4       allenai/c4 English shards: ``c4-train.00000-of-01024.json.gz`` / ``c4-validation.0000X-of-00008.json.gz``,
            JSON lines with a ``text`` field (a file, or a folder holding such shards)
   ceval    ceval/ceval-exam: ``ceval-exam.zip`` or its extracted ``{dev,val,test}/{subject}_{split}.csv``,
-           columns id,question,A,B,C,D[,answer,explanation] (a zip, a folder, or one csv)
+           columns id,question,A,B,C,D[,answer,explanation] (a zip, a folder, OpenCompassData-core, or one
+           csv); the dev and test splits only, since ``eval ceval`` scores val
   alpaca   yahma/alpaca-cleaned: ``alpaca_data_cleaned.json``, a list of {instruction, input, output}
   builtin  no download at all: the CPython standard library's own sources (the *train* files of
            ``qwen2lib.corpus``), labelled as an offline fallback wherever it is used
@@ -16,14 +17,14 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import Qwen2LibError
+from .evaluation.datasets import SCORED_SPLIT, EvalDataError, open_benchmark
+from .evaluation.scoring import build_prompt
 
 DATASETS = ("c4", "ceval", "alpaca", "builtin")
 HUB = {  # repo id and the one file of it the guide calibrates on
@@ -31,7 +32,7 @@ HUB = {  # repo id and the one file of it the guide calibrates on
     "ceval": ("ceval/ceval-exam", "ceval-exam.zip"),
     "alpaca": ("yahma/alpaca-cleaned", "alpaca_data_cleaned.json"),
 }
-CEVAL_SPLITS = ("val", "dev", "test")  # first one present is used: val/dev carry the answers
+CEVAL_SPLITS = ("dev", "test")  # never val: `eval ceval` scores it
 BUILTIN_LABEL = "builtin: CPython standard library sources (train files), offline fallback, nothing downloaded"
 
 
@@ -73,30 +74,26 @@ def read_c4(path: Path) -> list[dict]:
     return [{"text": t} for t in data["text"]]
 
 
-def ceval_csvs(folder: Path) -> list[Path]:
-    for split in CEVAL_SPLITS:
-        found = sorted(folder.glob(f"**/{split}/*_{split}.csv"))
-        if found:
-            return found
-    return sorted(folder.glob("**/*.csv"))
-
-
 def read_ceval(path: Path) -> list[dict]:
-    if path.is_file() and path.suffix == ".zip":
-        with tempfile.TemporaryDirectory(prefix="ceval-") as tmp, zipfile.ZipFile(path) as archive:
-            archive.extractall(tmp)
-            return read_ceval(Path(tmp))
-    files = ceval_csvs(path) if path.is_dir() else [path]
-    if not files:
-        raise CalibrationDataError(f"{path} holds no ceval csv ({{dev,val,test}}/{{subject}}_{{split}}.csv)")
-    records = []
-    for f in files:  # one file at a time: test csvs lack the answer columns, so schemas differ across splits
-        data = _load("csv", [f])
-        missing = {"question", "A", "B", "C", "D"} - set(data.column_names)
-        if missing:
-            raise CalibrationDataError(f"{f} lacks the ceval columns {sorted(missing)} (has {data.column_names})")
-        records.extend(dict(row) for row in data)
-    return records
+    """C-Eval rows of every split but the one ``eval ceval`` scores (val): dev and test.
+
+    Read by the evaluation's reader, so every layout it accepts works here too (ceval-exam.zip, its folder,
+    OpenCompassData-core); calibrating on val would tune the quantized model on the questions that grade it.
+    """
+    scored = SCORED_SPLIT["ceval"]
+    if path.name.endswith(f"_{scored}.csv"):
+        raise CalibrationDataError(f"{path} is C-Eval's {scored} split, which `eval ceval` scores: calibrate on the "
+                                   "dev/test files or the whole ceval-exam.zip")
+    try:
+        bench = open_benchmark("ceval", path, need_split=None)
+    except EvalDataError as error:
+        raise CalibrationDataError(str(error)) from None
+    splits = [s for s in CEVAL_SPLITS if s in bench.group.splits()]
+    if not splits:
+        raise CalibrationDataError(f"{path} holds only C-Eval's {scored} split, which `eval ceval` scores: "
+                                   f"calibration needs {' or '.join(CEVAL_SPLITS)}")
+    return [{**row, "subject_name": bench.names.get(subject, subject)}
+            for split in splits for subject in bench.subjects(split) for row in bench.rows(subject, split)]
 
 
 def read_alpaca(path: Path) -> list[dict]:
@@ -126,10 +123,9 @@ def read_hub(dataset: str) -> list[dict]:
 
 def turns(dataset: str, record: dict) -> tuple[str, str]:
     """(prompt, answer) of one record; plain-text sets are all prompt."""
-    if dataset == "ceval":
-        choices = "\n".join(f"{k}. {record[k]}" for k in "ABCD")
+    if dataset == "ceval":  # the exam prompt `eval ceval` asks with, so calibration sees what is scored
         answer = " ".join(str(record.get(k) or "") for k in ("answer", "explanation")).strip()
-        return f"{record['question']}\n{choices}\n答案：", answer
+        return build_prompt("ceval", record["subject_name"], [], record), answer
     if dataset == "alpaca":
         prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
         return prompt, record.get("output") or ""
@@ -140,7 +136,7 @@ def render(dataset: str, record: dict, tokenizer=None, chat: bool = False) -> st
     prompt, answer = turns(dataset, record)
     if not chat:
         return f"{prompt}{answer}" if dataset == "ceval" else "\n\n".join(p for p in (prompt, answer) if p)
-    messages = [{"role": "user", "content": prompt}] + ([{"role": "assistant", "content": answer}] if answer else [])
+    messages = [{"role": "user", "content": prompt.rstrip()}] + ([{"role": "assistant", "content": answer}] if answer else [])
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not answer)
 
 

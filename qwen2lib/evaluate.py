@@ -1,12 +1,8 @@
-"""Accuracy on either backend through one ``ids (B, T) -> logits (B, T, V)`` callable.
+"""Accuracy on any backend through one ``ids (B, T) -> logits (B, T, V)`` callable, and the ``eval`` command.
 
-C-Eval the way OpenCompass scores it in PPL mode (its ``ceval_ppl`` config on a base model with no
-meta template): the published CSV layout (``{subject}_dev.csv`` gives the 5 in-context examples,
-``{subject}_val.csv`` is scored), the Chinese exam prompt, and for each question four texts that end
-in A, B, C or D; the candidate whose answer continuation has the lowest mean token cross-entropy
-wins. OpenCompass averages over the whole text instead; with single-token answers sharing one
-prefix both pick the same letter, and scoring only the continuation lets one forward pass over the
-shared prefix score all four.
+Multiple choice the OpenCompass way (C-Eval, CMMLU, MMLU from their published files, PPL or gen mode,
+per-subject and category scores, resumable) lives in ``qwen2lib.evaluation``; this module re-exports
+its names, holds the offline stand-in set and strided perplexity, and registers ``qwen2lib eval``.
 
 Perplexity of a text with strided windows, the protocol of the transformers perplexity guide
 (wikitext-2): windows of ``max_length`` tokens every ``stride`` tokens, each token scored once,
@@ -25,192 +21,35 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .evaluation.datasets import CHOICES, DATASETS, NOT_CEVAL_MARKER, TITLES, EvalDataError, open_benchmark
+from .evaluation.runner import MODES, accuracy_table, evaluate_benchmark, plan
+from .evaluation.scoring import build_prompt, continuation_ce, score_gen, score_ppl
+from .evaluation.subjects import CEVAL_SUBJECTS
+
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
-CHOICES = ("A", "B", "C", "D")
-NOT_CEVAL_MARKER = "NOT_CEVAL.txt"
-
-# subject -> Chinese name, as in C-Eval's subject_mapping.json (used in the exam prompt).
-CEVAL_SUBJECTS = {
-    "computer_network": "计算机网络", "operating_system": "操作系统", "computer_architecture": "计算机组成",
-    "college_programming": "大学编程", "college_physics": "大学物理", "college_chemistry": "大学化学",
-    "advanced_mathematics": "高等数学", "probability_and_statistics": "概率统计", "discrete_mathematics": "离散数学",
-    "electrical_engineer": "注册电气工程师", "metrology_engineer": "注册计量师", "high_school_mathematics": "高中数学",
-    "high_school_physics": "高中物理", "high_school_chemistry": "高中化学", "high_school_biology": "高中生物",
-    "middle_school_mathematics": "初中数学", "middle_school_biology": "初中生物", "middle_school_physics": "初中物理",
-    "middle_school_chemistry": "初中化学", "veterinary_medicine": "兽医学", "college_economics": "大学经济学",
-    "business_administration": "工商管理", "marxism": "马克思主义基本原理",
-    "mao_zedong_thought": "毛泽东思想和中国特色社会主义理论体系概论", "education_science": "教育学",
-    "teacher_qualification": "教师资格", "high_school_politics": "高中政治", "high_school_geography": "高中地理",
-    "middle_school_politics": "初中政治", "middle_school_geography": "初中地理", "modern_chinese_history": "近代史纲要",
-    "ideological_and_moral_cultivation": "思想道德修养与法律基础", "logic": "逻辑学", "law": "法学",
-    "chinese_language_and_literature": "中国语言文学", "art_studies": "艺术学", "professional_tour_guide": "导游资格",
-    "legal_professional": "法律职业资格", "high_school_chinese": "高中语文", "high_school_history": "高中历史",
-    "middle_school_history": "初中历史", "civil_servant": "公务员", "sports_science": "体育学",
-    "plant_protection": "植物保护", "basic_medicine": "基础医学", "clinical_medicine": "临床医学",
-    "urban_and_rural_planner": "注册城乡规划师", "accountant": "注册会计师", "fire_engineer": "注册消防工程师",
-    "environmental_impact_assessment_engineer": "环境影响评价工程师", "tax_accountant": "税务师", "physician": "医师资格",
-}
+__all__ = ["CHOICES", "CEVAL_SUBJECTS", "DATASETS", "NOT_CEVAL_MARKER", "EvalDataError", "accuracy_table",
+           "build_prompt", "continuation_ce", "dataset_label", "evaluate_benchmark", "evaluate_ceval",
+           "open_benchmark", "score_gen", "score_ppl", "strided_perplexity", "text_perplexity",
+           "write_builtin_mc_set"]
 
 
-# ---- C-Eval files -----------------------------------------------------------------------------
-
-def _csv_path(data_dir: Path, subject: str, split: str) -> Path | None:
-    for path in (data_dir / f"{subject}_{split}.csv", data_dir / split / f"{subject}_{split}.csv"):
-        if path.is_file():
-            return path
-    return None
+def evaluate_ceval(logits_fn: LogitsFn, tokenizer, data_dir, subjects: Sequence[str] | None = None, shots: int = 5,
+                   max_questions: int | None = None, progress: bool = True, **kwargs) -> dict:
+    """C-Eval val accuracy, ``shots`` examples from dev: ``evaluate_benchmark(..., "ceval", ...)``."""
+    return evaluate_benchmark(logits_fn, tokenizer, "ceval", data_dir, subjects=subjects, shots=shots,
+                              limit=max_questions, progress=progress, **kwargs)
 
 
-def ceval_subjects(data_dir: str | Path) -> list[str]:
-    """Subjects with a ``{subject}_val.csv`` in the folder (flat, or in a ``val/`` subfolder)."""
-    data_dir = Path(data_dir)
-    found = {p.name.removesuffix("_val.csv") for p in list(data_dir.glob("*_val.csv")) + list(data_dir.glob("val/*_val.csv"))}
-    return sorted(found)
-
-
-def read_ceval_csv(path: str | Path) -> list[dict]:
-    """Rows of a C-Eval CSV (id, question, A, B, C, D, answer[, explanation])."""
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    missing = [c for c in ("question", *CHOICES, "answer") if rows and c not in rows[0]]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; C-Eval CSVs have id,question,A,B,C,D,answer")
-    bad = [r.get("id", i) for i, r in enumerate(rows) if r["answer"].strip() not in CHOICES]
-    if bad:
-        raise ValueError(f"{path}: answer must be one of A/B/C/D (rows {bad[:5]})")
-    return rows
-
-
-def subject_names(data_dir: str | Path) -> dict[str, str]:
-    """subject -> Chinese name: the folder's ``subject_mapping.json`` if present, else C-Eval's table."""
-    names = dict(CEVAL_SUBJECTS)
-    mapping = Path(data_dir) / "subject_mapping.json"
-    if mapping.is_file():
-        names.update({k: v[1] for k, v in json.loads(mapping.read_text(encoding="utf-8")).items()})
-    return names
-
-
-def dataset_label(data_dir: str | Path) -> str:
-    marker = Path(data_dir) / NOT_CEVAL_MARKER
-    return marker.read_text(encoding="utf-8").splitlines()[0] if marker.is_file() else "C-Eval (val)"
-
-
-# ---- prompts ----------------------------------------------------------------------------------
-
-def ceval_question(subject_zh: str, row: dict) -> str:
-    """One exam question up to the answer, OpenCompass's C-Eval template."""
-    return (f"以下是中国关于{subject_zh}考试的单项选择题，请选出其中的正确答案。\n{row['question']}\n"
-            f"A. {row['A']}\nB. {row['B']}\nC. {row['C']}\nD. {row['D']}\n答案: ")
-
-
-def ceval_context(subject_zh: str, shots: Sequence[dict], row: dict) -> str:
-    """In-context examples then the question; the answer letter is appended after one more newline.
-
-    Without a meta template OpenCompass joins every piece (each example's question, its answer,
-    the test question, the candidate answer) with a newline.
-    """
-    pieces = []
-    for shot in shots:
-        pieces += [ceval_question(subject_zh, shot), shot["answer"].strip()]
-    pieces.append(ceval_question(subject_zh, row))
-    return "\n".join(pieces)
-
-
-def candidate_text(context: str, choice: str) -> str:
-    return context + "\n" + choice
-
-
-# ---- scoring ----------------------------------------------------------------------------------
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def continuation_ce(logits_fn: LogitsFn, context_ids: list[int], candidates: list[list[int]]) -> list[float]:
-    """Mean cross-entropy of each candidate's tokens after the context.
-
-    ``candidates`` are whole tokenisations (context + answer): the answer's first token can merge
-    with the context's last, so a candidate's continuation starts where it stops agreeing with
-    the context's own tokenisation.
-    """
-    starts = [max(1, _common_prefix(context_ids, c)) for c in candidates]
-    if any(s >= len(c) for s, c in zip(starts, candidates)):
-        raise ValueError("a candidate adds no tokens to the context")
-    shared = min(_common_prefix(candidates[0], c) for c in candidates)
-    first = min(starts) - 1  # logits before this row predict no continuation token: skip their softmax
-    if all(len(c) == shared + 1 for c in candidates):
-        # They differ in the last token only: one pass over the shared prefix scores all of them.
-        logits = logits_fn(torch.tensor([candidates[0][:shared]]))[0, first:]  # (shared - first, V)
-        rows = [F.log_softmax(logits.float(), -1)] * len(candidates)
-    else:
-        rows = [F.log_softmax(logits_fn(torch.tensor([c]))[0, first:].float(), -1) for c in candidates]
-    scores = []
-    for c, s, logp in zip(candidates, starts, rows):
-        targets = torch.tensor(c[s:])
-        scores.append(float(-logp[s - 1 - first:len(c) - 1 - first].gather(-1, targets[:, None]).mean()))
-    return scores
-
-
-def score_question(logits_fn: LogitsFn, tokenizer, context: str, choices: Sequence[str] = CHOICES) -> dict:
-    """{"ce": [mean CE per choice], "prediction": the lowest-CE choice}."""
-    context_ids = tokenizer.encode(context, add_special_tokens=False)
-    candidates = [tokenizer.encode(candidate_text(context, c), add_special_tokens=False) for c in choices]
-    ce = continuation_ce(logits_fn, context_ids, candidates)
-    return {"ce": ce, "prediction": choices[min(range(len(ce)), key=ce.__getitem__)]}
-
-
-def evaluate_ceval(logits_fn: LogitsFn, tokenizer, data_dir: str | Path, subjects: Sequence[str] | None = None,
-                   shots: int = 5, max_questions: int | None = None, progress: bool = True) -> dict:
-    """Per-subject and overall accuracy on the ``val`` split, ``shots`` examples from ``dev``."""
-    from tqdm.auto import tqdm
-
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise FileNotFoundError(f"{data_dir} is not a folder: pass a folder of C-Eval CSVs ({{subject}}_dev.csv, "
-                                "{subject}_val.csv), e.g. the unzipped ceval-exam.zip")
-    available = ceval_subjects(data_dir)
-    subjects = list(subjects) if subjects else available
-    unknown = [s for s in subjects if s not in available]
-    if not subjects or unknown:
-        raise FileNotFoundError(f"{data_dir}: no {{subject}}_val.csv for {', '.join(unknown) or 'any subject'}; "
-                                f"found: {', '.join(available) or 'none'}")
-    names = subject_names(data_dir)
-    per_subject, predictions = {}, []
-    for subject in subjects:
-        val = read_ceval_csv(_csv_path(data_dir, subject, "val"))[:max_questions]
-        dev_path = _csv_path(data_dir, subject, "dev")
-        if shots and dev_path is None:
-            raise FileNotFoundError(f"{data_dir}: {subject}_dev.csv is missing ({shots}-shot needs it); pass shots=0")
-        dev = read_ceval_csv(dev_path)[:shots] if shots else []
-        correct = 0
-        for row in tqdm(val, desc=subject, disable=not progress, file=sys.stderr, leave=False):
-            scored = score_question(logits_fn, tokenizer, ceval_context(names.get(subject, subject), dev, row))
-            hit = scored["prediction"] == row["answer"].strip()
-            correct += hit
-            predictions.append({"subject": subject, "id": row.get("id"), "answer": row["answer"].strip(), **scored})
-        per_subject[subject] = {"accuracy": correct / len(val), "correct": correct, "total": len(val)}
-    total = sum(s["total"] for s in per_subject.values())
-    return {
-        "dataset": dataset_label(data_dir),
-        "shots": shots,
-        "subjects": per_subject,
-        "overall_accuracy": sum(s["correct"] for s in per_subject.values()) / total,  # every question counts once
-        "average_accuracy": sum(s["accuracy"] for s in per_subject.values()) / len(per_subject),  # OpenCompass's mean
-        "questions": total,
-        "predictions": predictions,
-    }
+def dataset_label(data) -> str:
+    """What outputs call a C-Eval copy: "C-Eval (val)", or the stand-in's own "not C-Eval: ..." line."""
+    return open_benchmark("ceval", data).label
 
 
 def download_ceval(out_dir: str | Path, subjects: Sequence[str] | None = None) -> Path:
     """Write C-Eval's dev/val CSVs from the hub (``ceval/ceval-exam``) into ``out_dir``; online only."""
     if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise FileNotFoundError("C-Eval is not here and HF_HUB_OFFLINE=1: download ceval-exam.zip "
-                                "(https://huggingface.co/datasets/ceval/ceval-exam), unzip it and pass --data DIR")
+        raise EvalDataError("C-Eval is not here and HF_HUB_OFFLINE=1: download ceval-exam.zip "
+                            "(https://huggingface.co/datasets/ceval/ceval-exam) and pass --data ceval-exam.zip")
     from datasets import load_dataset
 
     from .artifacts import atomic_dir
@@ -220,7 +59,8 @@ def download_ceval(out_dir: str | Path, subjects: Sequence[str] | None = None) -
         for subject in subjects or CEVAL_SUBJECTS:
             data = load_dataset("ceval/ceval-exam", name=subject)
             for split in ("dev", "val"):
-                data[split].to_csv(tmp / f"{subject}_{split}.csv", index=False)
+                (tmp / split).mkdir(exist_ok=True)
+                data[split].to_csv(tmp / split / f"{subject}_{split}.csv", index=False)
     return out_dir
 
 
@@ -319,14 +159,6 @@ def text_perplexity(logits_fn: LogitsFn, tokenizer, text: str, max_length: int =
 
 # ---- command line -----------------------------------------------------------------------------
 
-def _backend_logits(args):
-    from .generation import load_backend
-
-    backend = load_backend(args.model, args.backend, weights=args.weights, dtype=args.dtype, seed=args.seed,
-                           compiled=args.compiled, workdir=_workdir(args), precision=args.precision)
-    return backend, backend.logits
-
-
 def _workdir(args):
     from .cli import workdir_of
 
@@ -334,34 +166,95 @@ def _workdir(args):
 
 
 def _label(args) -> str:
+    if getattr(args, "stage", None):
+        return args.stage.replace(" ", "-")
     return args.backend + (f"-{args.precision}" if args.backend == "onnx" else f"-{args.dtype}")
 
 
+def _backend(args):
+    from .generation import load_backend, stage_backend
+
+    if getattr(args, "stage", None):
+        return stage_backend(args.stage, args.model, weights=args.weights, workdir=_workdir(args), seed=args.seed,
+                             dtype=args.dtype)
+    return load_backend(args.model, args.backend, weights=args.weights, dtype=args.dtype, seed=args.seed,
+                        compiled=args.compiled, workdir=_workdir(args), precision=args.precision)
+
+
+def _result_path(args, name: str, suffix: str = ".json") -> Path:
+    from .artifacts import stage_dir
+
+    return stage_dir(_workdir(args), "inference") / f"{name}-{_label(args)}{suffix}"
+
+
 def _save(args, name: str, result: dict) -> Path:
-    from .artifacts import atomic_write_text, stage_dir
+    from .artifacts import atomic_write_text
 
-    path = stage_dir(_workdir(args), "inference") / f"{name}-{_label(args)}.json"
-    return atomic_write_text(path, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    return atomic_write_text(_result_path(args, name), json.dumps(result, indent=2, ensure_ascii=False) + "\n")
 
 
-def cmd_eval_ceval(args) -> int:
-    from .tokenizer import load_tokenizer
-
-    data = Path(args.data) if args.data else None
-    if data is None:
-        from .artifacts import stage_dir
-
-        data = stage_dir(_workdir(args), "inference", "ceval-data")
-        if not data.is_dir():
-            download_ceval(data, args.subjects)
-    _, logits_fn = _backend_logits(args)
-    result = evaluate_ceval(logits_fn, load_tokenizer(args.model), data, args.subjects, args.shots, args.max_questions)
-    print(f"{result['dataset']}, {result['shots']}-shot, {_label(args)}")
+def _print_scores(result: dict, label: str) -> None:
+    print(f"{result['dataset']}, {result['form']}, {result['mode']} {result['shots']}-shot, {label}"
+          + (f", first {result['limit']} per subject" if result["limit"] else ""))
     for subject, s in result["subjects"].items():
         print(f"  {subject:45s} {100 * s['accuracy']:6.2f}%  ({s['correct']}/{s['total']})")
+    for category, c in result["categories"].items():
+        part = f"  ({c['subjects']} of {c['of']} subjects)" if c["subjects"] < c["of"] else ""
+        print(f"  {category:45s} {100 * c['accuracy']:6.2f}%{part}")
     print(f"  {'overall (every question)':45s} {100 * result['overall_accuracy']:6.2f}%  ({result['questions']} questions)")
-    print(f"  {'average over subjects':45s} {100 * result['average_accuracy']:6.2f}%")
-    print(f"[eval] wrote {_save(args, 'ceval', result)}", file=sys.stderr)
+
+
+def cmd_eval_mc(args) -> int:
+    from .generation import stop_token_ids
+    from .tokenizer import load_tokenizer
+
+    if args.data:
+        bench = open_benchmark(args.eval_command, args.data)
+    elif args.eval_command == "ceval":
+        from .artifacts import stage_dir
+
+        folder = stage_dir(_workdir(args), "inference", "ceval-data")
+        bench = open_benchmark("ceval", folder if folder.is_dir() else download_ceval(folder, args.subjects))
+    else:
+        raise EvalDataError(f"--data is required for {args.eval_command}: {DATASETS_HELP[args.eval_command]}")
+    plan(bench, args.subjects, args.shots, args.mode)  # every data problem surfaces before the model loads
+    name = args.eval_command + ("" if args.mode == "ppl" else f"-{args.mode}")
+    journal = Path(args.results) if args.results else _result_path(args, name, ".jsonl")
+    if args.restart:
+        journal.unlink(missing_ok=True)
+    backend = _backend(args)
+    tokenizer = load_tokenizer(args.model)
+    result = evaluate_benchmark(backend.logits, tokenizer, args.eval_command, bench, subjects=args.subjects,
+                                shots=args.shots, limit=args.limit, mode=args.mode, results_path=journal,
+                                run_id=f"{args.model}|{args.weights}|{args.seed}|{_label(args)}",
+                                progress=not args.no_progress, max_new_tokens=args.max_new_tokens,
+                                stop_ids=stop_token_ids(tokenizer))
+    result["stage"] = args.stage or _label(args)
+    _print_scores(result, _label(args))
+    if result["resumed"]:
+        print(f"[eval] resumed {result['resumed']} scored questions from {journal}", file=sys.stderr)
+    print(f"[eval] wrote {_save(args, name, result)} (per question: {journal})", file=sys.stderr)
+    return 0
+
+
+def cmd_eval_table(args) -> int:
+    import pandas as pd
+
+    from .artifacts import stage_dir
+
+    folder = stage_dir(_workdir(args), "inference")
+    name = args.dataset + ("" if args.mode == "ppl" else f"-{args.mode}")
+    results = {}
+    for path in sorted(folder.glob(f"{name}-*.json")):
+        result = json.loads(path.read_text(encoding="utf-8"))
+        if result.get("benchmark") == args.dataset and result.get("mode") == args.mode:
+            results[result.get("stage") or path.stem[len(name) + 1:]] = result
+    if not results:
+        raise EvalDataError(f"{folder} holds no {name}-*.json: run `qwen2lib eval {args.dataset} --data ...` per stage first")
+    reference = "fp32 torch" if "fp32 torch" in results else "torch-float32" if "torch-float32" in results else None
+    table = accuracy_table(results, reference, categories=True)
+    with pd.option_context("display.max_columns", None, "display.width", 250):
+        print(table.round(2).to_string())
     return 0
 
 
@@ -370,11 +263,11 @@ def cmd_eval_ppl(args) -> int:
 
     text_path = Path(args.text)
     if not text_path.is_file():
-        raise FileNotFoundError(f"{text_path} does not exist: pass a UTF-8 text file")
-    backend, logits_fn = _backend_logits(args)
+        raise EvalDataError(f"{text_path} does not exist: pass a UTF-8 text file")
+    backend = _backend(args)
     max_length = min(args.max_length, backend.max_positions)
     stride = args.stride or max_length // 2
-    result = text_perplexity(logits_fn, load_tokenizer(args.model), text_path.read_text(encoding="utf-8"),
+    result = text_perplexity(backend.logits, load_tokenizer(args.model), text_path.read_text(encoding="utf-8"),
                              max_length, stride)
     result["text"] = str(text_path)
     print(f"perplexity {result['ppl']:.4f} over {result['tokens_scored']} tokens of {text_path.name} "
@@ -383,25 +276,46 @@ def cmd_eval_ppl(args) -> int:
     return 0
 
 
+DATASETS_HELP = {"ceval": "C-Eval val, dev shots (default: download from the hub, online only)",
+                 "cmmlu": "CMMLU test, dev shots", "mmlu": "MMLU test, dev shots"}
+
+
 def register_cli(sub) -> None:
     from .cli import add_model_args
-    from .generation import add_backend_args
+    from .generation import ACCURACY_STAGES, add_backend_args
 
-    p = sub.add_parser("eval", help="accuracy: C-Eval (OpenCompass PPL mode) or strided perplexity of a text file")
+    p = sub.add_parser("eval", help="accuracy: C-Eval/CMMLU/MMLU the OpenCompass way, or strided perplexity of a text")
     evals = p.add_subparsers(dest="eval_command", required=True)
-    for name, func, help_text in (("ceval", cmd_eval_ceval, "C-Eval val accuracy, 5-shot, lowest answer CE wins"),
-                                  ("ppl", cmd_eval_ppl, "strided-window perplexity of a text file")):
-        q = evals.add_parser(name, help=help_text)
+    for name in DATASETS:
+        q = evals.add_parser(name, help=f"{TITLES[name]} accuracy: {DATASETS_HELP[name]}")
         add_model_args(q)
         add_backend_args(q)
-        if name == "ceval":
-            q.add_argument("--data", default=None, help="folder of {subject}_dev.csv/{subject}_val.csv; "
-                                                        "default: download from the hub (online only)")
-            q.add_argument("--subjects", nargs="*", default=None)
-            q.add_argument("--shots", type=int, default=5)
-            q.add_argument("--max-questions", type=int, default=None, help="per subject (quick runs)")
-        else:
-            q.add_argument("--text", required=True)
-            q.add_argument("--max-length", type=int, default=1024)
-            q.add_argument("--stride", type=int, default=None, help="default: max_length // 2")
-        q.set_defaults(func=func)
+        q.add_argument("--stage", default=None, choices=ACCURACY_STAGES,
+                       help="score a workbook stage's model (overrides --backend/--precision)")
+        q.add_argument("--data", default=None, help="OpenCompassData-core (folder, data/ or zip) or the set's own "
+                                                    "release (folder, zip; MMLU's data.tar)")
+        q.add_argument("--mode", default="ppl", choices=MODES, help="ppl: lowest answer loss wins (OpenCompass *_ppl); "
+                                                                     "gen: greedy, first capital letter")
+        q.add_argument("--subjects", nargs="*", default=None)
+        q.add_argument("--shots", type=int, default=5, help="dev examples before each question")
+        q.add_argument("--limit", "--max-questions", dest="limit", type=int, default=None,
+                       help="questions per subject (quick runs)")
+        q.add_argument("--results", default=None, help="per-question results file an interrupted run resumes from "
+                                                       "(default: <workdir>/inference/<set>-<label>.jsonl)")
+        q.add_argument("--restart", action="store_true", help="ignore the results file and score everything again")
+        q.add_argument("--max-new-tokens", type=int, default=8, help="gen mode: tokens to find the answer letter in")
+        q.add_argument("--no-progress", action="store_true")
+        q.set_defaults(func=cmd_eval_mc)
+    q = evals.add_parser("table", help="one accuracy table across the stages scored so far, deltas against fp32")
+    add_model_args(q)
+    q.add_argument("--dataset", default="ceval", choices=DATASETS)
+    q.add_argument("--mode", default="ppl", choices=MODES)
+    q.set_defaults(func=cmd_eval_table)
+    q = evals.add_parser("ppl", help="strided-window perplexity of a text file")
+    add_model_args(q)
+    add_backend_args(q)
+    q.add_argument("--stage", default=None, choices=ACCURACY_STAGES)
+    q.add_argument("--text", required=True)
+    q.add_argument("--max-length", type=int, default=1024)
+    q.add_argument("--stride", type=int, default=None, help="default: max_length // 2")
+    q.set_defaults(func=cmd_eval_ppl)

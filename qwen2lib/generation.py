@@ -558,6 +558,7 @@ def _ensure_graph(model, weights, workdir, seed, precision, config: str | None =
 # reference, notebook 03's two int8 packages in torch, and notebook 04's graphs (int8: one per package).
 STAGE_BACKENDS = ("fp32 torch", "int8 torch", "int8 torch smoothquant", "fp32 graph", "fp16 graph", "int8 graph",
                   "int8 graph smoothquant")
+ACCURACY_STAGES = STAGE_BACKENDS  # notebook 05 scores every stage it runs
 
 
 def stage_backend(label: str, model: str = "tiny", *, weights: str = "auto", workdir: str | Path | None = None,

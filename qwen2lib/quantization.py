@@ -510,9 +510,21 @@ def calibration_to_use(workdir: Path, out: Path, calibration: Mapping | None) ->
             if k in previous}
 
 
+DEFAULT_SETTINGS = {"alpha": 0.5, "skip": list(DEFAULT_SKIP), "heldout_blocks": 4, "heldout_len": 64}
+
+
+def quantize_settings(out: Path, **asked) -> dict:
+    """The settings asked for; those left None keep what the package in ``out`` was built with (so notebook 05
+    reuses notebook 03's package), else the defaults."""
+    existing = recorded_request(out) or {}
+    return {k: asked[k] if asked.get(k) is not None else existing.get(k) if existing.get(k) is not None else default
+            for k, default in DEFAULT_SETTINGS.items()}
+
+
 def ensure_quantized(model: str = "tiny", weights: str = "auto", workdir: str | os.PathLike | None = None, *,
-                     scheme: str = "w8a16", alpha: float = 0.5, seed: int = 0, skip: Iterable[str] = DEFAULT_SKIP,
-                     heldout_blocks: int = 4, heldout_len: int = 64, calibration: Mapping | None = None,
+                     scheme: str = "w8a16", alpha: float | None = None, seed: int = 0,
+                     skip: Iterable[str] | None = None, heldout_blocks: int | None = None,
+                     heldout_len: int | None = None, calibration: Mapping | None = None,
                      force: bool = False, verbose: bool = True) -> Path:
     """``<workdir>/quantized/<scheme>/``: the deploy package's own ``quantize()`` run with notebook 02's
     statistics, saved as a quantized package, with a metrics.json holding the fidelity report vs the fp32
@@ -520,12 +532,15 @@ def ensure_quantized(model: str = "tiny", weights: str = "auto", workdir: str | 
     show. Reused when nothing it depends on changed (``qwen2lib.stages``).
 
     ``calibration``: settings for ``ensure_calibration`` (dataset, data_path, samples, ...); None uses the
-    existing calibration as it is.
+    existing calibration as it is. Other settings left None keep the existing package's (``quantize_settings``).
     """
-    check_request(scheme, alpha)
-    skip = tuple(skip)
     workdir = Path(workdir) if workdir else default_workdir(model)
     out = stage_dir(workdir, "quantized", scheme)
+    settings = quantize_settings(out, alpha=alpha, skip=None if skip is None else list(skip),
+                                 heldout_blocks=heldout_blocks, heldout_len=heldout_len)
+    alpha, skip = settings["alpha"], tuple(settings["skip"])
+    heldout_blocks, heldout_len = settings["heldout_blocks"], settings["heldout_len"]
+    check_request(scheme, alpha)
     package = ensure_patched(model, weights, workdir, seed=seed, verbose=verbose)
     calibration_dir = ensure_calibration(model, weights, workdir, seed=seed, verbose=verbose,
                                          **calibration_to_use(workdir, out, calibration))
@@ -596,11 +611,11 @@ def activation_outliers(stats: Mapping[str, torch.Tensor]) -> dict:
 def cmd_quantize(args) -> int:
     from .cli import workdir_of
 
-    check_request(args.scheme, args.alpha)
+    check_request(args.scheme, 0.5 if args.alpha is None else args.alpha)  # before any stage is built
     calibration = {k: v for k, v in (("dataset", args.dataset), ("data_path", args.data_path),
                                      ("samples", args.samples), ("seq_len", args.seq_len)) if v is not None}
     out = ensure_quantized(args.model, args.weights, workdir_of(args), scheme=args.scheme, alpha=args.alpha,
-                           seed=args.seed, skip=tuple(args.skip), heldout_blocks=args.heldout_blocks,
+                           seed=args.seed, skip=args.skip, heldout_blocks=args.heldout_blocks,
                            heldout_len=args.heldout_len, calibration=calibration, force=args.force)
     metrics = read_metrics(out)
     print(fidelity_table({args.scheme: metrics["fidelity"]}).T.to_string())
@@ -616,10 +631,11 @@ def register_cli(sub) -> None:
     p = sub.add_parser("quantize", help="int8 weights (w8a16) or SmoothQuant W8A8 for the deploy package, with a fidelity report")
     add_model_args(p)
     p.add_argument("--scheme", default="w8a16", choices=SCHEMES)
-    p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength in [0, 1]")
-    p.add_argument("--skip", nargs="*", default=list(DEFAULT_SKIP), help="Linear names/patterns kept in float")
+    p.add_argument("--alpha", type=float, default=None, help="SmoothQuant migration strength in [0, 1] (default "
+                   "0.5; unset settings keep the existing package's)")
+    p.add_argument("--skip", nargs="*", default=None, help=f"Linear names/patterns kept in float (default {DEFAULT_SKIP})")
     add_calibration_set_args(p)
-    p.add_argument("--heldout-blocks", type=int, default=4, help="held-out blocks for the fidelity report")
-    p.add_argument("--heldout-len", type=int, default=64, help="tokens per held-out block")
+    p.add_argument("--heldout-blocks", type=int, default=None, help="held-out blocks for the fidelity report (4)")
+    p.add_argument("--heldout-len", type=int, default=None, help="tokens per held-out block (64)")
     p.add_argument("--force", action="store_true", help="rebuild even when a matching package exists")
     p.set_defaults(func=cmd_quantize)

@@ -26,9 +26,9 @@ def write_c4(folder):
 
 
 def write_ceval(folder, with_test_split=True):
-    rows = [{"id": i, "question": f"问题 {i}?", "A": "甲", "B": "乙", "C": "丙", "D": "丁", "answer": "B",
-             "explanation": "因为"} for i in range(3)]
     for split in ("dev", "val") + (("test",) if with_test_split else ()):
+        rows = [{"id": i, "question": f"{split} 问题 {i}?", "A": "甲", "B": "乙", "C": "丙", "D": "丁", "answer": "B",
+                 "explanation": "因为"} for i in range(3)]
         (folder / split).mkdir(parents=True, exist_ok=True)
         with open(folder / split / f"computer_network_{split}.csv", "w", newline="", encoding="utf-8") as fh:
             columns = ["id", "question", "A", "B", "C", "D"] + (["answer", "explanation"] if split != "test" else [])
@@ -55,26 +55,38 @@ def test_c4_shard_file_and_folder(tmp_path):
         assert texts.dataset == "c4" and not texts.fallback and "c4" in texts.label
 
 
-def test_ceval_folder_and_zip_use_the_val_split(tmp_path):
+HEAD = "以下是中国关于计算机网络考试的单项选择题，请选出其中的正确答案。\n"
+
+
+def test_ceval_folder_zip_and_opencompass_layout_calibrate_on_dev_and_test_never_val(tmp_path):
     folder = write_ceval(tmp_path / "ceval-exam")
     texts = data.load_calibration_texts("ceval", folder)
-    assert len(texts.texts) == 3  # val only, not dev + test
-    assert texts.texts[0] == "问题 0?\nA. 甲\nB. 乙\nC. 丙\nD. 丁\n答案：B 因为"
+    assert len(texts.texts) == 6 and not any("val 问题" in t for t in texts.texts)  # `eval ceval` scores val
+    # the prompt `eval ceval` asks with, then the answer and its explanation
+    assert texts.texts[0] == f"{HEAD}dev 问题 0?\nA. 甲\nB. 乙\nC. 丙\nD. 丁\n答案: \nB 因为"
+    assert texts.texts[3] == f"{HEAD}test 问题 0?\nA. 甲\nB. 乙\nC. 丙\nD. 丁\n答案: \n"  # test has no answers
     archive = tmp_path / "ceval-exam.zip"
     with zipfile.ZipFile(archive, "w") as z:
         for f in folder.rglob("*.csv"):
             z.write(f, f.relative_to(folder).as_posix())
     assert data.load_calibration_texts("ceval", archive).texts == texts.texts
+    opencompass = tmp_path / "OpenCompassData-core"
+    write_ceval(opencompass / "data" / "ceval" / "formal_ceval")
+    assert data.load_calibration_texts("ceval", opencompass).texts == texts.texts
+    with pytest.raises(data.CalibrationDataError, match="val split, which `eval ceval` scores"):
+        data.load_calibration_texts("ceval", folder / "val" / "computer_network_val.csv")
 
 
-def test_ceval_test_split_without_answers(tmp_path):
-    folder = tmp_path / "only-test"
-    write_ceval(folder)
-    for split in ("dev", "val"):
-        for f in (folder / split).iterdir():
-            f.unlink()
-    texts = data.load_calibration_texts("ceval", folder)
-    assert texts.texts[1].endswith("答案：")
+def test_ceval_without_dev_or_test_is_refused(tmp_path, tokenizer):
+    folder = write_ceval(tmp_path / "only-val", with_test_split=False)
+    for f in (folder / "dev").iterdir():
+        f.unlink()
+    with pytest.raises(data.CalibrationDataError, match="holds only C-Eval's val split"):
+        data.load_calibration_texts("ceval", folder)
+    with pytest.raises(data.CalibrationDataError, match="expected C-Eval"):
+        data.load_calibration_texts("ceval", write_alpaca(tmp_path / "a").parent)
+    chat = data.load_calibration_texts("ceval", write_ceval(tmp_path / "full"), tokenizer=tokenizer, chat=True)
+    assert "答案:<|im_end|>\n<|im_start|>assistant\nB 因为" in chat.texts[0]
 
 
 def test_alpaca_plain_and_chat_template(tmp_path, tokenizer):
