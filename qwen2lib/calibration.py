@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from .artifacts import default_workdir, read_metrics, stage_dir, write_metrics
 from .data import DATASETS, CalibrationDataError, load_calibration_texts, sample_token_blocks
 from .errors import Qwen2LibError
-from .patching import ensure_patched, load_deploy_package
+from .deploy import ensure_patched, load_deploy_package
 from .registry import resolve
 from .stages import ensure_stage, recorded_request
 from .tokenizer import load_tokenizer

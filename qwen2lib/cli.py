@@ -6,7 +6,7 @@ progress, and on bad input exits 2 with a one-line reason.
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import os
 import sys
 import traceback
@@ -53,22 +53,14 @@ def cmd_checkpoint(args) -> int:
 
 
 # Stage modules add their own subcommands: each defines ``register_cli(subparsers)`` and may use
-# ``add_model_args`` and ``workdir_of`` from here. Listed in workbook order.
-STAGE_MODULES = ("patching", "calibration", "quantization", "compile", "generation", "server", "bench", "evaluate")
+# ``add_model_args`` and ``workdir_of`` from here. Listed in workbook order; imported when the parser is built
+# (they import this module for those helpers, so not at its top).
+STAGE_MODULES = ("deploy.cli", "calibration", "quantization", "compile", "generation", "server", "bench", "evaluate")
 
 
 def _register_stages(sub) -> None:
-    import importlib
-
     for name in STAGE_MODULES:
-        try:
-            module = importlib.import_module(f"qwen2lib.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"qwen2lib.{name}":  # that stage has not landed yet
-                continue
-            raise
-        if hasattr(module, "register_cli"):
-            module.register_cli(sub)
+        importlib.import_module(f"qwen2lib.{name}").register_cli(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,12 +19,10 @@ The graph itself is built by ``qwen2lib.onnx_graph``; ``qwen2lib.ort_runtime.Onn
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +45,7 @@ from .loading import check_safetensors, check_weights_match_config, checkpoint_d
 from .model import Qwen2Args
 from .onnx_graph import FP16_MAX, GraphPlan, build_graph, io_signature, op_histogram, weight_precision
 from .ort_runtime import OnnxCausalLM, check_finite
-from .patching import ensure_patched, load_deploy_package
+from .deploy import ensure_patched, load_deploy_package
 from .quantization import ensure_quantized
 from .stages import ensure_stage
 from .tokenizer import load_tokenizer

@@ -49,8 +49,8 @@ from .calibration import describe as describe_calibration, ensure_calibration, l
 from .errors import Qwen2LibError
 from .int8 import dequantize_weight, quantize_per_token, quantize_weight
 from .fidelity import fidelity_report, fidelity_table, heldout_blocks as make_heldout_blocks, per_layer_sqnr
-from .patching import (ensure_patched, load_deploy_package, package_auto_map, package_target,
-                       verify_package_code)
+from .deploy import (ensure_patched, load_deploy_package, package_auto_map, package_target,
+                     verify_package_code)
 from .stages import ensure_stage, recorded_request
 
 SCHEMES = ("w8a16", "smoothquant")

@@ -12,7 +12,7 @@ Each stage folder under the run's ``workdir`` is built by ``ensure_stage`` and c
     files      {file: bytes}, to tell a whole folder from a damaged one
 
 A folder is reused only when its key equals the key asked for now; otherwise it is rebuilt and one line
-says why (``patched: rebuilding, code changed: patching.py``). A change upstream changes that stage's
+says why (``patched: rebuilding, code changed: deploy/patches/p3_eager_attention.py``). A change upstream changes that stage's
 identity, so everything after it rebuilds too. ``ensure`` is the one entry point by stage name.
 """
 from __future__ import annotations
@@ -30,18 +30,22 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 GRAPH = ("checkpoint", "patched", "calibration", "quantized", "compiled", "inference")
 # The source files that build each stage; editing any of them rebuilds that stage and what follows it.
 STAGE_CODE = {
-    "patched": ("patching.py",),
+    "patched": ("deploy",),  # a folder: every .py file in it
     "calibration": ("calibration.py", "data.py"),
     "quantized": ("quantization.py", "int8.py", "fidelity.py", "corpus.py"),
-    "compiled": ("compile.py", "onnx_graph.py", "int8.py", "config_schema.py", "ort_runtime.py", "rope.py",
-                 "model.py", "fidelity.py", "corpus.py"),
+    "compiled": ("compile.py", "onnx_graph.py", "trace.py", "int8.py", "config_schema.py", "ort_runtime.py",
+                 "rope.py", "model.py", "fidelity.py", "corpus.py"),
 }
 SMALL_FILE = 1 << 24  # files up to this size are hashed into the identity; larger ones by name and size
 
 
 def code_digest(stage: str) -> dict[str, str]:
-    """{source file: sha256 prefix} of the files that build ``stage``."""
-    return {name: hashlib.sha256((PACKAGE_DIR / name).read_bytes()).hexdigest()[:16] for name in STAGE_CODE[stage]}
+    """{source file: sha256 prefix} of the files that build ``stage`` (a folder stands for its .py files)."""
+    files = []
+    for name in STAGE_CODE[stage]:
+        path = PACKAGE_DIR / name
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    return {f.relative_to(PACKAGE_DIR).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in files}
 
 
 def checkpoint_identity(folder: str | os.PathLike) -> str:
@@ -162,7 +166,7 @@ def ensure(stage: str, model: str = "tiny", weights: str = "auto", workdir: str 
         from .loading import checkpoint_dir
 
         return checkpoint_dir(model, weights, request.get("seed", 0))
-    builders = {"patched": ("patching", "ensure_patched"), "calibration": ("calibration", "ensure_calibration"),
+    builders = {"patched": ("deploy", "ensure_patched"), "calibration": ("calibration", "ensure_calibration"),
                 "quantized": ("quantization", "ensure_quantized"), "compiled": ("compile", "ensure_compiled")}
     if stage not in builders:
         raise ValueError(f"stage {stage!r}: one of {', '.join(GRAPH[:-1])} (inference is notebook 05's report)")

@@ -80,7 +80,7 @@ def ranks_path() -> Path:
     except ModuleNotFoundError as exc:
         raise RuntimeError(
             "the Qwen BPE ranks come from the 'dashscope' package, which is not installed: "
-            "run `make venv` (or pip install -r requirements.txt)"
+            "run `python3 tasks.py test` once (it builds .venv), or pip install -r requirements.txt"
         ) from exc
     if not path.is_file():
         raise RuntimeError(f"{path} is missing: reinstall dashscope (pip install --force-reinstall dashscope)")

@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import tiny_hf_config
 
-from qwen2lib import patching
+from qwen2lib import deploy
+from qwen2lib.deploy import package as deploy_package
 from qwen2lib.errors import ModelNotFoundError, WrongModelTypeError
 
 TOLERANCE = 1e-5  # fp32, same algorithm: anything above this is a patch bug, not rounding
@@ -70,7 +71,7 @@ def package_of(tmp_path_factory):
         if key not in built:
             root = tmp_path_factory.mktemp(variant)
             checkpoint = save_checkpoint(root / "checkpoint", **overrides)
-            package = patching.build_deploy_package(checkpoint, root / f"package-{variant}", insert_slice=insert_slice)
+            package = deploy.build_deploy_package(checkpoint, root / f"package-{variant}", insert_slice=insert_slice)
             built[key] = (checkpoint, package)
         return built[key]
 
@@ -82,7 +83,7 @@ def prompt(length: int = 10, seed: int = 1, batch: int = 1) -> torch.Tensor:
 
 
 def reference(checkpoint: Path, attention: str = "eager"):
-    return patching.load_reference(checkpoint, attention=attention)
+    return deploy.load_reference(checkpoint, attention=attention)
 
 
 # ---- numerics against upstream ---------------------------------------------------------------
@@ -90,7 +91,7 @@ def reference(checkpoint: Path, attention: str = "eager"):
 
 def test_package_matches_upstream_over_prompt_and_cached_decode(package_of):
     checkpoint, package = package_of("plain")
-    proof = patching.prove_package(package, checkpoint, prompt(), decode_steps=16)
+    proof = deploy.prove_package(package, checkpoint, prompt(), decode_steps=16)
     assert proof["prompt_logits_max_abs_diff"] <= TOLERANCE, proof
     assert proof["decode_logits_max_abs_diff"] <= TOLERANCE, proof
     assert proof["generate_tokens_equal"] and proof["generated_tokens"] == 16, proof
@@ -102,7 +103,7 @@ def test_package_matches_upstream_default_sdpa_attention_too(package_of):
     checkpoint, package = package_of("plain")
     ids = prompt(12)
     with torch.inference_mode():
-        ours = patching.load_deploy_package(package)(ids).logits
+        ours = deploy.load_deploy_package(package)(ids).logits
         theirs = reference(checkpoint, attention="sdpa")(ids).logits
     torch.testing.assert_close(ours, theirs, rtol=0, atol=TOLERANCE)
 
@@ -110,20 +111,20 @@ def test_package_matches_upstream_default_sdpa_attention_too(package_of):
 def test_insert_slice_keeps_the_last_position_logits(package_of):
     checkpoint, package = package_of("plain", insert_slice=True)
     ids = prompt(10)
-    model = patching.load_deploy_package(package)
+    model = deploy.load_deploy_package(package)
     assert model.config.insert_slice is True
     with torch.inference_mode():
         ours = model(ids, past_key_values=[]).logits
         theirs = reference(checkpoint)(ids).logits
     assert ours.shape == (1, 1, VOCAB)
     torch.testing.assert_close(ours[:, -1], theirs[:, -1], rtol=0, atol=TOLERANCE)
-    proof = patching.prove_package(package, checkpoint, ids, decode_steps=16, record=False)
+    proof = deploy.prove_package(package, checkpoint, ids, decode_steps=16, record=False)
     assert proof["passed"] and proof["insert_slice"] and "prompt_logits_max_abs_diff" not in proof, proof
 
 
 def test_feeding_presents_back_reproduces_full_recomputation(package_of):
     _, package = package_of("plain")
-    model = patching.load_deploy_package(package)
+    model = deploy.load_deploy_package(package)
     ids = prompt(12)
     with torch.inference_mode():
         full = model(ids, past_key_values=[]).logits
@@ -141,7 +142,7 @@ def test_feeding_presents_back_reproduces_full_recomputation(package_of):
 
 def test_explicit_cache_as_plain_tuple_output(package_of):
     _, package = package_of("plain")
-    model = patching.load_deploy_package(package)
+    model = deploy.load_deploy_package(package)
     with torch.inference_mode():
         logits, presents = model(prompt(5), past_key_values=[], return_dict=False)
     assert logits.shape == (1, 5, VOCAB) and len(presents) == 2
@@ -149,7 +150,7 @@ def test_explicit_cache_as_plain_tuple_output(package_of):
 
 def test_explicit_cache_forward_exports_to_plain_tensor_ops(package_of):
     _, package = package_of("plain")
-    model = patching.load_deploy_package(package)
+    model = deploy.load_deploy_package(package)
 
     class LogitsAndPresents(torch.nn.Module):
         def __init__(self, lm):
@@ -177,7 +178,7 @@ def test_cache_conventions_mixed_are_refused_and_old_spelling_works(package_of):
     from transformers import DynamicCache
 
     _, package = package_of("plain")
-    model = patching.load_deploy_package(package)
+    model = deploy.load_deploy_package(package)
     with pytest.raises(ValueError, match="not both"):
         model(prompt(3), cache=DynamicCache(), past_key_values=[])
     with torch.inference_mode():  # the pre-5.x spelling: a Cache object passed as past_key_values
@@ -189,8 +190,8 @@ def test_sliding_window_layers_match_upstream(package_of):
     # window 4 on layer 1 only; prompt 10 + 16 cached steps run far past it, and upstream's sliding
     # DynamicCache drops old keys while the explicit tensors keep them behind the mask
     checkpoint, package = package_of("sliding", use_sliding_window=True, sliding_window=4, max_window_layers=1)
-    assert patching.load_deploy_package(package).config.layer_types == ["full_attention", "sliding_attention"]
-    proof = patching.prove_package(package, checkpoint, prompt(10), decode_steps=16, record=False)
+    assert deploy.load_deploy_package(package).config.layer_types == ["full_attention", "sliding_attention"]
+    proof = deploy.prove_package(package, checkpoint, prompt(10), decode_steps=16, record=False)
     assert proof["prompt_logits_max_abs_diff"] <= TOLERANCE, proof
     assert proof["decode_logits_max_abs_diff"] <= TOLERANCE, proof
     assert proof["generate_tokens_equal"], proof
@@ -199,7 +200,7 @@ def test_sliding_window_layers_match_upstream(package_of):
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_tied_and_untied_embeddings(package_of, tied):
     checkpoint, package = package_of(f"tie-{tied}", tie_word_embeddings=tied)
-    model = patching.load_deploy_package(package)
+    model = deploy.load_deploy_package(package)
     shares = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert shares == tied
     ids = prompt(8)
@@ -213,7 +214,7 @@ def test_left_padded_batch_matches_upstream(package_of):
     attention_mask = torch.ones_like(ids)
     attention_mask[1, :3] = 0  # second row is left-padded by three tokens
     with torch.inference_mode():
-        ours = patching.load_deploy_package(package)(ids, attention_mask=attention_mask, past_key_values=[]).logits
+        ours = deploy.load_deploy_package(package)(ids, attention_mask=attention_mask, past_key_values=[]).logits
         theirs = reference(checkpoint)(ids, attention_mask=attention_mask).logits
     real = attention_mask.bool()  # padded query rows attend to nothing; only real tokens are compared
     torch.testing.assert_close(ours[real], theirs[real], rtol=0, atol=TOLERANCE)
@@ -223,17 +224,17 @@ def test_left_padded_batch_matches_upstream(package_of):
 
 
 def test_a_patch_that_no_longer_matches_names_itself_and_the_version():
-    upstream = patching.upstream_source(patching.MODELING_FILE)
+    upstream = deploy.upstream_source(deploy.MODELING_FILE)
     drifted = upstream.replace("ALL_ATTENTION_FUNCTIONS.get_interface(", "ALL_ATTENTION_FUNCTIONS.lookup(")
-    with pytest.raises(patching.PatchAnchorError) as caught:
-        patching.patched_sources("onnx", modeling_source=drifted)
+    with pytest.raises(deploy.PatchAnchorError) as caught:
+        deploy.patched_sources("onnx", modeling_source=drifted)
     message = str(caught.value)
-    assert "'eager_attention'" in message and patching.PATCHES_WRITTEN_FOR in message, message
+    assert "'eager_attention'" in message and deploy.PATCHES_WRITTEN_FOR in message, message
 
 
 def test_relative_imports_patch_refuses_a_file_without_relative_imports():
-    with pytest.raises(patching.PatchAnchorError, match="relative_imports.*5.24.0"):
-        patching.apply_patches("import torch\n", patching.configuration_patches("onnx"))
+    with pytest.raises(deploy.PatchAnchorError, match="relative_imports.*5.24.0"):
+        deploy.apply_patches("import torch\n", deploy.configuration_patches("onnx"))
 
 
 def imported_modules(source: str) -> set[str]:
@@ -247,7 +248,7 @@ def imported_modules(source: str) -> set[str]:
 
 
 def test_generated_files_import_only_the_allowed_modules():
-    sources = patching.patched_sources("onnx")
+    sources = deploy.patched_sources("onnx")
     modeling, configuration = imported_modules(sources.modeling), imported_modules(sources.configuration)
     assert modeling <= ALLOWED_MODELING_IMPORTS, modeling - ALLOWED_MODELING_IMPORTS
     assert configuration <= ALLOWED_CONFIGURATION_IMPORTS, configuration - ALLOWED_CONFIGURATION_IMPORTS
@@ -255,7 +256,7 @@ def test_generated_files_import_only_the_allowed_modules():
 
 
 def test_every_patch_changes_something_and_records_its_diff():
-    applied = patching.patched_sources("onnx").applied
+    applied = deploy.patched_sources("onnx").applied
     assert [(a.patch.name, a.patch.file) for a in applied] == [
         ("relative_imports", "modeling_qwen2.py"),
         ("no_runtime_dispatch", "modeling_qwen2.py"),
@@ -272,18 +273,18 @@ def test_every_patch_changes_something_and_records_its_diff():
 
 
 def test_report_helpers_show_diffs_and_the_summary_table():
-    applied = patching.patched_sources("onnx").applied
-    table = patching.patch_table(applied)
+    applied = deploy.patched_sources("onnx").applied
+    table = deploy.patch_table(applied)
     assert list(table.columns) == ["patch", "file", "description", "+lines", "-lines"]
     assert table["+lines"].tolist() == [a.lines_added for a in applied]
-    html = patching.patch_html(applied[2])
+    html = deploy.patch_html(applied[2])
     assert "eager_attention" in html and "background:#dafbe1" in html and "&lt;" not in html[:50]
-    assert "## quantize_entry_point" in patching.patch_report(applied)
+    assert "## quantize_entry_point" in deploy.patch_report(applied)
 
 
 def test_dual_chunk_attention_is_a_todo_hook(tmp_path):
     with pytest.raises(NotImplementedError, match="dual chunk attention"):
-        patching.modeling_patches("onnx", dual_chunk_attention=True)
+        deploy.modeling_patches("onnx", dual_chunk_attention=True)
 
 
 # ---- the package folder ----------------------------------------------------------------------
@@ -304,9 +305,9 @@ def test_package_layout_config_and_symlinked_weights(package_of):
     assert (package / "tokenizer_config.json").read_text() == (checkpoint / "tokenizer_config.json").read_text()
     assert (package / "generation_config.json").is_file()
     summary = json.loads((package / "patches.json").read_text())
-    assert summary["patches_written_for"] == patching.PATCHES_WRITTEN_FOR
+    assert summary["patches_written_for"] == deploy.PATCHES_WRITTEN_FOR
     assert {p["name"] for p in summary["patches"]} >= {"eager_attention", "explicit_kv_cache", "insert_slice"}
-    assert patching.load_deploy_package(package).config._attn_implementation == "eager"
+    assert deploy.load_deploy_package(package).config._attn_implementation == "eager"
 
 
 def test_sharded_checkpoint_links_every_shard_and_the_index(tmp_path):
@@ -316,7 +317,7 @@ def test_sharded_checkpoint_links_every_shard_and_the_index(tmp_path):
     Qwen2ForCausalLM(tiny_config()).save_pretrained(tmp_path / "checkpoint", max_shard_size="200KB")
     shards = sorted(p.name for p in (tmp_path / "checkpoint").glob("*.safetensors"))
     assert len(shards) > 1
-    package = patching.build_deploy_package(tmp_path / "checkpoint", tmp_path / "package")
+    package = deploy.build_deploy_package(tmp_path / "checkpoint", tmp_path / "package")
     for name in shards + ["model.safetensors.index.json"]:
         assert (package / name).is_symlink(), name
 
@@ -327,26 +328,26 @@ def test_an_exception_mid_build_leaves_no_package_folder(tmp_path, monkeypatch):
     def broken_link(*args, **kwargs):
         raise OSError("disk full while linking")
 
-    monkeypatch.setattr(patching, "link_weights", broken_link)
+    monkeypatch.setattr(deploy_package, "link_weights", broken_link)
     with pytest.raises(OSError, match="disk full"):
-        patching.build_deploy_package(checkpoint, tmp_path / "out" / "patched")
+        deploy.build_deploy_package(checkpoint, tmp_path / "out" / "patched")
     assert list((tmp_path / "out").iterdir()) == []  # neither the package nor a temp folder
 
 
 def test_a_failed_rebuild_keeps_the_previous_package(tmp_path, monkeypatch):
     checkpoint = save_checkpoint(tmp_path / "checkpoint")
-    package = patching.build_deploy_package(checkpoint, tmp_path / "patched")
+    package = deploy.build_deploy_package(checkpoint, tmp_path / "patched")
     before = (package / "config.json").read_text()
-    monkeypatch.setattr(patching, "copy_tokenizer_files", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(deploy_package, "copy_tokenizer_files", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
-        patching.build_deploy_package(checkpoint, package, insert_slice=True)
+        deploy.build_deploy_package(checkpoint, package, insert_slice=True)
     assert (package / "config.json").read_text() == before
 
 
 def test_checkpoint_without_config_json_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json.*checkpoint_dir") as caught:
-        patching.build_deploy_package(tmp_path / "empty", tmp_path / "package")
+        deploy.build_deploy_package(tmp_path / "empty", tmp_path / "package")
     assert isinstance(caught.value, ModelNotFoundError)
     assert not (tmp_path / "package").exists()
 
@@ -356,7 +357,7 @@ def test_llama_checkpoint_is_refused(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="model_type 'llama'.*qwen2") as caught:
-        patching.build_deploy_package(folder, tmp_path / "package")
+        deploy.build_deploy_package(folder, tmp_path / "package")
     assert isinstance(caught.value, WrongModelTypeError)
 
 
@@ -365,24 +366,24 @@ def test_checkpoint_without_safetensors_is_refused(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
     with pytest.raises(ValueError, match="no \\*.safetensors"):
-        patching.build_deploy_package(folder, tmp_path / "package")
+        deploy.build_deploy_package(folder, tmp_path / "package")
 
 
 def test_package_folder_may_not_be_the_checkpoint(tmp_path):
     checkpoint = save_checkpoint(tmp_path / "checkpoint")
     with pytest.raises(ValueError, match="overlaps the checkpoint"):
-        patching.build_deploy_package(checkpoint, checkpoint)
+        deploy.build_deploy_package(checkpoint, checkpoint)
     assert (checkpoint / "model.safetensors").is_file()
 
 
 def test_ensure_patched_reuses_a_current_package_and_rebuilds_a_stale_one(tmp_path):
     checkpoint = save_checkpoint(tmp_path / "checkpoint")
-    package = patching.ensure_patched(str(checkpoint), workdir=tmp_path / "run")
+    package = deploy.ensure_patched(str(checkpoint), workdir=tmp_path / "run")
     assert package == tmp_path / "run" / "patched" and (package / "modeling_qwen2_onnx.py").is_file()
     built_at = (package / "config.json").stat().st_mtime_ns
-    assert patching.ensure_patched(str(checkpoint), workdir=tmp_path / "run") == package
+    assert deploy.ensure_patched(str(checkpoint), workdir=tmp_path / "run") == package
     assert (package / "config.json").stat().st_mtime_ns == built_at  # reused, not rebuilt
-    patching.ensure_patched(str(checkpoint), workdir=tmp_path / "run", insert_slice=True)
+    deploy.ensure_patched(str(checkpoint), workdir=tmp_path / "run", insert_slice=True)
     assert json.loads((package / "config.json").read_text())["insert_slice"] is True
 
 
@@ -391,22 +392,23 @@ def test_ensure_patched_reuses_a_current_package_and_rebuilds_a_stale_one(tmp_pa
 
 def test_quantize_delegates_to_qwen2lib_quantization_by_name(package_of, monkeypatch):
     _, package = package_of("plain")
-    model = patching.load_deploy_package(package)
+    model = deploy.load_deploy_package(package)
+    monkeypatch.setitem(sys.modules, "qwen2lib.quantization", None)  # as where qwen2lib is not installed
+    with pytest.raises(ImportError, match="pip install -e"):
+        model.quantize()
     scheme = types.ModuleType("qwen2lib.quantization")
     monkeypatch.setitem(sys.modules, "qwen2lib.quantization", scheme)
-    with pytest.raises(NotImplementedError, match="quantize_model"):
-        model.quantize()
     scheme.quantize_model = lambda m, *args, **kwargs: ("quantized", m, args, kwargs)
     assert model.quantize(8, scheme="int8") == ("quantized", model, (8,), {"scheme": "int8"})
 
 
 def test_measure_insert_slice_counts_lm_head_flops(package_of):
     _, package = package_of("plain")
-    figures = patching.measure_insert_slice(package, prompt_tokens=64, repeats=1)
+    figures = deploy.measure_insert_slice(package, prompt_tokens=64, repeats=1)
     assert figures["lm_head_flops_without_slice"] == 2 * 64 * 64 * VOCAB
     assert figures["lm_head_flops_with_slice"] == 2 * 64 * VOCAB
     assert figures["prefill_ms_without_slice"] > 0 and figures["prefill_ms_with_slice"] > 0
-    table = patching.insert_slice_table(figures)
+    table = deploy.insert_slice_table(figures)
     assert table["logit rows"].tolist() == [64, 1]
     assert json.loads((package / "metrics.json").read_text())["insert_slice"] == figures
 

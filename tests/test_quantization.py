@@ -119,7 +119,7 @@ def test_quantize_model_schemes_skip_and_config():
 
 @pytest.fixture(scope="module")
 def deploy_package(tmp_path_factory):
-    from qwen2lib.patching import build_deploy_package
+    from qwen2lib.deploy import build_deploy_package
 
     root = tmp_path_factory.mktemp("quant")
     seeded_model().save_pretrained(root / "checkpoint")
@@ -193,7 +193,7 @@ def test_cli_quantize_w8a16_and_bad_scheme(tmp_path, capsys):
 def test_reload_keeps_fp32_scales_of_a_bf16_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from qwen2lib.patching import build_deploy_package
+    from qwen2lib.deploy import build_deploy_package
 
     seeded_model().to(torch.bfloat16).save_pretrained(tmp_path / "checkpoint")  # config.json says bfloat16
     package = build_deploy_package(tmp_path / "checkpoint", tmp_path / "patched")

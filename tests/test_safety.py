@@ -14,7 +14,7 @@ from qwen2lib.artifacts import MARKER, ForeignFolderError, atomic_dir, check_com
 from qwen2lib.config_schema import ConfigError, load_config
 from qwen2lib.errors import WeightsError
 from qwen2lib.loading import check_weights_match_config, load_model
-from qwen2lib.patching import PackageCodeError, build_deploy_package, load_deploy_package
+from qwen2lib.deploy import PackageCodeError, build_deploy_package, load_deploy_package
 from qwen2lib import quantization as q
 
 
@@ -165,7 +165,7 @@ def test_a_tampered_quantized_package_is_refused(package, tmp_path):
 
 
 def test_cli_never_runs_a_tampered_run_folder(tmp_path, capsys):
-    from qwen2lib.patching import verify_package_code
+    from qwen2lib.deploy import verify_package_code
 
     workdir = tmp_path / "run"
     assert cli.main(["patch", "--model", "tiny-random", "--workdir", str(workdir), "--no-proof"]) == 0

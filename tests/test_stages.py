@@ -15,7 +15,7 @@ from qwen2lib.artifacts import read_metrics
 from qwen2lib.calibration import ensure_calibration
 from qwen2lib.compile import ensure_compiled, read_manifest
 from qwen2lib.ort_runtime import OnnxCausalLM
-from qwen2lib.patching import ensure_patched
+from qwen2lib.deploy import ensure_patched
 from qwen2lib.quantization import ensure_quantized
 
 MODEL = "tiny-random"  # the real tokenizer, so every calibration set reads; seconds per stage
@@ -111,24 +111,25 @@ def test_a_changed_patch_source_rebuilds_patched_and_everything_after_it(make_ch
     graph = ensure_compiled(folder, "auto", wd, config="qwen2_fp32_standard", verbose=False)
     before = identity(wd / "patched"), identity(graph)
     capsys.readouterr()
-    monkeypatch.setattr(stages, "PACKAGE_DIR", _copy_of_the_library_with(tmp_path, "patching.py", "# edited\n"))
+    monkeypatch.setattr(stages, "PACKAGE_DIR", _copy_of_the_library_with(
+        tmp_path, "deploy/patches/p4_explicit_kv_cache.py", "# edited\n"))
     ensure_compiled(folder, "auto", wd, config="qwen2_fp32_standard", verbose=True)
     err = capsys.readouterr().err
-    assert "[patched] rebuilding, code changed: patching.py" in err, err
+    assert "[patched] rebuilding, code changed: deploy/patches/p4_explicit_kv_cache.py" in err, err
     assert "[compiled] rebuilding, input changed: source" in err, err
     assert identity(wd / "patched") != before[0] and identity(graph) != before[1]
 
 
 def test_a_changed_graph_builder_rebuilds_the_graph_only(make_checkpoint, tmp_path, monkeypatch, capsys):
     folder, wd = str(make_checkpoint()), tmp_path / "run"
-    graph = ensure_compiled(folder, "auto", wd, config="qwen2_fp32_standard", verbose=False)
-    patched = identity(wd / "patched")
+    graph = ensure_compiled(folder, "auto", wd, config="qwen2_fp32", verbose=False)
+    patched, before = identity(wd / "patched"), identity(graph)
     monkeypatch.setattr(stages, "PACKAGE_DIR", _copy_of_the_library_with(tmp_path, "onnx_graph.py", "# edited\n"))
     capsys.readouterr()
-    ensure_compiled(folder, "auto", wd, config="qwen2_fp32_standard", verbose=True)
+    ensure_compiled(folder, "auto", wd, config="qwen2_fp32", verbose=True)
     err = capsys.readouterr().err
     assert "[patched] reusing" in err and "[compiled] rebuilding, code changed: onnx_graph.py" in err, err
-    assert identity(wd / "patched") == patched
+    assert identity(wd / "patched") == patched and identity(graph) != before
 
 
 def test_a_package_built_with_insert_slice_compiles_to_last_position_logits(make_checkpoint, tmp_path):
@@ -140,7 +141,7 @@ def test_a_package_built_with_insert_slice_compiles_to_last_position_logits(make
     logits, _ = OnnxCausalLM.load(graph).prefill(ids)
     assert logits.shape == (2, 1, 320)
     # the package's own model gives the same last-position logits
-    from qwen2lib.patching import load_deploy_package
+    from qwen2lib.deploy import load_deploy_package
 
     with torch.no_grad():
         ref = load_deploy_package(wd / "patched")(input_ids=torch.as_tensor(ids), use_cache=False).logits
