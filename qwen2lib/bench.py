@@ -73,8 +73,12 @@ class RequestResult:
 def sharegpt_pairs(conversations: list[dict]) -> list[tuple[str, str]]:
     """(first human turn, the reply after it) of every conversation with at least two turns."""
     pairs = []
-    for item in conversations:
-        turns = item.get("conversations") or item.get("conversation") or []
+    for n, item in enumerate(conversations):
+        turns = item.get("conversations") or item.get("conversation") or [] if isinstance(item, dict) else None
+        if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("value"), str)
+                                                  for t in turns):
+            raise ValueError(f"conversation {n} is not in the ShareGPT layout: expected "
+                             '{"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}')
         if len(turns) < 2:
             continue
         first = next((i for i, t in enumerate(turns) if t.get("from", t.get("role")) in HUMAN_ROLES), None)
@@ -96,7 +100,10 @@ def sample_sharegpt_requests(path: str | Path, tokenizer, num_requests: int, see
         raise ValueError(f"{path} is not valid JSON ({exc}): expected the ShareGPT layout") from exc
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of conversations, got {type(data).__name__}")
-    pairs = sharegpt_pairs(data)
+    try:
+        pairs = sharegpt_pairs(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
     random.Random(seed).shuffle(pairs)
     requests = []
     for prompt, reply in pairs:

@@ -307,6 +307,16 @@ BAD_INPUT_ROWS = {
                                                "--compiled", _damaged_graph(mc, tp), "--prompt", "x"],
                                "cannot be loaded by onnxruntime"),
     "non-UTF-8 argument": (lambda mc, tp: ["checkpoint", "--model", "caf\udce9"], "unknown model"),
+    "a ShareGPT file of another shape": (lambda mc, tp: ["bench", "--model", "tiny-random", "--dataset",
+                                                         _folder(tp, "sg", {"s.json": "[1, 2, 3]"}) + "/s.json"],
+                                         "not in the ShareGPT layout"),
+    "a c4 folder holding other JSON": (lambda mc, tp: ["calibrate", "--model", "tiny-random", "--workdir",
+                                                       str(tp / "w"), "--dataset", "c4", "--data-path",
+                                                       _folder(tp, "c4", {"other.json": '{"a": 1}'})],
+                                       "no 'text' field"),
+    "malformed safetensors header": (lambda mc, tp: ["checkpoint", "--model", _folder(tp, "bad", {
+        "config.json": (mc("h") / "config.json").read_text(),
+        "model.safetensors": b"\x10" + b"\x00" * 7 + b"{not json}xxxxxx"})], "not a valid safetensors file"),
 }
 
 
