@@ -24,9 +24,24 @@ def notebook_paths() -> list[Path]:
     return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 
 
+def _no_output_widget_capture() -> None:
+    """Headless runs do not emulate the Output widget.
+
+    nbclient answers an Output widget (``interact`` makes one) by sending comm messages on the shell channel
+    while it waits for the cell's reply on that same channel; now and then the reply is then never seen and
+    the cell "runs" until its time limit (nbclient issue #312). Without that emulation the function's output
+    lands in the cell's outputs as any other, and the widgets' state is still saved with the notebook.
+    """
+    from papermill.clientwrap import PapermillNotebookClient
+
+    PapermillNotebookClient.on_comm_open_jupyter_widget = lambda self, msg: None
+
+
 def run_notebook(path: Path, output: Path, parameters: dict, cell_timeout: int = CELL_TIMEOUT_S) -> Path:
     """Execute one notebook; raises papermill's PapermillExecutionError naming the failing cell."""
     import papermill
+
+    _no_output_widget_capture()
 
     output.parent.mkdir(parents=True, exist_ok=True)
     papermill.execute_notebook(
