@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qwen2lib import load_model  # noqa: E402
 from qwen2lib.artifacts import default_workdir  # noqa: E402
 from qwen2lib.compile import ensure_compiled  # noqa: E402
-from qwen2lib.ort_runtime import OnnxCausalLM  # noqa: E402
+from qwen2lib.graph import OnnxCausalLM  # noqa: E402
 
 
 class TorchRunner:

@@ -15,7 +15,7 @@ held-out text) -> manifest. The folder ``<workdir>/compiled/<config name>/`` is 
                                      group, op histogram, file hashes, parity and fidelity results
     metrics.json                     the figures notebook 04 reports
 
-The graph itself is built by ``qwen2lib.onnx_graph``; ``qwen2lib.ort_runtime.OnnxCausalLM`` runs it.
+The graph itself is built or traced by ``qwen2lib.graph``, whose ``OnnxCausalLM`` runs it.
 """
 from __future__ import annotations
 
@@ -43,13 +43,12 @@ from .errors import NumericalOverflowError, Qwen2LibError
 from .fidelity import fidelity_report
 from .loading import check_safetensors, check_weights_match_config, checkpoint_dir, load_model
 from .model import Qwen2Args
-from .onnx_graph import FP16_MAX, GraphPlan, build_graph, io_signature, op_histogram, weight_precision
-from .ort_runtime import OnnxCausalLM, check_finite
+from .graph import (FP16_MAX, GraphPlan, OnnxCausalLM, build_graph, check_finite, export_package_graph, io_signature,
+                    op_histogram, weight_precision)
 from .deploy import ensure_patched, load_deploy_package
 from .quantization import ensure_quantized
 from .stages import ensure_stage
 from .tokenizer import load_tokenizer
-from .trace import export_package_graph
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 MANIFEST_FORMAT = "qwen2lib-compiled/1"
@@ -438,8 +437,8 @@ def _load_source(cfg: dict, folder: Path, int8_folder: Path | None, model: str, 
 
 
 def traced(cfg: dict, folder: Path) -> bool:
-    """The standard-ops fp32 graph of a deploy package is traced from its model (``qwen2lib.trace``), as the
-    guide's compiler does; every other graph is built node by node (``qwen2lib.onnx_graph``)."""
+    """The standard-ops fp32 graph of a deploy package is traced from its model (``qwen2lib.graph.trace``), as the
+    guide's compiler does; every other graph is built node by node (``qwen2lib.graph.builder``)."""
     return (cfg["graph"]["operator_set"] == "standard" and cfg["precision"] == "fp32"
             and (folder / "patches.json").is_file())
 

@@ -233,7 +233,7 @@ class OnnxBackend:
     @classmethod
     def load(cls, folder: str | Path, config: dict | None = None, threads: int | None = None) -> "OnnxBackend":
         """A compiled folder (manifest.json + model.onnx); ``config`` is the model's config.json dict."""
-        from .ort_runtime import OnnxCausalLM
+        from .graph import OnnxCausalLM
 
         limit = (config or {}).get("max_position_embeddings")
         return cls(OnnxCausalLM.load(folder, threads=threads), limit)
@@ -247,12 +247,12 @@ class OnnxBackend:
         return torch.from_numpy(logits[:, -1]).float(), state
 
     def join_states(self, a, b):
-        from .ort_runtime import join_kv
+        from .graph.runtime import join_kv
 
         return join_kv(a, b)
 
     def select_rows(self, state, rows: list[int]):
-        from .ort_runtime import select_kv
+        from .graph.runtime import select_kv
 
         return select_kv(state, rows)
 

@@ -33,8 +33,8 @@ STAGE_CODE = {
     "patched": ("deploy",),  # a folder: every .py file in it
     "calibration": ("calibration.py", "data.py"),
     "quantized": ("quantization.py", "int8.py", "fidelity.py", "corpus.py"),
-    "compiled": ("compile.py", "onnx_graph.py", "trace.py", "int8.py", "config_schema.py", "ort_runtime.py",
-                 "rope.py", "model.py", "fidelity.py", "corpus.py"),
+    "compiled": ("compile.py", "graph", "int8.py", "config_schema.py", "rope.py", "model.py", "fidelity.py",
+                 "corpus.py"),
 }
 SMALL_FILE = 1 << 24  # files up to this size are hashed into the identity; larger ones by name and size
 

@@ -16,8 +16,7 @@ from qwen2lib.config_schema import ConfigError, describe_schema, load_config
 from qwen2lib.errors import NumericalOverflowError, PromptTooLongError
 from qwen2lib.model import Qwen2Args
 from qwen2lib.int8 import quantize_per_block, quantize_weight
-from qwen2lib.onnx_graph import GraphPlan, build_graph, op_histogram, pack_matmul_nbits
-from qwen2lib.ort_runtime import OnnxCausalLM, check_finite
+from qwen2lib.graph import GraphPlan, OnnxCausalLM, build_graph, check_finite, op_histogram, pack_matmul_nbits
 
 SHIPPED = ("qwen2_fp32", "qwen2_fp16", "qwen2_int8", "qwen2_fp32_standard")
 

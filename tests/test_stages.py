@@ -14,7 +14,7 @@ from qwen2lib import stages
 from qwen2lib.artifacts import read_metrics
 from qwen2lib.calibration import ensure_calibration
 from qwen2lib.compile import ensure_compiled, read_manifest
-from qwen2lib.ort_runtime import OnnxCausalLM
+from qwen2lib.graph import OnnxCausalLM
 from qwen2lib.deploy import ensure_patched
 from qwen2lib.quantization import ensure_quantized
 
@@ -124,11 +124,11 @@ def test_a_changed_graph_builder_rebuilds_the_graph_only(make_checkpoint, tmp_pa
     folder, wd = str(make_checkpoint()), tmp_path / "run"
     graph = ensure_compiled(folder, "auto", wd, config="qwen2_fp32", verbose=False)
     patched, before = identity(wd / "patched"), identity(graph)
-    monkeypatch.setattr(stages, "PACKAGE_DIR", _copy_of_the_library_with(tmp_path, "onnx_graph.py", "# edited\n"))
+    monkeypatch.setattr(stages, "PACKAGE_DIR", _copy_of_the_library_with(tmp_path, "graph/builder.py", "# edited\n"))
     capsys.readouterr()
     ensure_compiled(folder, "auto", wd, config="qwen2_fp32", verbose=True)
     err = capsys.readouterr().err
-    assert "[patched] reusing" in err and "[compiled] rebuilding, code changed: onnx_graph.py" in err, err
+    assert "[patched] reusing" in err and "[compiled] rebuilding, code changed: graph/builder.py" in err, err
     assert identity(wd / "patched") == patched and identity(graph) != before
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import NumericalOverflowError, PromptTooLongError, Qwen2LibError
+from ..errors import NumericalOverflowError, PromptTooLongError, Qwen2LibError
 
 _ORT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
                "all": "ORT_ENABLE_ALL"}

@@ -3,7 +3,7 @@
 Notebook 01's patches exist for this: eager attention with the mask built from comparisons, the KV cache
 as explicit tensors in and out, and ``insert_slice``. With them ``torch.onnx.export`` (the dynamo exporter)
 traces the package's ``Qwen2ForCausalLM`` into plain ONNX ops with the same decoder I/O convention as
-the hand-built graphs (``qwen2lib.onnx_graph``):
+the hand-built graphs (``qwen2lib.graph.builder``):
 
     input_ids (B, T), attention_mask (B, P + T), position_ids (B, T), past_key_values.{i}.key|value
     (B, n_kv, P, hd) -> logits (B, T or 1, V), present.{i}.key|value (B, n_kv, P + T, hd)
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .onnx_graph import DATA_FILE, EXTERNAL_DATA_THRESHOLD, GRAPH_FILE
+from .plan import DATA_FILE, EXTERNAL_DATA_THRESHOLD, GRAPH_FILE
 
 # example shapes, none of them 0 or 1 (the exporter would specialise such an axis); every axis is dynamic
 TRACE_BATCH, TRACE_TOKENS, TRACE_PAST = 2, 5, 3
