@@ -35,7 +35,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import Qwen2LibError
-from .quantization import MARKER, QUANT_METHOD, WEIGHTS_FILE
+from .artifacts import MARKER
+from .quantization import QUANT_METHOD, WEIGHTS_FILE, is_skipped
 
 CT_FORMAT_W8A16 = "pack-quantized"
 CT_FORMAT_W8A8 = "int-quantized"
@@ -194,19 +195,19 @@ def write_compressed_tensors(package: str | os.PathLike, out: str | os.PathLike,
         raise CompressedTensorsError(f"dtype {dtype!r}: one of {', '.join(FLOAT_DTYPES)}")
     config = read_int8_config(package)
     modules = dict(config["quantization_config"]["modules"])
-    skipped = [f"{name}" for name in config["quantization_config"].get("skip", [])]
+    skip = tuple(config["quantization_config"].get("skip", []))
     writer = ShardWriter(out, shard_bytes)
-    linear_names = set(modules)
+    linear_names = set(modules)  # and the Linears the package kept in float: the engine must leave them so
     for path in package_weight_files(package):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 writer.add(converted_tensors(name, f, modules, FLOAT_DTYPES[dtype]))
                 module, _, leaf = name.rpartition(".")
-                if leaf == "weight" and any(module == s or module.endswith("." + s) for s in skipped):
+                if leaf == "weight" and len(f.get_slice(name).get_shape()) == 2 and is_skipped(module, skip):
                     linear_names.add(module)
     shards = writer.close()
-    if config.get("tie_word_embeddings") and "lm_head" in skipped:
-        linear_names.add("lm_head")  # tied: no tensor of its own, still a Linear an engine must leave in float
+    if config.get("tie_word_embeddings") and is_skipped("lm_head", skip):
+        linear_names.add("lm_head")  # tied: no tensor of its own, still a Linear the engine keeps in float
     quant = ct_quantization_config(modules, sorted(linear_names))
     export_config = {k: v for k, v in config.items() if k not in PACKAGE_ONLY_KEYS}
     export_config.update(architectures=["Qwen2ForCausalLM"], dtype=dtype, quantization_config=quant)
