@@ -12,8 +12,8 @@ per kind of Linear the package holds:
 
 A SmoothQuant package has both (q/k/v/gate/up W8A8, o/down W8A16), so its top-level format is
 ``mixed-precision`` and each group names its own. The smoothing factors are already folded into the norms'
-weights, so those are written as the package holds them. Targets are ``re:`` patterns by Linear (``.*\\.
-self_attn\\.q_proj$``) when every layer quantizes that Linear the same way, else the modules' full names;
+weights, so those are written as the package holds them. Targets are ``re:`` patterns by Linear
+(``re:.*\\.self_attn\\.q_proj$``) when every layer quantizes that Linear the same way, else the modules' full names;
 Linears kept in float (lm_head) are listed under ``ignore``.
 
 The int8 values and scales are the package's own (``qwen2lib.int8``): nothing is quantized again. Float tensors

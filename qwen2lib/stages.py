@@ -36,7 +36,7 @@ STAGE_CODE = {
     "quantized": ("quantization.py", "int8.py", "fidelity.py", "corpus.py"),
     "compiled": ("compile.py", "onnx_graph.py", "int8.py", "config_schema.py", "ort_runtime.py", "rope.py",
                  "model.py", "fidelity.py", "corpus.py"),
-    "exported": ("export.py", "export_gguf.py", "export_ct.py", "fidelity.py", "corpus.py"),
+    "exported": ("export.py", "export_gguf.py", "export_ct.py", "tokenizer.py", "fidelity.py", "corpus.py"),
 }
 SMALL_FILE = 1 << 24  # files up to this size are hashed into the identity; larger ones by name and size
 
