@@ -274,7 +274,8 @@ def config_from_gguf(reader: gguf.GGUFReader):
     if scaling in ("yarn", "linear"):
         rope.update(rope_type=scaling, factor=float(field_value(reader, key("rope.scaling.factor"))))
         if scaling == "yarn":
-            rope["original_max_position_embeddings"] = int(field_value(reader, key("rope.scaling.original_context_length")))
+            original = field_value(reader, key("rope.scaling.original_context_length"))
+            rope["original_max_position_embeddings"] = int(original)
     return Qwen2Config(
         vocab_size=len(field_value(reader, "tokenizer.ggml.tokens")),
         hidden_size=int(field_value(reader, key("embedding_length"))),

@@ -13,7 +13,8 @@ from conftest import tiny_hf_config
 from qwen2lib import export, export_ct, export_gguf
 from qwen2lib.artifacts import read_metrics
 from qwen2lib.fidelity import fidelity_report
-from qwen2lib.quantization import Int8Linear, dequantize_weight, load_quantized, logits_fn, quantize_model, save_quantized
+from qwen2lib.quantization import (Int8Linear, dequantize_weight, load_quantized, logits_fn, quantize_model,
+                                   save_quantized)
 from qwen2lib.tokenizer import cached_family_tokenizer_dir
 
 VOCAB = 320
@@ -132,7 +133,8 @@ def test_gguf_tokenizer_rebuilt_from_the_file_gives_the_packages_ids(gguf_report
     assert value("tokenizer.ggml.model") == "gpt2" and value("tokenizer.ggml.pre") == "qwen2"
     tokens, types = value("tokenizer.ggml.tokens"), value("tokenizer.ggml.token_type")
     assert len(tokens) == VOCAB and tokens[VOCAB - 3:] == list(CONTROL)
-    assert types[VOCAB - 3:] == [int(gguf.TokenType.CONTROL)] * 3 and set(types[:VOCAB - 3]) == {int(gguf.TokenType.NORMAL)}
+    assert types[VOCAB - 3:] == [int(gguf.TokenType.CONTROL)] * 3
+    assert set(types[:VOCAB - 3]) == {int(gguf.TokenType.NORMAL)}
     assert value("tokenizer.ggml.eos_token_id") == VOCAB - 1 and value("tokenizer.ggml.add_bos_token") is False
     assert "<|im_start|>" in value("tokenizer.chat_template")
     reference = load_tokenizer(str(package))
@@ -162,13 +164,14 @@ def test_gguf_writer_streams_and_refuses_what_it_cannot_write(package, tmp_path,
     from safetensors import safe_open
 
     reads = []
-    original = type(safe_open(str(next(package.glob("*.safetensors"))), framework="pt")).get_tensor
+    handle = type(safe_open(str(next(package.glob("*.safetensors"))), framework="pt"))
+    original = handle.get_tensor
 
     def counting(self, name):
         reads.append(name)
         return original(self, name)
 
-    monkeypatch.setattr(type(safe_open(str(next(package.glob("*.safetensors"))), framework="pt")), "get_tensor", counting)
+    monkeypatch.setattr(handle, "get_tensor", counting)
     summary = export_gguf.write_gguf(package, tmp_path / "s.gguf", "f16")
     assert len(reads) == summary["tensors"] == len(set(reads))
 
@@ -316,3 +319,19 @@ def test_quant_types_keep_rows_that_do_not_split_into_blocks_in_f16():
     assert export_gguf.tensor_type("output.weight", (64, 64), "q4_0", False) == gguf.GGMLQuantizationType.Q8_0
     q = np.zeros((2, 64), dtype=np.float32)
     assert export_gguf.encode_tensor(torch.from_numpy(q), gguf.GGMLQuantizationType.Q8_0).dtype == np.uint8
+
+
+def test_yarn_scaling_is_written_and_read_back(tmp_path):
+    from transformers import Qwen2ForCausalLM
+
+    from qwen2lib.patching import build_deploy_package
+
+    yarn = {"rope_type": "yarn", "rope_theta": 1_000_000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(tiny_hf_config(rope_parameters=yarn, max_position_embeddings=256)).save_pretrained(tmp_path / "ckpt")
+    write_small_qwen_tokenizer(tmp_path / "ckpt")
+    package = build_deploy_package(tmp_path / "ckpt", tmp_path / "patched")
+    export_gguf.write_gguf(package, tmp_path / "y.gguf", "f16")
+    rope = export_gguf.config_from_gguf(export_gguf.as_reader(tmp_path / "y.gguf")).rope_parameters
+    assert (rope["rope_type"], rope["factor"], rope["original_max_position_embeddings"]) == ("yarn", 4.0, 64)
+    assert rope["rope_theta"] == 1_000_000.0
