@@ -116,7 +116,7 @@ def main() -> None:
         notes.append(f"{gguf_type}: {tokenizer_check(llm, tokenizer, texts)}")
         add(f"gguf {gguf_type} (llama.cpp)", llama_cpp_logits(llm))
         add(f"gguf {gguf_type} (dequantized)", logits_fn(load_gguf_model(path)))
-        del llm
+        llm.close()
     columns = ["kld_mean", "kld_p99", "top1_agreement", "ppl_ratio", "max_abs_dlogits", "ms_per_block"]
     table = pd.DataFrame.from_dict(rows, orient="index")[columns]
     print(f"{args.model}: {args.blocks} held-out blocks x {args.block_len} tokens vs the fp32 deploy package, "
