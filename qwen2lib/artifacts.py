@@ -19,7 +19,7 @@ from typing import Iterator
 
 from .errors import Qwen2LibError
 
-STAGES = ("patched", "calibration", "quantized", "compiled", "inference")
+STAGES = ("patched", "calibration", "quantized", "compiled", "exported", "inference")
 MARKER = ".qwen2lib-folder"
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-")
 _LEGACY_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:tmp-|old-\d+$)")

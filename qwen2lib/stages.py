@@ -1,6 +1,7 @@
 """The stage graph and its one reuse rule.
 
     checkpoint -> patched -> calibration -> quantized/<scheme> -> compiled/<config> -> inference
+                  patched | quantized/<scheme> -> exported/<format>-<variant> (GGUF, compressed-tensors)
 
 Each stage folder under the run's ``workdir`` is built by ``ensure_stage`` and carries, in its
 ``metrics.json``, a ``stage`` record:
@@ -27,7 +28,7 @@ from typing import Callable, Mapping
 from .artifacts import atomic_dir, read_metrics, write_metrics
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-GRAPH = ("checkpoint", "patched", "calibration", "quantized", "compiled", "inference")
+GRAPH = ("checkpoint", "patched", "calibration", "quantized", "compiled", "exported", "inference")
 # The source files that build each stage; editing any of them rebuilds that stage and what follows it.
 STAGE_CODE = {
     "patched": ("deploy",),  # a folder: every .py file in it
@@ -35,6 +36,7 @@ STAGE_CODE = {
     "quantized": ("quantization.py", "int8.py", "fidelity.py", "corpus.py"),
     "compiled": ("compile.py", "graph", "int8.py", "config_schema.py", "rope.py", "model.py", "fidelity.py",
                  "corpus.py"),
+    "exported": ("export.py", "export_gguf.py", "export_ct.py", "tokenizer.py", "fidelity.py", "corpus.py"),
 }
 SMALL_FILE = 1 << 24  # files up to this size are hashed into the identity; larger ones by name and size
 
@@ -167,7 +169,8 @@ def ensure(stage: str, model: str = "tiny", weights: str = "auto", workdir: str 
 
         return checkpoint_dir(model, weights, request.get("seed", 0))
     builders = {"patched": ("deploy", "ensure_patched"), "calibration": ("calibration", "ensure_calibration"),
-                "quantized": ("quantization", "ensure_quantized"), "compiled": ("compile", "ensure_compiled")}
+                "quantized": ("quantization", "ensure_quantized"), "compiled": ("compile", "ensure_compiled"),
+                "exported": ("export", "ensure_exported")}
     if stage not in builders:
         raise ValueError(f"stage {stage!r}: one of {', '.join(GRAPH[:-1])} (inference is notebook 05's report)")
     import importlib

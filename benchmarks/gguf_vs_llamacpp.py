@@ -1,0 +1,131 @@
+"""The fidelity comparison against llama.cpp on the same model and text: our GGUF export run by llama.cpp itself
+(llama-cpp-python) next to our own int8 packages, all against the fp32 deploy package.
+
+    PYTHONPATH=/path/to/llamacpp-site python benchmarks/gguf_vs_llamacpp.py --model tiny
+    python benchmarks/gguf_vs_llamacpp.py --model tiny --types q8_0 q4_0 f16 --blocks 8 --block-len 128
+
+llama-cpp-python is not a dependency of the workbook (building it compiles llama.cpp for minutes):
+``pip install --target DIR llama-cpp-python`` once and put DIR on PYTHONPATH for this script.
+
+Rows, each on the same held-out blocks (``qwen2lib.fidelity.heldout_blocks``), compared with the fp32 reference by
+``fidelity_report`` (KLD, top-1 agreement, PPL ratio):
+
+    int8 <scheme> (qwen2lib)        notebook 03's packages in torch
+    gguf <type> (llama.cpp)         the exported file run by llama.cpp (its own kernels: for q8_0/q4_0 it also
+                                    quantizes the activations to 8 bits inside each matmul)
+    gguf <type> (dequantized)       the same file's weights dequantized into transformers: the format's own error,
+                                    so the gap to the llama.cpp row is llama.cpp's arithmetic
+
+plus whether llama.cpp's tokenizer gives qwen2lib's ids on the held-out text and a chat prompt, and the time each
+takes per block (full-sequence logits, one thread count for all; compare within one run only).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from qwen2lib.artifacts import default_workdir  # noqa: E402
+from qwen2lib.export import CHAT_SAMPLE, ensure_exported, gguf_file  # noqa: E402
+from qwen2lib.export_gguf import load_gguf_model  # noqa: E402
+from qwen2lib.fidelity import fidelity_report, heldout_blocks  # noqa: E402
+from qwen2lib.deploy import ensure_patched, load_deploy_package  # noqa: E402
+from qwen2lib.quantization import ensure_quantized, load_quantized, logits_fn  # noqa: E402
+from qwen2lib.tokenizer import load_tokenizer  # noqa: E402
+
+
+def timed(fn):
+    """ids -> logits, adding each call's seconds to ``.seconds``."""
+
+    def run(ids):
+        start = time.perf_counter()
+        out = fn(ids)
+        run.seconds += time.perf_counter() - start
+        return out
+
+    run.seconds = 0.0
+    return run
+
+
+def llama_cpp_logits(llm):
+    """ids (B, T) -> logits (B, T, V) from llama.cpp, every position (logits_all), a fresh context per row."""
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for row in ids.tolist():
+            llm.reset()
+            llm.eval(row)
+            rows.append(torch.from_numpy(np.array(llm.scores[: len(row)], dtype=np.float32)))
+        return torch.stack(rows)
+
+    return run
+
+
+def tokenizer_check(llm, tokenizer, texts: list[str]) -> str:
+    same = sum(llm.tokenize(t.encode("utf-8"), add_bos=False, special=True)
+               == tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts)
+    return f"{same}/{len(texts)} texts tokenized identically by llama.cpp and qwen2lib"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--weights", default="auto")
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--types", nargs="+", default=["q8_0", "q4_0"])
+    parser.add_argument("--schemes", nargs="+", default=["w8a16", "smoothquant"])
+    parser.add_argument("--blocks", type=int, default=8)
+    parser.add_argument("--block-len", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise SystemExit("llama-cpp-python is not importable: pip install --target DIR llama-cpp-python, then run "
+                         "with PYTHONPATH=DIR (see the module doc)")
+    import pandas as pd
+
+    torch.set_num_threads(args.threads)
+    workdir = Path(args.workdir) if args.workdir else default_workdir(args.model)
+    package = ensure_patched(args.model, args.weights, workdir)
+    tokenizer = load_tokenizer(str(package))
+    blocks = heldout_blocks(tokenizer, args.blocks, args.block_len)
+    reference = logits_fn(load_deploy_package(package, torch.float32))
+    rows, notes = {}, []
+
+    def add(label, fn):
+        fn = timed(fn)
+        rows[label] = dict(fidelity_report(reference, fn, blocks, batch_size=1),
+                           ms_per_block=1e3 * fn.seconds / len(blocks))
+
+    for scheme in args.schemes:
+        add(f"int8 {scheme} (qwen2lib)", logits_fn(load_quantized(ensure_quantized(args.model, args.weights, workdir,
+                                                                                   scheme=scheme))))
+    texts = [tokenizer.decode(b.tolist()) for b in blocks]
+    texts.append(tokenizer.apply_chat_template(CHAT_SAMPLE, tokenize=False, add_generation_prompt=True))
+    for gguf_type in args.types:
+        path = gguf_file(ensure_exported(args.model, args.weights, workdir, format="gguf", variant=gguf_type))
+        llm = Llama(model_path=str(path), n_ctx=args.block_len + 8, n_batch=args.block_len + 8, logits_all=True,
+                    n_threads=args.threads, verbose=False)
+        notes.append(f"{gguf_type}: {tokenizer_check(llm, tokenizer, texts)}")
+        add(f"gguf {gguf_type} (llama.cpp)", llama_cpp_logits(llm))
+        add(f"gguf {gguf_type} (dequantized)", logits_fn(load_gguf_model(path)))
+        llm.close()
+    columns = ["kld_mean", "kld_p99", "top1_agreement", "ppl_ratio", "max_abs_dlogits", "ms_per_block"]
+    table = pd.DataFrame.from_dict(rows, orient="index")[columns]
+    print(f"{args.model}: {args.blocks} held-out blocks x {args.block_len} tokens vs the fp32 deploy package, "
+          f"{args.threads} threads")
+    with pd.option_context("display.width", 200, "display.float_format", "{:.4g}".format):
+        print(table.to_string())
+    for note in notes:
+        print(note)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Hand-off: the model in the formats other engines load, each checked by reading the export back.
+
+    <workdir>/exported/gguf-<type>/model-<type>.gguf      llama.cpp, llama-cpp-python, ollama (notebook 01's
+                                                          float deploy package, quantized by gguf: f16 | q8_0 | q4_0)
+    <workdir>/exported/compressed-tensors-<scheme>/       vLLM, SGLang (notebook 03's int8 package, w8a16 |
+                                                          smoothquant, its int8 values unchanged)
+
+Each is a stage (``qwen2lib.stages``): written into a temp folder that replaces the old one in one rename, its
+``metrics.json`` records the source package's identity, and it is reused while nothing it depends on changed.
+
+Verification, before the folder is published (``verify_blocks`` held-out blocks; 0 skips it, e.g. for a
+72B model that will not fit in fp32 here):
+
+    gguf                the file is read back with gguf's reader, a transformers Qwen2 is rebuilt from its
+                        metadata and dequantized tensors alone, and its logits are compared with the fp32 deploy
+                        package's (KLD, top-1, PPL ratio); the tokenizer is rebuilt from the file's tokens and
+                        merges and must give the package tokenizer's ids on the held-out text and a chat prompt
+    compressed-tensors  transformers loads the folder through the compressed-tensors package (the code path
+                        vLLM's format shares) and its logits are compared with the int8 package's and the fp32
+                        reference's
+
+llama.cpp itself (llama-cpp-python) is compared in ``benchmarks/gguf_vs_llamacpp.py``: building it is not
+something a test or a stage should need.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .artifacts import default_workdir, read_metrics, stage_dir
+from .export_ct import FLOAT_DTYPES, write_compressed_tensors
+from .export_gguf import GGUF_TYPES, ExportError, as_reader, gguf_tokenizer, load_gguf_model, write_gguf
+from .fidelity import fidelity_report, fidelity_table, heldout_blocks as make_heldout_blocks
+from .deploy import ensure_patched, load_deploy_package
+from .quantization import SCHEMES, ensure_quantized, load_quantized, logits_fn
+from .stages import ensure_stage
+from .tokenizer import load_tokenizer
+
+FORMATS = ("gguf", "compressed-tensors")
+DEFAULTS = {"gguf": "q8_0", "compressed-tensors": "w8a16"}
+CHAT_SAMPLE = [{"role": "user", "content": "Write a haiku about int8 weights, 然后用中文解释。"}]
+
+
+def check_export_request(fmt: str, variant: str | None = None, dtype: str = "bfloat16", verify_blocks: int = 2,
+                         verify_len: int = 64) -> str:
+    """Refuse a bad request in one line before anything loads; returns the variant (type or scheme) to use."""
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r}: one of {', '.join(FORMATS)}")
+    variant = variant or DEFAULTS[fmt]
+    allowed = GGUF_TYPES if fmt == "gguf" else SCHEMES
+    if variant not in allowed:
+        what = "--type (GGUF quantization)" if fmt == "gguf" else "--scheme (the int8 package to export)"
+        raise ExportError(f"{what} {variant!r}: for --format {fmt} use one of {', '.join(allowed)}")
+    if dtype not in FLOAT_DTYPES:
+        raise ExportError(f"--float-dtype {dtype!r}: one of {', '.join(FLOAT_DTYPES)}")
+    if verify_blocks < 0 or (verify_blocks and verify_len < 2):
+        raise ExportError(f"--verify-blocks {verify_blocks} / --verify-len {verify_len}: blocks >= 0 (0 skips the "
+                          "check) and at least 2 tokens per block")
+    return variant
+
+
+def export_dir(workdir: str | os.PathLike, fmt: str, variant: str) -> Path:
+    return stage_dir(workdir, "exported", f"{fmt}-{variant}")
+
+
+def gguf_file(folder: str | os.PathLike) -> Path:
+    """The .gguf file of an exported/gguf-<type>/ folder."""
+    found = sorted(Path(folder).glob("*.gguf"))
+    if not found:
+        raise ExportError(f"{folder} holds no .gguf file: run `qwen2lib export --format gguf` first")
+    return found[0]
+
+
+# ---- verification --------------------------------------------------------------------------------
+
+
+def tokenizer_agreement(reference, candidate, texts: list[str]) -> dict:
+    """How many of ``texts`` the two tokenizers (transformers, tokenizers) split into the same ids."""
+    same = [reference(t, add_special_tokens=False)["input_ids"] == candidate.encode(t, add_special_tokens=False).ids
+            for t in texts]
+    return {"samples": len(texts), "identical": sum(same), "all_identical": all(same)}
+
+
+def verification_texts(tokenizer, blocks: torch.Tensor) -> list[str]:
+    texts = [tokenizer.decode(b.tolist()) for b in blocks]
+    if getattr(tokenizer, "chat_template", None):
+        texts.append(tokenizer.apply_chat_template(CHAT_SAMPLE, tokenize=False, add_generation_prompt=True))
+    return texts
+
+
+def verify_gguf(package: Path, path: Path, blocks: torch.Tensor, tokenizer) -> dict:
+    reader = as_reader(path)  # parsed once for both checks
+    reference = load_deploy_package(package, torch.float32)
+    candidate = load_gguf_model(reader)
+    report = fidelity_report(logits_fn(reference), logits_fn(candidate), blocks, batch_size=1)
+    agreement = tokenizer_agreement(tokenizer, gguf_tokenizer(reader), verification_texts(tokenizer, blocks))
+    if not agreement["all_identical"]:
+        differ = agreement["samples"] - agreement["identical"]
+        raise ExportError(f"{path.name}: the tokenizer rebuilt from the GGUF splits {differ} of "
+                          f"{agreement['samples']} texts differently from the package's")
+    return {"fidelity": {"gguf vs fp32": report}, "tokenizer": agreement}
+
+
+def load_compressed_tensors(folder: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """The export loaded as vLLM's format is read on CPU: transformers with the compressed-tensors package."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True).eval()
+
+
+def verify_compressed_tensors(package: Path, int8_package: Path, folder: Path, blocks: torch.Tensor) -> dict:
+    candidate = logits_fn(load_compressed_tensors(folder))
+    int8 = load_quantized(int8_package)
+    reference = load_deploy_package(package, torch.float32)
+    return {"fidelity": {"export vs int8 package": fidelity_report(logits_fn(int8), candidate, blocks, batch_size=1),
+                         "export vs fp32": fidelity_report(logits_fn(reference), candidate, blocks, batch_size=1),
+                         "int8 package vs fp32": fidelity_report(logits_fn(reference), logits_fn(int8), blocks,
+                                                                 batch_size=1)}}
+
+
+def serve_hints(fmt: str, folder: Path) -> dict:
+    if fmt == "gguf":
+        file = gguf_file(folder).name if any(folder.glob("*.gguf")) else "model.gguf"
+        return {"llama.cpp": f"llama-cli -m {file} -cnv", "llama-cpp-python": f"Llama(model_path='{file}')",
+                "ollama": f"Modelfile 'FROM ./{file}', then ollama create NAME -f Modelfile"}
+    return {"vllm": "vllm serve DIR --tensor-parallel-size 4", "sglang": "python -m sglang.launch_server "
+            "--model-path DIR --tp 4"}
+
+
+# ---- the stage ----------------------------------------------------------------------------------
+
+
+def ensure_exported(model: str = "tiny", weights: str = "auto", workdir: str | os.PathLike | None = None, *,
+                    format: str = "gguf", variant: str | None = None, float_dtype: str = "bfloat16",
+                    verify_blocks: int = 2, verify_len: int = 64, seed: int = 0, force: bool = False,
+                    verbose: bool = True) -> Path:
+    """``<workdir>/exported/<format>-<variant>/``: the deploy package as a GGUF (variant: f16 | q8_0 | q4_0)
+    or the int8 package in the compressed-tensors layout (variant: w8a16 | smoothquant), verified (module doc)."""
+    fmt = format
+    variant = check_export_request(fmt, variant, float_dtype, verify_blocks, verify_len)
+    workdir = Path(workdir) if workdir else default_workdir(model)
+    out = export_dir(workdir, fmt, variant)
+    package = ensure_patched(model, weights, workdir, seed=seed, verbose=verbose)
+    request = {"format": fmt, "variant": variant, "verify_blocks": verify_blocks, "verify_len": verify_len,
+               "seed": seed, "float_dtype": float_dtype if fmt == "compressed-tensors" else None}
+    if fmt == "gguf":
+        inputs = {"patched": package}
+    else:
+        inputs = {"quantized": ensure_quantized(model, weights, workdir, scheme=variant, seed=seed, verbose=verbose)}
+
+    def build(tmp: Path) -> dict:
+        started = time.perf_counter()
+        if fmt == "gguf":
+            summary = write_gguf(package, tmp / f"model-{variant}.gguf", variant, name=Path(str(model)).name)
+        else:
+            summary = write_compressed_tensors(inputs["quantized"], tmp, float_dtype)
+        metrics = {"request": request, "format": fmt, "variant": variant, "export": summary,
+                   "export_s": time.perf_counter() - started, "serve": serve_hints(fmt, tmp),
+                   "source": {name: str(path) for name, path in inputs.items()}}
+        if verify_blocks:
+            tokenizer = load_tokenizer(str(package))
+            blocks = make_heldout_blocks(tokenizer, verify_blocks, verify_len, seed=seed)
+            if fmt == "gguf":
+                metrics.update(verify_gguf(package, tmp / summary["file"], blocks, tokenizer))
+            else:
+                metrics.update(verify_compressed_tensors(package, inputs["quantized"], tmp, blocks))
+        return metrics
+
+    return ensure_stage("exported", out, request, inputs, build, force=force, verbose=verbose)
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+
+def cmd_export(args) -> int:
+    from .cli import workdir_of
+
+    variant = args.type if args.format == "gguf" else args.scheme
+    if args.format == "gguf" and args.scheme:
+        raise ExportError("--scheme picks the int8 package of --format compressed-tensors; a GGUF takes --type")
+    if args.format == "compressed-tensors" and args.type:
+        raise ExportError("--type picks a GGUF quantization; --format compressed-tensors takes --scheme")
+    check_export_request(args.format, variant, args.float_dtype, args.verify_blocks, args.verify_len)
+    out = ensure_exported(args.model, args.weights, workdir_of(args), format=args.format, variant=variant,
+                          float_dtype=args.float_dtype, verify_blocks=args.verify_blocks,
+                          verify_len=args.verify_len, seed=args.seed, force=args.force)
+    metrics = read_metrics(out)
+    if metrics.get("fidelity"):
+        print(fidelity_table(metrics["fidelity"]).to_string())
+    for engine, line in metrics["serve"].items():
+        print(f"{engine}: {line}", file=sys.stderr)
+    print(out)
+    return 0
+
+
+def register_cli(sub) -> None:
+    from .cli import add_model_args
+
+    p = sub.add_parser("export", help="hand the model to other engines: GGUF (llama.cpp, ollama) or "
+                       "compressed-tensors (vLLM, SGLang), each read back and compared")
+    add_model_args(p)
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--type", default=None, help=f"GGUF: {' | '.join(GGUF_TYPES)} (default q8_0)")
+    p.add_argument("--scheme", default=None, help=f"compressed-tensors: the int8 package, {' | '.join(SCHEMES)} "
+                   "(default w8a16)")
+    p.add_argument("--float-dtype", default="bfloat16", help="compressed-tensors: dtype of the unquantized tensors "
+                   "and of serving (bfloat16; vLLM's int8 kernels take 16-bit activations)")
+    p.add_argument("--verify-blocks", type=int, default=2, help="held-out blocks for the read-back check (0 skips)")
+    p.add_argument("--verify-len", type=int, default=64, help="tokens per held-out block")
+    p.add_argument("--force", action="store_true", help="rebuild even when a matching export exists")
+    p.set_defaults(func=cmd_export)

@@ -1,0 +1,363 @@
+"""GGUF for llama.cpp, llama-cpp-python and ollama, written with the ``gguf`` package (llama.cpp's own writer).
+
+What goes in, from a deploy package (notebook 01):
+
+    metadata   general.architecture = qwen2 and the Qwen2 hyperparameters llama.cpp reads
+               (``qwen2.block_count``, ``qwen2.embedding_length``, ... ``qwen2.rope.freq_base``,
+               ``qwen2.attention.layer_norm_rms_epsilon``; YaRN / linear RoPE scaling when the config has it)
+    tokenizer  ``tokenizer.ggml.model = gpt2`` (byte-level BPE) with ``pre = qwen2``, every id's token and type
+               (normal, control for special added tokens, user-defined for the other added ones, unused for the
+               padding ids past the real vocabulary), the merges, bos/eos/pad ids and the chat template
+    tensors    HF names mapped by gguf's own table (``token_embd``, ``blk.N.attn_q``, ..., ``output_norm``,
+               ``output``); 1-D tensors (norms, biases) stay F32, matrices are F16, Q8_0 or Q4_0
+
+Q4_0 files keep the output matrix (``output``, or ``token_embd`` when the embeddings are tied) at Q8_0, as
+llama.cpp's own quantizer keeps it at a higher precision (Q6_K there; gguf-py has no Q6_K quantizer).
+Matrices whose rows are not a whole number of 32-value blocks fall back to F16.
+
+Tensors stream one at a time: the header is written from the weight files' metadata, then each tensor is read,
+converted and appended, so memory holds one tensor, never the model. ``load_gguf_model`` goes the other way:
+a transformers ``Qwen2ForCausalLM`` rebuilt from the file alone (its metadata and dequantized tensors), the
+check that the file says what llama.cpp needs; ``gguf_tokenizer`` rebuilds the tokenizer from the file's vocab.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import gguf
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from .errors import Qwen2LibError
+from .tokenizer import QWEN_PATTERN
+
+GGUF_TYPES = ("f16", "q8_0", "q4_0")
+ARCH = gguf.MODEL_ARCH.QWEN2
+ARCH_NAME = gguf.MODEL_ARCH_NAMES[ARCH]
+FILE_TYPES = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+              "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+MATRIX_TYPES = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
+                "q4_0": gguf.GGMLQuantizationType.Q4_0}
+OUTPUT_TYPE_FOR_Q4_0 = gguf.GGMLQuantizationType.Q8_0
+TENSOR_SUFFIXES = (".weight", ".bias")
+
+
+class ExportError(Qwen2LibError, ValueError):
+    """An export that cannot be written as asked (unknown format or type, a model the format cannot hold)."""
+
+
+def check_type(gguf_type: str) -> str:
+    if gguf_type not in GGUF_TYPES:
+        raise ExportError(f"--type {gguf_type!r}: a GGUF holds one of {', '.join(GGUF_TYPES)}")
+    return gguf_type
+
+
+# ---- what a package holds ------------------------------------------------------------------------
+
+
+def read_config(package: Path) -> dict:
+    path = package / "config.json"
+    if not path.is_file():
+        raise ExportError(f"{package} has no config.json: export a deploy package (notebook 01, `qwen2lib patch`)")
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("model_type") != "qwen2":
+        raise ExportError(f"{package}: model_type {config.get('model_type')!r}; this export writes qwen2 models only")
+    if config.get("quantization_config"):
+        raise ExportError(f"{package} is an int8 package: a GGUF is written from the float deploy package "
+                          "(patched/), which llama.cpp quantizes its own way (--type q8_0 | q4_0)")
+    return config
+
+
+def weight_files(package: Path) -> list[Path]:
+    files = sorted(package.glob("*.safetensors"))
+    if not files:
+        raise ExportError(f"{package} holds no *.safetensors weights")
+    return files
+
+
+def iter_tensor_names(files: list[Path]) -> Iterator[tuple[Path, str]]:
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                yield path, name
+
+
+def rope_scaling(config: dict) -> dict:
+    return dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+
+
+def rope_theta(config: dict) -> float:
+    return float(rope_scaling(config).get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+# ---- writing -------------------------------------------------------------------------------------
+
+
+def add_hyperparameters(writer: gguf.GGUFWriter, config: dict, name: str, gguf_type: str) -> None:
+    """The qwen2.* keys llama.cpp's loader reads, and the file type."""
+    if config.get("use_sliding_window"):
+        raise ExportError("the config enables sliding-window attention, which llama.cpp's qwen2 graph does not run")
+    writer.add_name(name)
+    writer.add_context_length(int(config["max_position_embeddings"]))
+    writer.add_embedding_length(int(config["hidden_size"]))
+    writer.add_block_count(int(config["num_hidden_layers"]))
+    writer.add_feed_forward_length(int(config["intermediate_size"]))
+    writer.add_head_count(int(config["num_attention_heads"]))
+    writer.add_head_count_kv(int(config.get("num_key_value_heads") or config["num_attention_heads"]))
+    writer.add_rope_freq_base(rope_theta(config))
+    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    rope = rope_scaling(config)
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    elif kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif kind != "default":
+        raise ExportError(f"rope_type {kind!r}: the GGUF export writes default, linear and yarn RoPE only")
+    writer.add_file_type(FILE_TYPES[gguf_type])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def vocab_entries(package: Path, vocab_size: int) -> tuple[list[str], list[int]]:
+    """(token of each id, its gguf TokenType) for ids 0 .. vocab_size - 1, from the package's tokenizer.json."""
+    path = package / "tokenizer.json"
+    if not path.is_file():
+        raise ExportError(f"{package} has no tokenizer.json: a GGUF carries its tokenizer; build the package from "
+                          "a checkpoint with tokenizer files")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    check_qwen_pretokenizer(data, path)
+    tokens: list[str | None] = [None] * vocab_size
+    types = [int(gguf.TokenType.UNUSED)] * vocab_size
+    for token, i in data["model"]["vocab"].items():
+        tokens[i], types[i] = token, int(gguf.TokenType.NORMAL)
+    for added in data.get("added_tokens", []):
+        i = added["id"]
+        if i >= vocab_size:
+            raise ExportError(f"{path}: added token {added['content']!r} has id {i} >= vocab_size {vocab_size}")
+        tokens[i] = added["content"]
+        types[i] = int(gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED)
+    return [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)], types
+
+
+def check_qwen_pretokenizer(data: dict, path: Path) -> None:
+    """llama.cpp's ``pre = qwen2`` splits text with Qwen's regex: refuse a tokenizer that splits otherwise."""
+    if data.get("model", {}).get("type") != "BPE":
+        raise ExportError(f"{path}: a {data.get('model', {}).get('type')} tokenizer; Qwen2's is byte-level BPE")
+    if QWEN_PATTERN not in json.dumps(data.get("pre_tokenizer"), ensure_ascii=False).replace("\\\\", "\\"):
+        raise ExportError(f"{path}: the pre-tokenizer does not split with Qwen2's pattern, so llama.cpp's "
+                          "qwen2 pre-tokenizer would tokenize differently; export a Qwen2 tokenizer")
+
+
+def add_tokenizer(writer: gguf.GGUFWriter, package: Path, vocab_size: int) -> dict:
+    """Tokens, types, merges, special ids and chat template; returns a summary for metrics.json."""
+    tokens, types = vocab_entries(package, vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(package, load_merges=True, n_vocab=vocab_size)
+    special.add_to_gguf(writer, quiet=True)
+    if "bos" not in special.add_special_token:
+        # Qwen2 prepends nothing; llama.cpp's BPE default would prepend bos (<|endoftext|>) to every prompt
+        writer.add_add_bos_token(False)
+    return {"tokens": len(tokens), "merges": len(special.merges), "special_ids": dict(special.special_token_ids),
+            "chat_template": special.chat_template is not None,
+            "control": types.count(int(gguf.TokenType.CONTROL)), "unused": types.count(int(gguf.TokenType.UNUSED))}
+
+
+def tensor_plan(files: list[Path], config: dict, gguf_type: str) -> list[dict]:
+    """One entry per tensor written: source file and name, gguf name, shape and ggml type."""
+    name_map = gguf.get_tensor_name_map(ARCH, int(config["num_hidden_layers"]))
+    tied = bool(config.get("tie_word_embeddings"))
+    plan = []
+    for path, hf_name in iter_tensor_names(files):
+        if tied and hf_name == "lm_head.weight":
+            continue  # llama.cpp reads the tied output from token_embd
+        gguf_name = name_map.get_name(hf_name, try_suffixes=TENSOR_SUFFIXES)
+        if gguf_name is None:
+            raise ExportError(f"{path.name}: tensor {hf_name!r} has no qwen2 GGUF name")
+        with safe_open(str(path), framework="pt") as f:
+            shape = tuple(f.get_slice(hf_name).get_shape())
+        plan.append({"file": path, "hf_name": hf_name, "name": gguf_name, "shape": shape,
+                     "type": tensor_type(gguf_name, shape, gguf_type, tied)})
+    return plan
+
+
+def tensor_type(gguf_name: str, shape: tuple, gguf_type: str, tied: bool) -> gguf.GGMLQuantizationType:
+    if len(shape) < 2:
+        return gguf.GGMLQuantizationType.F32
+    qtype = MATRIX_TYPES[gguf_type]
+    is_output = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
+    if gguf_type == "q4_0" and is_output:
+        qtype = OUTPUT_TYPE_FOR_Q4_0
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    return qtype if shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
+
+
+def encode_tensor(tensor: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    data = tensor.detach().to(torch.float32).contiguous().numpy()
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return data
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return data.astype(np.float16)
+    return gguf.quants.quantize(data, qtype)
+
+
+def write_gguf(package: str | os.PathLike, path: str | os.PathLike, gguf_type: str = "q8_0",
+               name: str | None = None) -> dict:
+    """Write ``package`` (a deploy package or checkpoint folder, float weights) as one GGUF file at ``path``.
+
+    Returns a summary (tensor types, tokenizer figures) for the stage's metrics.json.
+    """
+    package, path = Path(package), Path(path)
+    check_type(gguf_type)
+    config = read_config(package)
+    plan = tensor_plan(weight_files(package), config, gguf_type)
+    writer = gguf.GGUFWriter(None, ARCH_NAME)
+    add_hyperparameters(writer, config, name or package.name, gguf_type)
+    tokenizer = add_tokenizer(writer, package, int(config["vocab_size"]))
+    for entry in plan:
+        byte_shape = gguf.quant_shape_to_byte_shape(entry["shape"], entry["type"]) if entry["type"] not in (
+            gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else entry["shape"]
+        item = gguf.GGML_QUANT_SIZES[entry["type"]]
+        nbytes = int(np.prod(entry["shape"])) // item[0] * item[1]
+        dtype = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(
+            entry["type"], np.uint8)
+        writer.add_tensor_info(entry["name"], byte_shape, np.dtype(dtype), nbytes, raw_dtype=entry["type"])
+    writer.write_header_to_file(path)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    try:
+        for entry in plan:  # the same order as the tensor infos
+            with safe_open(str(entry["file"]), framework="pt") as f:
+                writer.write_tensor_data(encode_tensor(f.get_tensor(entry["hf_name"]), entry["type"]))
+    finally:
+        writer.close()
+    types: dict[str, int] = {}
+    for entry in plan:
+        types[entry["type"].name] = types.get(entry["type"].name, 0) + 1
+    return {"file": path.name, "bytes": path.stat().st_size, "type": gguf_type, "tensor_types": types,
+            "tensors": len(plan), "tokenizer": tokenizer}
+
+
+# ---- reading back --------------------------------------------------------------------------------
+
+
+def as_reader(gguf_file) -> gguf.GGUFReader:
+    """A path or an open reader (parsing a 150k-token vocabulary takes seconds: read a file once)."""
+    return gguf_file if isinstance(gguf_file, gguf.GGUFReader) else gguf.GGUFReader(str(gguf_file))
+
+
+def field_value(reader: gguf.GGUFReader, key: str, default=None):
+    field = reader.get_field(key)
+    return default if field is None else field.contents()
+
+
+def config_from_gguf(reader: gguf.GGUFReader):
+    """A transformers Qwen2Config from the GGUF's metadata alone."""
+    from transformers import Qwen2Config
+
+    arch = field_value(reader, "general.architecture")
+    if arch != ARCH_NAME:
+        raise ExportError(f"general.architecture is {arch!r}, not {ARCH_NAME!r}")
+    key = lambda k: f"{ARCH_NAME}.{k}"  # noqa: E731
+    names = {t.name for t in reader.tensors}
+    rope = {"rope_type": "default", "rope_theta": float(field_value(reader, key("rope.freq_base")))}
+    scaling = field_value(reader, key("rope.scaling.type"))
+    if scaling in ("yarn", "linear"):
+        rope.update(rope_type=scaling, factor=float(field_value(reader, key("rope.scaling.factor"))))
+        if scaling == "yarn":
+            original = field_value(reader, key("rope.scaling.original_context_length"))
+            rope["original_max_position_embeddings"] = int(original)
+    return Qwen2Config(
+        vocab_size=len(field_value(reader, "tokenizer.ggml.tokens")),
+        hidden_size=int(field_value(reader, key("embedding_length"))),
+        intermediate_size=int(field_value(reader, key("feed_forward_length"))),
+        num_hidden_layers=int(field_value(reader, key("block_count"))),
+        num_attention_heads=int(field_value(reader, key("attention.head_count"))),
+        num_key_value_heads=int(field_value(reader, key("attention.head_count_kv"))),
+        max_position_embeddings=int(field_value(reader, key("context_length"))),
+        rms_norm_eps=float(field_value(reader, key("attention.layer_norm_rms_epsilon"))),
+        rope_parameters=rope, tie_word_embeddings="output.weight" not in names,
+        bos_token_id=field_value(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=field_value(reader, "tokenizer.ggml.eos_token_id"),
+    )
+
+
+def hf_names(num_layers: int) -> dict[str, str]:
+    """{gguf tensor name: HF name} for a Qwen2ForCausalLM with ``num_layers`` layers."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    name_map = gguf.get_tensor_name_map(ARCH, num_layers)
+    tiny = Qwen2ForCausalLM(Qwen2Config(vocab_size=8, hidden_size=8, intermediate_size=8, num_attention_heads=2,
+                                        num_key_value_heads=1, num_hidden_layers=num_layers,
+                                        tie_word_embeddings=False))
+    return {name_map.get_name(n, try_suffixes=TENSOR_SUFFIXES): n for n in tiny.state_dict()}
+
+
+def dequantized(tensor) -> torch.Tensor:
+    """A reader tensor as fp32 torch, in the HF (rows, columns) order."""
+    data = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
+    return torch.from_numpy(np.array(data, dtype=np.float32))  # a copy: F32/F16 data is the file's read-only map
+
+
+@torch.no_grad()
+def load_gguf_model(gguf_file, dtype: torch.dtype = torch.float32):
+    """A transformers ``Qwen2ForCausalLM`` (eval) built from the GGUF file (a path or a ``GGUFReader``) alone:
+    config from its metadata, weights dequantized one tensor at a time."""
+    from transformers import Qwen2ForCausalLM
+
+    reader = as_reader(gguf_file)
+    path = reader.data.filename if hasattr(reader.data, "filename") else "the GGUF file"
+    config = config_from_gguf(reader)
+    model = Qwen2ForCausalLM(config).to(dtype).eval()
+    names = hf_names(config.num_hidden_layers)
+    state = model.state_dict()
+    seen = set()
+    for tensor in reader.tensors:
+        hf = names.get(tensor.name)
+        if hf is None or hf not in state:
+            raise ExportError(f"{path}: tensor {tensor.name!r} is not part of a qwen2 model")
+        value = dequantized(tensor)
+        if tuple(value.shape) != tuple(state[hf].shape):
+            raise ExportError(f"{path}: {tensor.name} has shape {tuple(value.shape)}, the config implies "
+                              f"{tuple(state[hf].shape)}")
+        state[hf].copy_(value)
+        seen.add(hf)
+    missing = [n for n in state if n not in seen and not (config.tie_word_embeddings and n == "lm_head.weight")]
+    if missing:
+        raise ExportError(f"{path}: no tensor for {', '.join(missing[:3])}")
+    return model
+
+
+def gguf_tokenizer(gguf_file):
+    """A ``tokenizers.Tokenizer`` rebuilt from the GGUF's vocab alone (tokens, types, merges) with Qwen2's
+    pre-tokenizer: what llama.cpp's ``gpt2``/``qwen2`` tokenizer has to work from."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    reader = as_reader(gguf_file)
+    path = reader.data.filename if hasattr(reader.data, "filename") else "the GGUF file"
+    tokens = field_value(reader, "tokenizer.ggml.tokens")
+    types = field_value(reader, "tokenizer.ggml.token_type")
+    merges = [tuple(m.split(" ", 1)) for m in field_value(reader, "tokenizer.ggml.merges")]
+    normal = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == int(gguf.TokenType.NORMAL)}
+    tokenizer = Tokenizer(models.BPE(vocab=normal, merges=merges, ignore_merges=False))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    added = [(i, t, kind) for i, (t, kind) in enumerate(zip(tokens, types))
+             if kind in (int(gguf.TokenType.CONTROL), int(gguf.TokenType.USER_DEFINED))]
+    for i, token, kind in added:
+        if tokenizer.add_tokens([AddedToken(token, special=kind == int(gguf.TokenType.CONTROL), normalized=False)]) \
+                and tokenizer.token_to_id(token) != i:
+            raise ExportError(f"{path}: added token {token!r} would take id {tokenizer.token_to_id(token)}, not {i}")
+    return tokenizer
