@@ -54,7 +54,7 @@ def cmd_checkpoint(args) -> int:
 
 # Stage modules add their own subcommands: each defines ``register_cli(subparsers)`` and may use
 # ``add_model_args`` and ``workdir_of`` from here. Listed in workbook order.
-STAGE_MODULES = ("patching", "calibration", "quantization", "compile", "generation", "server", "bench", "evaluate")
+STAGE_MODULES = ("patching", "calibration", "quantization", "compile", "generation", "chat", "server", "bench", "evaluate")
 
 
 def _register_stages(sub) -> None:
