@@ -3,10 +3,11 @@
 
     python3 tasks.py workbook   # run every notebook in order on the embedded model -> executed/
     python3 tasks.py test       # run the test suite (what CI runs)
+    python3 tasks.py lab        # JupyterLab on the notebooks, with the project's kernel, loopback only
 
 Each first creates or refreshes the local virtual environment ``.venv`` from requirements.txt.
 Extra arguments go to the underlying tool: ``python3 tasks.py test -k tokenizer``,
-``python3 tasks.py workbook -p model Qwen2-0.5B -p weights random``.
+``python3 tasks.py workbook -p model Qwen2-0.5B -p weights random``, ``python3 tasks.py lab --no-browser``.
 """
 from __future__ import annotations
 
@@ -45,16 +46,21 @@ def ensure_venv() -> None:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("test", "workbook"):
+    if not argv or argv[0] not in ("test", "workbook", "lab"):
         print(__doc__)
         return 2
     ensure_venv()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if argv[0] == "test":
         cmd = [str(PYTHON), "-m", "pytest", *argv[1:]]
+    elif argv[0] == "lab":
+        cmd = [str(PYTHON), "-m", "qwen2lib.lab", *argv[1:]]
     else:
         cmd = [str(PYTHON), "-m", "qwen2lib.workbook", *argv[1:]]
-    return subprocess.call(cmd, cwd=ROOT, env=env)
+    try:
+        return subprocess.call(cmd, cwd=ROOT, env=env)
+    except KeyboardInterrupt:  # Ctrl-C reached the child too (JupyterLab, a test run): no traceback from here
+        return 130
 
 
 if __name__ == "__main__":

@@ -55,8 +55,8 @@ def cmd_checkpoint(args) -> int:
 # Stage modules add their own subcommands: each defines ``register_cli(subparsers)`` and may use
 # ``add_model_args`` and ``workdir_of`` from here. Listed in workbook order; imported when the parser is built
 # (they import this module for those helpers, so not at its top).
-STAGE_MODULES = ("deploy.cli", "calibration", "quantization", "compile", "export", "generation", "server", "bench",
-                 "evaluate")
+STAGE_MODULES = ("deploy.cli", "calibration", "quantization", "compile", "export", "generation", "chat",
+                 "server", "bench", "evaluate")
 
 
 def _register_stages(sub) -> None:

@@ -587,8 +587,7 @@ def cmd_generate(args) -> int:
     from .cli import workdir_of
     from .tokenizer import load_tokenizer
 
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)  # before loading
+    params = sampling_params_of(args)  # before loading: bad sampling input is refused in a second, not a minute
     backend = load_backend(args.model, args.backend, weights=args.weights, dtype=args.dtype, seed=args.seed,
                            compiled=args.compiled, workdir=workdir_of(args), precision=args.precision)
     tokenizer = load_tokenizer(args.model)
@@ -600,6 +599,20 @@ def cmd_generate(args) -> int:
     print(f"\n[generate] {n} tokens ({result.finish_reason}), TTFT {1e3 * result.ttft_s:.1f} ms"
           + (f", {1 / tpot:.1f} tok/s after the first" if tpot else ""), file=sys.stderr)
     return 0
+
+
+def add_sampling_args(p, max_new_tokens: int = 64) -> None:
+    """--max-new-tokens/--temperature/--top-k/--top-p/--repetition-penalty (generate, chat); --seed is a model arg."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+
+
+def sampling_params_of(args) -> SamplingParams:
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
 def add_backend_args(p) -> None:
@@ -617,10 +630,6 @@ def register_cli(sub) -> None:
     add_backend_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (-Instruct models)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    add_sampling_args(p)
     p.add_argument("--truncate", default=None, choices=("left",), help="cut an over-long prompt from the left")
     p.set_defaults(func=cmd_generate)
