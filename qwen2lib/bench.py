@@ -24,6 +24,7 @@ the request was sent; output tokens come from the server's ``usage``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import math
 import random
@@ -333,6 +334,16 @@ async def _served_model(url: str, timeout_s: float) -> str:
                             "is an OpenAI-compatible server running there? (pass --served-model to skip the lookup)") from exc
 
 
+def run_coroutine(coro):
+    """``asyncio.run(coro)``, also where an event loop already runs (a Jupyter kernel): then in a worker thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
 def benchmark_server(url: str, requests: Sequence[Request], *, request_rate: float = math.inf,
                      max_concurrency: int | None = None, model: str | None = None, chat: bool = False, tokenizer=None,
                      burstiness: float = 1.0, seed: int = 0, dataset: str = SYNTHETIC, label: str = "",
@@ -346,8 +357,8 @@ def benchmark_server(url: str, requests: Sequence[Request], *, request_rate: flo
     if chat and tokenizer is None and any(r.prompt is None for r in requests):
         raise ValueError("the chat endpoint takes text: pass tokenizer= to decode the synthetic token ids, or a ShareGPT set")
     delays = arrival_delays(len(requests), request_rate, burstiness, seed)
-    model = model or asyncio.run(_served_model(url, timeout_s))
-    outcomes, duration = asyncio.run(_load(url, list(requests), model, chat, tokenizer, delays, max_concurrency,
+    model = model or run_coroutine(_served_model(url, timeout_s))
+    outcomes, duration = run_coroutine(_load(url, list(requests), model, chat, tokenizer, delays, max_concurrency,
                                            timeout_s, progress))
     results = [o for o in outcomes if isinstance(o, RequestResult)]
     errors = [o for o in outcomes if isinstance(o, str)]

@@ -405,3 +405,19 @@ def test_a_compiled_graph_serves_joining_requests_as_it_generates_them_alone(hf_
         assert engine.stats()["peak_batch"] == 3
     finally:
         engine.stop()
+
+
+def test_the_load_client_runs_inside_a_running_event_loop_too():
+    """Notebook 05 calls it from a Jupyter kernel, whose event loop is already running."""
+    import asyncio
+
+    from qwen2lib.bench import run_coroutine
+
+    async def answer():
+        return 42
+
+    async def from_a_kernel():
+        return run_coroutine(answer())
+
+    assert run_coroutine(answer()) == 42
+    assert asyncio.run(from_a_kernel()) == 42
