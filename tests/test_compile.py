@@ -349,7 +349,8 @@ def test_cli_compiles_and_reports_bad_configs_in_one_line(make_checkpoint, tmp_p
 def test_fp16_and_int8_graphs_meet_the_shipped_fidelity_bounds(make_checkpoint, tmp_path, name):
     folder = make_checkpoint(num_hidden_layers=3)
     # int8 from the raw checkpoint (this toy checkpoint has no tokenizer to calibrate with): the shared quantizer
-    overrides = {"source.package": "checkpoint"} if name == "qwen2_int8" else {}
+    overrides = ({"source.package": "checkpoint", "quantization.per_block_projections": ["down_proj"]}
+                 if name == "qwen2_int8" else {})
     out = compile_model(config_path(name), model=str(folder), workdir=tmp_path, verbose=False,
                         overrides=overrides)  # raises if not
     m = read_manifest(out)
@@ -390,9 +391,9 @@ def test_int8_graph_reuses_notebook03_weights_and_scales(make_checkpoint, tmp_pa
             tensors[name], tensors[name.replace(".weight", ".weight_scale")] = q, s
     save_file(tensors, str(package / "model.safetensors"))
     here = compile_model(config_path("qwen2_int8"), model=str(folder), workdir=tmp_path / "a", verbose=False,
-                         overrides={"source.package": "checkpoint"})
+                         overrides={"source.package": "checkpoint", "quantization.per_block_projections": []})
     reused = compile_model(config_path("qwen2_int8"), model=str(folder), workdir=tmp_path / "b", verbose=False,
-                           overrides={"quantization.package": str(package)})
+                           overrides={"quantization.package": str(package), "quantization.per_block_projections": []})
     assert "notebook 03 package" in read_manifest(reused)["source"]["int8_weights"]
     ids = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(3))
     a, b = OnnxCausalLM.load(here)(ids), OnnxCausalLM.load(reused)(ids)
@@ -480,6 +481,8 @@ def test_int8_per_tensor_activations_use_dynamic_quantize_matmul(make_checkpoint
         load_config(config_path("qwen2_int8"), {"quantization.per_block_projections": ["mlp"]})
     with pytest.raises(ConfigError, match="int8_per_tensor only"):
         load_config(config_path("qwen2_int8"), {"quantization.activations": "int8_per_block"})
+    with pytest.raises(ConfigError, match="auto reads the calibration statistics"):
+        load_config(config_path("qwen2_int8"), {"source.package": "checkpoint"})
 
 
 def test_bounds_skip_top1_only_for_random_weights():

@@ -157,6 +157,11 @@ def test_the_int8_graph_compiles_from_the_quantized_package(tmp_path):
     assert record["inputs"]["int8_package"]["identity"] == identity(wd / "quantized" / "w8a16")
     assert record["inputs"]["source"]["identity"] == identity(wd / "patched")
     assert "notebook 03 package" in read_manifest(graph)["source"]["int8_weights"]
+    # the calibration statistics decide which projections keep per-block activation scales, and say why
+    outliers = read_metrics(wd / "quantized" / "w8a16")["activation_outliers"]
+    decided = read_metrics(graph)["per_block_projections"]
+    assert decided["projections"] == outliers["per_block_projections"]
+    assert decided["why"].startswith("calibration statistics") and "down_proj" in decided["why"]
 
 
 def test_ensure_by_stage_name(tmp_path):
