@@ -3,6 +3,8 @@
 Any Hugging Face ``model_type: qwen2`` checkpoint, from "what is inside" to a compiled, quantized,
 measured graph. The notebooks are narrative; everything they compute lives here.
 """
+import sys
+
 from .errors import (
     ModelNotFoundError,
     NumericalOverflowError,
@@ -12,6 +14,7 @@ from .errors import (
     WeightsError,
     WeightsUnavailableError,
     WrongModelTypeError,
+    show_short_errors,
 )
 from .loading import checkpoint_dir, load_model, parse_dtype
 from .registry import ModelSpec, list_models, resolve
@@ -35,3 +38,14 @@ __all__ = [
     "resolve",
 ]
 __version__ = "0.1.0"
+
+
+def _short_errors_in_notebooks() -> None:
+    """Inside a notebook kernel (IPython is then already imported), errors of ours end a cell in one line."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    if shell is not None:
+        show_short_errors(shell)
+
+
+_short_errors_in_notebooks()

@@ -13,7 +13,7 @@ import traceback
 import zipfile
 from pathlib import Path
 
-from .errors import Qwen2LibError
+from .errors import DEBUG_VARIABLE, Qwen2LibError
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +94,6 @@ def one_line_reason(exc: BaseException) -> str:
 
 # What bad input raises: refused in one line, exit 2 (ValueError covers JSON and Unicode errors).
 BAD_INPUT = (Qwen2LibError, OSError, ValueError, zipfile.BadZipFile)
-DEBUG_VARIABLE = "QWEN2LIB_DEBUG"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,7 @@
-"""Errors that say what went wrong and what to do; the CLI prints them as one line and exits 2."""
+"""Errors that say what went wrong and what to do; the CLI prints them as one line and exits 2, and in a notebook
+(``show_short_errors``) a failing cell ends with that one line too.
+"""
+import os
 
 
 class Qwen2LibError(Exception):
@@ -31,3 +34,20 @@ class PromptTooLongError(Qwen2LibError, ValueError):
 
 class NumericalOverflowError(Qwen2LibError, FloatingPointError):
     """inf/NaN in activations or logits, e.g. a bf16-trained model run in fp16."""
+
+
+DEBUG_VARIABLE = "QWEN2LIB_DEBUG"
+
+
+def show_short_errors(shell) -> None:
+    """In an IPython shell (a notebook kernel), show a ``Qwen2LibError`` as its one-line message, without the
+    traceback (a network error's chained one runs to hundreds of lines). The cell still fails; with
+    ``QWEN2LIB_DEBUG=1`` in the environment the full traceback is shown, and ``%tb`` shows it on request."""
+
+    def one_line(shell, etype, value, tb, tb_offset=None):
+        if os.environ.get(DEBUG_VARIABLE):
+            return shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
+        message = f"{etype.__name__}: {str(value).strip().splitlines()[0] if str(value).strip() else ''}"
+        return shell._showtraceback(etype, value, [message + f"   (full traceback: %tb, or {DEBUG_VARIABLE}=1)"])
+
+    shell.set_custom_exc((Qwen2LibError,), one_line)

@@ -152,10 +152,12 @@ def _download(hub_id: str) -> Path:
 
 
 def unavailable_message(spec: ModelSpec, reason: str) -> str:
-    target = f"$QWEN2LIB_MODELS/{spec.name}" if local_models_root() is None else str(local_models_root() / spec.name)
+    # advice that works when pasted as is: with QWEN2LIB_MODELS unset, "$QWEN2LIB_MODELS/x" would mean "/x"
+    root = local_models_root()
+    where = (f"`hf download {spec.hub_id} --local-dir {root / spec.name}`" if root is not None else
+             f"`hf download {spec.hub_id} --local-dir ~/models/{spec.name}` and `export QWEN2LIB_MODELS=~/models`")
     return (
-        f"no weights for {spec.name} here ({reason}). Download them once with "
-        f"`hf download {spec.hub_id} --local-dir {target}` (set QWEN2LIB_MODELS to that parent folder), "
+        f"no weights for {spec.name} here ({reason}). Download them once with {where}, "
         f"or pass a checkpoint folder as the model; or run at the real shape without weights with "
         f"weights='random' (`-p weights random` in papermill, `--weights random` on the command line)"
     )

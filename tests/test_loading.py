@@ -58,6 +58,11 @@ def test_offline_with_nothing_local_names_the_download_command(tmp_path, monkeyp
         qwen2lib.load_model("Qwen2-0.5B")
     message = str(info.value)
     assert "hf download Qwen/Qwen2-0.5B" in message and "weights='random'" in message
+    # pasted as is with QWEN2LIB_MODELS unset, the advice must not point at the filesystem root
+    assert "--local-dir ~/models/Qwen2-0.5B" in message and "$QWEN2LIB_MODELS" not in message
+    monkeypatch.setenv("QWEN2LIB_MODELS", str(tmp_path / "models"))
+    with pytest.raises(errors.WeightsUnavailableError, match=f"--local-dir {tmp_path / 'models' / 'Qwen2-0.5B'}"):
+        qwen2lib.load_model("Qwen2-0.5B")
 
 
 def test_unknown_name_suggests_close_names():

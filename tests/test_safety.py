@@ -12,7 +12,7 @@ import pytest
 from qwen2lib import cli
 from qwen2lib.artifacts import MARKER, ForeignFolderError, atomic_dir, check_component, sweep_leftovers
 from qwen2lib.config_schema import ConfigError, load_config
-from qwen2lib.errors import WeightsError
+from qwen2lib.errors import WeightsError, WeightsUnavailableError
 from qwen2lib.loading import check_weights_match_config, load_model
 from qwen2lib.deploy import PackageCodeError, build_deploy_package, load_deploy_package
 from qwen2lib import quantization as q
@@ -349,3 +349,23 @@ def test_an_unexpected_error_is_one_line_with_the_traceback_on_request(monkeypat
     monkeypatch.setenv("QWEN2LIB_DEBUG", "1")
     assert cli.main(["models"]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_notebook_cell_ends_a_qwen2lib_error_in_one_line(capsys, monkeypatch):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from qwen2lib.errors import show_short_errors
+
+    monkeypatch.delenv("QWEN2LIB_DEBUG", raising=False)
+    shell = InteractiveShell.instance()
+    show_short_errors(shell)
+    cell = ("from qwen2lib.errors import WeightsUnavailableError\n"
+            "try:\n    raise OSError('Name or service not known')\n"
+            "except OSError as cause:\n    raise WeightsUnavailableError('no weights for X here: download them') from cause\n")
+    result = shell.run_cell(cell)
+    shown = capsys.readouterr().out.strip().splitlines()
+    assert not result.success and isinstance(result.error_in_exec, WeightsUnavailableError)  # the cell still fails
+    assert len(shown) == 1 and shown[0].startswith("WeightsUnavailableError: no weights for X here"), shown
+    monkeypatch.setenv("QWEN2LIB_DEBUG", "1")
+    shell.run_cell(cell)
+    assert "OSError" in capsys.readouterr().out  # the cause, on request
