@@ -34,8 +34,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import Qwen2LibError
 from .artifacts import MARKER
+from .errors import Qwen2LibError
+from .loading import check_safetensors
 from .quantization import QUANT_METHOD, WEIGHTS_FILE, is_skipped
 
 CT_FORMAT_W8A16 = "pack-quantized"
@@ -177,13 +178,6 @@ class ShardWriter:
         return names
 
 
-def package_weight_files(package: Path) -> list[Path]:
-    files = sorted(package.glob("*.safetensors"))
-    if not files:
-        raise CompressedTensorsError(f"{package} holds no *.safetensors weights")
-    return files
-
-
 def write_compressed_tensors(package: str | os.PathLike, out: str | os.PathLike, dtype: str = "bfloat16",
                              shard_bytes: int = SHARD_BYTES) -> dict:
     """Write the int8 ``package`` into the folder ``out`` (existing, empty) in the compressed-tensors layout.
@@ -198,7 +192,7 @@ def write_compressed_tensors(package: str | os.PathLike, out: str | os.PathLike,
     skip = tuple(config["quantization_config"].get("skip", []))
     writer = ShardWriter(out, shard_bytes)
     linear_names = set(modules)  # and the Linears the package kept in float: the engine must leave them so
-    for path in package_weight_files(package):
+    for path in check_safetensors(package):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 writer.add(converted_tensors(name, f, modules, FLOAT_DTYPES[dtype]))

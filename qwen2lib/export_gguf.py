@@ -33,6 +33,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import Qwen2LibError
+from .loading import check_safetensors
 from .tokenizer import QWEN_PATTERN
 
 GGUF_TYPES = ("f16", "q8_0", "q4_0")
@@ -70,13 +71,6 @@ def read_config(package: Path) -> dict:
         raise ExportError(f"{package} is an int8 package: a GGUF is written from the float deploy package "
                           "(patched/), which llama.cpp quantizes its own way (--type q8_0 | q4_0)")
     return config
-
-
-def weight_files(package: Path) -> list[Path]:
-    files = sorted(package.glob("*.safetensors"))
-    if not files:
-        raise ExportError(f"{package} holds no *.safetensors weights")
-    return files
 
 
 def iter_tensor_names(files: list[Path]) -> Iterator[tuple[Path, str]]:
@@ -219,7 +213,7 @@ def write_gguf(package: str | os.PathLike, path: str | os.PathLike, gguf_type: s
     package, path = Path(package), Path(path)
     check_type(gguf_type)
     config = read_config(package)
-    plan = tensor_plan(weight_files(package), config, gguf_type)
+    plan = tensor_plan(check_safetensors(package), config, gguf_type)
     writer = gguf.GGUFWriter(None, ARCH_NAME)
     add_hyperparameters(writer, config, name or package.name, gguf_type)
     tokenizer = add_tokenizer(writer, package, int(config["vocab_size"]))
