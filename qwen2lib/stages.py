@@ -21,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -151,12 +153,15 @@ def ensure_stage(stage: str, folder: str | os.PathLike, request: Mapping, inputs
         return folder
     if verbose:
         print(f"[{stage}] {reason or 'rebuilding (forced)'}: {folder}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
     with atomic_dir(folder) as tmp:
         metrics = build(tmp) or {}
         metrics["stage"] = {"name": stage, "key": key, "identity": f"{stage}-{_fingerprint(key, tmp)}",
                             "inputs": {n: {"path": str(Path(p).resolve()), "identity": key["inputs"][n]}
                                        for n, p in inputs.items()},
-                            "files": _files(tmp)}
+                            "files": _files(tmp), "wall_s": round(time.perf_counter() - started, 3),
+                            # the process's high-water mark so far: this stage's peak, or an earlier one's if larger
+                            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         write_metrics(tmp, metrics)
     return folder
 

@@ -10,13 +10,14 @@ import onnx
 import pytest
 import torch
 
-from qwen2lib.compile import (CompileVerificationError, activation_ranges, compile_model, config_path,
-                              ensure_compiled, fp16_plan, load_weights, read_manifest, sha256_of)
+from qwen2lib.compile import (CompileVerificationError, compile_model, config_path, ensure_compiled, load_weights,
+                              read_manifest, sha256_of)
 from qwen2lib.config_schema import ConfigError, describe_schema, load_config
 from qwen2lib.errors import NumericalOverflowError, PromptTooLongError
 from qwen2lib.model import Qwen2Args
 from qwen2lib.int8 import quantize_per_block, quantize_weight
 from qwen2lib.graph import GraphPlan, OnnxCausalLM, build_graph, check_finite, op_histogram, pack_matmul_nbits
+from qwen2lib.graph.verify import activation_ranges, fp16_plan
 
 SHIPPED = ("qwen2_fp32", "qwen2_fp16", "qwen2_int8", "qwen2_fp32_standard")
 
@@ -486,7 +487,7 @@ def test_int8_per_tensor_activations_use_dynamic_quantize_matmul(make_checkpoint
 
 
 def test_bounds_skip_top1_only_for_random_weights():
-    from qwen2lib.compile import check_bounds
+    from qwen2lib.graph.verify import check_bounds
 
     cfg = load_config(config_path("qwen2_int8"))
     parity = {"max_abs_dlogits": 0.1}
@@ -501,7 +502,7 @@ def test_bounds_skip_top1_only_for_random_weights():
 
 
 def test_fidelity_refuses_non_finite_candidate_logits():
-    from qwen2lib.compile import fidelity
+    from qwen2lib.graph.verify import fidelity
 
     blocks = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
     reference = lambda ids: torch.randn(*ids.shape, 50, generator=torch.Generator().manual_seed(1))  # noqa: E731

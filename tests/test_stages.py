@@ -168,3 +168,10 @@ def test_ensure_by_stage_name(tmp_path):
     assert stages.ensure("patched", MODEL, "auto", tmp_path / "run") == tmp_path / "run" / "patched"
     with pytest.raises(ValueError, match="stage 'inference'"):
         stages.ensure("inference", MODEL, "auto", tmp_path / "run")
+
+
+def test_every_stage_records_its_wall_time_and_peak_memory(make_checkpoint, tmp_path):
+    graph = ensure_compiled(str(make_checkpoint()), "auto", tmp_path / "run", config="qwen2_fp32", verbose=False)
+    for folder in (tmp_path / "run" / "patched", graph):
+        record = read_metrics(folder)["stage"]
+        assert record["wall_s"] > 0 and record["peak_rss_bytes"] > 50 * 2**20, record  # a Python with torch loaded
