@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import torch
 
 from .errors import PromptTooLongError, Qwen2LibError
+from .masks import positions_from_mask
 
 # Both of the family's end tokens: base models end documents with <|endoftext|>, chat turns end with
 # <|im_end|>. Stopping on either is always right for Qwen2, whatever the checkpoint's config says.
@@ -102,11 +103,6 @@ class Backend(Protocol):
 
 # ---- torch backend ----------------------------------------------------------------------------
 
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position of each token = real tokens before it, so left padding shifts nothing. (B, T)"""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def _left_pad(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     """``x`` grown to length ``n`` along ``dim`` by zeros in front (left padding of a cache or mask)."""
     if x.shape[dim] == n:
@@ -148,7 +144,7 @@ class TorchBackend:
             logits = self.model(ids, cache, attention_mask=mask, last_only=True)
             return logits[:, -1].float(), (cache, attention_mask)
         kwargs = {"logits_to_keep": 1} if self._keep_last else {}
-        out = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
+        out = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask),
                          use_cache=True, **kwargs)
         return out.logits[:, -1].float(), (self._cache_of(out), attention_mask)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import rope
+from .masks import positions_from_mask
 
 
 @dataclass
@@ -181,7 +182,7 @@ class Attention(nn.Module):
             k_positions = torch.arange(k.shape[2], device=x.device)
             if key_padding is not None:
                 # Left-padded rows: positions count real tokens only, padding is masked out.
-                k_positions = (key_padding.long().cumsum(-1) - 1).clamp(min=0)
+                k_positions = positions_from_mask(key_padding)
                 k_positions = torch.where(key_padding.bool(), k_positions, -1)
             else:
                 k_positions = k_positions[None]
@@ -290,7 +291,7 @@ class Qwen2(nn.Module):
         past = cache.seq_len if cache is not None else 0
         if attention_mask is not None:
             # Position = number of real tokens before this one, so left padding shifts nothing.
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+            positions = positions_from_mask(attention_mask)[:, past:]  # (B, T)
         else:
             positions = torch.arange(past, past + T, device=input_ids.device)[None]  # (1, T)
         inv_freq, cos, sin = self.rope_tables(positions)

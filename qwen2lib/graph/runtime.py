@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import NumericalOverflowError, PromptTooLongError, Qwen2LibError
+from ..masks import positions_from_mask
 
 _ORT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
                "all": "ORT_ENABLE_ALL"}
@@ -89,11 +90,6 @@ def select_kv(state: KVState, rows: list[int]) -> KVState:
     buffers = [(np.ascontiguousarray(k[rows, :, first:]), np.ascontiguousarray(v[rows, :, first:]))
                for k, v in state.past]
     return KVState(buffers, np.ascontiguousarray(mask[:, first:]))
-
-
-def positions_from_mask(attention_mask: np.ndarray) -> np.ndarray:
-    """Position of each token = real tokens before it; left padding gets position 0. (B, A) int64"""
-    return np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0).astype(np.int64)
 
 
 def session_options(threads: int | None = None, optimization_level: str = "all"):
