@@ -553,6 +553,8 @@ def ensure_quantized(model: str = "tiny", weights: str = "auto", workdir: str | 
     def build(tmp: Path) -> dict:
         reference = load_deploy_package(package, torch.float32)
         candidate = load_deploy_package(package, torch.float32)
+        for model in (reference, candidate):  # the fidelity report scores every position; the saved package
+            model.config.insert_slice = False  # keeps the deploy package's insert_slice (its config.json)
         stats = load_stats(calibration_dir)
         started = time.perf_counter()
         candidate.quantize(scheme, stats=stats, alpha=alpha, skip=skip)  # the package's entry point

@@ -175,3 +175,14 @@ def test_every_stage_records_its_wall_time_and_peak_memory(make_checkpoint, tmp_
     for folder in (tmp_path / "run" / "patched", graph):
         record = read_metrics(folder)["stage"]
         assert record["wall_s"] > 0 and record["peak_rss_bytes"] > 50 * 2**20, record  # a Python with torch loaded
+
+
+def test_an_insert_slice_package_quantizes_and_compiles_to_a_last_position_int8_graph(tmp_path):
+    wd = tmp_path / "run"
+    ensure_patched(MODEL, "auto", wd, insert_slice=True)
+    graph = ensure_compiled(MODEL, "auto", wd, config="qwen2_int8", verbose=False,
+                            overrides={"verify.blocks": 1, "verify.block_tokens": 16})
+    assert read_manifest(graph)["last_position_logits"] is True
+    package = json.loads((wd / "quantized" / "w8a16" / "config.json").read_text())
+    assert package["insert_slice"] is True  # the quantized package keeps the deploy package's setting
+    assert read_metrics(wd / "quantized" / "w8a16")["fidelity"]["tokens"] > 1  # scored on every position
