@@ -542,12 +542,17 @@ def load_backend(model: str = "tiny", backend: str = "torch", *, weights: str = 
     raise ValueError(f"backend={backend!r}: use 'torch' or 'onnx'")
 
 
-def _ensure_graph(model, weights, workdir, seed, precision, config: str | None = None) -> Path:
+def _ensure_graph(model, weights, workdir, seed, precision, config: str | None = None,
+                  last_position_only: bool = False) -> Path:
     from .artifacts import default_workdir
     from .compile import ensure_compiled
 
     workdir = Path(workdir) if workdir else default_workdir(model)
-    return Path(ensure_compiled(model, weights, workdir, config=config or f"qwen2_{precision}", seed=seed))
+    config = config or f"qwen2_{precision}"
+    # Generation reads the last position's logits only: such a graph skips (T - 1) x hidden x vocab of head work
+    # per prefill. It is compiled beside the full-logits graph (perplexity and scoring need every position).
+    overrides = {"graph.last_position_logits": True, "name": f"{config}_last"} if last_position_only else None
+    return Path(ensure_compiled(model, weights, workdir, config=config, seed=seed, overrides=overrides))
 
 
 # The ways notebook 05 runs a model, each built from (or reusing) the earlier stages' folders: the transformers
@@ -558,8 +563,9 @@ ACCURACY_STAGES = STAGE_BACKENDS  # notebook 05 scores every stage it runs
 
 
 def stage_backend(label: str, model: str = "tiny", *, weights: str = "auto", workdir: str | Path | None = None,
-                  seed: int = 0, dtype="float32"):
-    """One of ``STAGE_BACKENDS``: the reference, one of notebook 03's int8 packages, or a graph of notebook 04."""
+                  seed: int = 0, dtype="float32", last_position_only: bool = False):
+    """One of ``STAGE_BACKENDS``: the reference, one of notebook 03's int8 packages, or a graph of notebook 04.
+    ``last_position_only``: a graph's logits for the last position only (serving: faster prefill; no ``logits``)."""
     if label not in STAGE_BACKENDS:
         raise ValueError(f"unknown backend {label!r}: one of {', '.join(STAGE_BACKENDS)}")
     scheme = "smoothquant" if label.endswith(" smoothquant") else "w8a16"
@@ -573,7 +579,7 @@ def stage_backend(label: str, model: str = "tiny", *, weights: str = "auto", wor
         return TorchBackend(load_quantized(ensure_quantized(model, weights, workdir, seed=seed, scheme=scheme)))
     precision = label.split()[0]
     compiled = _ensure_graph(model, weights, workdir, seed, precision,
-                             "qwen2_int8_smoothquant" if scheme == "smoothquant" else None)
+                             "qwen2_int8_smoothquant" if scheme == "smoothquant" else None, last_position_only)
     return load_backend(model, "onnx", weights=weights, seed=seed, workdir=workdir, compiled=compiled)
 
 

@@ -376,7 +376,7 @@ def cmd_serve(args) -> int:
     if args.host != LOOPBACK:
         print(f"[serve] WARNING: listening on {args.host}, not only loopback: other machines can reach it", file=sys.stderr)
     backend = stage_backend(args.stage, args.model, weights=args.weights, workdir=workdir_of(args), seed=args.seed,
-                            dtype=args.dtype)
+                            dtype=args.dtype, last_position_only=True)  # serving reads the last position only
     tokenizer = load_tokenizer(args.model)
     name = args.served_model_name or args.model
     app = build_app(backend, tokenizer, name, config)

@@ -246,3 +246,16 @@ def test_onnx_graph_left_padded_batch_and_full_logits_match_torch(hf_model, onnx
     ids = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(onnx_backend.logits(ids), hf_model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_last_position_graph_generates_what_the_full_logits_graph_does(tmp_path):
+    from qwen2lib.generation import SamplingParams, generate, stage_backend
+    from qwen2lib.tokenizer import load_tokenizer
+
+    full = stage_backend("fp32 graph", "tiny-random", workdir=tmp_path / "run")
+    last = stage_backend("fp32 graph", "tiny-random", workdir=tmp_path / "run", last_position_only=True)
+    assert last.runtime.last_position_logits and not full.runtime.last_position_logits
+    tokenizer = load_tokenizer("tiny-random")
+    params = SamplingParams(max_new_tokens=8)
+    assert (generate(last, tokenizer, "def read(self, path):\n", params).token_ids
+            == generate(full, tokenizer, "def read(self, path):\n", params).token_ids)
