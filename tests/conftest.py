@@ -33,6 +33,22 @@ def tiny_hf_config(**overrides):
     return Qwen2Config(**cfg)
 
 
+def absmax_stats(model, ids) -> dict[str, torch.Tensor]:
+    """Per-input-channel absmax of every Linear, computed directly (the statistics SmoothQuant reads)."""
+    stats, hooks = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            def hook(mod, args, name=name):
+                x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
+                stats[f"{name}.absmax"] = torch.maximum(stats.get(f"{name}.absmax", x), x)
+            hooks.append(module.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    return stats
+
+
 @pytest.fixture
 def make_checkpoint(tmp_path):
     """Factory: save a seeded random transformers Qwen2 checkpoint (safetensors) and return its folder."""

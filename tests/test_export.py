@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_hf_config
+from conftest import absmax_stats, tiny_hf_config
 from qwen2lib import export, export_ct, export_gguf
 from qwen2lib.artifacts import read_metrics
 from qwen2lib.fidelity import fidelity_report
@@ -177,21 +177,6 @@ def test_gguf_writer_streams_and_refuses_what_it_cannot_write(package, tmp_path,
 
 
 # ---- compressed-tensors -------------------------------------------------------------------------
-
-
-def absmax_stats(model, ids):
-    stats, hooks = {}, []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            def hook(mod, args, name=name):
-                x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
-                stats[f"{name}.absmax"] = torch.maximum(stats.get(f"{name}.absmax", x), x)
-            hooks.append(module.register_forward_pre_hook(hook))
-    with torch.no_grad():
-        model(ids)
-    for h in hooks:
-        h.remove()
-    return stats
 
 
 @pytest.fixture(scope="module")

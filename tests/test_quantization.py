@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import tiny_hf_config
+from conftest import absmax_stats, tiny_hf_config
 from qwen2lib import quantization as q
 
 
@@ -14,22 +14,6 @@ def seeded_model(seed: int = 0):
 
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(tiny_hf_config()).eval()
-
-
-def absmax_stats(model, ids) -> dict[str, torch.Tensor]:
-    """Per-input-channel absmax of every Linear, computed directly (the statistics SmoothQuant reads)."""
-    stats, hooks = {}, []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            def hook(mod, args, name=name):
-                x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
-                stats[f"{name}.absmax"] = torch.maximum(stats.get(f"{name}.absmax", x), x)
-            hooks.append(module.register_forward_pre_hook(hook))
-    with torch.no_grad():
-        model(ids)
-    for h in hooks:
-        h.remove()
-    return stats
 
 
 def test_per_channel_rounding_error_is_at_most_half_a_step():

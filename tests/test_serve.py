@@ -54,6 +54,17 @@ class Collector:
             assert self.done.acquire(timeout=TIMEOUT), "a request never finished"
 
 
+def submit_joining_chain(jobs, params) -> list[list[int]]:
+    """Each prompt joins when the previous one has 2..4 tokens; returns every prompt's output, in PROMPTS order."""
+    chain = None
+    for i in reversed(range(1, len(PROMPTS))):
+        chain = (2 + i % 3, PROMPTS[i], params[i], chain)
+    jobs.submit(PROMPTS[0], params[0], then=chain)
+    jobs.wait(len(PROMPTS))
+    served = {tuple(r.prompt_ids): r.output for r in jobs.requests}
+    return [served[tuple(p)] for p in PROMPTS]
+
+
 def test_peak_kv_slots_counts_padding_and_rows_leaving():
     assert peak_kv_slots([(10, 5)]) == 15
     # two rows: at step 2 both alive, longest 10 + 2 -> 24; at step 8 only the short one, 3 + 8 = 11
@@ -71,13 +82,7 @@ def test_requests_joining_mid_decode_get_the_tokens_they_get_alone(hf_model):
         jobs = Collector(engine)
         # each request joins when the previous one has 2..4 tokens, so rows of different lengths share a batch,
         # the batch fills (max 3 rows: later ones queue), and rows leave at different steps
-        chain = None
-        for i in reversed(range(1, len(PROMPTS))):
-            chain = (2 + i % 3, PROMPTS[i], params[i], chain)
-        jobs.submit(PROMPTS[0], params[0], then=chain)
-        jobs.wait(len(PROMPTS))
-        served = {tuple(r.prompt_ids): r.output for r in jobs.requests}
-        assert [served[tuple(p)] for p in PROMPTS] == alone
+        assert submit_joining_chain(jobs, params) == alone
         assert all(r.finish_reason == "length" for r in jobs.requests)
         stats = engine.stats()
         assert stats["active"] == stats["queued"] == 0 and not stats["kv_state"]
@@ -395,13 +400,8 @@ def test_a_compiled_graph_serves_joining_requests_as_it_generates_them_alone(hf_
     alone = [generate(backend, None, p, q, stop_ids=set()).token_ids for p, q in zip(PROMPTS, params)]
     engine = Engine(backend, stop_ids=set(), config=EngineConfig(max_batch=3)).start()
     try:
-        jobs, chain = Collector(engine), None
-        for i in reversed(range(1, len(PROMPTS))):
-            chain = (2 + i % 3, PROMPTS[i], params[i], chain)
-        jobs.submit(PROMPTS[0], params[0], then=chain)
-        jobs.wait(len(PROMPTS))
-        served = {tuple(r.prompt_ids): r.output for r in jobs.requests}
-        assert [served[tuple(p)] for p in PROMPTS] == alone
+        jobs = Collector(engine)
+        assert submit_joining_chain(jobs, params) == alone
         assert engine.stats()["peak_batch"] == 3
     finally:
         engine.stop()
