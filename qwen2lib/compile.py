@@ -160,7 +160,7 @@ def read_quantized_package(folder: Path) -> tuple[dict[str, np.ndarray], dict[st
 def _int8_folder(cfg, model, weights, seed, workdir, verbose) -> Path | None:
     """The quantized package int8 weights come from: ``quantization.package`` when named, else notebook 03's
     ``quantized/<quantization.from_scheme>`` (built when missing) for a graph of the deploy package; None
-    when compiling the raw checkpoint, whose weights the shared quantizer (``qwen2lib.int8``) rounds here."""
+    when compiling the raw checkpoint, whose weights the shared quantizer (``qwen2lib.deploy.quantizer``) rounds here."""
     q = cfg["quantization"]
     if cfg["precision"] != "int8":
         return None
@@ -174,12 +174,12 @@ def _int8_folder(cfg, model, weights, seed, workdir, verbose) -> Path | None:
 def _int8_weights(cfg, folder: Path | None, source: Source) -> tuple[dict, str]:
     """({"<linear>.weight": (int8, scales)}, label); empty when the graph builder quantizes itself."""
     if folder is None:
-        return {}, (f"quantized here (source.package: checkpoint) by qwen2lib.int8: "
+        return {}, (f"quantized here (source.package: checkpoint) by qwen2lib.deploy.quantizer: "
                     f"{cfg['quantization']['granularity'].replace('_', '-')} symmetric int8")
     floats, quantized = read_quantized_package(folder)
     source.weights.update({k: v for k, v in floats.items() if k in source.weights})
     return quantized, (f"notebook 03 package {folder} ({len(quantized)} int8 weights and their scales; groups "
-                       "it left in float are rounded here by the same quantizer, qwen2lib.int8)")
+                       "it left in float are rounded here by the same quantizer, qwen2lib.deploy.quantizer)")
 
 
 # ---- the compile ---------------------------------------------------------------------------------

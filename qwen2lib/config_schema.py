@@ -56,7 +56,7 @@ SCHEMA: dict[str, Any] = {
         "weights": _f((str, NONE), None, "auto | random; null: the caller's --weights", choices=("auto", "random", None)),
         "checkpoint": _f((str, NONE), None, "a checkpoint folder to compile (overrides model)", file=True),
         "package": _f(str, "patched", "patched: notebook 01's deploy package (int8: notebook 03's quantized "
-                      "package of it) | checkpoint: the raw checkpoint (int8 rounded here by qwen2lib.int8)",
+                      "package of it) | checkpoint: the raw checkpoint (int8 rounded here by qwen2lib.deploy.quantizer)",
                       choices=("patched", "checkpoint")),
     },
     "precision": _f(str, "fp32", "fp32 | fp16 | int8: how the graph stores its weights and computes",

@@ -35,8 +35,8 @@ GRAPH = ("checkpoint", "patched", "calibration", "quantized", "compiled", "expor
 STAGE_CODE = {
     "patched": ("deploy",),  # a folder: every .py file in it
     "calibration": ("calibration.py", "data.py"),
-    "quantized": ("quantization.py", "int8.py", "fidelity.py", "corpus.py"),
-    "compiled": ("compile.py", "graph", "int8.py", "config_schema.py", "rope.py", "model.py", "fidelity.py",
+    "quantized": ("quantization.py", "deploy/quantizer.py", "fidelity.py", "corpus.py"),
+    "compiled": ("compile.py", "graph", "deploy/quantizer.py", "config_schema.py", "rope.py", "model.py", "fidelity.py",
                  "corpus.py"),
     "exported": ("export.py", "export_gguf.py", "export_ct.py", "tokenizer.py", "fidelity.py", "corpus.py"),
 }

@@ -4,8 +4,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -25,7 +23,6 @@ VOCAB = 1000
 ALLOWED_MODELING_IMPORTS = {
     "collections.abc",
     "dataclasses",
-    "importlib",
     "torch",
     "transformers.activations",
     "transformers.cache_utils",
@@ -37,7 +34,12 @@ ALLOWED_MODELING_IMPORTS = {
     "transformers.processing_utils",
     "transformers.utils",
     ".configuration_qwen2_onnx",
+    ".quantization_onnx",
 }
+# The quantizer the package carries: torch, numpy, safetensors and the standard library (qwen2lib's error base only
+# where it is installed, inside a try).
+ALLOWED_QUANTIZATION_IMPORTS = {"__future__", "fnmatch", "json", "os", "shutil", "pathlib", "typing", "numpy", "torch",
+                                "torch.nn", "torch.nn.functional", "safetensors.torch", "qwen2lib.errors"}
 ALLOWED_CONFIGURATION_IMPORTS = {
     "huggingface_hub.dataclasses",
     "transformers.configuration_utils",
@@ -252,6 +254,8 @@ def test_generated_files_import_only_the_allowed_modules():
     modeling, configuration = imported_modules(sources.modeling), imported_modules(sources.configuration)
     assert modeling <= ALLOWED_MODELING_IMPORTS, modeling - ALLOWED_MODELING_IMPORTS
     assert configuration <= ALLOWED_CONFIGURATION_IMPORTS, configuration - ALLOWED_CONFIGURATION_IMPORTS
+    quantization = imported_modules(sources.quantization)
+    assert quantization <= ALLOWED_QUANTIZATION_IMPORTS, quantization - ALLOWED_QUANTIZATION_IMPORTS
     assert "masking_utils" not in sources.modeling and "ALL_ATTENTION_FUNCTIONS" not in sources.modeling
 
 
@@ -390,16 +394,77 @@ def test_ensure_patched_reuses_a_current_package_and_rebuilds_a_stale_one(tmp_pa
 # ---- quantize() entry point and insert_slice figures -----------------------------------------
 
 
-def test_quantize_delegates_to_qwen2lib_quantization_by_name(package_of, monkeypatch):
+STANDALONE_QUANTIZE = """
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+try:
+    import qwen2lib  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("qwen2lib is importable here: this is not a check of a package on its own")
+package, stats, out = map(Path, sys.argv[1:4])
+ids = torch.arange(3, 19)[None]
+for scheme in ("w8a16", "smoothquant"):
+    model = AutoModelForCausalLM.from_pretrained(package, trust_remote_code=True).eval()
+    model.quantize(scheme, stats=stats if scheme == "smoothquant" else None)
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_quantized(out / scheme)
+    reloaded = AutoModelForCausalLM.from_pretrained(out / scheme, trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=0)
+    print(scheme, type(reloaded.model.layers[0].mlp.up_proj).__name__)
+"""
+
+
+def venv_without_qwen2lib(folder: Path) -> Path:
+    """A virtual environment that sees this one's packages (torch, transformers, ...) but not qwen2lib: the
+    site-packages folder is put on sys.path by a plain .pth line, so the editable install's own .pth (which
+    makes qwen2lib importable) is never processed."""
+    import site
+    import subprocess
+    import venv
+
+    venv.EnvBuilder(with_pip=False).create(folder)
+    python = folder / "bin" / "python"
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    Path(purelib, "parent-packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    return python
+
+
+def test_a_deploy_package_quantizes_and_reloads_without_qwen2lib(package_of, tmp_path):
+    import subprocess
+
+    from conftest import absmax_stats
+    from safetensors.torch import save_file
+
+    from qwen2lib import quantization as q
+    from qwen2lib.deploy.quantizer import STATS_FILE
+
     _, package = package_of("plain")
+    assert sorted(p.name for p in package.glob("*.py")) == [
+        "configuration_qwen2_onnx.py", "modeling_qwen2_onnx.py", "quantization_onnx.py"]
     model = deploy.load_deploy_package(package)
-    monkeypatch.setitem(sys.modules, "qwen2lib.quantization", None)  # as where qwen2lib is not installed
-    with pytest.raises(ImportError, match="pip install -e"):
-        model.quantize()
-    scheme = types.ModuleType("qwen2lib.quantization")
-    monkeypatch.setitem(sys.modules, "qwen2lib.quantization", scheme)
-    scheme.quantize_model = lambda m, *args, **kwargs: ("quantized", m, args, kwargs)
-    assert model.quantize(8, scheme="int8") == ("quantized", model, (8,), {"scheme": "int8"})
+    (tmp_path / "stats").mkdir()
+    save_file(absmax_stats(model, prompt(32)), str(tmp_path / "stats" / STATS_FILE))
+    python = venv_without_qwen2lib(tmp_path / "venv")
+    script = tmp_path / "standalone.py"
+    script.write_text(STANDALONE_QUANTIZE)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    done = subprocess.run([python, "-I", script, package, tmp_path / "stats", tmp_path / "out"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert done.stdout.split() == ["w8a16", "Int8Linear", "smoothquant", "Int8Linear"], done.stdout
+    for scheme in ("w8a16", "smoothquant"):  # what the package wrote on its own is what qwen2lib writes and loads
+        q.verify_quantized_code(tmp_path / "out" / scheme)
+        assert q.is_int8_linear(q.load_quantized(tmp_path / "out" / scheme).model.layers[1].self_attn.q_proj)
 
 
 def test_measure_insert_slice_counts_lm_head_flops(package_of):

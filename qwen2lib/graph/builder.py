@@ -119,7 +119,7 @@ def build_graph(args: Qwen2Args, weights: Mapping[str, np.ndarray], plan: GraphP
 
     ``weights``: the package's tensors by Hugging Face name, as float32 numpy (N, K) for Linears.
     ``quantized``: int8 weights and scales by the same names (notebook 03's package), used for the groups in
-    ``plan.quantize``; groups it lacks are rounded by ``qwen2lib.int8``.
+    ``plan.quantize``; groups it lacks are rounded by ``qwen2lib.deploy.quantizer``.
     """
     check_supported(args, plan.max_sequence_length)
     g, src = Nodes(plan), _Source(weights, dict(quantized or {}))

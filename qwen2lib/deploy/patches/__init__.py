@@ -6,7 +6,8 @@
   p3 eager_attention        eager attention only, causal / sliding-window mask from arange and comparisons
   p4 explicit_kv_cache      ``past_key_values=[(k, v), ...]`` in, ``presents`` out: graph inputs and outputs
   p5 insert_slice           with ``config.insert_slice``, only the last position goes through ``lm_head``
-  p6 quantize_entry_point   ``Qwen2ForCausalLM.quantize()`` delegating to ``qwen2lib.quantization``
+  p6 quantize_entry_point   ``Qwen2ForCausalLM.quantize()`` / ``save_quantized()`` calling the package's own
+                            ``quantization_<target>.py`` (a copy of ``quantizer.py``)
   p7 dual_chunk_attention   the guide's Dual Chunk Attention: a TODO hook (raises)
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ def modeling_patches(target: str = "onnx", *, dual_chunk_attention: bool = False
         eager_attention_patch(),
         explicit_kv_cache_patch(),
         insert_slice_patches()[0],
-        quantize_entry_point_patch(),
+        quantize_entry_point_patch(target),
     ]
     if dual_chunk_attention:
         patches.append(dual_chunk_attention_patch())
