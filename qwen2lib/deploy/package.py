@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from ..artifacts import default_workdir, read_metrics, stage_dir, write_metrics
 from ..errors import ModelNotFoundError, Qwen2LibError, WeightsError, WrongModelTypeError
-from ..loading import checkpoint_dir
+from ..loading import checkpoint_dir, parse_dtype
 from ..stages import ensure_stage, recorded_request
 from .patch import (CONFIGURATION_FILE, MODELING_FILE, PATCHES_WRITTEN_FOR, AppliedPatch, apply_patches,
                     installed_transformers_version)
@@ -351,20 +351,11 @@ def record_metrics(package_dir: str | os.PathLike, key: str, figures: dict) -> N
     write_metrics(package_dir, metrics)
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, str(dtype), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"dtype={dtype!r}: use float32, bfloat16 or float16")
-    return resolved
-
-
 def load_deploy_package(package_dir: str | os.PathLike, dtype: str | torch.dtype = torch.float32):
     """The patched model from a package folder: remote code from the folder (checked first against what this
     checkout generates: ``verify_package_code``), nothing downloaded."""
     verify_package_code(package_dir)
     model = AutoModelForCausalLM.from_pretrained(
-        str(package_dir), trust_remote_code=True, local_files_only=True, dtype=resolve_dtype(dtype)
+        str(package_dir), trust_remote_code=True, local_files_only=True, dtype=parse_dtype(dtype)
     )
     return model.eval()
