@@ -77,12 +77,11 @@ def patched_sources(
     *,
     modeling_source: str | None = None,
     configuration_source: str | None = None,
-    dual_chunk_attention: bool = False,
 ) -> PatchedSources:
     """Apply every patch to the installed transformers' qwen2 files (or to the texts given, for tests)."""
     modeling, modeling_applied = apply_patches(
         upstream_source(MODELING_FILE) if modeling_source is None else modeling_source,
-        modeling_patches(target, dual_chunk_attention=dual_chunk_attention),
+        modeling_patches(target),
     )
     configuration, configuration_applied = apply_patches(
         upstream_source(CONFIGURATION_FILE) if configuration_source is None else configuration_source,
@@ -197,7 +196,6 @@ def build_deploy_package(
     *,
     target: str = "onnx",
     insert_slice: bool = False,
-    dual_chunk_attention: bool = False,
     force: bool = True,
     verbose: bool = False,
 ) -> Path:
@@ -216,11 +214,11 @@ def build_deploy_package(
     weight_files = weight_files_of(checkpoint)
     check_not_inside(out, checkpoint)
     check_target(target)
-    request = {"target": target, "insert_slice": bool(insert_slice), "dual_chunk_attention": dual_chunk_attention,
+    request = {"target": target, "insert_slice": bool(insert_slice),
                "transformers_version": installed_transformers_version()}
 
     def build(package: Path) -> dict:
-        sources = patched_sources(target, dual_chunk_attention=dual_chunk_attention)
+        sources = patched_sources(target)
         (package / sources.modeling_filename).write_text(sources.modeling, encoding="utf-8")
         (package / sources.configuration_filename).write_text(sources.configuration, encoding="utf-8")
         write_json(package / "config.json", package_config(checkpoint_config, target, insert_slice))
