@@ -122,9 +122,9 @@ DUAL_CHUNK_ROTARY_METHOD = '''\
 DUAL_CHUNK_MODELING_EDITS = (
     Edit("\n\nclass Qwen2Attention(nn.Module):", "\n\n" + DUAL_CHUNK_SOURCE),
     Edit(
-        "        self.sliding_window = config.sliding_window if self.layer_type == \"sliding_attention\" else None\n",
-        "        self.sliding_window = config.sliding_window if self.layer_type == \"sliding_attention\" else None\n"
-        "        self.dual_chunk = dual_chunk_settings(config)\n",
+        "        self.has_sliding_layers = \"sliding_attention\" in self.config.layer_types\n",
+        "        self.has_sliding_layers = \"sliding_attention\" in self.config.layer_types\n"
+        "        dual_chunk_settings(config)  # a bad dual_chunk_attention_config fails here, not in the first forward\n",
     ),
     Edit(
         """\
@@ -132,9 +132,10 @@ DUAL_CHUNK_MODELING_EDITS = (
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 """,
         """\
-        if self.dual_chunk is not None:
-            # Dual Chunk Attention: keys rotated (and cached) at p mod s, the query once per part
-            dual_chunk = position_embeddings
+        dual_chunk = position_embeddings if isinstance(position_embeddings, DualChunkRotary) else None
+        if dual_chunk is not None:
+            # Dual Chunk Attention (the model's config decides): keys rotated and cached at p mod s, the query
+            # once per part
             queries = [rotate_by(query_states, cos, sin) for cos, sin in dual_chunk.queries]
             key_states = rotate_by(key_states, *dual_chunk.key)
         else:
@@ -156,7 +157,7 @@ DUAL_CHUNK_MODELING_EDITS = (
         )
 """,
         """\
-        if self.dual_chunk is not None:
+        if dual_chunk is not None:
             attn_output, attn_weights = dual_chunk_attention_forward(
                 self,
                 queries,
