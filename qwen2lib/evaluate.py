@@ -172,13 +172,15 @@ def _label(args) -> str:
 
 
 def _backend(args):
-    from .generation import load_backend, stage_backend
+    from .generation import load_backend, long_context_of, stage_backend
 
+    long_context = long_context_of(args)  # refuses --dca/--yarn with --stage
     if getattr(args, "stage", None):
         return stage_backend(args.stage, args.model, weights=args.weights, workdir=_workdir(args), seed=args.seed,
                              dtype=args.dtype)
     return load_backend(args.model, args.backend, weights=args.weights, dtype=args.dtype, seed=args.seed,
-                        compiled=args.compiled, workdir=_workdir(args), precision=args.precision)
+                        compiled=args.compiled, workdir=_workdir(args), precision=args.precision,
+                        long_context=long_context)
 
 
 def _result_path(args, name: str, suffix: str = ".json") -> Path:

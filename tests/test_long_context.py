@@ -113,3 +113,62 @@ def test_compile_refuses_dual_chunk_it_cannot_verify(make_checkpoint, tmp_path):
     with pytest.raises(ConfigError, match="source.package: patched"):
         compile_model(config_path("qwen2_fp32"), model=dual, workdir=tmp_path / "b", verbose=False,
                       overrides={"source.package": "checkpoint"})
+
+
+# ---- settings: --dca / --yarn, honoured by every backend ---------------------------------------------
+
+def test_parse_settings_and_refuse_what_cannot_run():
+    from qwen2lib.longctx import LongContextError, apply_overrides, long_context_overrides
+
+    config = {"max_position_embeddings": 256, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}
+    ov = long_context_overrides("12,4", "4,64", config)
+    assert ov["dual_chunk_attention_config"] == {"chunk_size": 12, "local_size": 4,
+                                                 "original_max_position_embeddings": 12}
+    # factor x original = max_position_embeddings: old and new transformers then read the same YaRN factor
+    assert ov["max_position_embeddings"] == 256 == ov["rope_scaling"]["factor"] * 64
+    merged = apply_overrides(config, ov)
+    assert merged["rope_parameters"] == {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+                                         "original_max_position_embeddings": 64} and "rope_scaling" not in merged
+    assert config["rope_parameters"]["rope_type"] == "default"  # a copy
+    for dca, yarn, message in (("12", None, "expected 2 or 3"), ("8,8", None, "must be smaller"),
+                               (None, "1.0", "FACTOR > 1"), (None, "x", "FACTOR is a number")):
+        with pytest.raises(LongContextError, match=message):
+            long_context_overrides(dca, yarn, config)
+    with pytest.raises(LongContextError, match="already scales RoPE with 'linear'"):
+        long_context_overrides(None, "4", {"max_position_embeddings": 256, "rope_scaling": {"type": "linear", "factor": 2}})
+    with pytest.raises(LongContextError, match="sliding-window"):
+        long_context_overrides("12,4", None, {"use_sliding_window": True})
+
+
+def test_torch_backend_runs_dca_through_the_package_and_yarn_as_configured(make_checkpoint, tmp_path, capsys):
+    from qwen2lib.generation import load_backend
+    from qwen2lib.longctx import long_context_overrides
+    from qwen2lib.model import Qwen2
+
+    folder = make_checkpoint()
+    config = json.loads((folder / "config.json").read_text())
+    ids = torch.randint(0, 320, (1, 30), generator=torch.Generator().manual_seed(5))
+    plain = load_backend(str(folder), "torch", workdir=tmp_path).logits(ids)
+    ov = long_context_overrides("12,4", "4,64", config)
+    backend = load_backend(str(folder), "torch", workdir=tmp_path, long_context=ov)
+    assert "Dual Chunk Attention (chunk_size 12, local_size 4); YaRN" in capsys.readouterr().err
+    assert type(backend.model).__module__.startswith("transformers_modules")  # the deploy package, not upstream
+    ours = backend.logits(ids)
+    assert (ours - plain).abs().max() > 1e-3
+    # the teaching model reads the same overridden config.json the same way: YaRN frequencies, factor and DCA
+    teaching = Qwen2(Qwen2Args.from_config_dict({**config, **ov}))
+    teaching.load_state_dict(Qwen2.from_checkpoint(folder).state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(ours, teaching.eval()(ids), atol=1e-4, rtol=0)
+    assert backend.max_positions == 256
+
+
+def test_cli_refuses_settings_it_cannot_apply_in_one_line(capsys):
+    from qwen2lib.cli import main
+
+    assert main(["generate", "--model", "tiny-random", "--prompt", "x", "--dca", "8,9"]) == 2
+    assert "--dca '8,9'" in capsys.readouterr().err
+    assert main(["eval", "ppl", "--model", "tiny-random", "--text", __file__, "--stage", "fp32 graph",
+                 "--yarn", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--stage is built from the checkpoint's own config" in err[0]
