@@ -292,6 +292,14 @@ class Qwen2(nn.Module):
 
         ``last_only`` computes the LM head for the last position only (prefill for generation).
         """
+        x = self.hidden_states(input_ids, cache, attention_mask)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)  # (B, T, V)
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The final norm's output (B, T, D): what the LM head reads (long texts score it a slice at a time)."""
         B, T = input_ids.shape
         past = cache.seq_len if cache is not None else 0
         if attention_mask is not None:
@@ -303,10 +311,7 @@ class Qwen2(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         for block in self.model.layers:
             x = block(x, cos, sin, positions, attention_mask, cache, inv_freq)
-        x = self.model.norm(x)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(x)  # (B, T, V)
+        return self.model.norm(x)
 
     # ---- weights ----------------------------------------------------------------------------
     @classmethod
