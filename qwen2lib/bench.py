@@ -471,7 +471,8 @@ def cmd_bench(args) -> int:
 
     from .artifacts import stage_dir
     from .cli import workdir_of
-    from .generation import load_backend, long_context_of
+    from .generation import load_backend
+    from .longctx import long_context_of
     from .tokenizer import load_tokenizer
 
     url = _check_args(args)

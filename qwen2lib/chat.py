@@ -205,7 +205,8 @@ def repl(session: ChatSession, read: Callable[[str], str] = input, write: Callab
 
 def cmd_chat(args) -> int:
     from .cli import workdir_of
-    from .generation import load_backend, long_context_of, sampling_params_of
+    from .generation import load_backend, sampling_params_of
+    from .longctx import long_context_of
     from .tokenizer import load_tokenizer
 
     params = sampling_params_of(args)  # bad sampling input is refused before a model loads

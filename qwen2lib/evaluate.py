@@ -172,7 +172,8 @@ def _label(args) -> str:
 
 
 def _backend(args):
-    from .generation import load_backend, long_context_of, stage_backend
+    from .generation import load_backend, stage_backend
+    from .longctx import long_context_of
 
     long_context = long_context_of(args)  # refuses --dca/--yarn with --stage
     if getattr(args, "stage", None):

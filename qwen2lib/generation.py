@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import torch
 
 from .errors import PromptTooLongError, Qwen2LibError
+from .longctx import long_context_of
 from .masks import positions_from_mask
 
 # Both of the family's end tokens: base models end documents with <|endoftext|>, chat turns end with
@@ -531,7 +532,7 @@ def load_backend(model: str = "tiny", backend: str = "torch", *, weights: str = 
     """
     from .artifacts import default_workdir
     from .loading import checkpoint_dir
-    from .longctx import LongContextError, announce, apply_overrides, workdir_tag
+    from .longctx import LongContextError, announce, announce_graph, apply_overrides, workdir_tag
     from .registry import read_folder_config
 
     config = apply_overrides(read_folder_config(checkpoint_dir(model, weights, seed)), long_context)
@@ -561,21 +562,9 @@ def load_backend(model: str = "tiny", backend: str = "torch", *, weights: str = 
                                      long_context_graph=bool(long_context))
         out = OnnxBackend.load(compiled, config)
         out.config = config
-        _announce_graph(out.runtime.manifest, config)
+        announce_graph(out.runtime.manifest, config)
         return out
     raise ValueError(f"backend={backend!r}: use 'torch' or 'onnx'")
-
-
-def _announce_graph(manifest: dict, config: dict) -> None:
-    """Name the graph's long-context settings, and say so when it runs without the checkpoint's DCA."""
-    from .longctx import announce
-
-    graph_dca = manifest.get("dual_chunk_attention")
-    announce({**config, "dual_chunk_attention_config": graph_dca}, "onnx graph")
-    if config.get("dual_chunk_attention_config") and not graph_dca:
-        print("[long context] onnx graph: plain attention, although the checkpoint asks for Dual Chunk Attention "
-              "(compiled with graph.dual_chunk_attention: false); positions past its training length are unseen",
-              file=sys.stderr)
 
 
 def _ensure_graph(model, weights, workdir, seed, precision, config: str | None = None,
@@ -665,22 +654,6 @@ def add_backend_args(p) -> None:
     p.add_argument("--compiled", default=None, help="compiled graph folder (default: <workdir>/compiled, built if missing)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"), help="which compiled graph (onnx)")
     add_long_context_args(p)
-
-
-def long_context_of(args) -> dict:
-    """The config.json overrides of --dca/--yarn ({} without them), checked against the checkpoint's config."""
-    from .longctx import LongContextError, long_context_overrides
-
-    if not (getattr(args, "dca", None) or getattr(args, "yarn", None)):
-        return {}
-    if getattr(args, "stage", None):
-        raise LongContextError("--dca/--yarn apply to --backend runs; a --stage is built from the checkpoint's own "
-                               "config (drop --stage, or put the settings in the checkpoint's config.json)")
-    from .loading import checkpoint_dir
-    from .registry import read_folder_config
-
-    config = read_folder_config(checkpoint_dir(args.model, args.weights, args.seed))
-    return long_context_overrides(args.dca, args.yarn, config)
 
 
 def register_cli(sub) -> None:

@@ -138,6 +138,16 @@ def announce(config: dict, where: str) -> None:
         print(f"[long context] {where}: {line}", file=sys.stderr)
 
 
+def announce_graph(manifest: dict, config: dict) -> None:
+    """Name a compiled graph's long-context settings, and say so when it runs without the checkpoint's DCA."""
+    graph_dca = manifest.get("dual_chunk_attention")
+    announce({**config, "dual_chunk_attention_config": graph_dca}, "onnx graph")
+    if config.get("dual_chunk_attention_config") and not graph_dca:
+        print("[long context] onnx graph: plain attention, although the checkpoint asks for Dual Chunk Attention "
+              "(compiled with graph.dual_chunk_attention: false); positions past its training length are unseen",
+              file=sys.stderr)
+
+
 def workdir_tag(overrides: dict) -> str:
     """A folder name for the stages built with these overrides (their own package, graphs and stats)."""
     parts = []
@@ -156,6 +166,20 @@ def add_long_context_args(parser) -> None:
     parser.add_argument("--yarn", default=None, metavar="FACTOR[,ORIGINAL]",
                         help="YaRN rope scaling by FACTOR over ORIGINAL trained positions (default: the checkpoint's "
                              "max_position_embeddings); max_position_embeddings becomes FACTOR x ORIGINAL")
+
+
+def long_context_of(args) -> dict:
+    """The config.json overrides of --dca/--yarn ({} without them), checked against the checkpoint's config."""
+    if not (getattr(args, "dca", None) or getattr(args, "yarn", None)):
+        return {}
+    if getattr(args, "stage", None):
+        raise LongContextError("--dca/--yarn apply to --backend runs; a --stage is built from the checkpoint's own "
+                               "config (drop --stage, or put the settings in the checkpoint's config.json)")
+    from .loading import checkpoint_dir
+    from .registry import read_folder_config
+
+    config = read_folder_config(checkpoint_dir(args.model, args.weights, args.seed))
+    return long_context_overrides(args.dca, args.yarn, config)
 
 
 def hf_config_with(folder, overrides: dict | None, trust_remote_code: bool = False):
