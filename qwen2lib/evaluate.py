@@ -168,7 +168,10 @@ def _workdir(args):
 def _label(args) -> str:
     if getattr(args, "stage", None):
         return args.stage.replace(" ", "-")
-    return args.backend + (f"-{args.precision}" if args.backend == "onnx" else f"-{args.dtype}")
+    from .longctx import long_context_of, workdir_tag
+
+    tag = workdir_tag(long_context_of(args))  # a --dca/--yarn run is its own result, not the plain one's
+    return args.backend + (f"-{args.precision}" if args.backend == "onnx" else f"-{args.dtype}") + (f"-{tag}" if tag else "")
 
 
 def _backend(args):
