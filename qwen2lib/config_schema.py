@@ -98,6 +98,9 @@ SCHEMA: dict[str, Any] = {
         "last_position_logits": _f((bool, NONE), None, "logits of the last position only (insert_slice): faster "
                                    "prefill, but no perplexity/scoring over every position; null: as the "
                                    "package's config.json says (insert_slice)"),
+        "dual_chunk_attention": _f((bool, NONE), None, "Dual Chunk Attention in the graph: null: as the package's "
+                                   "config.json says (dual_chunk_attention_config) | false: plain attention (contexts "
+                                   "up to what the model was trained on) | true: required (an error without the config)"),
         "external_data": _f(str, "auto", "auto: weights in model.onnx.data when over 2 GB | always | never",
                             choices=("auto", "always", "never")),
     },

@@ -268,8 +268,10 @@ def test_every_patch_changes_something_and_records_its_diff():
         ("explicit_kv_cache", "modeling_qwen2.py"),
         ("insert_slice", "modeling_qwen2.py"),
         ("quantize_entry_point", "modeling_qwen2.py"),
+        ("dual_chunk_attention", "modeling_qwen2.py"),
         ("relative_imports", "configuration_qwen2.py"),
         ("insert_slice", "configuration_qwen2.py"),
+        ("dual_chunk_attention", "configuration_qwen2.py"),
     ]
     for a in applied:
         assert a.before != a.after and a.diff.startswith(f"--- a/{a.patch.file}"), a.patch.name
@@ -286,9 +288,80 @@ def test_report_helpers_show_diffs_and_the_summary_table():
     assert "## quantize_entry_point" in deploy.patch_report(applied)
 
 
-def test_dual_chunk_attention_is_a_todo_hook(tmp_path):
-    with pytest.raises(NotImplementedError, match="dual chunk attention"):
-        deploy.modeling_patches("onnx", dual_chunk_attention=True)
+# ---- dual chunk attention (patch 7) ------------------------------------------------------------
+
+DCA = {"chunk_size": 12, "local_size": 4, "original_max_position_embeddings": 12}  # chunks of s = 8 positions
+
+
+def naive_dca_logits(checkpoint: Path, ids: torch.Tensor, monkeypatch) -> torch.Tensor:
+    """Logits of qwen2lib's teaching model with its attention swapped for dca.naive_dual_chunk_attention."""
+    from qwen2lib import dca
+    from qwen2lib.model import Qwen2
+
+    monkeypatch.setattr(dca, "dual_chunk_attention", dca.naive_dual_chunk_attention)
+    with torch.no_grad():
+        return Qwen2.from_checkpoint(checkpoint).eval()(ids)
+
+
+@pytest.mark.parametrize("rope", ["default", "yarn"])
+def test_dual_chunk_package_equals_the_naive_reference_in_prefill_and_cached_decode(package_of, monkeypatch, rope):
+    rope_parameters = {"rope_type": "default", "rope_theta": 10_000.0}
+    if rope == "yarn":  # YaRN's cos/sin factor scales DCA's scores like plain attention's
+        rope_parameters = {"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 4.0,
+                           "original_max_position_embeddings": 64}
+    checkpoint, package = package_of(f"dca-{rope}", dual_chunk_attention_config=DCA, rope_parameters=rope_parameters,
+                                     max_position_embeddings=256)
+    model = deploy.load_deploy_package(package)
+    ids = prompt(40)  # five chunks: intra, successive and inter parts all present
+    expected = naive_dca_logits(checkpoint, ids, monkeypatch)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, past_key_values=[]).logits, expected, atol=1e-4, rtol=0)
+        out = model(ids[:, :13], past_key_values=[])  # prefill ends mid-chunk, then one token at a time
+        for t in range(13, 40):
+            out = model(ids[:, t : t + 1], past_key_values=out.presents)
+            torch.testing.assert_close(out.logits[:, -1], expected[:, t], atol=1e-4, rtol=0)
+        generated = model.generate(ids[:, :20], max_new_tokens=12, do_sample=False,
+                                   attention_mask=torch.ones(1, 20, dtype=torch.long))  # DynamicCache path
+    torch.testing.assert_close(model(generated, past_key_values=[]).logits[:, 19:-1].argmax(-1),
+                               generated[:, 20:])
+
+
+def test_dual_chunk_package_equals_plain_attention_exactly_inside_one_chunk(package_of):
+    _, plain = package_of("plain")
+    _, dual = package_of("dca-default", dual_chunk_attention_config=DCA, max_position_embeddings=256)
+    plain, dual = deploy.load_deploy_package(plain), deploy.load_deploy_package(dual)
+    dual.load_state_dict(plain.state_dict())
+    ids = prompt(8)  # s = 8: every pair intra, every rotation the plain one
+    with torch.no_grad():
+        assert torch.equal(dual(ids, past_key_values=[]).logits, plain(ids, past_key_values=[]).logits)
+        # past one chunk, distances stay exact while query i mod s + s <= chunk_size (here i <= 12): local_size
+        # buys that; the rotations differ (p mod s), so equal up to rounding only
+        longer = prompt(20)
+        ours, theirs = dual(longer, past_key_values=[]).logits, plain(longer, past_key_values=[]).logits
+        torch.testing.assert_close(ours[:, :13], theirs[:, :13], atol=1e-5, rtol=0)
+        assert (ours[:, 13:] - theirs[:, 13:]).abs().amax(-1).min() > 1e-4, "the capped distances change every later row"
+
+
+def test_dual_chunk_left_padded_batch_equals_each_row_alone(package_of):
+    _, package = package_of("dca-default", dual_chunk_attention_config=DCA, max_position_embeddings=256)
+    model = deploy.load_deploy_package(package)
+    short, long = prompt(17, seed=3), prompt(30, seed=4)
+    ids = torch.cat([torch.cat([torch.zeros(1, 13, dtype=torch.long), short], 1), long])
+    mask = torch.cat([torch.cat([torch.zeros(1, 13), torch.ones(1, 17)], 1), torch.ones(1, 30)]).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask, position_ids=positions, past_key_values=[]).logits
+        torch.testing.assert_close(batch[0, 13:], model(short, past_key_values=[]).logits[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(batch[1], model(long, past_key_values=[]).logits[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bad, message", [({"chunk_size": 8, "local_size": 8}, "local_size"),
+                                          ({"local_size": 2}, "chunk_size")])
+def test_dual_chunk_config_errors_name_the_key(tmp_path, bad, message):
+    checkpoint = save_checkpoint(tmp_path / "checkpoint", dual_chunk_attention_config=bad)
+    package = deploy.build_deploy_package(checkpoint, tmp_path / "package")
+    with pytest.raises(ValueError, match=message):
+        deploy.load_deploy_package(package)
 
 
 # ---- the package folder ----------------------------------------------------------------------
