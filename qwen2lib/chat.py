@@ -201,34 +201,3 @@ def repl(session: ChatSession, read: Callable[[str], str] = input, write: Callab
         if session.dropped > dropped:
             write(f"[chat] dropped the {session.dropped - dropped} oldest exchange(s) to fit "
                   f"{session.backend.max_positions} positions\n")
-
-
-def cmd_chat(args) -> int:
-    from .cli import workdir_of
-    from .generation import load_backend, sampling_params_of
-    from .longctx import long_context_of
-    from .tokenizer import load_tokenizer
-
-    params = sampling_params_of(args)  # bad sampling input is refused before a model loads
-    tokenizer = use_chat_template(load_tokenizer(args.model), args.chat_template)
-    backend = load_backend(args.model, args.backend, weights=args.weights, dtype=args.dtype, seed=args.seed,
-                           compiled=args.compiled, workdir=workdir_of(args), precision=args.precision,
-                           long_context=long_context_of(args))
-    session = ChatSession(backend, tokenizer, system=args.system, params=params)
-    print(f"[chat] {args.model} on {args.backend}; " + "; ".join(f"{c}: {h}" for c, h in COMMANDS.items()),
-          file=sys.stderr, flush=True)
-    return repl(session)
-
-
-def register_cli(sub) -> None:
-    from .cli import add_model_args
-    from .generation import add_backend_args, add_sampling_args
-
-    p = sub.add_parser("chat", help="chat in the terminal (system prompt, multi-turn history, streamed replies, /reset, /exit)")
-    add_model_args(p)
-    add_backend_args(p)
-    p.add_argument("--system", default=None, help="system prompt (default: the chat template's own, if any)")
-    p.add_argument("--chat-template", default=None, metavar="MODEL_OR_FILE",
-                   help="use this model's chat template (or a .jinja file) instead of the tokenizer's own")
-    add_sampling_args(p, max_new_tokens=256)
-    p.set_defaults(func=cmd_chat)

@@ -32,7 +32,6 @@ import onnx
 import onnxruntime
 import torch
 import transformers
-import yaml
 from safetensors.torch import load_file
 
 from . import __version__
@@ -459,38 +458,3 @@ def ensure_compiled(model: str = "tiny", weights: str = "auto", workdir: str | o
     else compiled (``qwen2lib.stages`` says why)."""
     return compile_model(config, model, weights, workdir, seed=seed, overrides=overrides, verbose=verbose,
                          force=False)
-
-
-# ---- command line --------------------------------------------------------------------------------
-
-def _parse_set(items: list[str]) -> dict:
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: use KEY=VALUE, e.g. graph.last_position_logits=true")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
-def cmd_compile(args) -> int:
-    path = compile_model(config_path(args.config), args.model, args.weights, args.workdir, seed=args.seed,
-                         overrides=_parse_set(args.set))
-    manifest = read_manifest(path)
-    parity = {k: v for k, v in manifest["parity"].items() if k != "per_position"}
-    print(json.dumps({"folder": str(path), "precision": manifest["precision"], "parity": parity,
-                      "fidelity": manifest["fidelity"]}, indent=2, default=str))
-    return 0
-
-
-def register_cli(sub) -> None:
-    from .cli import add_model_args
-
-    p = sub.add_parser("compile", help="compile a checkpoint to an ONNX graph per a YAML config (notebook 04)",
-                       description="Compile to <workdir>/compiled/<config name>/: graph, tokenizer, manifest.json. "
-                                   "The precision comes from the YAML; --dtype is not used.")
-    p.add_argument("config", help="YAML config: a path or a shipped name (qwen2_fp32, qwen2_fp16, qwen2_int8)")
-    add_model_args(p)
-    p.set_defaults(model=None, weights=None, func=cmd_compile)  # None: the YAML's source decides
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set graph.last_position_logits=true (repeatable)")

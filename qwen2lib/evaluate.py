@@ -14,7 +14,6 @@ import csv
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -27,9 +26,9 @@ from .evaluation.scoring import build_prompt, continuation_ce, score_gen, score_
 from .evaluation.subjects import CEVAL_SUBJECTS
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
-__all__ = ["CHOICES", "CEVAL_SUBJECTS", "DATASETS", "NOT_CEVAL_MARKER", "EvalDataError", "accuracy_table",
+__all__ = ["CHOICES", "CEVAL_SUBJECTS", "DATASETS", "MODES", "TITLES", "NOT_CEVAL_MARKER", "EvalDataError", "accuracy_table",
            "build_prompt", "continuation_ce", "dataset_label", "evaluate_benchmark", "evaluate_ceval",
-           "open_benchmark", "score_gen", "score_ppl", "strided_perplexity", "text_perplexity",
+           "open_benchmark", "plan", "score_gen", "score_ppl", "strided_perplexity", "text_perplexity",
            "write_builtin_mc_set"]
 
 
@@ -155,173 +154,3 @@ def strided_perplexity(logits_fn: LogitsFn, ids: Sequence[int] | torch.Tensor, m
 def text_perplexity(logits_fn: LogitsFn, tokenizer, text: str, max_length: int = 1024, stride: int = 512) -> dict:
     ids = tokenizer.encode(text, add_special_tokens=False)
     return {**strided_perplexity(logits_fn, ids, max_length, stride), "tokens": len(ids)}
-
-
-# ---- command line -----------------------------------------------------------------------------
-
-def _workdir(args):
-    from .cli import workdir_of
-
-    return workdir_of(args)
-
-
-def _label(args) -> str:
-    if getattr(args, "stage", None):
-        return args.stage.replace(" ", "-")
-    from .longctx import long_context_of, workdir_tag
-
-    tag = workdir_tag(long_context_of(args))  # a --dca/--yarn run is its own result, not the plain one's
-    return args.backend + (f"-{args.precision}" if args.backend == "onnx" else f"-{args.dtype}") + (f"-{tag}" if tag else "")
-
-
-def _backend(args):
-    from .generation import load_backend, stage_backend
-    from .longctx import long_context_of
-
-    long_context = long_context_of(args)  # refuses --dca/--yarn with --stage
-    if getattr(args, "stage", None):
-        return stage_backend(args.stage, args.model, weights=args.weights, workdir=_workdir(args), seed=args.seed,
-                             dtype=args.dtype)
-    return load_backend(args.model, args.backend, weights=args.weights, dtype=args.dtype, seed=args.seed,
-                        compiled=args.compiled, workdir=_workdir(args), precision=args.precision,
-                        long_context=long_context)
-
-
-def _result_path(args, name: str, suffix: str = ".json") -> Path:
-    from .artifacts import stage_dir
-
-    return stage_dir(_workdir(args), "inference") / f"{name}-{_label(args)}{suffix}"
-
-
-def _save(args, name: str, result: dict) -> Path:
-    from .artifacts import atomic_write_text
-
-    return atomic_write_text(_result_path(args, name), json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-
-
-def _print_scores(result: dict, label: str) -> None:
-    print(f"{result['dataset']}, {result['form']}, {result['mode']} {result['shots']}-shot, {label}"
-          + (f", first {result['limit']} per subject" if result["limit"] else ""))
-    for subject, s in result["subjects"].items():
-        print(f"  {subject:45s} {100 * s['accuracy']:6.2f}%  ({s['correct']}/{s['total']})")
-    for category, c in result["categories"].items():
-        part = f"  ({c['subjects']} of {c['of']} subjects)" if c["subjects"] < c["of"] else ""
-        print(f"  {category:45s} {100 * c['accuracy']:6.2f}%{part}")
-    print(f"  {'overall (every question)':45s} {100 * result['overall_accuracy']:6.2f}%  ({result['questions']} questions)")
-
-
-def cmd_eval_mc(args) -> int:
-    from .generation import stop_token_ids
-    from .tokenizer import load_tokenizer
-
-    if args.data:
-        bench = open_benchmark(args.eval_command, args.data)
-    elif args.eval_command == "ceval":
-        from .artifacts import stage_dir
-
-        folder = stage_dir(_workdir(args), "inference", "ceval-data")
-        bench = open_benchmark("ceval", folder if folder.is_dir() else download_ceval(folder, args.subjects))
-    else:
-        raise EvalDataError(f"--data is required for {args.eval_command}: {DATASETS_HELP[args.eval_command]}")
-    plan(bench, args.subjects, args.shots, args.mode)  # every data problem surfaces before the model loads
-    name = args.eval_command + ("" if args.mode == "ppl" else f"-{args.mode}")
-    journal = Path(args.results) if args.results else _result_path(args, name, ".jsonl")
-    if args.restart:
-        journal.unlink(missing_ok=True)
-    backend = _backend(args)
-    tokenizer = load_tokenizer(args.model)
-    result = evaluate_benchmark(backend.logits, tokenizer, args.eval_command, bench, subjects=args.subjects,
-                                shots=args.shots, limit=args.limit, mode=args.mode, results_path=journal,
-                                run_id=f"{args.model}|{args.weights}|{args.seed}|{_label(args)}",
-                                progress=not args.no_progress, max_new_tokens=args.max_new_tokens,
-                                stop_ids=stop_token_ids(tokenizer))
-    result["stage"] = args.stage or _label(args)
-    _print_scores(result, _label(args))
-    if result["resumed"]:
-        print(f"[eval] resumed {result['resumed']} scored questions from {journal}", file=sys.stderr)
-    print(f"[eval] wrote {_save(args, name, result)} (per question: {journal})", file=sys.stderr)
-    return 0
-
-
-def cmd_eval_table(args) -> int:
-    import pandas as pd
-
-    from .artifacts import stage_dir
-
-    folder = stage_dir(_workdir(args), "inference")
-    name = args.dataset + ("" if args.mode == "ppl" else f"-{args.mode}")
-    results = {}
-    for path in sorted(folder.glob(f"{name}-*.json")):
-        result = json.loads(path.read_text(encoding="utf-8"))
-        if result.get("benchmark") == args.dataset and result.get("mode") == args.mode:
-            results[result.get("stage") or path.stem[len(name) + 1:]] = result
-    if not results:
-        raise EvalDataError(f"{folder} holds no {name}-*.json: run `qwen2lib eval {args.dataset} --data ...` per stage first")
-    reference = "fp32 torch" if "fp32 torch" in results else "torch-float32" if "torch-float32" in results else None
-    table = accuracy_table(results, reference, categories=True)
-    with pd.option_context("display.max_columns", None, "display.width", 250):
-        print(table.round(2).to_string())
-    return 0
-
-
-def cmd_eval_ppl(args) -> int:
-    from .tokenizer import load_tokenizer
-
-    text_path = Path(args.text)
-    if not text_path.is_file():
-        raise EvalDataError(f"{text_path} does not exist: pass a UTF-8 text file")
-    backend = _backend(args)
-    max_length = min(args.max_length, backend.max_positions)
-    stride = args.stride or max_length // 2
-    result = text_perplexity(backend.logits, load_tokenizer(args.model), text_path.read_text(encoding="utf-8"),
-                             max_length, stride)
-    result["text"] = str(text_path)
-    print(f"perplexity {result['ppl']:.4f} over {result['tokens_scored']} tokens of {text_path.name} "
-          f"({result['windows']} windows of {max_length}, stride {stride}, {_label(args)})")
-    print(f"[eval] wrote {_save(args, 'ppl-' + text_path.stem, result)}", file=sys.stderr)
-    return 0
-
-
-DATASETS_HELP = {"ceval": "C-Eval val, dev shots (default: download from the hub, online only)",
-                 "cmmlu": "CMMLU test, dev shots", "mmlu": "MMLU test, dev shots"}
-
-
-def register_cli(sub) -> None:
-    from .cli import add_model_args
-    from .generation import ACCURACY_STAGES, add_backend_args
-
-    p = sub.add_parser("eval", help="accuracy: C-Eval/CMMLU/MMLU the OpenCompass way, or strided perplexity of a text")
-    evals = p.add_subparsers(dest="eval_command", required=True)
-    for name in DATASETS:
-        q = evals.add_parser(name, help=f"{TITLES[name]} accuracy: {DATASETS_HELP[name]}")
-        add_model_args(q)
-        add_backend_args(q)
-        q.add_argument("--stage", default=None, choices=ACCURACY_STAGES,
-                       help="score a workbook stage's model (overrides --backend/--precision)")
-        q.add_argument("--data", default=None, help="OpenCompassData-core (folder, data/ or zip) or the set's own "
-                                                    "release (folder, zip; MMLU's data.tar)")
-        q.add_argument("--mode", default="ppl", choices=MODES, help="ppl: lowest answer loss wins (OpenCompass *_ppl); "
-                                                                     "gen: greedy, first capital letter")
-        q.add_argument("--subjects", nargs="*", default=None)
-        q.add_argument("--shots", type=int, default=5, help="dev examples before each question")
-        q.add_argument("--limit", "--max-questions", dest="limit", type=int, default=None,
-                       help="questions per subject (quick runs)")
-        q.add_argument("--results", default=None, help="per-question results file an interrupted run resumes from "
-                                                       "(default: <workdir>/inference/<set>-<label>.jsonl)")
-        q.add_argument("--restart", action="store_true", help="ignore the results file and score everything again")
-        q.add_argument("--max-new-tokens", type=int, default=8, help="gen mode: tokens to find the answer letter in")
-        q.add_argument("--no-progress", action="store_true")
-        q.set_defaults(func=cmd_eval_mc)
-    q = evals.add_parser("table", help="one accuracy table across the stages scored so far, deltas against fp32")
-    add_model_args(q)
-    q.add_argument("--dataset", default="ceval", choices=DATASETS)
-    q.add_argument("--mode", default="ppl", choices=MODES)
-    q.set_defaults(func=cmd_eval_table)
-    q = evals.add_parser("ppl", help="strided-window perplexity of a text file")
-    add_model_args(q)
-    add_backend_args(q)
-    q.add_argument("--stage", default=None, choices=ACCURACY_STAGES)
-    q.add_argument("--text", required=True)
-    q.add_argument("--max-length", type=int, default=1024)
-    q.add_argument("--stride", type=int, default=None, help="default: max_length // 2")
-    q.set_defaults(func=cmd_eval_ppl)

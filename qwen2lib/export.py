@@ -25,16 +25,15 @@ something a test or a stage should need.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .artifacts import default_workdir, read_metrics, stage_dir
+from .artifacts import default_workdir, stage_dir
 from .export_ct import FLOAT_DTYPES, write_compressed_tensors
 from .export_gguf import GGUF_TYPES, ExportError, as_reader, gguf_tokenizer, load_gguf_model, write_gguf
-from .fidelity import fidelity_report, fidelity_table, heldout_blocks as make_heldout_blocks
+from .fidelity import fidelity_report, heldout_blocks as make_heldout_blocks
 from .deploy import ensure_patched, load_deploy_package
 from .quantization import SCHEMES, ensure_quantized, load_quantized, logits_fn
 from .stages import ensure_stage
@@ -171,45 +170,3 @@ def ensure_exported(model: str = "tiny", weights: str = "auto", workdir: str | o
         return metrics
 
     return ensure_stage("exported", out, request, inputs, build, force=force, verbose=verbose)
-
-
-# ---- command line -------------------------------------------------------------------------------
-
-
-def cmd_export(args) -> int:
-    from .cli import workdir_of
-
-    variant = args.type if args.format == "gguf" else args.scheme
-    if args.format == "gguf" and args.scheme:
-        raise ExportError("--scheme picks the int8 package of --format compressed-tensors; a GGUF takes --type")
-    if args.format == "compressed-tensors" and args.type:
-        raise ExportError("--type picks a GGUF quantization; --format compressed-tensors takes --scheme")
-    check_export_request(args.format, variant, args.float_dtype, args.verify_blocks, args.verify_len)
-    out = ensure_exported(args.model, args.weights, workdir_of(args), format=args.format, variant=variant,
-                          float_dtype=args.float_dtype, verify_blocks=args.verify_blocks,
-                          verify_len=args.verify_len, seed=args.seed, force=args.force)
-    metrics = read_metrics(out)
-    if metrics.get("fidelity"):
-        print(fidelity_table(metrics["fidelity"]).to_string())
-    for engine, line in metrics["serve"].items():
-        print(f"{engine}: {line}", file=sys.stderr)
-    print(out)
-    return 0
-
-
-def register_cli(sub) -> None:
-    from .cli import add_model_args
-
-    p = sub.add_parser("export", help="hand the model to other engines: GGUF (llama.cpp, ollama) or "
-                       "compressed-tensors (vLLM, SGLang), each read back and compared")
-    add_model_args(p)
-    p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--type", default=None, help=f"GGUF: {' | '.join(GGUF_TYPES)} (default q8_0)")
-    p.add_argument("--scheme", default=None, help=f"compressed-tensors: the int8 package, {' | '.join(SCHEMES)} "
-                   "(default w8a16)")
-    p.add_argument("--float-dtype", default="bfloat16", help="compressed-tensors: dtype of the unquantized tensors "
-                   "and of serving (bfloat16; vLLM's int8 kernels take 16-bit activations)")
-    p.add_argument("--verify-blocks", type=int, default=2, help="held-out blocks for the read-back check (0 skips)")
-    p.add_argument("--verify-len", type=int, default=64, help="tokens per held-out block")
-    p.add_argument("--force", action="store_true", help="rebuild even when a matching export exists")
-    p.set_defaults(func=cmd_export)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import inspect
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,6 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import torch
 
 from .errors import PromptTooLongError, Qwen2LibError
-from .longctx import long_context_of
 from .masks import positions_from_mask
 
 # Both of the family's end tokens: base models end documents with <|endoftext|>, chat turns end with
@@ -608,62 +606,3 @@ def stage_backend(label: str, model: str = "tiny", *, weights: str = "auto", wor
     compiled = _ensure_graph(model, weights, workdir, seed, precision,
                              "qwen2_int8_smoothquant" if scheme == "smoothquant" else None, last_position_only)
     return load_backend(model, "onnx", weights=weights, seed=seed, workdir=workdir, compiled=compiled)
-
-
-# ---- command line -----------------------------------------------------------------------------
-
-def cmd_generate(args) -> int:
-    from .cli import workdir_of
-    from .tokenizer import load_tokenizer
-
-    params = sampling_params_of(args)  # before loading: bad sampling input is refused in a second, not a minute
-    backend = load_backend(args.model, args.backend, weights=args.weights, dtype=args.dtype, seed=args.seed,
-                           compiled=args.compiled, workdir=workdir_of(args), precision=args.precision,
-                           long_context=long_context_of(args))
-    tokenizer = load_tokenizer(args.model)
-    print(args.prompt if not args.chat else "", end="", flush=True)
-    result = generate(backend, tokenizer, args.prompt, params, chat=args.chat, truncate=args.truncate,
-                      on_text=lambda _, delta: print(delta, end="", flush=True))
-    n = len(result.token_ids)
-    tpot = result.tpot_s
-    print(f"\n[generate] {n} tokens ({result.finish_reason}), TTFT {1e3 * result.ttft_s:.1f} ms"
-          + (f", {1 / tpot:.1f} tok/s after the first" if tpot else ""), file=sys.stderr)
-    return 0
-
-
-def add_sampling_args(p, max_new_tokens: int = 64) -> None:
-    """--max-new-tokens/--temperature/--top-k/--top-p/--repetition-penalty (generate, chat); --seed is a model arg."""
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-
-
-def sampling_params_of(args) -> SamplingParams:
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
-
-
-def add_backend_args(p) -> None:
-    """--backend/--compiled/--precision: which runtime, and which compiled graph for onnx (generate, bench, eval);
-    --dca/--yarn: long-context settings (qwen2lib.longctx)."""
-    from .longctx import add_long_context_args
-
-    p.add_argument("--backend", default="torch", choices=("torch", "onnx"))
-    p.add_argument("--compiled", default=None, help="compiled graph folder (default: <workdir>/compiled, built if missing)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"), help="which compiled graph (onnx)")
-    add_long_context_args(p)
-
-
-def register_cli(sub) -> None:
-    from .cli import add_model_args
-
-    p = sub.add_parser("generate", help="generate from a prompt on the torch model or a compiled graph, streaming")
-    add_model_args(p)
-    add_backend_args(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (-Instruct models)")
-    add_sampling_args(p)
-    p.add_argument("--truncate", default=None, choices=("left",), help="cut an over-long prompt from the left")
-    p.set_defaults(func=cmd_generate)

@@ -160,28 +160,6 @@ def workdir_tag(overrides: dict) -> str:
     return "_".join(parts)
 
 
-def add_long_context_args(parser) -> None:
-    parser.add_argument("--dca", default=None, metavar="CHUNK,LOCAL[,ORIGINAL]",
-                        help="Dual Chunk Attention: chunk_size and local_size (sets dual_chunk_attention_config)")
-    parser.add_argument("--yarn", default=None, metavar="FACTOR[,ORIGINAL]",
-                        help="YaRN rope scaling by FACTOR over ORIGINAL trained positions (default: the checkpoint's "
-                             "max_position_embeddings); max_position_embeddings becomes FACTOR x ORIGINAL")
-
-
-def long_context_of(args) -> dict:
-    """The config.json overrides of --dca/--yarn ({} without them), checked against the checkpoint's config."""
-    if not (getattr(args, "dca", None) or getattr(args, "yarn", None)):
-        return {}
-    if getattr(args, "stage", None):
-        raise LongContextError("--dca/--yarn apply to --backend runs; a --stage is built from the checkpoint's own "
-                               "config (drop --stage, or put the settings in the checkpoint's config.json)")
-    from .loading import checkpoint_dir
-    from .registry import read_folder_config
-
-    config = read_folder_config(checkpoint_dir(args.model, args.weights, args.seed))
-    return long_context_overrides(args.dca, args.yarn, config)
-
-
 def hf_config_with(folder, overrides: dict | None, trust_remote_code: bool = False):
     """The transformers config of a folder with ``overrides`` applied to its config.json (None: no overrides)."""
     import json

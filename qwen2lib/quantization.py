@@ -28,7 +28,7 @@ from .deploy import ensure_patched, load_deploy_package, package_auto_map, packa
 from .deploy.quantizer import (DEFAULT_SKIP, INT8_MODELING_FILE, INT8_CLASS, QUANT_METHOD, SCHEMES, WEIGHTS_FILE,
                                Int8Linear, QuantizationError, check_alpha, dequantize_weight, int8_auto_map,
                                int8_code, is_int8_linear, is_skipped, load_stats, quantize_model, save_quantized)
-from .fidelity import fidelity_report, fidelity_table, heldout_blocks as make_heldout_blocks, per_layer_sqnr
+from .fidelity import fidelity_report, heldout_blocks as make_heldout_blocks, per_layer_sqnr
 from .stages import ensure_stage, recorded_request
 
 __all__ = ["DEFAULT_SKIP", "INT8_CLASS", "INT8_MODELING_FILE", "Int8Linear", "QUANT_METHOD", "QuantizationError",
@@ -278,39 +278,3 @@ def activation_outliers(stats: Mapping[str, torch.Tensor]) -> dict:
         ratios[projection] = worst
     return {"max_over_median": ratios, "threshold": OUTLIER_RATIO_FOR_PER_BLOCK,
             "per_block_projections": [p for p, r in ratios.items() if r >= OUTLIER_RATIO_FOR_PER_BLOCK]}
-
-
-# ---- command line -------------------------------------------------------------------------------
-
-
-def cmd_quantize(args) -> int:
-    from .cli import workdir_of
-
-    check_request(args.scheme, 0.5 if args.alpha is None else args.alpha)  # before any stage is built
-    calibration = {k: v for k, v in (("dataset", args.dataset), ("data_path", args.data_path),
-                                     ("samples", args.samples), ("seq_len", args.seq_len)) if v is not None}
-    out = ensure_quantized(args.model, args.weights, workdir_of(args), scheme=args.scheme, alpha=args.alpha,
-                           seed=args.seed, skip=args.skip, heldout_blocks=args.heldout_blocks,
-                           heldout_len=args.heldout_len, calibration=calibration, force=args.force)
-    metrics = read_metrics(out)
-    print(fidelity_table({args.scheme: metrics["fidelity"]}).T.to_string())
-    print(size_table(metrics["sizes"]).to_string())
-    print(out)
-    return 0
-
-
-def register_cli(sub) -> None:
-    from .calibration import add_calibration_set_args  # noqa: the CLI helpers live with their stage
-    from .cli import add_model_args
-
-    p = sub.add_parser("quantize", help="int8 weights (w8a16) or SmoothQuant W8A8 for the deploy package, with a fidelity report")
-    add_model_args(p)
-    p.add_argument("--scheme", default="w8a16", choices=SCHEMES)
-    p.add_argument("--alpha", type=float, default=None, help="SmoothQuant migration strength in [0, 1] (default "
-                   "0.5; unset settings keep the existing package's)")
-    p.add_argument("--skip", nargs="*", default=None, help=f"Linear names/patterns kept in float (default {DEFAULT_SKIP})")
-    add_calibration_set_args(p)
-    p.add_argument("--heldout-blocks", type=int, default=None, help="held-out blocks for the fidelity report (4)")
-    p.add_argument("--heldout-len", type=int, default=None, help="tokens per held-out block (64)")
-    p.add_argument("--force", action="store_true", help="rebuild even when a matching package exists")
-    p.set_defaults(func=cmd_quantize)

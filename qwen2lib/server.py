@@ -19,14 +19,12 @@ from __future__ import annotations
 import asyncio
 import json
 import resource
-import sys
 import threading
 import time
-import uuid
 
 from aiohttp import web
 
-from .errors import PromptTooLongError, Qwen2LibError
+from .errors import PromptTooLongError
 from .generation import SamplingParams, TextStream, encode_prompt, stop_token_ids
 from .serving import Engine, EngineConfig, Event, QueueFullError, RequestTooLargeError, ServeRequest
 
@@ -348,55 +346,3 @@ class ServerThread:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-# ---- command line -----------------------------------------------------------------------------
-
-def _check_args(args) -> EngineConfig:
-    """Every argument checked before a model loads; a bad one is a one-line error."""
-    from .generation import STAGE_BACKENDS
-
-    if args.stage not in STAGE_BACKENDS:
-        raise Qwen2LibError(f"--stage {args.stage!r}: one of {', '.join(STAGE_BACKENDS)}")
-    if not 0 <= args.port <= 65535:
-        raise Qwen2LibError(f"--port {args.port}: use 0..65535 (0 picks a free port)")
-    try:
-        return EngineConfig(max_batch=args.max_batch, kv_budget_tokens=args.kv_budget, max_queue=args.max_queue)
-    except ValueError as exc:
-        raise Qwen2LibError(f"{exc}".replace("max_batch", "--max-batch").replace("kv_budget_tokens", "--kv-budget")
-                            .replace("max_queue", "--max-queue")) from exc
-
-
-def cmd_serve(args) -> int:
-    from .cli import workdir_of
-    from .generation import stage_backend
-    from .tokenizer import load_tokenizer
-
-    config = _check_args(args)
-    if args.host != LOOPBACK:
-        print(f"[serve] WARNING: listening on {args.host}, not only loopback: other machines can reach it", file=sys.stderr)
-    backend = stage_backend(args.stage, args.model, weights=args.weights, workdir=workdir_of(args), seed=args.seed,
-                            dtype=args.dtype, last_position_only=True)  # serving reads the last position only
-    tokenizer = load_tokenizer(args.model)
-    name = args.served_model_name or args.model
-    app = build_app(backend, tokenizer, name, config)
-    print(f"[serve] {name} ({args.stage}) on http://{args.host}:{args.port}/v1  max batch {config.max_batch}, "
-          f"KV budget {config.kv_budget_tokens} tokens, queue {config.max_queue}", file=sys.stderr)
-    web.run_app(app, host=args.host, port=args.port, handler_cancellation=True, access_log=None, print=None)
-    return 0
-
-
-def register_cli(sub) -> None:
-    from .cli import add_model_args
-
-    p = sub.add_parser("serve", help="OpenAI-compatible server with continuous batching (loopback by default)")
-    add_model_args(p)
-    p.add_argument("--stage", default="int8 graph", help="which stage's backend: 'fp32 torch', 'int8 torch', "
-                   "'fp32 graph', 'fp16 graph' or 'int8 graph' (default; built from earlier stages if missing)")
-    p.add_argument("--host", default=LOOPBACK, help="address to listen on (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
-    p.add_argument("--max-batch", type=int, default=8, help="rows decoded together (llama.cpp's --parallel)")
-    p.add_argument("--kv-budget", type=int, default=16384, help="KV cache slots (rows x padded length) at most")
-    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
-    p.set_defaults(func=cmd_serve)

@@ -1,41 +1,31 @@
-"""``qwen2lib`` command line: one subcommand per workbook stage.
-
-Every subcommand takes --model/--weights/--workdir like the notebooks' parameters, prints its
-progress, and on bad input exits 2 with a one-line reason.
+"""The ``qwen2lib`` command line. argparse lives here only: this module builds the parser and turns errors into one
+line; ``stages.py`` (patch .. export) and ``inference.py`` (generate .. eval) read each subcommand's arguments and
+call the library, which never imports this package.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import traceback
 import zipfile
-from pathlib import Path
 
-from .errors import DEBUG_VARIABLE, Qwen2LibError
+import pandas as pd
 
-
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny", help="registry name, hub id or checkpoint folder (default: tiny)")
-    parser.add_argument("--weights", default="auto", choices=("auto", "random"),
-                        help="auto: local folder/HF cache/hub; random: real shape, seeded random weights")
-    parser.add_argument("--workdir", default=None, help="run folder (default: runs/<model>)")
-    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-    parser.add_argument("--seed", type=int, default=0)
+from ..errors import DEBUG_VARIABLE, Qwen2LibError
+from ..loading import checkpoint_dir
+from ..registry import list_models
+from . import inference, stages
+from .common import add_model_args
 
 
-def workdir_of(args) -> Path:
-    from .artifacts import default_workdir
+DESCRIPTION = """qwen2lib: one subcommand per workbook stage.
 
-    return Path(args.workdir) if args.workdir else default_workdir(args.model)
+Every subcommand takes --model/--weights/--workdir like the notebooks' parameters, prints its
+progress, and on bad input exits 2 with a one-line reason."""
 
 
 def cmd_models(args) -> int:
-    import pandas as pd
-
-    from .registry import list_models
-
     table = list_models()
     if args.json:
         print(table.to_json(orient="records", indent=2))
@@ -46,26 +36,18 @@ def cmd_models(args) -> int:
 
 
 def cmd_checkpoint(args) -> int:
-    from .loading import checkpoint_dir
-
     print(checkpoint_dir(args.model, args.weights, args.seed))
     return 0
 
 
-# Stage modules add their own subcommands: each defines ``register_cli(subparsers)`` and may use
-# ``add_model_args`` and ``workdir_of`` from here. Listed in workbook order; imported when the parser is built
-# (they import this module for those helpers, so not at its top).
-STAGE_MODULES = ("deploy.cli", "calibration", "quantization", "compile", "export", "generation", "chat",
-                 "server", "bench", "evaluate")
-
-
-def _register_stages(sub) -> None:
-    for name in STAGE_MODULES:
-        importlib.import_module(f"qwen2lib.{name}").register_cli(sub)
+# The subcommands, in workbook order: the stages (patch .. export), then inference (generate .. eval).
+REGISTER = (stages.register_patch, stages.register_calibrate, stages.register_quantize, stages.register_compile,
+            stages.register_export, inference.register_generate, inference.register_chat, inference.register_serve,
+            inference.register_bench, inference.register_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwen2lib", description=__doc__,
+    parser = argparse.ArgumentParser(prog="qwen2lib", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -77,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.set_defaults(func=cmd_checkpoint)
 
-    _register_stages(sub)
+    for register in REGISTER:
+        register(sub)
     return parser
 
 
@@ -114,7 +97,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qwen2lib {args.command}: internal error: {type(exc).__name__}: {one_line_reason(exc)} "
               f"(rerun with {DEBUG_VARIABLE}=1 for the traceback, and please report it)", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
