@@ -182,15 +182,8 @@ async def handle_completion(request: web.Request, chat: bool) -> web.StreamRespo
         return error_response(str(exc), exc.status, exc.param, exc.kind)
     except ValueError as exc:  # SamplingParams' own checks
         return error_response(str(exc).splitlines()[0])
-    loop, events = asyncio.get_running_loop(), asyncio.Queue()
-
-    def on_event(event: Event) -> None:
-        try:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-        except RuntimeError:  # the event loop is closed: the server is going down
-            pass
-
-    job = ServeRequest(ids, params, on_event)
+    events, relay = asyncio.Queue(), config["relay"]
+    job = ServeRequest(ids, params, lambda event: relay.post(events, event))
     try:
         engine.submit(job)
     except QueueFullError as exc:
@@ -263,6 +256,40 @@ def _usage(job: ServeRequest, answer: Answer) -> dict:
 
 # ---- the app ----------------------------------------------------------------------------------
 
+class EventRelay:
+    """Hands the engine thread's events to the handlers' queues on the event loop, one wake-up per burst.
+
+    The engine emits a token for every row at the end of each step. Waking the loop once per event costs a
+    self-pipe write and a GIL hand-over per token, so events posted before the loop has run the pending
+    wake-up ride along with it, and a step's tokens for all rows usually arrive together.
+    """
+
+    def __init__(self):
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, Event]] = []
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def post(self, queue: asyncio.Queue, event: Event) -> None:
+        """Called on the engine thread; never blocks on the loop."""
+        with self._lock:
+            self._pending.append((queue, event))
+            if len(self._pending) > 1:
+                return  # a wake-up is already on its way and will deliver this one too
+        try:
+            self._loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the event loop is closed: the server is going down
+            pass
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
 async def handle_models(request: web.Request) -> web.Response:
     config, engine = request.app[CONFIG_KEY], request.app[ENGINE_KEY]
     card = {"id": config["model"], "object": "model", "created": config["created"], "owned_by": "qwen2lib",
@@ -290,7 +317,8 @@ def build_app(backend, tokenizer, model_name: str, config: EngineConfig | None =
     engine = Engine(backend, stop_token_ids(tokenizer, getattr(backend, "config", None)), config)
     app = web.Application(client_max_size=16 * 2**20)
     app[ENGINE_KEY] = engine
-    app[CONFIG_KEY] = {"tokenizer": tokenizer, "model": model_name, "created": int(time.time())}
+    relay = EventRelay()
+    app[CONFIG_KEY] = {"tokenizer": tokenizer, "model": model_name, "created": int(time.time()), "relay": relay}
 
     async def completions(request):
         return await handle_completion(request, chat=False)
@@ -299,6 +327,7 @@ def build_app(backend, tokenizer, model_name: str, config: EngineConfig | None =
         return await handle_completion(request, chat=True)
 
     async def start_engine(_app):
+        relay.bind(asyncio.get_running_loop())
         engine.start()
 
     async def stop_engine(_app):

@@ -250,7 +250,11 @@ class Engine:
         plain = [i for i, r in enumerate(rows) if r.params.greedy and r.params.repetition_penalty == 1.0]
         tokens = [0] * len(rows)
         if plain:
-            for i, token in zip(plain, logits[plain].argmax(-1).tolist()):
+            # numpy's argmax, not torch's: over (B, 151936) float32 logits it is several times faster, and both
+            # return the first maximum, so a row's tokens match what ``generate`` picks alone
+            scores = logits.detach().cpu().numpy()
+            best = (scores if len(plain) == len(rows) else scores[plain]).argmax(-1)
+            for i, token in zip(plain, best.tolist()):
                 tokens[i] = token
         for i, r in enumerate(rows):
             if i not in plain:
