@@ -260,14 +260,15 @@ class EventRelay:
     """Hands the engine thread's events to the handlers' queues on the event loop, one wake-up per burst.
 
     The engine emits a token for every row at the end of each step. Waking the loop once per event costs a
-    self-pipe write and a GIL hand-over per token, so events posted before the loop has run the pending
-    wake-up ride along with it, and a step's tokens for all rows usually arrive together.
+    self-pipe write and a GIL hand-over per token, so ``post`` only queues and the engine's ``on_burst`` hook
+    (``wake``) schedules one delivery for everything posted since the last one.
     """
 
     def __init__(self):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         self._pending: list[tuple[asyncio.Queue, Event]] = []
+        self._scheduled = False
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -276,8 +277,13 @@ class EventRelay:
         """Called on the engine thread; never blocks on the loop."""
         with self._lock:
             self._pending.append((queue, event))
-            if len(self._pending) > 1:
-                return  # a wake-up is already on its way and will deliver this one too
+
+    def wake(self) -> None:
+        """Called on the engine thread after a burst of posts: one wake-up delivers them all."""
+        with self._lock:
+            if not self._pending or self._scheduled:
+                return
+            self._scheduled = True
         try:
             self._loop.call_soon_threadsafe(self._deliver)
         except RuntimeError:  # the event loop is closed: the server is going down
@@ -285,7 +291,7 @@ class EventRelay:
 
     def _deliver(self) -> None:
         with self._lock:
-            pending, self._pending = self._pending, []
+            pending, self._pending, self._scheduled = self._pending, [], False
         for queue, event in pending:
             queue.put_nowait(event)
 
@@ -314,10 +320,10 @@ def rss_mb() -> float:
 
 def build_app(backend, tokenizer, model_name: str, config: EngineConfig | None = None) -> web.Application:
     """The aiohttp application; its engine thread starts and stops with the app."""
-    engine = Engine(backend, stop_token_ids(tokenizer, getattr(backend, "config", None)), config)
+    relay = EventRelay()
+    engine = Engine(backend, stop_token_ids(tokenizer, getattr(backend, "config", None)), config, on_burst=relay.wake)
     app = web.Application(client_max_size=16 * 2**20)
     app[ENGINE_KEY] = engine
-    relay = EventRelay()
     app[CONFIG_KEY] = {"tokenizer": tokenizer, "model": model_name, "created": int(time.time()), "relay": relay}
 
     async def completions(request):

@@ -103,7 +103,8 @@ def peak_kv_slots(rows: list[tuple[int, int]]) -> int:
 class Engine:
     """The continuous batcher. ``submit`` and ``cancel`` may be called from any thread."""
 
-    def __init__(self, backend, stop_ids: set[int], config: EngineConfig | None = None):
+    def __init__(self, backend, stop_ids: set[int], config: EngineConfig | None = None,
+                 on_burst: Callable[[], None] | None = None):
         for method in ("join_states", "select_rows"):
             if not hasattr(backend, method):
                 raise Qwen2LibError(f"{type(backend).__name__} has no {method}(): continuous batching needs a backend "
@@ -111,6 +112,9 @@ class Engine:
         self.backend = backend
         self.stop_ids = set(stop_ids)
         self.config = config or EngineConfig()
+        # called on the engine thread after each burst of on_event calls (a prefill's first token, a step's tokens
+        # for every row): a consumer that queues events can wake its reader once per burst, not once per token
+        self.on_burst = on_burst
         self._cond = threading.Condition()
         self._waiting: deque[ServeRequest] = deque()
         self._rows: list[ServeRequest] = []
@@ -211,8 +215,7 @@ class Engine:
         now = time.perf_counter()
         events = [(row, self._record(row, token, now)) for row, token in zip(self._rows, self._sample(self._rows, logits))]
         self._retire()  # before the events go out: a client told "finished" finds its row already gone
-        for row, event in events:
-            self._send(row, event)
+        self._emit(events)
 
     def _admit(self) -> None:
         while len(self._rows) < self.config.max_batch:
@@ -305,10 +308,18 @@ class Engine:
         for r in pending:
             self._fail(r, message)
 
-    @staticmethod
-    def _send(request: ServeRequest, event: Event) -> None:
-        try:
-            request.on_event(event)
-        except Exception:  # noqa: BLE001 - a gone client's callback must not stop the engine
-            pass
+    def _send(self, request: ServeRequest, event: Event) -> None:
+        self._emit([(request, event)])
+
+    def _emit(self, events: list[tuple[ServeRequest, Event]]) -> None:
+        for request, event in events:
+            try:
+                request.on_event(event)
+            except Exception:  # noqa: BLE001 - a gone client's callback must not stop the engine
+                pass
+        if self.on_burst is not None:
+            try:
+                self.on_burst()
+            except Exception:  # noqa: BLE001 - nor a closed event loop
+                pass
 
