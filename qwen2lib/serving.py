@@ -241,12 +241,11 @@ class Engine:
         if request.params.repetition_penalty != 1.0:
             request.seen = torch.zeros(logits.shape, dtype=torch.bool)
             request.seen[0, request.prompt_ids] = True
-        event = self._record(request, int(self._sample([request], logits)[0]), time.perf_counter())
-        if not request.finished:
+        self._send(request, self._record(request, int(self._sample([request], logits)[0]), time.perf_counter()))
+        if not request.finished:  # the first token went out before the splice: the copy is not on its TTFT
             with self._cond:
                 self._state = state if self._state is None else self.backend.join_states(self._state, state)
                 self._rows.append(request)
-        self._send(request, event)
 
     def _sample(self, rows: list[ServeRequest], logits: torch.Tensor) -> list[int]:
         """One token per row, each with its own parameters and generator (so a row's draws do not depend on the batch)."""
