@@ -28,6 +28,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -190,6 +191,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-llama", action="store_true")
     p.add_argument("--also-tree", action="append", default=[], metavar="DIR",
                    help="also serve from another checkout (e.g. a worktree of main: before and after a change, same run)")
+    p.add_argument("--also-args", action="append", default=[], metavar="ARGS",
+                   help="also serve from this checkout with these extra `qwen2lib serve` arguments (an A/B in one run)")
     args = p.parse_args(argv)
     args.rates = [float(r) for r in args.rates.split(",")]
     workdir = Path(args.workdir or default_workdir(args.model)).resolve()
@@ -199,16 +202,18 @@ def main(argv=None) -> int:
     tokenizer = load_tokenizer(args.model)
     requests, dataset = load_requests(args.dataset, tokenizer, args.num_requests, args.seed, mean_prompt=128, mean_output=64)
     servers = {}
-    trees = ([] if args.skip_ours else [ROOT]) + [Path(t).resolve() for t in args.also_tree]
-    for tree in trees:
+    variants = ([] if args.skip_ours else [(ROOT, [])]) + [(Path(t).resolve(), []) for t in args.also_tree]
+    variants += [(ROOT, shlex.split(extra)) for extra in args.also_args]
+    for tree, extra in variants:
         port = free_port()
         # ``python -m`` from the tree's root imports that tree's qwen2lib; one run folder, so one compiled graph
         command = [sys.executable, "-m", "qwen2lib.cli", "serve", "--model", args.model, "--weights", args.weights,
                    "--seed", str(args.seed), "--port", str(port), "--max-batch", str(args.slots),
-                   "--served-model-name", args.model, "--workdir", str(workdir)]
-        label = "qwen2lib int8 graph" + ("" if tree == ROOT else f" ({tree.name})")
-        servers[label] = (command, "/v1/models", port, out / f"qwen2lib-server{'' if tree == ROOT else '-' + tree.name}.log",
-                          tree)
+                   "--served-model-name", args.model, "--workdir", str(workdir), *extra]
+        tag = " ".join(([] if tree == ROOT else [tree.name]) + extra)
+        label = "qwen2lib int8 graph" + (f" ({tag})" if tag else "")
+        log = out / ("qwen2lib-server" + (f"-{len(servers)}" if tag else "") + ".log")
+        servers[label] = (command, "/v1/models", port, log, tree)
     if not args.skip_llama:
         gguf = ensure_gguf(args, out)
         port = free_port()
