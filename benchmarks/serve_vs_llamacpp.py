@@ -167,6 +167,9 @@ def plot(runs: list[dict], path: Path) -> None:
     figure, axes = plt.subplots(2, 2, figsize=(11, 8))
     for row, stat in zip(axes, ("median", "p99")):
         plot_latency_vs_rate(runs, row, stat=stat)
+    for ax in axes.flat:  # a server that falls behind is orders of magnitude slower: log keeps the others readable
+        ax.set_yscale("log")
+    figure.tight_layout()
     figure.savefig(path, dpi=120, bbox_inches="tight")
 
 

@@ -4,12 +4,18 @@ One engine thread owns the model. Between two decode steps it (1) cuts out the r
 away, (2) admits waiting requests while the batch and the KV budget allow, and (3) runs one decode step
 for every row, emitting each row's token as soon as it is sampled. A row leaves the moment it finishes.
 
-How a request joins: its prompt is prefilled alone (batch 1, no padding) and its KV cache is spliced
-into the running state, left-padded to the batch's common length (``backend.join_states``); a row that
-leaves is cut out and the left padding no remaining row needs is trimmed (``backend.select_rows``).
+How a request joins: its prompt is prefilled alone (batch 1, no padding), its first token goes out, and
+its KV cache is spliced into the running state, left-padded to the batch's common length
+(``backend.join_states``); a row that leaves is cut out and the left padding no remaining row needs is
+trimmed (``backend.select_rows``).
 Positions come from the attention mask, so every row sees the positions it would have alone. The cost
 of a join is one prefill of the newcomer's prompt plus one copy of the batch's cache (memory traffic,
-no recomputation), where re-prefilling the batch would recompute every running row's tokens.
+no recomputation), where re-prefilling the batch would recompute every running row's tokens. Waiting requests
+are prefilled one by one, not as one padded batch: on the compiled graph (CPU) a batch of prompts measured no
+faster than the same prompts one at a time, and padding short prompts to the longest only adds work.
+
+Events leave in bursts (a prefill's first token; a step's token for every row), each followed by the
+``on_burst`` hook, so a consumer on another thread (the HTTP server's event loop) is woken once per burst.
 
 KV budget: the cache holds rows x common length slots, padding included. A request is admitted only
 if the peak of that product over the rest of the batch's life (rows leave as they finish; the longest
