@@ -10,19 +10,25 @@ llama-server`` in ``vendor/llama.cpp``); its GGUF is the same checkpoint convert
 ``convert_hf_to_gguf.py --outtype q8_0`` (gguf-py from the same tree; it also imports ``sentencepiece``, so have
 that importable, e.g. on PYTHONPATH) unless ``--gguf`` names one.
 
-Both servers run as child processes on 127.0.0.1 (free ports), one after the other, with the same slot count
+Both servers run as child processes on 127.0.0.1 (free ports) for the whole run, with the same slot count
 (our ``--max-batch``, llama.cpp's ``-np``, continuous batching in both) and the same thread count; the same
 client (``qwen2lib.bench.benchmark_server``, vLLM ``benchmark_serving`` semantics) sends the same requests at
-each ``--rates`` rate (Poisson arrivals; inf: all at once). Prints one table and the issue's targets (output
+each ``--rates`` rate (Poisson arrivals; inf: all at once). ``--rounds`` rounds interleave the servers (each rate
+on both, back to back, the order alternating), so load from other work on the machine falls on both; each rate's
+rounds are pooled (percentiles over every request, throughput over the summed time) and the per-round throughput
+ratios are printed too. Prints one table (with the 1-minute load average seen) and the issue's targets (output
 throughput at saturation >= 1.3x llama.cpp's, TTFT p99 no worse at each rate) as PASS / FAIL, and writes the
-runs as JSON plus a plot of TTFT and TPOT against the rate. Compare rows of one run only.
+runs as JSON plus a plot of TTFT and TPOT (median and p99) against the rate. Compare rows of one run only.
+A Q8_0 GGUF can also come from the workbook itself: ``qwen2lib export --model tiny --format gguf --type q8_0``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -30,14 +36,17 @@ import time
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from qwen2lib import load_tokenizer  # noqa: E402
 from qwen2lib.artifacts import default_workdir  # noqa: E402
-from qwen2lib.bench import benchmark_server, load_requests, metrics_table, plot_latency_vs_rate  # noqa: E402
+from qwen2lib.bench import (RequestResult, benchmark_server, compute_metrics, load_requests, metrics_table,  # noqa: E402
+                            plot_latency_vs_rate)
 from qwen2lib.loading import checkpoint_dir  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
+OURS, PEER = "qwen2lib int8 graph", "llama.cpp Q8_0"
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, never via a proxy
 
 
@@ -90,20 +99,49 @@ def ensure_gguf(args, out_dir: Path) -> Path:
     return gguf
 
 
-def measure(label: str, command: list[str], ready_path: str, port: int, requests, dataset, args, log: Path) -> list[dict]:
-    url = f"http://{LOOPBACK}:{port}"
-    with open(log, "w") as fh:
-        process = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT)
+@contextlib.contextmanager
+def running(servers: dict, args):
+    """Start every server (label -> (command, ready path, port, log, cwd)); yield label -> base URL; stop them all."""
+    processes = {}
     try:
-        wait_ready(url + ready_path, process, args.startup_timeout, log)
-        runs = []
-        for rate in args.rates:
-            print(f"[{label}] request rate {rate:g} ...", file=sys.stderr, flush=True)
-            runs.append(benchmark_server(url, requests, request_rate=rate, max_concurrency=args.max_concurrency,
-                                         seed=args.seed, dataset=dataset, label=label, progress=False))
-        return runs
+        for label, (command, _, _, log, cwd) in servers.items():
+            with open(log, "w") as fh:
+                processes[label] = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd)
+        urls = {}
+        for label, (_, ready_path, port, log, _) in servers.items():
+            urls[label] = f"http://{LOOPBACK}:{port}"
+            wait_ready(urls[label] + ready_path, processes[label], args.startup_timeout, log)
+        yield urls
     finally:
-        stop(process)
+        for process in processes.values():
+            stop(process)
+
+
+def measure(urls: dict, requests, dataset, args) -> dict[str, list[list[dict]]]:
+    """label -> per rate, one run per round. Both servers stay up (an idle one waits, it does not spin); within a
+    round each rate runs on every server back to back, the order alternating, so machine load drifting over the
+    run (other work on the machine) falls on both alike."""
+    runs = {label: [[] for _ in args.rates] for label in urls}
+    for round_ in range(args.rounds):
+        for i, rate in enumerate(args.rates):
+            order = list(urls) if (round_ + i) % 2 == 0 else list(reversed(urls))
+            for label in order:
+                print(f"[round {round_ + 1}/{args.rounds}] {label} at {rate:g} req/s ...", file=sys.stderr, flush=True)
+                run = benchmark_server(urls[label], requests, request_rate=rate, max_concurrency=args.max_concurrency,
+                                       seed=args.seed + round_, dataset=dataset, label=label, progress=False)
+                run["load_avg_1min"] = os.getloadavg()[0]
+                runs[label][i].append(run)
+    return runs
+
+
+def pooled(rounds: list[dict]) -> dict:
+    """One run from several rounds at one rate: every request's timings together, throughput over the summed time."""
+    results = [RequestResult(**r) for run in rounds for r in run["requests"]]
+    run = dict(rounds[0], **compute_metrics(results, sum(r["duration_s"] for r in rounds)))
+    run.update(failed=sum(r["failed"] for r in rounds), errors=[e for r in rounds for e in r["errors"]][:10],
+               rounds=len(rounds), num_requests=sum(r["num_requests"] for r in rounds),
+               requests=[r for x in rounds for r in x["requests"]], load_avg_1min=max(r["load_avg_1min"] for r in rounds))
+    return run
 
 
 def compare(ours: list[dict], peer: list[dict]) -> list[str]:
@@ -120,6 +158,75 @@ def compare(ours: list[dict], peer: list[dict]) -> list[str]:
     return lines
 
 
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for row, stat in zip(axes, ("median", "p99")):
+        plot_latency_vs_rate(runs, row, stat=stat)
+    for ax in axes.flat:  # a server that falls behind is orders of magnitude slower: log keeps the others readable
+        ax.set_yscale("log")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def server_commands(args, workdir: Path, out: Path) -> dict:
+    """label -> (command, ready path, port, log, cwd) of every server to measure: ours (and its variants), llama.cpp's."""
+    servers = {}
+    variants = ([] if args.skip_ours else [(ROOT, [])]) + [(Path(t).resolve(), []) for t in args.also_tree]
+    variants += [(ROOT, shlex.split(extra)) for extra in args.also_args]
+    for tree, extra in variants:
+        port = free_port()
+        # ``python -m`` from the tree's root imports that tree's qwen2lib; one run folder, so one compiled graph
+        command = [sys.executable, "-m", "qwen2lib.cli", "serve", "--model", args.model, "--weights", args.weights,
+                   "--seed", str(args.seed), "--port", str(port), "--max-batch", str(args.slots),
+                   "--served-model-name", args.model, "--workdir", str(workdir), *extra]
+        tag = " ".join(([] if tree == ROOT else [tree.name]) + extra)
+        label = OURS + (f" ({tag})" if tag else "")
+        servers[label] = (command, "/v1/models", port, out / f"qwen2lib-server-{len(servers)}.log", tree)
+    if not args.skip_llama:
+        gguf = ensure_gguf(args, out)
+        context = args.slots * 2048  # llama.cpp splits -c between its slots: 2048 each, the bench's longest request
+        for extra in args.llama_variant:
+            port = free_port()
+            command = [args.llama_server, "-m", str(gguf), "--host", LOOPBACK, "--port", str(port), "-np",
+                       str(args.slots), "-c", str(context), "-t", str(args.threads), "-tb", str(args.threads), "-cb",
+                       *shlex.split(extra)]
+            label = PEER + (f" ({extra})" if extra else "")
+            servers[label] = (command, "/health", port, out / f"llama-server-{len(servers)}.log", None)
+    return servers
+
+
+def report(rounds: dict, runs: dict, args) -> None:
+    """The table, then each of our servers against each llama.cpp variant: per-round ratios and the targets."""
+    import pandas as pd
+
+    every = [r for label_runs in runs.values() for r in label_runs]
+    with pd.option_context("display.width", 250, "display.max_columns", None, "display.float_format", "{:.1f}".format):
+        table = metrics_table(every)
+        table["load"] = [r["load_avg_1min"] for r in every]
+        print(table[["rate", "requests", "failed", "ttft median ms", "ttft p99 ms", "tpot median ms", "tpot p99 ms",
+                     "itl p99 ms", "out tok/s", "req/s", "load"]].to_string())
+    peers = [label for label in runs if label.startswith(PEER)]
+    for label in [label for label in runs if label.startswith(OURS)]:
+        for peer in peers:
+            print(f"--- {label} against {peer}")
+            for i, rate in enumerate(args.rates):
+                ratios = [o["output_throughput"] / p["output_throughput"] for o, p in zip(rounds[label][i], rounds[peer][i])]
+                print(f"rate {rate:g}: output tok/s ratio per round " + ", ".join(f"{r:.2f}x" for r in ratios))
+            for line in compare(runs[label], runs[peer]):
+                print(line)
+    if OURS in runs and len(peers) > 1:  # the verdict: against llama.cpp's better variant on each figure
+        best = [{"request_rate": rate, "output_throughput": max(runs[p][i]["output_throughput"] for p in peers),
+                 "ttft_ms": {"p99": min(runs[p][i]["ttft_ms"]["p99"] for p in peers)}} for i, rate in enumerate(args.rates)]
+        print(f"--- {OURS} against the better llama.cpp variant on each figure")
+        for line in compare(runs[OURS], best):
+            print(line)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny")
@@ -130,52 +237,40 @@ def main(argv=None) -> int:
     p.add_argument("--gguf", default=None, help="Q8_0 GGUF of the same checkpoint (default: converted with --convert)")
     p.add_argument("--convert", default=None, help="llama.cpp's convert_hf_to_gguf.py")
     p.add_argument("--dataset", default=None, help="ShareGPT JSON; without it seeded synthetic requests")
-    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--num-requests", type=int, default=64, help="requests per run (one rate, one server, one round)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each rate's rounds are pooled")
     p.add_argument("--rates", default="1,2,4,inf", help="request rates, req/s (inf: all at once)")
     p.add_argument("--slots", type=int, default=8, help="rows decoded together, the same for both servers")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="compute threads of each server")
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="llama.cpp's compute threads; onnxruntime's default is one per core, the same here")
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--startup-timeout", type=float, default=900.0, help="seconds a server may take to come up")
     p.add_argument("--skip-ours", action="store_true")
     p.add_argument("--skip-llama", action="store_true")
+    p.add_argument("--llama-variant", action="append", default=None, metavar="ARGS",
+                   help="extra llama-server arguments, one server each (default: '' and '--poll 0': its threads spin "
+                        "between tasks by default; ours sleep by default, so both policies are measured)")
+    p.add_argument("--also-tree", action="append", default=[], metavar="DIR",
+                   help="also serve from another checkout (e.g. a worktree of main: before and after a change, same run)")
+    p.add_argument("--also-args", action="append", default=[], metavar="ARGS",
+                   help="also serve from this checkout with these extra `qwen2lib serve` arguments (an A/B in one run)")
     args = p.parse_args(argv)
     args.rates = [float(r) for r in args.rates.split(",")]
-    out = Path(args.workdir or default_workdir(args.model)) / "serve_vs_llamacpp"
+    args.llama_variant = args.llama_variant if args.llama_variant is not None else ["", "--poll 0"]
+    workdir = Path(args.workdir or default_workdir(args.model)).resolve()
+    out = workdir / "serve_vs_llamacpp"
     out.mkdir(parents=True, exist_ok=True)
 
     tokenizer = load_tokenizer(args.model)
     requests, dataset = load_requests(args.dataset, tokenizer, args.num_requests, args.seed, mean_prompt=128, mean_output=64)
-    runs: dict[str, list[dict]] = {}
-    if not args.skip_ours:
-        port = free_port()
-        command = [sys.executable, "-m", "qwen2lib.cli", "serve", "--model", args.model, "--weights", args.weights,
-                   "--seed", str(args.seed), "--port", str(port), "--max-batch", str(args.slots),
-                   "--served-model-name", args.model] + (["--workdir", args.workdir] if args.workdir else [])
-        runs["qwen2lib int8 graph"] = measure("qwen2lib int8 graph", command, "/v1/models", port, requests, dataset, args,
-                                              out / "qwen2lib-server.log")
-    if not args.skip_llama:
-        gguf = ensure_gguf(args, out)
-        port = free_port()
-        context = args.slots * 2048  # llama.cpp splits -c between its slots: 2048 each, the bench's longest request
-        command = [args.llama_server, "-m", str(gguf), "--host", LOOPBACK, "--port", str(port), "-np", str(args.slots),
-                   "-c", str(context), "-t", str(args.threads), "-tb", str(args.threads), "-cb"]
-        runs["llama.cpp Q8_0"] = measure("llama.cpp Q8_0", command, "/health", port, requests, dataset, args,
-                                         out / "llama-server.log")
+    servers = server_commands(args, workdir, out)
+    with running(servers, args) as urls:
+        rounds = measure(urls, requests, dataset, args)
+    runs = {label: [pooled(per_rate) for per_rate in label_runs] for label, label_runs in rounds.items()}
+    report(rounds, runs, args)
     every = [r for label_runs in runs.values() for r in label_runs]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import pandas as pd
-
-    with pd.option_context("display.width", 250, "display.max_columns", None, "display.float_format", "{:.1f}".format):
-        print(metrics_table(every)[["rate", "requests", "failed", "ttft median ms", "ttft p99 ms", "tpot median ms",
-                                    "tpot p99 ms", "itl p99 ms", "out tok/s", "req/s"]].to_string())
-    if len(runs) == 2:
-        for line in compare(*runs.values()):
-            print(line)
-    (out / "runs.json").write_text(json.dumps(every, indent=2) + "\n")
-    axes = plot_latency_vs_rate(every)
-    axes[0].figure.savefig(out / "ttft_tpot_vs_rate.png", dpi=120, bbox_inches="tight")
+    (out / "runs.json").write_text(json.dumps({"pooled": every, "rounds": rounds}, indent=2) + "\n")
+    plot(every, out / "ttft_tpot_vs_rate.png")
     print(f"wrote {out / 'runs.json'} and {out / 'ttft_tpot_vs_rate.png'}", file=sys.stderr)
     return 0
 

@@ -226,12 +226,13 @@ class OnnxBackend:
         self.max_positions = int(min(runtime.max_positions, max_positions or runtime.max_positions))
 
     @classmethod
-    def load(cls, folder: str | Path, config: dict | None = None, threads: int | None = None) -> "OnnxBackend":
+    def load(cls, folder: str | Path, config: dict | None = None, threads: int | None = None,
+             spinning: bool = True) -> "OnnxBackend":
         """A compiled folder (manifest.json + model.onnx); ``config`` is the model's config.json dict."""
         from .graph import OnnxCausalLM
 
         limit = (config or {}).get("max_position_embeddings")
-        return cls(OnnxCausalLM.load(folder, threads=threads), limit)
+        return cls(OnnxCausalLM.load(folder, threads=threads, spinning=spinning), limit)
 
     def prefill(self, ids, attention_mask):
         logits, state = self.runtime.prefill(ids.numpy(), attention_mask.numpy())
@@ -519,14 +520,14 @@ def stream(backend: Backend, tokenizer, prompt, params: SamplingParams | None = 
 
 def load_backend(model: str = "tiny", backend: str = "torch", *, weights: str = "auto", dtype="float32",
                  seed: int = 0, compiled: str | Path | None = None, workdir: str | Path | None = None,
-                 precision: str = "fp32", long_context: dict | None = None):
+                 precision: str = "fp32", long_context: dict | None = None, spinning: bool = True):
     """A ready backend by name: the transformers model (torch) or the compiled graph (onnx).
 
     The onnx backend reads ``compiled`` if given, else builds or reuses ``<workdir>/compiled``. The checkpoint's
     long-context settings (Dual Chunk Attention, rope scaling), changed by ``long_context`` (config.json overrides
     from ``qwen2lib.longctx``), are honoured by both and named on stderr: a torch run with DCA uses the deploy
     package (transformers' own Qwen2 ignores it); onnx with overrides compiles its own package and graph in
-    ``<workdir>/long_context/<settings>/``.
+    ``<workdir>/long_context/<settings>/``. ``spinning``: see ``graph.runtime.session_options``.
     """
     from .artifacts import default_workdir
     from .loading import checkpoint_dir
@@ -558,7 +559,7 @@ def load_backend(model: str = "tiny", backend: str = "torch", *, weights: str = 
                 ensure_patched(model, weights, workdir, seed=seed, config_overrides=long_context, verbose=False)
             compiled = _ensure_graph(model, weights, workdir, seed, precision,
                                      long_context_graph=bool(long_context))
-        out = OnnxBackend.load(compiled, config)
+        out = OnnxBackend.load(compiled, config, spinning=spinning)
         out.config = config
         announce_graph(out.runtime.manifest, config)
         return out
@@ -588,7 +589,7 @@ ACCURACY_STAGES = STAGE_BACKENDS  # notebook 05 scores every stage it runs
 
 
 def stage_backend(label: str, model: str = "tiny", *, weights: str = "auto", workdir: str | Path | None = None,
-                  seed: int = 0, dtype="float32", last_position_only: bool = False):
+                  seed: int = 0, dtype="float32", last_position_only: bool = False, spinning: bool = True):
     """One of ``STAGE_BACKENDS``: the reference, one of notebook 03's int8 packages, or a graph of notebook 04.
     ``last_position_only``: a graph's logits for the last position only (serving: faster prefill; no ``logits``)."""
     if label not in STAGE_BACKENDS:
@@ -605,4 +606,5 @@ def stage_backend(label: str, model: str = "tiny", *, weights: str = "auto", wor
     precision = label.split()[0]
     compiled = _ensure_graph(model, weights, workdir, seed, precision,
                              "qwen2_int8_smoothquant" if scheme == "smoothquant" else None, last_position_only)
-    return load_backend(model, "onnx", weights=weights, seed=seed, workdir=workdir, compiled=compiled)
+    return load_backend(model, "onnx", weights=weights, seed=seed, workdir=workdir, compiled=compiled,
+                        spinning=spinning)

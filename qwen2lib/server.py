@@ -180,15 +180,8 @@ async def handle_completion(request: web.Request, chat: bool) -> web.StreamRespo
         return error_response(str(exc), exc.status, exc.param, exc.kind)
     except ValueError as exc:  # SamplingParams' own checks
         return error_response(str(exc).splitlines()[0])
-    loop, events = asyncio.get_running_loop(), asyncio.Queue()
-
-    def on_event(event: Event) -> None:
-        try:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-        except RuntimeError:  # the event loop is closed: the server is going down
-            pass
-
-    job = ServeRequest(ids, params, on_event)
+    events, relay = asyncio.Queue(), config["relay"]
+    job = ServeRequest(ids, params, lambda event: relay.post(events, event))
     try:
         engine.submit(job)
     except QueueFullError as exc:
@@ -261,6 +254,46 @@ def _usage(job: ServeRequest, answer: Answer) -> dict:
 
 # ---- the app ----------------------------------------------------------------------------------
 
+class EventRelay:
+    """Hands the engine thread's events to the handlers' queues on the event loop, one wake-up per burst.
+
+    The engine emits a token for every row at the end of each step. Waking the loop once per event costs a
+    self-pipe write and a GIL hand-over per token, so ``post`` only queues and the engine's ``on_burst`` hook
+    (``wake``) schedules one delivery for everything posted since the last one.
+    """
+
+    def __init__(self):
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, Event]] = []
+        self._scheduled = False
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def post(self, queue: asyncio.Queue, event: Event) -> None:
+        """Called on the engine thread; never blocks on the loop."""
+        with self._lock:
+            self._pending.append((queue, event))
+
+    def wake(self) -> None:
+        """Called on the engine thread after a burst of posts: one wake-up delivers them all."""
+        with self._lock:
+            if not self._pending or self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the event loop is closed: the server is going down
+            pass
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending, self._scheduled = self._pending, [], False
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
 async def handle_models(request: web.Request) -> web.Response:
     config, engine = request.app[CONFIG_KEY], request.app[ENGINE_KEY]
     card = {"id": config["model"], "object": "model", "created": config["created"], "owned_by": "qwen2lib",
@@ -285,10 +318,11 @@ def rss_mb() -> float:
 
 def build_app(backend, tokenizer, model_name: str, config: EngineConfig | None = None) -> web.Application:
     """The aiohttp application; its engine thread starts and stops with the app."""
-    engine = Engine(backend, stop_token_ids(tokenizer, getattr(backend, "config", None)), config)
+    relay = EventRelay()
+    engine = Engine(backend, stop_token_ids(tokenizer, getattr(backend, "config", None)), config, on_burst=relay.wake)
     app = web.Application(client_max_size=16 * 2**20)
     app[ENGINE_KEY] = engine
-    app[CONFIG_KEY] = {"tokenizer": tokenizer, "model": model_name, "created": int(time.time())}
+    app[CONFIG_KEY] = {"tokenizer": tokenizer, "model": model_name, "created": int(time.time()), "relay": relay}
 
     async def completions(request):
         return await handle_completion(request, chat=False)
@@ -297,6 +331,7 @@ def build_app(backend, tokenizer, model_name: str, config: EngineConfig | None =
         return await handle_completion(request, chat=True)
 
     async def start_engine(_app):
+        relay.bind(asyncio.get_running_loop())
         engine.start()
 
     async def stop_engine(_app):

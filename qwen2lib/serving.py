@@ -4,12 +4,18 @@ One engine thread owns the model. Between two decode steps it (1) cuts out the r
 away, (2) admits waiting requests while the batch and the KV budget allow, and (3) runs one decode step
 for every row, emitting each row's token as soon as it is sampled. A row leaves the moment it finishes.
 
-How a request joins: its prompt is prefilled alone (batch 1, no padding) and its KV cache is spliced
-into the running state, left-padded to the batch's common length (``backend.join_states``); a row that
-leaves is cut out and the left padding no remaining row needs is trimmed (``backend.select_rows``).
+How a request joins: its prompt is prefilled alone (batch 1, no padding), its first token goes out, and
+its KV cache is spliced into the running state, left-padded to the batch's common length
+(``backend.join_states``); a row that leaves is cut out and the left padding no remaining row needs is
+trimmed (``backend.select_rows``).
 Positions come from the attention mask, so every row sees the positions it would have alone. The cost
 of a join is one prefill of the newcomer's prompt plus one copy of the batch's cache (memory traffic,
-no recomputation), where re-prefilling the batch would recompute every running row's tokens.
+no recomputation), where re-prefilling the batch would recompute every running row's tokens. Waiting requests
+are prefilled one by one, not as one padded batch: on the compiled graph (CPU) a batch of prompts measured no
+faster than the same prompts one at a time, and padding short prompts to the longest only adds work.
+
+Events leave in bursts (a prefill's first token; a step's token for every row), each followed by the
+``on_burst`` hook, so a consumer on another thread (the HTTP server's event loop) is woken once per burst.
 
 KV budget: the cache holds rows x common length slots, padding included. A request is admitted only
 if the peak of that product over the rest of the batch's life (rows leave as they finish; the longest
@@ -103,7 +109,8 @@ def peak_kv_slots(rows: list[tuple[int, int]]) -> int:
 class Engine:
     """The continuous batcher. ``submit`` and ``cancel`` may be called from any thread."""
 
-    def __init__(self, backend, stop_ids: set[int], config: EngineConfig | None = None):
+    def __init__(self, backend, stop_ids: set[int], config: EngineConfig | None = None,
+                 on_burst: Callable[[], None] | None = None):
         for method in ("join_states", "select_rows"):
             if not hasattr(backend, method):
                 raise Qwen2LibError(f"{type(backend).__name__} has no {method}(): continuous batching needs a backend "
@@ -111,6 +118,9 @@ class Engine:
         self.backend = backend
         self.stop_ids = set(stop_ids)
         self.config = config or EngineConfig()
+        # called on the engine thread after each burst of on_event calls (a prefill's first token, a step's tokens
+        # for every row): a consumer that queues events can wake its reader once per burst, not once per token
+        self.on_burst = on_burst
         self._cond = threading.Condition()
         self._waiting: deque[ServeRequest] = deque()
         self._rows: list[ServeRequest] = []
@@ -211,8 +221,7 @@ class Engine:
         now = time.perf_counter()
         events = [(row, self._record(row, token, now)) for row, token in zip(self._rows, self._sample(self._rows, logits))]
         self._retire()  # before the events go out: a client told "finished" finds its row already gone
-        for row, event in events:
-            self._send(row, event)
+        self._emit(events)
 
     def _admit(self) -> None:
         while len(self._rows) < self.config.max_batch:
@@ -238,19 +247,22 @@ class Engine:
         if request.params.repetition_penalty != 1.0:
             request.seen = torch.zeros(logits.shape, dtype=torch.bool)
             request.seen[0, request.prompt_ids] = True
-        event = self._record(request, int(self._sample([request], logits)[0]), time.perf_counter())
-        if not request.finished:
+        self._send(request, self._record(request, int(self._sample([request], logits)[0]), time.perf_counter()))
+        if not request.finished:  # the first token went out before the splice: the copy is not on its TTFT
             with self._cond:
                 self._state = state if self._state is None else self.backend.join_states(self._state, state)
                 self._rows.append(request)
-        self._send(request, event)
 
     def _sample(self, rows: list[ServeRequest], logits: torch.Tensor) -> list[int]:
         """One token per row, each with its own parameters and generator (so a row's draws do not depend on the batch)."""
         plain = [i for i, r in enumerate(rows) if r.params.greedy and r.params.repetition_penalty == 1.0]
         tokens = [0] * len(rows)
         if plain:
-            for i, token in zip(plain, logits[plain].argmax(-1).tolist()):
+            # numpy's argmax, not torch's: over (B, 151936) float32 logits it is several times faster, and both
+            # return the first maximum, so a row's tokens match what ``generate`` picks alone
+            scores = logits.detach().cpu().numpy()
+            best = (scores if len(plain) == len(rows) else scores[plain]).argmax(-1)
+            for i, token in zip(plain, best.tolist()):
                 tokens[i] = token
         for i, r in enumerate(rows):
             if i not in plain:
@@ -301,10 +313,18 @@ class Engine:
         for r in pending:
             self._fail(r, message)
 
-    @staticmethod
-    def _send(request: ServeRequest, event: Event) -> None:
-        try:
-            request.on_event(event)
-        except Exception:  # noqa: BLE001 - a gone client's callback must not stop the engine
-            pass
+    def _send(self, request: ServeRequest, event: Event) -> None:
+        self._emit([(request, event)])
+
+    def _emit(self, events: list[tuple[ServeRequest, Event]]) -> None:
+        for request, event in events:
+            try:
+                request.on_event(event)
+            except Exception:  # noqa: BLE001 - a gone client's callback must not stop the engine
+                pass
+        if self.on_burst is not None:
+            try:
+                self.on_burst()
+            except Exception:  # noqa: BLE001 - nor a closed event loop
+                pass
 

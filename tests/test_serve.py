@@ -1,6 +1,7 @@
 """Continuous batching (rows join and leave a running batch) and the OpenAI-compatible server on loopback."""
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import pytest
@@ -133,9 +134,59 @@ def test_kv_budget_queues_requests_and_refuses_one_that_never_fits(hf_model):
         engine.stop()
 
 
+def test_a_step_is_one_burst_of_events_for_every_row(hf_model):
+    """The consumer hook runs once per prefill and once per decode step, after that step's events for all rows."""
+    backend, log, decodes = TorchBackend(hf_model), [], []
+    original = backend.decode
+
+    def counted(ids, state):
+        decodes.append(ids.shape[0])
+        return original(ids, state)
+
+    backend.decode = counted
+    engine = Engine(backend, stop_ids=set(), config=EngineConfig(max_batch=3), on_burst=lambda: log.append("burst"))
+    jobs = Collector(engine)
+    for prompt in PROMPTS[:3]:  # all three wait before the engine starts: they are admitted together
+        jobs.submit(prompt, SamplingParams(max_new_tokens=6))
+    for r in jobs.requests:
+        r.on_event = lambda event, inner=r.on_event: (log.append("event"), inner(event))
+    engine.start()
+    try:
+        jobs.wait(3)
+    finally:
+        engine.stop()
+    assert log.count("burst") == 3 + len(decodes) and max(decodes) == 3  # 3 prefills, then one burst a step
+    bursts = "".join("e" if x == "event" else "|" for x in log).split("|")[:-1]
+    assert [len(b) for b in bursts] == [1, 1, 1] + decodes  # each burst carries one event per row decoded
+
+
+def test_the_event_relay_wakes_the_loop_once_for_everything_posted_since_the_last_wake_up():
+    from qwen2lib.server import EventRelay
+
+    loop, wakeups = asyncio.new_event_loop(), []
+    schedule = loop.call_soon_threadsafe
+    loop.call_soon_threadsafe = lambda *args: (wakeups.append(args), schedule(*args))
+    relay, a, b = EventRelay(), asyncio.Queue(), asyncio.Queue()
+    relay.bind(loop)
+    try:
+        for queue, token in ((a, 1), (b, 2), (a, 3)):
+            relay.post(queue, Event(token=token))
+        relay.wake()
+        relay.wake()  # already scheduled: nothing more to do
+        assert len(wakeups) == 1 and a.empty()  # nothing is delivered before the loop runs
+        loop.run_until_complete(asyncio.sleep(0))
+        assert [a.get_nowait().token, a.get_nowait().token, b.get_nowait().token] == [1, 3, 2]
+        relay.wake()  # nothing pending: no wake-up
+        relay.post(b, Event(token=4))
+        relay.wake()
+        loop.run_until_complete(asyncio.sleep(0))
+        assert len(wakeups) == 2 and b.get_nowait().token == 4
+    finally:
+        loop.close()
+
+
 # ---- the HTTP server on loopback --------------------------------------------------------------
 
-import asyncio  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 

@@ -130,7 +130,8 @@ def cmd_serve(args) -> int:
     if args.host != LOOPBACK:
         print(f"[serve] WARNING: listening on {args.host}, not only loopback: other machines can reach it", file=sys.stderr)
     backend = stage_backend(args.stage, args.model, weights=args.weights, workdir=workdir_of(args), seed=args.seed,
-                            dtype=args.dtype, last_position_only=True)  # serving reads the last position only
+                            dtype=args.dtype, last_position_only=True,  # serving reads the last position only
+                            spinning=args.ort_spinning == "on")
     tokenizer = load_tokenizer(args.model)
     name = args.served_model_name or args.model
     app = build_app(backend, tokenizer, name, config)
@@ -151,6 +152,9 @@ def register_serve(sub) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="rows decoded together (llama.cpp's --parallel)")
     p.add_argument("--kv-budget", type=int, default=16384, help="KV cache slots (rows x padded length) at most")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    p.add_argument("--ort-spinning", choices=("on", "off"), default="off",
+                   help="graph stages: onnxruntime's workers busy-wait between parallel sections (on) or sleep (off, "
+                        "the default: the server's event loop and the machine's other work keep the cores)")
     p.set_defaults(func=cmd_serve)
 
 # ---- bench ---------------------------------------------------------------------------------------

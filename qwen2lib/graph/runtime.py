@@ -92,7 +92,9 @@ def select_kv(state: KVState, rows: list[int]) -> KVState:
     return KVState(buffers, np.ascontiguousarray(mask[:, first:]))
 
 
-def session_options(threads: int | None = None, optimization_level: str = "all"):
+def session_options(threads: int | None = None, optimization_level: str = "all", spinning: bool = True):
+    """``spinning=False``: worker threads sleep between parallel sections instead of busy-waiting for the next,
+    which leaves the cores to other threads of the process (a server's event loop) or of the machine."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -100,6 +102,8 @@ def session_options(threads: int | None = None, optimization_level: str = "all")
     if threads:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -126,7 +130,7 @@ class OnnxCausalLM:
 
     @classmethod
     def load(cls, folder: str | os.PathLike, threads: int | None = None, optimization_level: str | None = None,
-             manifest: dict | None = None):
+             manifest: dict | None = None, spinning: bool = True):
         """A compiled folder (manifest.json + model.onnx) or a bare .onnx file.
 
         ``manifest`` stands in for the folder's manifest.json (the compiler verifies before writing one).
@@ -156,7 +160,7 @@ class OnnxCausalLM:
         threads = threads if threads is not None else (runtime.get("threads") or None)
         level = optimization_level or runtime.get("optimization_level", "all")
         try:
-            session = ort.InferenceSession(str(graph), session_options(threads, level), providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(graph), session_options(threads, level, spinning), providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime's own error types (InvalidProtobuf, Fail, NoSuchFile ...)
             reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise GraphLoadError(f"{graph} cannot be loaded by onnxruntime ({reason}): it is damaged or not a "
