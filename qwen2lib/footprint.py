@@ -140,6 +140,11 @@ def gb(n: int) -> str:
     return f"{n / 1e9:.0f} GB" if n >= 10e9 else f"{n / 1e9:.1f} GB"
 
 
+WHAT = {"checkpoint": "random checkpoint build", "quantized": "quantize", "exported": "export",
+        "compiled fp32": "fp32 graph compile", "compiled int8": "int8 graph compile", "inference int8": "int8 graph",
+        "inference fp32": "fp32 graph"}
+
+
 def check_fits(config: Mapping, stage: str, model: str = "", precision: str | None = None,
                available: int | None = None) -> Estimate:
     """Refuse (InsufficientMemoryError, one line with the numbers) when the stage's estimate exceeds the memory
@@ -147,8 +152,7 @@ def check_fits(config: Mapping, stage: str, model: str = "", precision: str | No
     e = estimate(config, stage, precision)
     available = available_bytes() if available is None else available
     if e.resident_bytes > available:
-        what = {"checkpoint": "random checkpoint build", "calibration": "calibration", "quantized": "quantize",
-                "exported": "export"}.get(stage, e.stage.replace("compiled", "compile").replace("inference", "graph"))
+        what = WHAT.get(e.stage, e.stage)
         raise InsufficientMemoryError(
             f"{model or 'this model'} {what} needs ~{gb(e.resident_bytes)} resident; this machine has "
             f"{gb(available)} available ({e.formula}): free memory, or pick a smaller model")
