@@ -9,7 +9,7 @@ quantized here) -> fp16 range probe -> graph build -> save + onnx.checker -> ver
 the torch fp32 reference (parity over a prompt and cached decode steps; fidelity report on
 held-out text) -> manifest. The folder ``<workdir>/compiled/<config name>/`` is written atomically:
 
-    model.onnx [+ model.onnx.data]   the graph (weights outside it when over 2 GB)
+    model.onnx [+ model.onnx.data]   the graph (weights outside it when over 256 MB)
     config.json, tokenizer files     from the checkpoint, so the folder runs on its own
     manifest.json                    config used, opsets, I/O names and shapes, precision per weight
                                      group, op histogram, file hashes, parity and fidelity results

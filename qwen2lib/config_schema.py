@@ -98,7 +98,7 @@ SCHEMA: dict[str, Any] = {
         "last_position_logits": _f((bool, NONE), None, "logits of the last position only (insert_slice): faster "
                                    "prefill, but no perplexity/scoring over every position; null: as the "
                                    "package's config.json says (insert_slice)"),
-        "external_data": _f(str, "auto", "auto: weights in model.onnx.data when over 2 GB | always | never",
+        "external_data": _f(str, "auto", "auto: weights in model.onnx.data when over 256 MB | always | never",
                             choices=("auto", "always", "never")),
     },
     "fp16": {

@@ -125,6 +125,19 @@ def estimate(config: Mapping, stage: str, precision: str | None = None) -> Estim
     return estimates[stage]
 
 
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc): a loop that frees one layer's tensors and reads the next would
+    otherwise keep the freed pages resident, layer after layer (fragmentation), and the peak would follow the model."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def available_bytes() -> int:
     """MemAvailable of /proc/meminfo: what can be allocated without swapping (Linux); a large figure elsewhere."""
     try:

@@ -21,6 +21,7 @@ import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .deploy.package import verify_package_code
+from .footprint import release_free_memory
 from .tensorio import TensorReader
 
 HEAD_ROWS = 16384  # vocabulary rows of the head multiplied at a time
@@ -56,6 +57,7 @@ class LayerwiseModel:
             yield module
         finally:
             module.to("meta")
+            release_free_memory()
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> (B, T, D) rows of the embedding table, only those rows read."""

@@ -89,7 +89,7 @@ class StreamedInitializers:
 @dataclass
 class BuiltGraph:
     """A graph whose initializers are numpy arrays (``build_graph`` without ``out_dir``) or already on disk
-    (``StreamedInitializers``), so a 2 GB+ model is never one protobuf and, streamed, never in memory at once."""
+    (``StreamedInitializers``), so a large model is never one protobuf and, streamed, never in memory at once."""
 
     graph: onnx.GraphProto  # nodes, inputs, outputs; no initializers yet
     initializers: dict[str, np.ndarray] | StreamedInitializers
