@@ -211,6 +211,6 @@ def describe(model: str = "tiny", context: int = 4096):
     rows = {label: {"resident GB": round(e.resident_bytes / 1e9, 2), "fits": e.resident_bytes <= available,
                     "formula": e.formula} for label, e in stage_estimates(config, context=context).items()}
     table = pd.DataFrame.from_dict(rows, orient="index")
-    table.attrs["title"] = (f"{model}: {parameter_counts(config)['total'] / 1e9:.2f} B parameters; "
-                            f"{available / 1e9:.1f} GB available now")
+    table.index.name = (f"{model}: {parameter_counts(config)['total'] / 1e9:.2f} B parameters, "
+                        f"{available / 1e9:.1f} GB available now")
     return table
