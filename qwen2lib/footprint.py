@@ -12,12 +12,13 @@ Parameters of a Qwen2 (H hidden, I intermediate, V vocabulary, L layers, n_h que
 Resident memory per stage (bytes), as the stages are written: the streamed ones hold one decoder layer, not the
 model; ``RUNTIME_BYTES`` is what the Python process holds before any weight (torch, transformers, onnxruntime).
 
-    checkpoint      the largest tensor, drawn in fp32 and kept in bf16 (random weights are written tensor by tensor)
-    calibration     one layer in fp32 (plus its bf16 read), the calibration batch's hidden states, one batch's
-                    activations (the MLP's (B, T, I) and the attention scores)
+    checkpoint      a few chunks of random draws and the tokenizer (random weights are written chunk by chunk)
+    calibration     the text, one layer in fp32 (plus its bf16 read), the calibration batch's hidden states, one
+                    batch's activations (the MLP's (B, T, I) and the attention scores)
     quantized       two fp32 models (reference and candidate) plus the int8 copy being saved (not streamed yet)
     compiled        the graph's weights once (onnxruntime holds the session's copy for the verification), the
-                    largest fp32 tensor being written, one fp32 reference layer (streamed verification)
+                    verification's logits (reference, graph, float64 rows: a few x blocks x tokens x V), one fp32
+                    reference layer (streamed verification); building the graph holds one tensor, less than these
     inference       the graph's weights plus a KV cache of ``context`` positions for ``batch`` rows
 """
 from __future__ import annotations
@@ -32,8 +33,10 @@ from typing import Mapping
 from .errors import InsufficientDiskError, InsufficientMemoryError
 
 GiB = 1 << 30
-RUNTIME_BYTES = int(0.75 * GiB)  # torch + transformers + onnxruntime imported, no weights
+RUNTIME_BYTES = int(0.45 * GiB)  # torch + transformers imported, no weights (the patched stage's whole peak)
+DATA_BYTES = int(0.3 * GiB)  # calibration's text: the built-in set is the Python standard library's sources
 CALIBRATION_BATCH = (16, 128, 4)  # samples, tokens per sample, batch size: calibration's defaults
+VERIFY_TOKENS = (4, 64)  # a compile's fidelity blocks x tokens (configs' verify.blocks, verify.block_tokens)
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 
 
@@ -90,19 +93,22 @@ def stage_estimates(config: Mapping, *, calibration: tuple[int, int, int] = CALI
     int8 = int8_graph_bytes(config)
     fp32 = 4 * P
     R = RUNTIME_BYTES
+    blocks, tokens = VERIFY_TOKENS
+    verify = 4 * blocks * tokens * s["V"] * 4 + 5 * tokens * s["V"] * 8 + 6 * layer
     return {
-        "checkpoint": Estimate("checkpoint", R + 6 * big, "runtime + 6 B x largest tensor (fp32 draw + bf16)", 2 * P),
+        "checkpoint": Estimate("checkpoint", R + int(0.3 * GiB), "runtime + 0.3 GiB (tokenizer, draw chunks)", 2 * P),
         "patched": Estimate("patched", R, "runtime (links, no weights loaded)"),
-        "calibration": Estimate("calibration", R + 6 * layer + hidden + acts,
-                                "runtime + 6 B x layer params (fp32 + bf16 read) + hidden states + batch activations"),
-        "quantized": Estimate("quantized", R + 2 * fp32 + P + 4 * big,
-                              "runtime + 2 fp32 models + int8 copy + a fp32 tensor (not streamed yet)", P),
-        "compiled fp32": Estimate("compiled fp32", R + fp32 + 12 * big + 6 * layer,
-                                  "runtime + fp32 graph (onnxruntime) + 12 B x largest tensor + 6 B x layer params",
-                                  fp32),
-        "compiled int8": Estimate("compiled int8", R + int8 + 12 * big + 6 * layer,
-                                  "runtime + int8 graph (onnxruntime) + 12 B x largest tensor + 6 B x layer params",
-                                  int8),
+        "calibration": Estimate("calibration", R + DATA_BYTES + 6 * layer + hidden + acts,
+                                "runtime + text + 6 B x layer params (fp32 + bf16 read) + hidden states + batch "
+                                "activations"),
+        "quantized": Estimate("quantized", R + DATA_BYTES + 2 * fp32 + P + 4 * big,
+                              "runtime + text + 2 fp32 models + int8 copy + a fp32 tensor (not streamed yet)", P),
+        "compiled fp32": Estimate("compiled fp32", R + fp32 + verify,
+                                  "runtime + fp32 graph (onnxruntime) + verification logits (36 B x blocks x tokens "
+                                  "x V) + 6 B x layer params", fp32),
+        "compiled int8": Estimate("compiled int8", R + int8 + verify,
+                                  "runtime + int8 graph (onnxruntime) + verification logits (36 B x blocks x tokens "
+                                  "x V) + 6 B x layer params", int8),
         "inference int8": Estimate("inference int8", R + int8 + kv_cache_bytes(config, context, batch),
                                    f"runtime + int8 graph + fp32 KV cache ({batch} x {context} positions)"),
     }
