@@ -9,6 +9,7 @@ from dataclasses import replace
 import torch
 
 from . import rope
+from .footprint import release_free_memory
 
 COMPONENTS = ("embeddings", "attention", "mlp", "norms", "lm_head")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
@@ -127,18 +128,6 @@ def yarn_factor_behaviour(head_dim: int = 128, base: float = 1_000_000.0, factor
     }
 
 
-def _release_free_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc), so memory an earlier run freed is not silently reused."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the figure is then a lower bound
-        pass
-
-
 class PeakRSS:
     """Sample the process's resident memory in a thread; ``peak - baseline`` approximates the peak working set."""
 
@@ -149,7 +138,7 @@ class PeakRSS:
         self._stop = threading.Event()
 
     def __enter__(self):
-        _release_free_memory()
+        release_free_memory()
         self.baseline = self.peak = self.process.memory_info().rss
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()

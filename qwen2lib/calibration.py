@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from .artifacts import default_workdir, read_metrics, stage_dir, write_metrics
 from .data import DATASETS, CalibrationDataError, load_calibration_texts, sample_token_blocks
 from .errors import Qwen2LibError
-from .deploy import ensure_patched, load_deploy_package
+from .deploy import ensure_patched
 from .deploy.quantizer import STATS_FILE, load_stats  # noqa: F401 (notebooks read statistics through this stage)
 from .registry import resolve
 from .stages import ensure_stage, recorded_request
@@ -98,6 +98,36 @@ def collect_activation_stats(model: nn.Module, blocks: torch.Tensor, *, percenti
         starts = range(0, blocks.shape[0], batch_size)
         for start in tqdm(starts, desc="calibration", unit="batch", disable=not progress):
             model(blocks[start : start + batch_size], use_cache=False)
+    finally:
+        observer.remove()
+    return observer.tensors()
+
+
+@torch.no_grad()
+def collect_activation_stats_layerwise(package: str | os.PathLike, blocks: torch.Tensor, *,
+                                       percentile: float = DEFAULT_PERCENTILE, batch_size: int = 4,
+                                       progress: bool = True) -> dict[str, torch.Tensor]:
+    """``collect_activation_stats`` of a deploy package, one decoder layer in memory at a time
+    (``qwen2lib.layerwise``): every batch's hidden states go through layer i, then layer i is dropped.
+
+    The statistics equal the whole model's: each Linear sees the same inputs, batch by batch in the same order.
+    The head is never multiplied: its input (the final norm's output, the last position only when the package
+    slices) is observed directly.
+    """
+    from tqdm.auto import tqdm
+
+    from .layerwise import LayerwiseModel
+
+    streamed = LayerwiseModel(package)
+    observer = ActivationStats(streamed.skeleton, percentile)
+    try:
+        batches = [blocks[start : start + batch_size] for start in range(0, blocks.shape[0], batch_size)]
+        layers = tqdm(total=streamed.num_layers, desc="calibration", unit="layer", disable=not progress)
+        with layers:
+            normed = streamed.final_hidden(batches, on_layer=lambda i: layers.update())
+        observe_head = observer.hook("lm_head")
+        for h in normed:  # (B, T, D)
+            observe_head(None, (h[:, -1:, :] if getattr(streamed.config, "insert_slice", False) else h,))
     finally:
         observer.remove()
     return observer.tensors()
@@ -180,8 +210,8 @@ def ensure_calibration(model: str = "tiny", weights: str = "auto", workdir: str 
         texts = load_calibration_texts(request["dataset"], request["data_path"], tokenizer=tokenizer, chat=chat,
                                        fallback=fallback)
         blocks = sample_token_blocks(texts.texts, tokenizer, request["samples"], request["seq_len"], seed)
-        stats = collect_activation_stats(load_deploy_package(package), blocks, percentile=request["percentile"],
-                                         batch_size=request["batch_size"], progress=progress)
+        stats = collect_activation_stats_layerwise(package, blocks, percentile=request["percentile"],
+                                                   batch_size=request["batch_size"], progress=progress)
         metrics = {
             "request": request, "model": str(model), "weights": weights, "seed": seed, "deploy_package": str(package),
             "dataset": texts.label, "dataset_name": texts.dataset, "fallback": texts.fallback, "source": texts.source,

@@ -9,7 +9,7 @@ quantized here) -> fp16 range probe -> graph build -> save + onnx.checker -> ver
 the torch fp32 reference (parity over a prompt and cached decode steps; fidelity report on
 held-out text) -> manifest. The folder ``<workdir>/compiled/<config name>/`` is written atomically:
 
-    model.onnx [+ model.onnx.data]   the graph (weights outside it when over 2 GB)
+    model.onnx [+ model.onnx.data]   the graph (weights outside it when over 256 MB)
     config.json, tokenizer files     from the checkpoint, so the folder runs on its own
     manifest.json                    config used, opsets, I/O names and shapes, precision per weight
                                      group, op histogram, file hashes, parity and fidelity results
@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,6 @@ import onnx
 import onnxruntime
 import torch
 import transformers
-from safetensors.torch import load_file
 
 from . import __version__
 from .artifacts import check_replaceable, default_workdir, read_metrics, stage_dir
@@ -43,11 +43,12 @@ from .errors import Qwen2LibError
 from .graph import (GraphPlan, OnnxCausalLM, build_graph, export_package_graph, io_signature, op_histogram,
                     weight_precision)
 from .graph.verify import (activation_ranges, check_bounds, decode_parity, fidelity, fp16_plan, load_reference,
-                           reference_logits_fn, verify_tokens)
-from .loading import check_safetensors, check_weights_match_config, checkpoint_dir
+                           reference_logits_fn, streamed_reference, verify_tokens)
+from .loading import check_weights_match_config, checkpoint_dir
 from .model import Qwen2Args
 from .quantization import ensure_quantized
 from .stages import ensure_stage
+from .tensorio import TensorReader
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 MANIFEST_FORMAT = "qwen2lib-compiled/1"
@@ -109,7 +110,7 @@ class Source:
     folder: Path  # checkpoint (or deploy package) folder
     config: dict  # its config.json
     args: Qwen2Args
-    weights: dict[str, np.ndarray]  # float32, Hugging Face names
+    weights: FloatWeights  # float32 numpy by Hugging Face name, read lazily
 
 
 def _source_folder(cfg: dict, model: str, weights: str, seed: int, workdir: Path, verbose: bool) -> Path:
@@ -120,41 +121,94 @@ def _source_folder(cfg: dict, model: str, weights: str, seed: int, workdir: Path
     return Path(checkpoint_dir(model, weights, seed))
 
 
-def load_weights(folder: Path) -> dict[str, np.ndarray]:
-    """Every tensor of the folder's safetensors as float32 numpy (bf16 checkpoints upcast exactly)."""
+class FloatWeights(Mapping):
+    """{Hugging Face name: float32 numpy} over a folder's safetensors, each tensor read when asked for (bf16
+    checkpoints upcast exactly) and not kept: the graph builder holds one weight at a time. ``overrides`` (a
+    quantized package's float tensors) take precedence over the folder's own."""
+
+    def __init__(self, reader: TensorReader, overrides: Mapping | None = None):
+        self.reader, self.overrides = reader, overrides or {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        tensor = self.overrides[name] if name in self.overrides else self.reader[name]
+        return tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy()
+
+    def __iter__(self):
+        return iter(self.reader)
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+
+def load_weights(folder: Path) -> FloatWeights:
+    """Every tensor of the folder's safetensors as float32 numpy, read lazily (``FloatWeights``)."""
     check_weights_match_config(folder)
-    out = {}
-    for shard in check_safetensors(folder):
-        for name, tensor in load_file(shard).items():
-            out[name] = tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy()
-    return out
+    return FloatWeights(TensorReader(folder))
 
 
-def read_quantized_package(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """Notebook 03's package -> (float tensors, {"<linear>.weight": (int8 (N, K), scales)}).
+SCALE_SUFFIXES = ("_scale", "_scales", ".scale", ".scales")
+
+
+class QuantizedWeights(Mapping):
+    """{"<linear>.weight": (int8 (N, K), fp32 scales (N, 1 or k_blocks))} of notebook 03's package, read lazily."""
+
+    def __init__(self, reader: TensorReader, names: dict[str, str]):
+        self.reader, self.names = reader, names  # weight name -> its scale tensor's name
+
+    def __getitem__(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        q = self.reader[name]
+        return q.numpy(), self.reader[self.names[name]].float().numpy().reshape(q.shape[0], -1)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def read_quantized_package(folder: Path) -> tuple[dict[str, torch.Tensor], QuantizedWeights]:
+    """Notebook 03's package -> (float tensors, {"<linear>.weight": (int8 (N, K), scales)}), from the headers:
+    the int8 tensors are read when the graph builder asks for them.
 
     An int8 tensor ``X.weight`` pairs with a float ``X.weight_scale`` / ``X.weight_scales`` / ``X.scale`` /
     ``X.scales`` (N,) or (N, 1). Float tensors (norms changed by SmoothQuant, unquantized Linears) are
-    returned too, so they replace the checkpoint's.
+    returned too (lazily), so they replace the checkpoint's.
     """
-    tensors = {}
-    for shard in sorted(Path(folder).glob("*.safetensors")):
-        tensors.update(load_file(shard))
-    floats, quantized = {}, {}
-    for name, t in tensors.items():
-        if t.dtype == torch.int8:
+    reader = TensorReader(folder)
+    names, floats = {}, []
+    for name in reader:
+        dtype = reader.info(name)["dtype"]
+        if dtype == "I8":
             stem = name[: -len(".weight")] if name.endswith(".weight") else name
-            scale = next((tensors[k] for k in (f"{stem}.weight_scale", f"{stem}.weight_scales", f"{stem}.scale",
-                                                f"{stem}.scales") if k in tensors), None)
+            scale = next((k for k in (f"{stem}.weight_scale", f"{stem}.weight_scales", f"{stem}.scale",
+                                      f"{stem}.scales") if k in reader), None)
             if scale is None:
                 raise ConfigError(f"{folder}: int8 tensor {name} has no scale tensor ({stem}.weight_scale or "
                                   f"{stem}.scale); cannot rebuild its float values")
-            quantized[f"{stem}.weight"] = (t.numpy(), scale.float().numpy().reshape(t.shape[0], -1))
-        elif t.is_floating_point() and not any(name.endswith(s) for s in ("_scale", "_scales", ".scale", ".scales")):
-            floats[name] = t.float().numpy()
-    if not quantized:
+            names[f"{stem}.weight"] = scale
+        elif dtype in ("F32", "F16", "BF16") and not name.endswith(SCALE_SUFFIXES):
+            floats.append(name)
+    if not names:
         raise ConfigError(f"{folder} holds no int8 weights: is it notebook 03's quantized package?")
-    return floats, quantized
+    return _LazyTensors(reader, floats), QuantizedWeights(reader, names)
+
+
+class _LazyTensors(Mapping):
+    """Some tensors of a reader, by name, read when asked for."""
+
+    def __init__(self, reader: TensorReader, names: list[str]):
+        self.reader, self.names = reader, set(names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        return self.reader[name]
+
+    def __iter__(self):
+        return iter(sorted(self.names))
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def _int8_folder(cfg, model, weights, seed, workdir, verbose) -> Path | None:
@@ -177,7 +231,7 @@ def _int8_weights(cfg, folder: Path | None, source: Source) -> tuple[dict, str]:
         return {}, (f"quantized here (source.package: checkpoint) by qwen2lib.deploy.quantizer: "
                     f"{cfg['quantization']['granularity'].replace('_', '-')} symmetric int8")
     floats, quantized = read_quantized_package(folder)
-    source.weights.update({k: v for k, v in floats.items() if k in source.weights})
+    source.weights = FloatWeights(source.weights.reader, floats)  # its float tensors replace the checkpoint's
     return quantized, (f"notebook 03 package {folder} ({len(quantized)} int8 weights and their scales; groups "
                        "it left in float are rounded here by the same quantizer, qwen2lib.deploy.quantizer)")
 
@@ -334,11 +388,9 @@ def _compile_into(tmp: Path, cfg: dict, folder: Path, int8_folder: Path | None, 
                                          max_positions=plan.max_sequence_length)
             reference_model.config.insert_slice = False  # as a reference it scores every position
             histogram, precision = op_histogram(tmp / "model.onnx"), weight_precision(source.args, plan)
-            source.weights.clear()
     else:
-        with phases("graph build", f"{plan.operator_set} ops, {cfg['precision']}"):
-            built = build_graph(source.args, source.weights, plan, quantized)
-            source.weights.clear()  # the graph holds its own (transposed, cast or packed) copies
+        with phases("graph build", f"{plan.operator_set} ops, {cfg['precision']}, weights written one by one"):
+            built = build_graph(source.args, source.weights, plan, quantized, out_dir=tmp)
             files = built.save(tmp, external)
             histogram, precision = op_histogram(built), built.precision
             del built
@@ -349,8 +401,12 @@ def _compile_into(tmp: Path, cfg: dict, folder: Path, int8_folder: Path | None, 
                 shutil.copy2(folder / name, tmp / name)
     with phases("verify vs torch", f"{v['prompt_tokens']}-token prompt + {v['decode_steps']} decode steps, "
                                    f"{v['blocks']}x{v['block_tokens']} tokens of {text_label}"):
-        parity, fid = _verify(tmp, cfg, plan, reference_model or load_reference(folder), blocks, source.config)
-        del reference_model
+        if reference_model is None and plan.dual_chunk is None and source.config.get("dual_chunk_attention_config"):
+            reference_model = load_reference(folder)  # DCA switched off for this graph: the reference must be too
+        reference = (reference_logits_fn(match_plan(reference_model, plan)) if reference_model is not None
+                     else streamed_reference(folder, verbose and f"[compile {cfg['name']}]    "))
+        parity, fid = _verify(tmp, cfg, plan, reference, blocks, source.config)
+        del reference_model, reference
     with phases("manifest"):
         manifest = _manifest(tmp, cfg, plan, source, files, histogram, precision, probe, parity, fid, weights, seed,
                              quant_label, text_label, phases.timings)
@@ -362,10 +418,10 @@ def _compile_into(tmp: Path, cfg: dict, folder: Path, int8_folder: Path | None, 
             "parity": parity, "fidelity": fid, "kept_in_fp32": sorted(keep)}
 
 
-def _verify(tmp: Path, cfg: dict, plan: GraphPlan, reference_model, blocks: torch.Tensor, hf_config: dict):
-    """Parity over a prompt + cached decode steps and the fidelity report; raises when a bound is missed."""
+def _verify(tmp: Path, cfg: dict, plan: GraphPlan, reference, blocks: torch.Tensor, hf_config: dict):
+    """Parity over a prompt + cached decode steps and the fidelity report against ``reference`` (ids -> fp32
+    logits); raises when a bound is missed."""
     v = cfg["verify"]
-    reference = reference_logits_fn(match_plan(reference_model, plan))
     lm = OnnxCausalLM.load(tmp, manifest={"config": cfg, "max_sequence_length": plan.max_sequence_length,
                                           "operator_set": plan.operator_set,
                                           "dual_chunk_attention": _dual_chunk_record(plan)})

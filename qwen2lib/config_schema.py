@@ -101,7 +101,7 @@ SCHEMA: dict[str, Any] = {
         "dual_chunk_attention": _f((bool, NONE), None, "Dual Chunk Attention in the graph: null: as the package's "
                                    "config.json says (dual_chunk_attention_config) | false: plain attention (contexts "
                                    "up to what the model was trained on) | true: required (an error without the config)"),
-        "external_data": _f(str, "auto", "auto: weights in model.onnx.data when over 2 GB | always | never",
+        "external_data": _f(str, "auto", "auto: weights in model.onnx.data when over 256 MB | always | never",
                             choices=("auto", "always", "never")),
     },
     "fp16": {

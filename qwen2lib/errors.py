@@ -36,6 +36,14 @@ class NumericalOverflowError(Qwen2LibError, FloatingPointError):
     """inf/NaN in activations or logits, e.g. a bf16-trained model run in fp16."""
 
 
+class InsufficientMemoryError(Qwen2LibError, MemoryError):
+    """A stage's estimated resident memory (``qwen2lib.footprint``) exceeds what the machine has available."""
+
+
+class InsufficientDiskError(Qwen2LibError, OSError):
+    """A stage would write more than the file system has free."""
+
+
 DEBUG_VARIABLE = "QWEN2LIB_DEBUG"
 
 

@@ -29,27 +29,31 @@ def fidelity_report(reference: LogitsFn, candidate: LogitsFn, blocks: torch.Tens
     """Compare two ids -> logits callables on (N, T) token blocks.
 
     kld_*: per-token KL(reference || candidate) in nats; top1_agreement: share of positions whose
-    argmax agrees; ppl_*: next-token perplexity of the blocks themselves under each side.
+    argmax agrees; ppl_*: next-token perplexity of the blocks themselves under each side. The float64 math runs
+    one block at a time: at a 152k vocabulary a block's (T, V) in float64 is already tens of MB per copy.
     """
     kl_parts, agree, nll_ref, nll_cand, max_abs, positions = [], 0, 0.0, 0.0, 0.0, 0
     for start in range(0, blocks.shape[0], batch_size):
-        ids = blocks[start : start + batch_size]
-        ref = reference(ids).double()  # (B, T, V)
-        cand = candidate(ids).double()
-        if ref.shape != cand.shape:
-            raise ValueError(f"reference logits {tuple(ref.shape)} and candidate logits {tuple(cand.shape)} differ in shape")
-        if not torch.isfinite(cand).all():
+        batch = blocks[start : start + batch_size]
+        ref_batch, cand_batch = reference(batch), candidate(batch)  # (B, T, V)
+        if ref_batch.shape != cand_batch.shape:
+            raise ValueError(f"reference logits {tuple(ref_batch.shape)} and candidate logits "
+                             f"{tuple(cand_batch.shape)} differ in shape")
+        if not torch.isfinite(cand_batch).all():
             from .errors import NumericalOverflowError
 
             raise NumericalOverflowError("the candidate's logits hold inf/NaN: an activation overflowed its dtype")
-        logp_ref, logp_cand = F.log_softmax(ref, -1), F.log_softmax(cand, -1)
-        kl_parts.append((logp_ref.exp() * (logp_ref - logp_cand)).sum(-1).flatten())  # (B*T,)
-        agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
-        targets = ids[:, 1:, None]
-        nll_ref += float(-logp_ref[:, :-1].gather(-1, targets).sum())
-        nll_cand += float(-logp_cand[:, :-1].gather(-1, targets).sum())
-        max_abs = max(max_abs, float((ref - cand).abs().max()))
-        positions += ids.numel()
+        for row in range(batch.shape[0]):
+            ids, ref, cand = batch[row : row + 1], ref_batch[row : row + 1].double(), cand_batch[row : row + 1].double()
+            logp_ref, logp_cand = F.log_softmax(ref, -1), F.log_softmax(cand, -1)
+            kl_parts.append((logp_ref.exp() * (logp_ref - logp_cand)).sum(-1).flatten())  # (T,)
+            agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
+            targets = ids[:, 1:, None]
+            nll_ref += float(-logp_ref[:, :-1].gather(-1, targets).sum())
+            nll_cand += float(-logp_cand[:, :-1].gather(-1, targets).sum())
+            max_abs = max(max_abs, float((ref - cand).abs().max()))
+            positions += ids.numel()
+            del ref, cand, logp_ref, logp_cand
     kl = torch.cat(kl_parts).clamp(min=0)  # tiny negatives are rounding
     predicted = blocks[:, 1:].numel()
     ppl_ref, ppl_cand = math.exp(nll_ref / predicted), math.exp(nll_cand / predicted)

@@ -1,11 +1,14 @@
 """Find a checkpoint (folder, $QWEN2LIB_MODELS, Hugging Face cache, hub) and load it as transformers' Qwen2."""
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import struct
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -164,32 +167,90 @@ def unavailable_message(spec: ModelSpec, reason: str) -> str:
     )
 
 
+# Bump when the recipe of random weights changes: cached random checkpoints of the old recipe are then rebuilt.
+RANDOM_RECIPE = "r2"
+RANDOM_CHUNK = 1 << 22  # elements drawn at a time: a tensor's values depend on this, so it is part of the recipe
+
+
 def random_checkpoint_dir(spec: ModelSpec, seed: int = 0) -> Path:
-    """Materialise the registry architecture with seeded random weights once, in the cache."""
-    folder = cache_root() / "random" / f"{spec.name}-seed{seed}"
+    """Materialise the registry architecture with seeded random weights once, in the cache (bf16, streamed:
+    ``write_random_checkpoint``)."""
+    folder = cache_root() / "random" / f"{spec.name}-seed{seed}-{RANDOM_RECIPE}"
     if not (folder / "config.json").is_file():
         print(f"[qwen2lib] RANDOM WEIGHTS: building {spec.name} at its real shape with seed {seed} "
               "(no trained weights; figures of quality mean nothing)", file=sys.stderr)
-        model = build_random_model(spec, torch.bfloat16, seed)
-        with atomic_dir(folder) as tmp:
-            model.save_pretrained(tmp)
-            from .tokenizer import load_tokenizer
+        from .footprint import check_disk, check_fits, parameter_counts
+        from .tokenizer import load_tokenizer
 
+        config = spec.hf_config()
+        check_fits(config.to_dict(), "checkpoint", spec.name)
+        check_disk(folder.parent, 2 * parameter_counts(config.to_dict())["total"], f"the random {spec.name} checkpoint")
+        with atomic_dir(folder) as tmp:
+            write_random_checkpoint(config, tmp, seed)
             load_tokenizer(spec.name).save_pretrained(tmp)
     return folder
 
 
+def _tensor_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+
+
+def random_tensor_chunks(config: dict, name: str, shape: tuple[int, ...], seed: int,
+                         dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """The seeded random values of one tensor, flat, ``RANDOM_CHUNK`` elements at a time (in ``dtype``).
+
+    Seed semantics: each tensor has its own generator, seeded by sha256("<seed>:<tensor name>"), so a tensor's
+    values do not depend on the order tensors are made in, nor on any other tensor. Like transformers' own init:
+    Linear weights and embeddings are N(0, initializer_range) (drawn in fp32, then cast), biases 0, norms 1.
+    """
+    numel = math.prod(shape)
+    if name.endswith("norm.weight") or name.endswith(".bias"):
+        value = 1.0 if name.endswith("norm.weight") else 0.0
+        yield torch.full((numel,), value, dtype=dtype)
+        return
+    generator = torch.Generator().manual_seed(_tensor_seed(seed, name))
+    std = float(config.get("initializer_range", 0.02))
+    for start in range(0, numel, RANDOM_CHUNK):
+        yield (torch.randn(min(RANDOM_CHUNK, numel - start), generator=generator) * std).to(dtype)
+
+
+def random_state_dict(config: dict, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Every tensor of the random checkpoint whole (small models: ``tiny-random``), the same values as streamed."""
+    return {name: torch.cat(list(random_tensor_chunks(config, name, shape, seed, dtype))).reshape(shape)
+            for name, shape in expected_tensor_shapes(config).items()}
+
+
+def write_random_checkpoint(config, folder: Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                            max_shard_bytes: int | None = None) -> list[Path]:
+    """config.json, generation_config.json and the seeded random weights of ``config`` (a Qwen2Config), written
+    tensor by tensor: memory holds one chunk of one tensor, whatever the model's size."""
+    from transformers import GenerationConfig
+
+    from .tensorio import MAX_SHARD_BYTES, write_shards
+
+    config.qwen2lib_random_weights = True
+    config.dtype = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}[dtype]
+    config.save_pretrained(folder)
+    GenerationConfig.from_model_config(config).save_pretrained(folder)
+    as_dict = config.to_dict()
+    specs = {name: (shape, dtype) for name, shape in expected_tensor_shapes(as_dict).items()}
+    return write_shards(folder, specs, lambda name: random_tensor_chunks(as_dict, name, specs[name][0], seed, dtype),
+                        max_shard_bytes or MAX_SHARD_BYTES)
+
+
 def build_random_model(spec: ModelSpec, dtype: torch.dtype, seed: int = 0):
+    """The registry architecture as a whole transformers model holding ``random_state_dict``'s values (small
+    models only; real shapes go through ``random_checkpoint_dir``, which never builds the model)."""
     from transformers import Qwen2ForCausalLM
 
     config = spec.hf_config()
     previous = torch.get_default_dtype()
-    torch.manual_seed(seed)
     try:
         torch.set_default_dtype(dtype)
         model = Qwen2ForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
+    model.load_state_dict(random_state_dict(config.to_dict(), seed, dtype), strict=False)  # a tied head follows
     model.config.qwen2lib_random_weights = True
     return model.eval()
 

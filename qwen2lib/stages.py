@@ -28,16 +28,17 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from .artifacts import atomic_dir, read_metrics, write_metrics
+from .footprint import check_stage
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 GRAPH = ("checkpoint", "patched", "calibration", "quantized", "compiled", "exported", "inference")
 # The source files that build each stage; editing any of them rebuilds that stage and what follows it.
 STAGE_CODE = {
     "patched": ("deploy", "longctx.py"),  # a folder: every .py file in it; longctx: config.json overrides
-    "calibration": ("calibration.py", "data.py"),
+    "calibration": ("calibration.py", "data.py", "layerwise.py", "tensorio.py"),
     "quantized": ("quantization.py", "deploy/quantizer.py", "fidelity.py", "corpus.py"),
     "compiled": ("compile.py", "graph", "deploy/quantizer.py", "config_schema.py", "rope.py", "model.py", "fidelity.py",
-                 "corpus.py", "dca.py"),
+                 "corpus.py", "dca.py", "layerwise.py", "tensorio.py"),
     "exported": ("export.py", "export_gguf.py", "export_ct.py", "tokenizer.py", "fidelity.py", "corpus.py"),
 }
 SMALL_FILE = 1 << 24  # files up to this size are hashed into the identity; larger ones by name and size
@@ -151,6 +152,7 @@ def ensure_stage(stage: str, folder: str | os.PathLike, request: Mapping, inputs
         if verbose:
             print(f"[{stage}] reusing {folder}", file=sys.stderr, flush=True)
         return folder
+    check_stage(stage, key["request"], inputs)  # refuse, with the numbers, what this machine cannot hold
     if verbose:
         print(f"[{stage}] {reason or 'rebuilding (forced)'}: {folder}", file=sys.stderr, flush=True)
     started = time.perf_counter()

@@ -98,3 +98,18 @@ def test_cli_calibrate_offline_c4_falls_back_and_labels_it(tmp_path, monkeypatch
     assert main(["calibrate", "--model", "tiny-random", "--workdir", str(workdir), "--dataset", "alpaca",
                  "--no-fallback", "--samples", "2", "--seq-len", "16"]) == 2
     assert "--data-path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("insert_slice", [False, True])
+def test_layer_by_layer_statistics_equal_the_whole_models(make_checkpoint, tmp_path, insert_slice):
+    """Calibration streams one decoder layer at a time; every Linear's statistics equal the whole model's."""
+    from qwen2lib.deploy import build_deploy_package, load_deploy_package
+
+    package = build_deploy_package(make_checkpoint(num_hidden_layers=3), tmp_path / "patched", insert_slice=insert_slice)
+    ids = torch.randint(0, 320, (5, 12), generator=torch.Generator().manual_seed(1))
+    whole = cal.collect_activation_stats(load_deploy_package(package), ids, percentile=99, batch_size=2,
+                                         progress=False)
+    streamed = cal.collect_activation_stats_layerwise(package, ids, percentile=99, batch_size=2, progress=False)
+    assert streamed.keys() == whole.keys() and len(cal.linear_names(whole)) == 3 * 7 + 1
+    for key in whole:
+        torch.testing.assert_close(streamed[key], whole[key], rtol=1e-6, atol=1e-7, msg=key)

@@ -35,24 +35,86 @@ from .plan import (CONTRIB, DATA_FILE, EXTERNAL_DATA_THRESHOLD, GRAPH_FILE, IR_V
                    GraphBuildError, GraphPlan, check_supported, weight_precision)
 
 
+class StreamedInitializers:
+    """Initializers written to ``<folder>/model.onnx.data`` as the builder makes them, page-aligned so onnxruntime
+    can memory-map them; arrays under 1 KiB (shapes, scalars) stay inline. Memory holds one weight at a time."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / DATA_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fh = open(self.path, "wb")
+        self.protos: dict[str, onnx.TensorProto] = {}
+        self.offset = 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.protos
+
+    def __setitem__(self, name: str, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array)
+        if array.nbytes < 1024:
+            self.protos[name] = numpy_helper.from_array(array, name)
+            return
+        pad = -self.offset % 4096
+        self.fh.write(b"\0" * pad)
+        self.offset += pad
+        self.fh.write(array.data)
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", DATA_FILE), ("offset", str(self.offset)), ("length", str(array.nbytes))):
+            tensor.external_data.add(key=key, value=value)
+        self.protos[name] = tensor
+        self.offset += array.nbytes
+
+    def close(self) -> None:
+        if not self.fh.closed:
+            self.fh.close()
+
+    def nbytes(self) -> int:
+        return self.offset
+
+    def inline(self) -> list[onnx.TensorProto]:
+        """Every initializer with its bytes inside the proto (read back from the data file, which is removed)."""
+        self.close()
+        with open(self.path, "rb") as fh:
+            for tensor in self.protos.values():
+                if tensor.data_location == TensorProto.EXTERNAL:
+                    where = {e.key: int(e.value) for e in tensor.external_data if e.key in ("offset", "length")}
+                    fh.seek(where["offset"])
+                    tensor.raw_data = fh.read(where["length"])
+                    del tensor.external_data[:]
+                    tensor.data_location = TensorProto.DEFAULT
+        self.path.unlink()
+        return list(self.protos.values())
+
+
 @dataclass
 class BuiltGraph:
-    """A graph whose initializers are still numpy arrays, so a 2 GB+ model is never one protobuf."""
+    """A graph whose initializers are numpy arrays (``build_graph`` without ``out_dir``) or already on disk
+    (``StreamedInitializers``), so a large model is never one protobuf and, streamed, never in memory at once."""
 
     graph: onnx.GraphProto  # nodes, inputs, outputs; no initializers yet
-    initializers: dict[str, np.ndarray]
+    initializers: dict[str, np.ndarray] | StreamedInitializers
     opset_imports: list
     precision: dict[str, str]  # weight group -> what it is stored as
     metadata: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.initializers, StreamedInitializers)
+
     def nbytes(self) -> int:
+        if self.streamed:
+            return self.initializers.nbytes()
         return sum(a.nbytes for a in self.initializers.values())
 
     def to_model(self) -> onnx.ModelProto:
         """One in-memory ModelProto (small graphs only: < 2 GiB of weights)."""
         graph = onnx.GraphProto()
         graph.CopyFrom(self.graph)
-        graph.initializer.extend(numpy_helper.from_array(a, n) for n, a in self.initializers.items())
+        if self.streamed:
+            graph.initializer.extend(self.initializers.inline())
+        else:
+            graph.initializer.extend(numpy_helper.from_array(a, n) for n, a in self.initializers.items())
         return self._model(graph)
 
     def _model(self, graph) -> onnx.ModelProto:
@@ -66,35 +128,27 @@ class BuiltGraph:
         """Write ``model.onnx`` (+ ``model.onnx.data`` when external); returns the files written.
 
         ``external=None`` decides by size: weights over ``EXTERNAL_DATA_THRESHOLD`` go to the data
-        file, streamed tensor by tensor, page-aligned so onnxruntime can memory-map them.
+        file, streamed tensor by tensor, page-aligned so onnxruntime can memory-map them. A streamed graph
+        is saved into the folder its data file was written in.
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         if external is None:
             external = self.nbytes() > EXTERNAL_DATA_THRESHOLD
+        if self.streamed and self.initializers.path.parent.resolve() != folder.resolve():
+            raise ValueError(f"a streamed graph is saved where its weights were written ({self.initializers.path.parent})")
         if not external:
             onnx.save(self.to_model(), folder / GRAPH_FILE)
             return [folder / GRAPH_FILE]
+        if not self.streamed:
+            writer = StreamedInitializers(folder)
+            for name, array in self.initializers.items():
+                writer[name] = array
+            self.initializers = writer
+        self.initializers.close()
         graph = onnx.GraphProto()
         graph.CopyFrom(self.graph)
-        offset = 0
-        with open(folder / DATA_FILE, "wb") as fh:
-            for name, array in self.initializers.items():
-                array = np.ascontiguousarray(array)
-                if array.nbytes < 1024:  # shapes and scalars stay inline: readable, and no tiny reads
-                    graph.initializer.append(numpy_helper.from_array(array, name))
-                    continue
-                pad = -offset % 4096
-                fh.write(b"\0" * pad)
-                offset += pad
-                fh.write(array.tobytes())
-                tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
-                                     dims=array.shape)
-                tensor.data_location = TensorProto.EXTERNAL
-                for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(array.nbytes))):
-                    tensor.external_data.add(key=key, value=value)
-                graph.initializer.append(tensor)
-                offset += array.nbytes
+        graph.initializer.extend(self.initializers.protos.values())
         onnx.save(self._model(graph), folder / GRAPH_FILE)
         return [folder / GRAPH_FILE, folder / DATA_FILE]
 
@@ -115,15 +169,21 @@ class _Source:
 
 
 def build_graph(args: Qwen2Args, weights: Mapping[str, np.ndarray], plan: GraphPlan,
-                quantized: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> BuiltGraph:
+                quantized: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                out_dir: str | os.PathLike | None = None) -> BuiltGraph:
     """The whole decoder for ``plan``, read like a model's forward: inputs, embedding, L decoder layers, head.
 
     ``weights``: the package's tensors by Hugging Face name, as float32 numpy (N, K) for Linears.
     ``quantized``: int8 weights and scales by the same names (notebook 03's package), used for the groups in
-    ``plan.quantize``; groups it lacks are rounded by ``qwen2lib.deploy.quantizer``.
+    ``plan.quantize``; groups it lacks are rounded by ``qwen2lib.deploy.quantizer``. Both may be lazy mappings
+    (``compile.load_weights``): each tensor is read when its node is built.
+    ``out_dir``: write each initializer to ``out_dir/model.onnx.data`` as it is made (``StreamedInitializers``),
+    so memory follows one weight, not the model; ``save(out_dir)`` then finishes the graph there.
     """
     check_supported(args, plan.max_sequence_length)
-    g, src = Nodes(plan), _Source(weights, dict(quantized or {}))
+    g, src = Nodes(plan), _Source(weights, quantized if quantized is not None else {})
+    if out_dir is not None:
+        g.inits = StreamedInitializers(Path(out_dir))
     residual = plan.layer_dtype("residual")
     inputs, outputs = _io(args, plan)
     x, embed = _embedding(g, src, args, plan)  # (B, T, D)

@@ -19,8 +19,10 @@ CONTRIB = "com.microsoft"
 IR_VERSION = 10  # onnxruntime 1.32 reads IR <= 11; 10 keeps the graph loadable by older runtimes too
 GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
-# A protobuf message cannot exceed 2 GiB; keep headroom for the graph itself.
-EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27
+# Weights past this go to model.onnx.data (``external_data: auto``). A protobuf message cannot exceed 2 GiB, and
+# an inline graph is held whole in memory while it is serialized and again while onnxruntime parses it, so only
+# small graphs (tiny's) stay one file.
+EXTERNAL_DATA_THRESHOLD = 256 << 20
 WEIGHT_GROUPS = ("embed_tokens", "attention", "mlp", "norms", "lm_head")
 QUANTIZABLE_GROUPS = ("embed_tokens", "attention", "mlp", "lm_head")
 

@@ -61,7 +61,7 @@ def _example(config) -> tuple:
 def export_package_graph(model, folder: str | os.PathLike, *, opset: int = 21, external: bool | None = None,
                          max_positions: int = 4096) -> list[Path]:
     """Trace the deploy package's fp32 model into ``folder/model.onnx`` (+ ``model.onnx.data`` when the weights
-    pass 2 GB or ``external``); returns the files written."""
+    pass 256 MB or ``external``); returns the files written."""
     folder = Path(folder)
     config = model.config
     batch = torch.export.Dim("batch", min=1, max=1024)

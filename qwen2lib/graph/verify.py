@@ -16,6 +16,7 @@ from ..corpus import heldout_token_blocks
 from ..deploy import load_deploy_package
 from ..errors import NumericalOverflowError
 from ..fidelity import fidelity_report
+from ..layerwise import LayerwiseModel
 from ..loading import load_model
 from ..tokenizer import load_tokenizer
 from .plan import FP16_MAX
@@ -183,6 +184,16 @@ def check_bounds(cfg: dict, parity: dict, fid: dict, random_weights: bool = Fals
     if v["max_ppl_ratio"] is not None and not fid["ppl_ratio"] <= v["max_ppl_ratio"]:
         failures.append(f"ppl_ratio {fid['ppl_ratio']:.4f} > verify.max_ppl_ratio {v['max_ppl_ratio']:g}")
     return failures
+
+
+def streamed_reference(folder: Path, say: str | bool = False):
+    """ids -> fp32 logits of the reference without holding it whole: a deploy package runs one decoder layer at a
+    time (``qwen2lib.layerwise``); a raw checkpoint (``source.package: checkpoint``) is loaded whole."""
+    if (folder / "patches.json").is_file():
+        if say:
+            print(f"{say} torch fp32 reference streamed layer by layer from {folder}", flush=True)
+        return LayerwiseModel(folder).logits_fn()
+    return reference_logits_fn(load_reference(folder))
 
 
 def load_reference(folder: Path):
