@@ -401,8 +401,10 @@ def _compile_into(tmp: Path, cfg: dict, folder: Path, int8_folder: Path | None, 
                 shutil.copy2(folder / name, tmp / name)
     with phases("verify vs torch", f"{v['prompt_tokens']}-token prompt + {v['decode_steps']} decode steps, "
                                    f"{v['blocks']}x{v['block_tokens']} tokens of {text_label}"):
-        if reference_model is None and plan.dual_chunk is None and source.config.get("dual_chunk_attention_config"):
-            reference_model = load_reference(folder)  # DCA switched off for this graph: the reference must be too
+        if reference_model is None and source.config.get("dual_chunk_attention_config"):
+            # patch 7's attention takes its chunk positions from the model's forward, which the layer-by-layer
+            # reference skips; and with DCA switched off for the graph, match_plan turns it off in the reference
+            reference_model = load_reference(folder)
         reference = (reference_logits_fn(match_plan(reference_model, plan)) if reference_model is not None
                      else streamed_reference(folder, verbose and f"[compile {cfg['name']}]    "))
         parity, fid = _verify(tmp, cfg, plan, reference, blocks, source.config)
