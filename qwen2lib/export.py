@@ -1,7 +1,7 @@
 """Hand-off: the model in the formats other engines load, each checked by reading the export back.
 
     <workdir>/exported/gguf-<type>/model-<type>.gguf      llama.cpp, llama-cpp-python, ollama (notebook 01's
-                                                          float deploy package, quantized by gguf: f16 | q8_0 | q4_0)
+                                                          float deploy package, quantized by gguf: f32 | f16 | q8_0 | q4_0)
     <workdir>/exported/compressed-tensors-<scheme>/       vLLM, SGLang (notebook 03's int8 package, w8a16 |
                                                           smoothquant, its int8 values unchanged)
 
@@ -138,7 +138,7 @@ def ensure_exported(model: str = "tiny", weights: str = "auto", workdir: str | o
                     format: str = "gguf", variant: str | None = None, float_dtype: str = "bfloat16",
                     verify_blocks: int = 2, verify_len: int = 64, seed: int = 0, force: bool = False,
                     verbose: bool = True) -> Path:
-    """``<workdir>/exported/<format>-<variant>/``: the deploy package as a GGUF (variant: f16 | q8_0 | q4_0)
+    """``<workdir>/exported/<format>-<variant>/``: the deploy package as a GGUF (variant: f32 | f16 | q8_0 | q4_0)
     or the int8 package in the compressed-tensors layout (variant: w8a16 | smoothquant), verified (module doc)."""
     fmt = format
     variant = check_export_request(fmt, variant, float_dtype, verify_blocks, verify_len)
