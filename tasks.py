@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -45,6 +46,21 @@ def ensure_venv() -> None:
     STAMP.write_text(_fingerprint())
 
 
+def ensure_browser() -> None:
+    """The browser test drives Chromium from the Debian packages: install it where it is missing and we may."""
+    if shutil.which("chromium") or shutil.which("chromium-browser"):
+        return
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        print("[tasks] installing chromium (Debian package) for the browser test", flush=True)
+        quiet = dict(stdout=subprocess.DEVNULL)
+        subprocess.run(["apt-get", "update", "-q"], check=False, **quiet)
+        subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"], check=True,
+                       env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"), **quiet)
+    else:
+        print("[tasks] chromium is missing, so tests/test_browser.py will fail: `sudo apt-get install chromium`",
+              flush=True)
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("test", "workbook", "lab"):
         print(__doc__)
@@ -52,6 +68,7 @@ def main(argv: list[str]) -> int:
     ensure_venv()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if argv[0] == "test":
+        ensure_browser()
         cmd = [str(PYTHON), "-m", "pytest", *argv[1:]]
     elif argv[0] == "lab":
         cmd = [str(PYTHON), "-m", "qwen2lib.lab", *argv[1:]]

@@ -472,6 +472,7 @@ def cmd_bench(args) -> int:
     from .artifacts import stage_dir
     from .cli import workdir_of
     from .generation import load_backend
+    from .longctx import long_context_of, workdir_tag
     from .tokenizer import load_tokenizer
 
     url = _check_args(args)
@@ -483,8 +484,10 @@ def cmd_bench(args) -> int:
     if url is not None:
         return _bench_url(args, url, requests, dataset, tokenizer)
     backend = load_backend(args.model, args.backend, weights=args.weights, dtype=args.dtype, seed=args.seed,
-                           compiled=args.compiled, workdir=workdir_of(args), precision=args.precision)
-    label = f"{args.backend}" + (f"-{args.precision}" if args.backend == "onnx" else f"-{args.dtype}")
+                           compiled=args.compiled, workdir=workdir_of(args), precision=args.precision,
+                           long_context=long_context_of(args))
+    tag = workdir_tag(long_context_of(args))
+    label = f"{args.backend}" + (f"-{args.precision}" if args.backend == "onnx" else f"-{args.dtype}") + (f"-{tag}" if tag else "")
     run = benchmark(backend, requests, args.batch_size, dataset=dataset, label=label)
     with pd.option_context("display.width", 200, "display.max_columns", None, "display.float_format", "{:.2f}".format):
         print(metrics_table(run).T.to_string())

@@ -23,17 +23,17 @@ from typing import Mapping
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .artifacts import default_workdir, read_metrics, stage_dir, write_metrics
 from .data import DATASETS, CalibrationDataError, load_calibration_texts, sample_token_blocks
 from .errors import Qwen2LibError
 from .deploy import ensure_patched, load_deploy_package
+from .deploy.quantizer import STATS_FILE, load_stats  # noqa: F401 (notebooks read statistics through this stage)
 from .registry import resolve
 from .stages import ensure_stage, recorded_request
 from .tokenizer import load_tokenizer
 
-STATS_FILE = "stats.safetensors"
 DEFAULT_PERCENTILE = 99.9
 
 
@@ -128,13 +128,6 @@ def save_stats(folder: str | os.PathLike, stats: Mapping[str, torch.Tensor], met
               metadata={k: json.dumps(metrics.get(k)) for k in ("model", "dataset", "samples", "seq_len", "seed")})
     write_metrics(folder, metrics)
     return folder
-
-
-def load_stats(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    path = Path(folder) / STATS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: run `qwen2lib calibrate` (notebook 02) first")
-    return load_file(str(path))
 
 
 def is_instruct(model: str) -> bool:

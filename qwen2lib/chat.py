@@ -206,12 +206,14 @@ def repl(session: ChatSession, read: Callable[[str], str] = input, write: Callab
 def cmd_chat(args) -> int:
     from .cli import workdir_of
     from .generation import load_backend, sampling_params_of
+    from .longctx import long_context_of
     from .tokenizer import load_tokenizer
 
     params = sampling_params_of(args)  # bad sampling input is refused before a model loads
     tokenizer = use_chat_template(load_tokenizer(args.model), args.chat_template)
     backend = load_backend(args.model, args.backend, weights=args.weights, dtype=args.dtype, seed=args.seed,
-                           compiled=args.compiled, workdir=workdir_of(args), precision=args.precision)
+                           compiled=args.compiled, workdir=workdir_of(args), precision=args.precision,
+                           long_context=long_context_of(args))
     session = ChatSession(backend, tokenizer, system=args.system, params=params)
     print(f"[chat] {args.model} on {args.backend}; " + "; ".join(f"{c}: {h}" for c, h in COMMANDS.items()),
           file=sys.stderr, flush=True)

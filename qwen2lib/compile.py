@@ -38,6 +38,7 @@ from safetensors.torch import load_file
 from . import __version__
 from .artifacts import check_replaceable, default_workdir, read_metrics, stage_dir
 from .config_schema import ConfigError, load_config
+from .dca import dca_config_from_dict
 from .deploy import ensure_patched
 from .errors import Qwen2LibError
 from .graph import (GraphPlan, OnnxCausalLM, build_graph, export_package_graph, io_signature, op_histogram,
@@ -160,7 +161,7 @@ def read_quantized_package(folder: Path) -> tuple[dict[str, np.ndarray], dict[st
 def _int8_folder(cfg, model, weights, seed, workdir, verbose) -> Path | None:
     """The quantized package int8 weights come from: ``quantization.package`` when named, else notebook 03's
     ``quantized/<quantization.from_scheme>`` (built when missing) for a graph of the deploy package; None
-    when compiling the raw checkpoint, whose weights the shared quantizer (``qwen2lib.int8``) rounds here."""
+    when compiling the raw checkpoint, whose weights the shared quantizer (``qwen2lib.deploy.quantizer``) rounds here."""
     q = cfg["quantization"]
     if cfg["precision"] != "int8":
         return None
@@ -174,12 +175,12 @@ def _int8_folder(cfg, model, weights, seed, workdir, verbose) -> Path | None:
 def _int8_weights(cfg, folder: Path | None, source: Source) -> tuple[dict, str]:
     """({"<linear>.weight": (int8, scales)}, label); empty when the graph builder quantizes itself."""
     if folder is None:
-        return {}, (f"quantized here (source.package: checkpoint) by qwen2lib.int8: "
+        return {}, (f"quantized here (source.package: checkpoint) by qwen2lib.deploy.quantizer: "
                     f"{cfg['quantization']['granularity'].replace('_', '-')} symmetric int8")
     floats, quantized = read_quantized_package(folder)
     source.weights.update({k: v for k, v in floats.items() if k in source.weights})
     return quantized, (f"notebook 03 package {folder} ({len(quantized)} int8 weights and their scales; groups "
-                       "it left in float are rounded here by the same quantizer, qwen2lib.int8)")
+                       "it left in float are rounded here by the same quantizer, qwen2lib.deploy.quantizer)")
 
 
 # ---- the compile ---------------------------------------------------------------------------------
@@ -209,6 +210,7 @@ def _plan(cfg: dict, args: Qwen2Args, keep_fp32=frozenset(), hf_config: dict | N
         last = bool((hf_config or {}).get("insert_slice", False))
     axes = {k: (k if v == "dynamic" else int(v)) for k, v in g["dynamic_axes"].items()}
     return GraphPlan(
+        dual_chunk=_dual_chunk(g["dual_chunk_attention"], args, hf_config),
         operator_set=g["operator_set"], opset=g["opset"], dtype=_DTYPE[cfg["precision"]],
         quantize=tuple(q["modules"]) if cfg["precision"] == "int8" else (),
         block_size=q["block_size"], granularity=q["granularity"],
@@ -217,6 +219,34 @@ def _plan(cfg: dict, args: Qwen2Args, keep_fp32=frozenset(), hf_config: dict | N
         batch=axes["batch"], sequence=axes["sequence"], past_sequence=axes["past_sequence"],
         last_position_logits=last, keep_fp32=keep_fp32,
     )
+
+
+def _dual_chunk(switch: bool | None, args: Qwen2Args, hf_config: dict | None) -> tuple[int, int] | None:
+    """(chunk_size, local_size) when the graph runs Dual Chunk Attention: the package's config decides unless
+    graph.dual_chunk_attention says otherwise; only a deploy package (patch 7) is a DCA reference to verify against."""
+    config = args.dual_chunk_attention_config
+    if switch is False or (switch is None and not config):
+        return None
+    if not config:
+        raise ConfigError("graph.dual_chunk_attention is true but the package's config.json has no "
+                          "dual_chunk_attention_config: set it (qwen2lib generate/bench/eval --dca CHUNK,LOCAL) or "
+                          "leave the switch at null", "graph.dual_chunk_attention")
+    if hf_config is not None and "auto_map" not in hf_config:
+        raise ConfigError("Dual Chunk Attention graphs are verified against the deploy package (patch 7); a raw "
+                          "checkpoint's transformers model has none: use source.package: patched, or set "
+                          "graph.dual_chunk_attention: false", "graph.dual_chunk_attention")
+    try:
+        chunk_size, local_size, _ = dca_config_from_dict(config)
+    except ValueError as error:
+        raise ConfigError(f"the package's {error}", "graph.dual_chunk_attention") from None
+    return chunk_size, local_size
+
+
+def match_plan(reference_model, plan: GraphPlan):
+    """The package's model computing what the plan says: Dual Chunk Attention off when the graph has it off."""
+    if plan.dual_chunk is None and getattr(reference_model.config, "dual_chunk_attention_config", None):
+        reference_model.config.dual_chunk_attention_config = None  # patch 7 reads the config on every forward
+    return reference_model
 
 
 def sha256_of(path: Path) -> str:
@@ -299,7 +329,7 @@ def _compile_into(tmp: Path, cfg: dict, folder: Path, int8_folder: Path | None, 
     external = {"auto": None, "always": True, "never": False}[cfg["graph"]["external_data"]]
     if traced(cfg, folder):
         with phases("graph build", "torch.onnx.export of the deploy package's model (standard ops, fp32)"):
-            reference_model = load_reference(folder)
+            reference_model = match_plan(load_reference(folder), plan)
             reference_model.config.insert_slice = plan.last_position_logits  # the graph computes what the plan says
             files = export_package_graph(reference_model, tmp, opset=cfg["graph"]["opset"], external=external,
                                          max_positions=plan.max_sequence_length)
@@ -336,9 +366,10 @@ def _compile_into(tmp: Path, cfg: dict, folder: Path, int8_folder: Path | None, 
 def _verify(tmp: Path, cfg: dict, plan: GraphPlan, reference_model, blocks: torch.Tensor, hf_config: dict):
     """Parity over a prompt + cached decode steps and the fidelity report; raises when a bound is missed."""
     v = cfg["verify"]
-    reference = reference_logits_fn(reference_model)
+    reference = reference_logits_fn(match_plan(reference_model, plan))
     lm = OnnxCausalLM.load(tmp, manifest={"config": cfg, "max_sequence_length": plan.max_sequence_length,
-                                          "operator_set": plan.operator_set})
+                                          "operator_set": plan.operator_set,
+                                          "dual_chunk_attention": _dual_chunk_record(plan)})
     prompt = blocks.flatten()[: v["prompt_tokens"]][None]
     parity = decode_parity(reference, lm, prompt, v["decode_steps"])
     fid = fidelity(reference, lm, blocks)  # a last-position graph is walked token by token through its cache
@@ -368,7 +399,8 @@ def _manifest(tmp, cfg, plan, source, files, histogram, precision, probe, parity
                   "opset_imports": {(o.domain or "ai.onnx"): o.version for o in _opsets(tmp)},
                   "nodes": sum(histogram.values())},
         "operator_set": plan.operator_set, "max_sequence_length": plan.max_sequence_length,
-        "last_position_logits": plan.last_position_logits,
+        "last_position_logits": plan.last_position_logits, "dual_chunk_attention": _dual_chunk_record(plan),
+        "rope_scaling": args.rope_scaling,
         "kv_cache": {"layout": "BNSH", "shape": ["batch", args.num_key_value_heads, "sequence", args.head_dim],
                      "dtype": plan.kv_dtype, "num_layers": args.num_hidden_layers},
         **io_signature(tmp / "model.onnx"),
@@ -380,6 +412,12 @@ def _manifest(tmp, cfg, plan, source, files, histogram, precision, probe, parity
                          for p in sorted(tmp.iterdir()) if p.is_file() and p.name != "metrics.json"}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
     return manifest
+
+
+def _dual_chunk_record(plan: GraphPlan) -> dict | None:
+    if plan.dual_chunk is None:
+        return None
+    return {"chunk_size": plan.dual_chunk[0], "local_size": plan.dual_chunk[1]}
 
 
 def _opsets(folder: Path):
@@ -395,6 +433,10 @@ def _limits(plan: GraphPlan) -> list[str]:
                    "(OnnxCausalLM.run splits such calls by row)")
     if plan.last_position_logits:
         out.append("logits are for the last position only (B, 1, V)")
+    if plan.dual_chunk:
+        out.append(f"Dual Chunk Attention (chunk_size {plan.dual_chunk[0]}, local_size {plan.dual_chunk[1]}): keys "
+                   "are cached rotated at p mod (chunk_size - local_size); attention from standard ops, KV cache "
+                   "concatenated each call")
     return out
 
 

@@ -56,7 +56,7 @@ SCHEMA: dict[str, Any] = {
         "weights": _f((str, NONE), None, "auto | random; null: the caller's --weights", choices=("auto", "random", None)),
         "checkpoint": _f((str, NONE), None, "a checkpoint folder to compile (overrides model)", file=True),
         "package": _f(str, "patched", "patched: notebook 01's deploy package (int8: notebook 03's quantized "
-                      "package of it) | checkpoint: the raw checkpoint (int8 rounded here by qwen2lib.int8)",
+                      "package of it) | checkpoint: the raw checkpoint (int8 rounded here by qwen2lib.deploy.quantizer)",
                       choices=("patched", "checkpoint")),
     },
     "precision": _f(str, "fp32", "fp32 | fp16 | int8: how the graph stores its weights and computes",
@@ -98,6 +98,9 @@ SCHEMA: dict[str, Any] = {
         "last_position_logits": _f((bool, NONE), None, "logits of the last position only (insert_slice): faster "
                                    "prefill, but no perplexity/scoring over every position; null: as the "
                                    "package's config.json says (insert_slice)"),
+        "dual_chunk_attention": _f((bool, NONE), None, "Dual Chunk Attention in the graph: null: as the package's "
+                                   "config.json says (dual_chunk_attention_config) | false: plain attention (contexts "
+                                   "up to what the model was trained on) | true: required (an error without the config)"),
         "external_data": _f(str, "auto", "auto: weights in model.onnx.data when over 2 GB | always | never",
                             choices=("auto", "always", "never")),
     },

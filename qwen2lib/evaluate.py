@@ -168,17 +168,23 @@ def _workdir(args):
 def _label(args) -> str:
     if getattr(args, "stage", None):
         return args.stage.replace(" ", "-")
-    return args.backend + (f"-{args.precision}" if args.backend == "onnx" else f"-{args.dtype}")
+    from .longctx import long_context_of, workdir_tag
+
+    tag = workdir_tag(long_context_of(args))  # a --dca/--yarn run is its own result, not the plain one's
+    return args.backend + (f"-{args.precision}" if args.backend == "onnx" else f"-{args.dtype}") + (f"-{tag}" if tag else "")
 
 
 def _backend(args):
     from .generation import load_backend, stage_backend
+    from .longctx import long_context_of
 
+    long_context = long_context_of(args)  # refuses --dca/--yarn with --stage
     if getattr(args, "stage", None):
         return stage_backend(args.stage, args.model, weights=args.weights, workdir=_workdir(args), seed=args.seed,
                              dtype=args.dtype)
     return load_backend(args.model, args.backend, weights=args.weights, dtype=args.dtype, seed=args.seed,
-                        compiled=args.compiled, workdir=_workdir(args), precision=args.precision)
+                        compiled=args.compiled, workdir=_workdir(args), precision=args.precision,
+                        long_context=long_context)
 
 
 def _result_path(args, name: str, suffix: str = ".json") -> Path:

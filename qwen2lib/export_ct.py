@@ -16,7 +16,7 @@ weights, so those are written as the package holds them. Targets are ``re:`` pat
 (``re:.*\\.self_attn\\.q_proj$``) when every layer quantizes that Linear the same way, else the modules' full names;
 Linears kept in float (lm_head) are listed under ``ignore``.
 
-The int8 values and scales are the package's own (``qwen2lib.int8``): nothing is quantized again. Float tensors
+The int8 values and scales are the package's own (``qwen2lib.deploy.quantizer``): nothing is quantized again. Float tensors
 (embeddings, norms, biases) are written in ``dtype`` (bfloat16 by default: vLLM's quantized kernels take
 16-bit activations and the config's dtype is the one it serves in); scales stay fp32. The tensors stream one
 at a time into shards of at most ``shard_bytes``.

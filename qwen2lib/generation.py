@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import torch
 
 from .errors import PromptTooLongError, Qwen2LibError
+from .longctx import long_context_of
 from .masks import positions_from_mask
 
 # Both of the family's end tokens: base models end documents with <|endoftext|>, chat turns end with
@@ -520,30 +521,54 @@ def stream(backend: Backend, tokenizer, prompt, params: SamplingParams | None = 
 
 def load_backend(model: str = "tiny", backend: str = "torch", *, weights: str = "auto", dtype="float32",
                  seed: int = 0, compiled: str | Path | None = None, workdir: str | Path | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", long_context: dict | None = None):
     """A ready backend by name: the transformers model (torch) or the compiled graph (onnx).
 
-    The onnx backend reads ``compiled`` if given, else builds or reuses ``<workdir>/compiled``.
+    The onnx backend reads ``compiled`` if given, else builds or reuses ``<workdir>/compiled``. The checkpoint's
+    long-context settings (Dual Chunk Attention, rope scaling), changed by ``long_context`` (config.json overrides
+    from ``qwen2lib.longctx``), are honoured by both and named on stderr: a torch run with DCA uses the deploy
+    package (transformers' own Qwen2 ignores it); onnx with overrides compiles its own package and graph in
+    ``<workdir>/long_context/<settings>/``.
     """
+    from .artifacts import default_workdir
+    from .loading import checkpoint_dir
+    from .longctx import LongContextError, announce, announce_graph, apply_overrides, workdir_tag
+    from .registry import read_folder_config
+
+    config = apply_overrides(read_folder_config(checkpoint_dir(model, weights, seed)), long_context)
     if backend == "torch":
+        announce(config, "torch")
+        if config.get("dual_chunk_attention_config"):
+            from .deploy import ensure_patched, load_deploy_package
+
+            package = ensure_patched(model, weights, workdir, seed=seed, verbose=False)
+            lm = load_deploy_package(package, dtype, config_overrides=long_context)
+            lm.config.insert_slice = False  # every position's logits (eval), whatever the package was built with
+            return TorchBackend(lm)
         from .loading import load_model
 
-        return TorchBackend(load_model(model, dtype=dtype, weights=weights, seed=seed))
+        return TorchBackend(load_model(model, dtype=dtype, weights=weights, seed=seed, config_overrides=long_context))
     if backend == "onnx":
+        if long_context and compiled is not None:
+            raise LongContextError("--dca/--yarn cannot change a compiled folder (it runs the config it was compiled "
+                                   "with): drop --compiled to compile one with these settings")
         if compiled is None:
-            compiled = _ensure_graph(model, weights, workdir, seed, precision)
-        from .loading import checkpoint_dir
-        from .registry import read_folder_config
+            if long_context:
+                from .deploy import ensure_patched
 
-        config = read_folder_config(checkpoint_dir(model, weights, seed))
+                workdir = (Path(workdir) if workdir else default_workdir(model)) / "long_context" / workdir_tag(long_context)
+                ensure_patched(model, weights, workdir, seed=seed, config_overrides=long_context, verbose=False)
+            compiled = _ensure_graph(model, weights, workdir, seed, precision,
+                                     long_context_graph=bool(long_context))
         out = OnnxBackend.load(compiled, config)
         out.config = config
+        announce_graph(out.runtime.manifest, config)
         return out
     raise ValueError(f"backend={backend!r}: use 'torch' or 'onnx'")
 
 
 def _ensure_graph(model, weights, workdir, seed, precision, config: str | None = None,
-                  last_position_only: bool = False) -> Path:
+                  last_position_only: bool = False, long_context_graph: bool = False) -> Path:
     from .artifacts import default_workdir
     from .compile import ensure_compiled
 
@@ -551,8 +576,10 @@ def _ensure_graph(model, weights, workdir, seed, precision, config: str | None =
     config = config or f"qwen2_{precision}"
     # Generation reads the last position's logits only: such a graph skips (T - 1) x hidden x vocab of head work
     # per prefill. It is compiled beside the full-logits graph (perplexity and scoring need every position).
-    overrides = {"graph.last_position_logits": True, "name": f"{config}_last"} if last_position_only else None
-    return Path(ensure_compiled(model, weights, workdir, config=config, seed=seed, overrides=overrides))
+    overrides = {"graph.last_position_logits": True, "name": f"{config}_last"} if last_position_only else {}
+    if long_context_graph:  # as many positions as the long-context config.json allows
+        overrides["graph.max_sequence_length"] = 0
+    return Path(ensure_compiled(model, weights, workdir, config=config, seed=seed, overrides=overrides or None))
 
 
 # The ways notebook 05 runs a model, each built from (or reusing) the earlier stages' folders: the transformers
@@ -591,7 +618,8 @@ def cmd_generate(args) -> int:
 
     params = sampling_params_of(args)  # before loading: bad sampling input is refused in a second, not a minute
     backend = load_backend(args.model, args.backend, weights=args.weights, dtype=args.dtype, seed=args.seed,
-                           compiled=args.compiled, workdir=workdir_of(args), precision=args.precision)
+                           compiled=args.compiled, workdir=workdir_of(args), precision=args.precision,
+                           long_context=long_context_of(args))
     tokenizer = load_tokenizer(args.model)
     print(args.prompt if not args.chat else "", end="", flush=True)
     result = generate(backend, tokenizer, args.prompt, params, chat=args.chat, truncate=args.truncate,
@@ -618,10 +646,14 @@ def sampling_params_of(args) -> SamplingParams:
 
 
 def add_backend_args(p) -> None:
-    """--backend/--compiled/--precision: which runtime, and which compiled graph for onnx (generate, bench, eval)."""
+    """--backend/--compiled/--precision: which runtime, and which compiled graph for onnx (generate, bench, eval);
+    --dca/--yarn: long-context settings (qwen2lib.longctx)."""
+    from .longctx import add_long_context_args
+
     p.add_argument("--backend", default="torch", choices=("torch", "onnx"))
     p.add_argument("--compiled", default=None, help="compiled graph folder (default: <workdir>/compiled, built if missing)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"), help="which compiled graph (onnx)")
+    add_long_context_args(p)
 
 
 def register_cli(sub) -> None:

@@ -51,11 +51,11 @@ def lab_environment(token: str) -> dict[str, str]:
     return env
 
 
-def lab_command(port: int, extra: list[str] = (), open_browser: bool = True) -> list[str]:
+def lab_command(port: int, extra: list[str] = (), open_browser: bool = True, root_dir: Path = ROOT) -> list[str]:
     """``jupyter lab`` run by this interpreter, so the server and its default kernel are this environment."""
     return [sys.executable, "-m", "jupyter", "lab",
             f"--ServerApp.ip={LOOPBACK}", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
-            f"--ServerApp.root_dir={ROOT}", "--LabApp.default_url=/lab/tree/notebooks",
+            f"--ServerApp.root_dir={root_dir}", "--LabApp.default_url=/lab/tree/notebooks",
             f"--LabApp.app_settings_dir={SETTINGS_DIR}", *([] if open_browser else ["--no-browser"]),
             # containers (CI's among them) run as root, which Jupyter refuses unless told; it still serves loopback only
             *(["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []), *extra]
@@ -66,11 +66,12 @@ def lab_url(port: int, token: str, path: str = "notebooks") -> str:
 
 
 def start(port: int | None = None, token: str | None = None, extra: list[str] = (), open_browser: bool = False,
-          log=None, timeout_s: float = 300) -> tuple[subprocess.Popen, int, str]:
-    """Start the server in the background and wait until it answers: (process, port, token). Tests use this."""
+          log=None, timeout_s: float = 300, root_dir: Path = ROOT) -> tuple[subprocess.Popen, int, str]:
+    """Start the server in the background and wait until it answers: (process, port, token). Tests use this
+    (``root_dir``: a copy of the checkout's notebooks, so that autosaves leave the tracked ones alone)."""
     port = port or free_port()
     token = token or secrets.token_hex(24)
-    proc = subprocess.Popen(lab_command(port, list(extra), open_browser), env=lab_environment(token), cwd=ROOT,
+    proc = subprocess.Popen(lab_command(port, list(extra), open_browser, root_dir), env=lab_environment(token), cwd=ROOT,
                             stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
     no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback never goes through a proxy
     deadline = time.monotonic() + timeout_s

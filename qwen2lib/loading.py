@@ -11,6 +11,7 @@ import torch
 
 from .artifacts import atomic_dir
 from .errors import UnsupportedDtypeError, WeightsError, WeightsUnavailableError
+from .longctx import hf_config_with
 from .paths import cache_root, local_models_root
 from .registry import ModelSpec, read_folder_config, resolve
 
@@ -235,8 +236,11 @@ def checkpoint_dir(model: str | os.PathLike = "tiny", weights: str = "auto", see
     return folder
 
 
-def load_model(model: str | os.PathLike = "tiny", *, dtype: str | torch.dtype = torch.float32, weights: str = "auto", seed: int = 0):
+def load_model(model: str | os.PathLike = "tiny", *, dtype: str | torch.dtype = torch.float32, weights: str = "auto", seed: int = 0,
+               config_overrides: dict | None = None):
     """A transformers ``Qwen2ForCausalLM`` in eval mode for a registry name, hub id or folder.
+
+    ``config_overrides``: config.json keys to change first (``qwen2lib.longctx``: YaRN).
 
     weights="random" loads the registry architecture's seeded random checkpoint (bf16, built once into the
     cache), upcast to ``dtype``: the same numbers every stage's package is built from.
@@ -254,7 +258,8 @@ def load_model(model: str | os.PathLike = "tiny", *, dtype: str | torch.dtype = 
     folder = checkpoint_dir(model, weights, seed)
     check_weights_match_config(folder)
     try:
-        hf_model = Qwen2ForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        config = hf_config_with(folder, config_overrides)
+        hf_model = Qwen2ForCausalLM.from_pretrained(folder, dtype=torch_dtype, **({"config": config} if config else {}))
     except Exception as exc:
         raise WeightsError(f"could not load {folder}: {exc}") from exc
     return hf_model.eval()

@@ -166,6 +166,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.hidden_size, n_kv * hd, bias=True)
         self.o_proj = nn.Linear(H * hd, args.hidden_size, bias=False)
         self.window = args.layer_window(layer)
+        self.rope_scale = 1.0  # YaRN's cos/sin factor (Qwen2 sets it): DCA rotates q and k itself, so it scales here
 
     def forward(self, x, cos, sin, positions, key_padding, cache: KVCache | None, inv_freq):
         B, T, _ = x.shape
@@ -201,10 +202,12 @@ class Attention(nn.Module):
         past = cache.layer_len(self.layer) if cache is not None else 0
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # unrotated: DCA rotates keys by p mod chunk length itself
+        # cos and sin both carry YaRN's factor in the plain path, so every score is scaled by its square
+        scale = self.rope_scale**2 / math.sqrt(self.args.head_dim)
         if past == 0:
-            return dca.dual_chunk_attention(q, k, v, inv_freq, chunk_size=chunk_size, local_size=local_size)
+            return dca.dual_chunk_attention(q, k, v, inv_freq, chunk_size=chunk_size, local_size=local_size, scale=scale)
         return dca.dual_chunk_attention_decode(
-            q, k, v, inv_freq, position_start=past, chunk_size=chunk_size, local_size=local_size
+            q, k, v, inv_freq, position_start=past, chunk_size=chunk_size, local_size=local_size, scale=scale
         )
 
 
@@ -259,6 +262,8 @@ class Qwen2(nn.Module):
         )
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.rope_scale = scale
+        for block in self.model.layers:
+            block.self_attn.rope_scale = scale
 
     def new_cache(self) -> KVCache:
         return KVCache(self.args.num_hidden_layers)
@@ -287,6 +292,14 @@ class Qwen2(nn.Module):
 
         ``last_only`` computes the LM head for the last position only (prefill for generation).
         """
+        x = self.hidden_states(input_ids, cache, attention_mask)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)  # (B, T, V)
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The final norm's output (B, T, D): what the LM head reads (long texts score it a slice at a time)."""
         B, T = input_ids.shape
         past = cache.seq_len if cache is not None else 0
         if attention_mask is not None:
@@ -298,10 +311,7 @@ class Qwen2(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         for block in self.model.layers:
             x = block(x, cos, sin, positions, attention_mask, cache, inv_freq)
-        x = self.model.norm(x)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(x)  # (B, T, V)
+        return self.model.norm(x)
 
     # ---- weights ----------------------------------------------------------------------------
     @classmethod

@@ -33,11 +33,11 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 GRAPH = ("checkpoint", "patched", "calibration", "quantized", "compiled", "exported", "inference")
 # The source files that build each stage; editing any of them rebuilds that stage and what follows it.
 STAGE_CODE = {
-    "patched": ("deploy",),  # a folder: every .py file in it
+    "patched": ("deploy", "longctx.py"),  # a folder: every .py file in it; longctx: config.json overrides
     "calibration": ("calibration.py", "data.py"),
-    "quantized": ("quantization.py", "int8.py", "fidelity.py", "corpus.py"),
-    "compiled": ("compile.py", "graph", "int8.py", "config_schema.py", "rope.py", "model.py", "fidelity.py",
-                 "corpus.py"),
+    "quantized": ("quantization.py", "deploy/quantizer.py", "fidelity.py", "corpus.py"),
+    "compiled": ("compile.py", "graph", "deploy/quantizer.py", "config_schema.py", "rope.py", "model.py", "fidelity.py",
+                 "corpus.py", "dca.py"),
     "exported": ("export.py", "export_gguf.py", "export_ct.py", "tokenizer.py", "fidelity.py", "corpus.py"),
 }
 SMALL_FILE = 1 << 24  # files up to this size are hashed into the identity; larger ones by name and size

@@ -13,8 +13,7 @@ from conftest import absmax_stats, tiny_hf_config
 from qwen2lib import export, export_ct, export_gguf
 from qwen2lib.artifacts import read_metrics
 from qwen2lib.fidelity import fidelity_report
-from qwen2lib.quantization import (Int8Linear, dequantize_weight, load_quantized, logits_fn, quantize_model,
-                                   save_quantized)
+from qwen2lib.quantization import dequantize_weight, is_int8_linear, load_quantized, logits_fn, quantize_model
 from qwen2lib.tokenizer import cached_family_tokenizer_dir
 
 VOCAB = 320
@@ -188,7 +187,7 @@ def int8_packages(package, blocks, tmp_path_factory):
         model = load_deploy_package(package, torch.float32)
         stats = absmax_stats(model, blocks) if scheme == "smoothquant" else None
         quantize_model(model, scheme, stats=stats)
-        out[scheme] = save_quantized(model, package, tmp_path_factory.mktemp(scheme) / "pkg")
+        out[scheme] = model.save_quantized(tmp_path_factory.mktemp(scheme) / "pkg")
     return out
 
 
@@ -214,7 +213,7 @@ def test_compressed_tensors_export_loads_with_the_same_int8_weights_and_logits(i
     report = fidelity_report(logits_fn(int8), logits_fn(exported), blocks)  # (weights decompress on first call)
     assert report["kld_mean"] < 1e-3 and report["top1_agreement"] >= 0.95, report
     for name, module in int8.named_modules():
-        if isinstance(module, Int8Linear):  # the engine sees exactly the package's int8 values and scales
+        if is_int8_linear(module):  # the engine sees exactly the package's int8 values and scales
             weight = exported.get_submodule(name).weight
             torch.testing.assert_close(weight, dequantize_weight(module.weight, module.weight_scale), rtol=0,
                                        atol=1e-7, msg=name)

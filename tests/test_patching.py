@@ -4,8 +4,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -25,7 +23,6 @@ VOCAB = 1000
 ALLOWED_MODELING_IMPORTS = {
     "collections.abc",
     "dataclasses",
-    "importlib",
     "torch",
     "transformers.activations",
     "transformers.cache_utils",
@@ -37,7 +34,12 @@ ALLOWED_MODELING_IMPORTS = {
     "transformers.processing_utils",
     "transformers.utils",
     ".configuration_qwen2_onnx",
+    ".quantization_onnx",
 }
+# The quantizer the package carries: torch, numpy, safetensors and the standard library (qwen2lib's error base only
+# where it is installed, inside a try).
+ALLOWED_QUANTIZATION_IMPORTS = {"__future__", "fnmatch", "json", "os", "shutil", "pathlib", "typing", "numpy", "torch",
+                                "torch.nn", "torch.nn.functional", "safetensors.torch", "qwen2lib.errors"}
 ALLOWED_CONFIGURATION_IMPORTS = {
     "huggingface_hub.dataclasses",
     "transformers.configuration_utils",
@@ -252,6 +254,8 @@ def test_generated_files_import_only_the_allowed_modules():
     modeling, configuration = imported_modules(sources.modeling), imported_modules(sources.configuration)
     assert modeling <= ALLOWED_MODELING_IMPORTS, modeling - ALLOWED_MODELING_IMPORTS
     assert configuration <= ALLOWED_CONFIGURATION_IMPORTS, configuration - ALLOWED_CONFIGURATION_IMPORTS
+    quantization = imported_modules(sources.quantization)
+    assert quantization <= ALLOWED_QUANTIZATION_IMPORTS, quantization - ALLOWED_QUANTIZATION_IMPORTS
     assert "masking_utils" not in sources.modeling and "ALL_ATTENTION_FUNCTIONS" not in sources.modeling
 
 
@@ -264,8 +268,10 @@ def test_every_patch_changes_something_and_records_its_diff():
         ("explicit_kv_cache", "modeling_qwen2.py"),
         ("insert_slice", "modeling_qwen2.py"),
         ("quantize_entry_point", "modeling_qwen2.py"),
+        ("dual_chunk_attention", "modeling_qwen2.py"),
         ("relative_imports", "configuration_qwen2.py"),
         ("insert_slice", "configuration_qwen2.py"),
+        ("dual_chunk_attention", "configuration_qwen2.py"),
     ]
     for a in applied:
         assert a.before != a.after and a.diff.startswith(f"--- a/{a.patch.file}"), a.patch.name
@@ -282,9 +288,80 @@ def test_report_helpers_show_diffs_and_the_summary_table():
     assert "## quantize_entry_point" in deploy.patch_report(applied)
 
 
-def test_dual_chunk_attention_is_a_todo_hook(tmp_path):
-    with pytest.raises(NotImplementedError, match="dual chunk attention"):
-        deploy.modeling_patches("onnx", dual_chunk_attention=True)
+# ---- dual chunk attention (patch 7) ------------------------------------------------------------
+
+DCA = {"chunk_size": 12, "local_size": 4, "original_max_position_embeddings": 12}  # chunks of s = 8 positions
+
+
+def naive_dca_logits(checkpoint: Path, ids: torch.Tensor, monkeypatch) -> torch.Tensor:
+    """Logits of qwen2lib's teaching model with its attention swapped for dca.naive_dual_chunk_attention."""
+    from qwen2lib import dca
+    from qwen2lib.model import Qwen2
+
+    monkeypatch.setattr(dca, "dual_chunk_attention", dca.naive_dual_chunk_attention)
+    with torch.no_grad():
+        return Qwen2.from_checkpoint(checkpoint).eval()(ids)
+
+
+@pytest.mark.parametrize("rope", ["default", "yarn"])
+def test_dual_chunk_package_equals_the_naive_reference_in_prefill_and_cached_decode(package_of, monkeypatch, rope):
+    rope_parameters = {"rope_type": "default", "rope_theta": 10_000.0}
+    if rope == "yarn":  # YaRN's cos/sin factor scales DCA's scores like plain attention's
+        rope_parameters = {"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 4.0,
+                           "original_max_position_embeddings": 64}
+    checkpoint, package = package_of(f"dca-{rope}", dual_chunk_attention_config=DCA, rope_parameters=rope_parameters,
+                                     max_position_embeddings=256)
+    model = deploy.load_deploy_package(package)
+    ids = prompt(40)  # five chunks: intra, successive and inter parts all present
+    expected = naive_dca_logits(checkpoint, ids, monkeypatch)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, past_key_values=[]).logits, expected, atol=1e-4, rtol=0)
+        out = model(ids[:, :13], past_key_values=[])  # prefill ends mid-chunk, then one token at a time
+        for t in range(13, 40):
+            out = model(ids[:, t : t + 1], past_key_values=out.presents)
+            torch.testing.assert_close(out.logits[:, -1], expected[:, t], atol=1e-4, rtol=0)
+        generated = model.generate(ids[:, :20], max_new_tokens=12, do_sample=False,
+                                   attention_mask=torch.ones(1, 20, dtype=torch.long))  # DynamicCache path
+    torch.testing.assert_close(model(generated, past_key_values=[]).logits[:, 19:-1].argmax(-1),
+                               generated[:, 20:])
+
+
+def test_dual_chunk_package_equals_plain_attention_exactly_inside_one_chunk(package_of):
+    _, plain = package_of("plain")
+    _, dual = package_of("dca-default", dual_chunk_attention_config=DCA, max_position_embeddings=256)
+    plain, dual = deploy.load_deploy_package(plain), deploy.load_deploy_package(dual)
+    dual.load_state_dict(plain.state_dict())
+    ids = prompt(8)  # s = 8: every pair intra, every rotation the plain one
+    with torch.no_grad():
+        assert torch.equal(dual(ids, past_key_values=[]).logits, plain(ids, past_key_values=[]).logits)
+        # past one chunk, distances stay exact while query i mod s + s <= chunk_size (here i <= 12): local_size
+        # buys that; the rotations differ (p mod s), so equal up to rounding only
+        longer = prompt(20)
+        ours, theirs = dual(longer, past_key_values=[]).logits, plain(longer, past_key_values=[]).logits
+        torch.testing.assert_close(ours[:, :13], theirs[:, :13], atol=1e-5, rtol=0)
+        assert (ours[:, 13:] - theirs[:, 13:]).abs().amax(-1).min() > 1e-4, "the capped distances change every later row"
+
+
+def test_dual_chunk_left_padded_batch_equals_each_row_alone(package_of):
+    _, package = package_of("dca-default", dual_chunk_attention_config=DCA, max_position_embeddings=256)
+    model = deploy.load_deploy_package(package)
+    short, long = prompt(17, seed=3), prompt(30, seed=4)
+    ids = torch.cat([torch.cat([torch.zeros(1, 13, dtype=torch.long), short], 1), long])
+    mask = torch.cat([torch.cat([torch.zeros(1, 13), torch.ones(1, 17)], 1), torch.ones(1, 30)]).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask, position_ids=positions, past_key_values=[]).logits
+        torch.testing.assert_close(batch[0, 13:], model(short, past_key_values=[]).logits[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(batch[1], model(long, past_key_values=[]).logits[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bad, message", [({"chunk_size": 8, "local_size": 8}, "local_size"),
+                                          ({"local_size": 2}, "chunk_size")])
+def test_dual_chunk_config_errors_name_the_key(tmp_path, bad, message):
+    checkpoint = save_checkpoint(tmp_path / "checkpoint", dual_chunk_attention_config=bad)
+    package = deploy.build_deploy_package(checkpoint, tmp_path / "package")
+    with pytest.raises(ValueError, match=message):
+        deploy.load_deploy_package(package)
 
 
 # ---- the package folder ----------------------------------------------------------------------
@@ -390,16 +467,77 @@ def test_ensure_patched_reuses_a_current_package_and_rebuilds_a_stale_one(tmp_pa
 # ---- quantize() entry point and insert_slice figures -----------------------------------------
 
 
-def test_quantize_delegates_to_qwen2lib_quantization_by_name(package_of, monkeypatch):
+STANDALONE_QUANTIZE = """
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+try:
+    import qwen2lib  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("qwen2lib is importable here: this is not a check of a package on its own")
+package, stats, out = map(Path, sys.argv[1:4])
+ids = torch.arange(3, 19)[None]
+for scheme in ("w8a16", "smoothquant"):
+    model = AutoModelForCausalLM.from_pretrained(package, trust_remote_code=True).eval()
+    model.quantize(scheme, stats=stats if scheme == "smoothquant" else None)
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_quantized(out / scheme)
+    reloaded = AutoModelForCausalLM.from_pretrained(out / scheme, trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=0)
+    print(scheme, type(reloaded.model.layers[0].mlp.up_proj).__name__)
+"""
+
+
+def venv_without_qwen2lib(folder: Path) -> Path:
+    """A virtual environment that sees this one's packages (torch, transformers, ...) but not qwen2lib: the
+    site-packages folder is put on sys.path by a plain .pth line, so the editable install's own .pth (which
+    makes qwen2lib importable) is never processed."""
+    import site
+    import subprocess
+    import venv
+
+    venv.EnvBuilder(with_pip=False).create(folder)
+    python = folder / "bin" / "python"
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    Path(purelib, "parent-packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    return python
+
+
+def test_a_deploy_package_quantizes_and_reloads_without_qwen2lib(package_of, tmp_path):
+    import subprocess
+
+    from conftest import absmax_stats
+    from safetensors.torch import save_file
+
+    from qwen2lib import quantization as q
+    from qwen2lib.deploy.quantizer import STATS_FILE
+
     _, package = package_of("plain")
+    assert sorted(p.name for p in package.glob("*.py")) == [
+        "configuration_qwen2_onnx.py", "modeling_qwen2_onnx.py", "quantization_onnx.py"]
     model = deploy.load_deploy_package(package)
-    monkeypatch.setitem(sys.modules, "qwen2lib.quantization", None)  # as where qwen2lib is not installed
-    with pytest.raises(ImportError, match="pip install -e"):
-        model.quantize()
-    scheme = types.ModuleType("qwen2lib.quantization")
-    monkeypatch.setitem(sys.modules, "qwen2lib.quantization", scheme)
-    scheme.quantize_model = lambda m, *args, **kwargs: ("quantized", m, args, kwargs)
-    assert model.quantize(8, scheme="int8") == ("quantized", model, (8,), {"scheme": "int8"})
+    (tmp_path / "stats").mkdir()
+    save_file(absmax_stats(model, prompt(32)), str(tmp_path / "stats" / STATS_FILE))
+    python = venv_without_qwen2lib(tmp_path / "venv")
+    script = tmp_path / "standalone.py"
+    script.write_text(STANDALONE_QUANTIZE)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    done = subprocess.run([python, "-I", script, package, tmp_path / "stats", tmp_path / "out"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert done.stdout.split() == ["w8a16", "Int8Linear", "smoothquant", "Int8Linear"], done.stdout
+    for scheme in ("w8a16", "smoothquant"):  # what the package wrote on its own is what qwen2lib writes and loads
+        q.verify_quantized_code(tmp_path / "out" / scheme)
+        assert q.is_int8_linear(q.load_quantized(tmp_path / "out" / scheme).model.layers[1].self_attn.q_proj)
 
 
 def test_measure_insert_slice_counts_lm_head_flops(package_of):

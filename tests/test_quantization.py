@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from conftest import absmax_stats, tiny_hf_config
 from qwen2lib import quantization as q
+from qwen2lib.deploy import quantizer as qz
 
 
 def seeded_model(seed: int = 0):
@@ -19,7 +20,7 @@ def seeded_model(seed: int = 0):
 def test_per_channel_rounding_error_is_at_most_half_a_step():
     w = torch.randn(48, 32) * torch.logspace(-3, 1, 48)[:, None]  # rows of very different ranges
     w[5] = 0  # an all-zero row keeps a finite scale
-    wq, scale = q.quantize_weight(w)
+    wq, scale = qz.quantize_weight(w)
     assert wq.dtype == torch.int8 and scale.shape == (48,) and int(wq.abs().max()) == 127
     err = (q.dequantize_weight(wq, scale) - w).abs()  # (N, K)
     assert torch.all(err <= scale[:, None] / 2 + 1e-7), float((err - scale[:, None] / 2).max())
@@ -29,7 +30,7 @@ def test_per_channel_rounding_error_is_at_most_half_a_step():
 def test_w8a16_linear_equals_dequantized_reference_matmul():
     torch.manual_seed(0)
     lin = nn.Linear(64, 96, bias=True)
-    int8 = q.Int8Linear.from_linear(lin, "bf16")
+    int8 = qz.Int8Linear.from_linear(lin, "bf16")
     x = torch.randn(2, 7, 64)
     reference = F.linear(x.bfloat16().float(), q.dequantize_weight(int8.weight, int8.weight_scale)) + lin.bias
     # bf16 activations and a bf16 kernel output: agreement to bf16 precision
@@ -38,11 +39,11 @@ def test_w8a16_linear_equals_dequantized_reference_matmul():
 
 
 @pytest.mark.parametrize("in_features", [40, 64])  # 40: not a multiple of 16, which the int8 kernel cannot take
-@pytest.mark.parametrize("rows", [1, 5, q.INT8PACK_MAX_ROWS + 1])  # decode rows -> int8 kernel, prefill -> bf16 GEMM
+@pytest.mark.parametrize("rows", [1, 5, qz.INT8PACK_MAX_ROWS + 1])  # decode rows -> int8 kernel, prefill -> bf16 GEMM
 def test_w8a16_every_kernel_path_equals_the_dequantized_reference(in_features, rows):
     torch.manual_seed(rows)
     lin = nn.Linear(in_features, 24, bias=False)
-    int8 = q.Int8Linear.from_linear(lin, "bf16")
+    int8 = qz.Int8Linear.from_linear(lin, "bf16")
     x = torch.randn(rows, in_features)
     reference = F.linear(x.bfloat16().float(), int8.weight.float()) * int8.weight_scale  # fp32 of the same inputs
     out = int8(x)
@@ -53,10 +54,10 @@ def test_w8a16_every_kernel_path_equals_the_dequantized_reference(in_features, r
 def test_w8a8_linear_is_exact_int32_matmul_rescaled():
     torch.manual_seed(1)
     lin = nn.Linear(64, 40, bias=False)
-    int8 = q.Int8Linear.from_linear(lin, "int8")
+    int8 = qz.Int8Linear.from_linear(lin, "int8")
     x = torch.randn(5, 64)
-    xq, xs = q.quantize_per_token(x)
-    acc = q.int8_matmul(xq, int8.weight)
+    xq, xs = qz.quantize_per_token(x)
+    acc = qz.int8_matmul(xq, int8.weight)
     assert acc.dtype == torch.int32
     assert torch.equal(acc.double(), xq.double() @ int8.weight.double().t())  # exact, not approximate
     torch.testing.assert_close(int8(x), acc.float() * xs * int8.weight_scale)
@@ -70,7 +71,7 @@ def test_smoothquant_folding_leaves_fp32_outputs_unchanged():
     stats["model.layers.0.self_attn.q_proj.absmax"][3] *= 50  # an outlier channel, as real models have
     with torch.no_grad():
         before = model(ids).logits
-    factors = q.smooth_model(model, stats, alpha=0.5)
+    factors = qz.smooth_model(model, stats, alpha=0.5)
     with torch.no_grad():
         after = model(ids).logits
     assert (after - before).abs().max() <= 1e-5
@@ -119,7 +120,7 @@ def test_save_and_reload_through_trust_remote_code_is_identical(deploy_package, 
     stats = absmax_stats(model, ids) if scheme == "smoothquant" else None
     fp32_memory = q.memory_bytes(model)
     model.quantize(scheme, stats=stats)  # the patched class's entry point
-    out = q.save_quantized(model, deploy_package, tmp_path / "pkg")
+    out = model.save_quantized(tmp_path / "pkg")
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["scheme"] == scheme
     from safetensors.torch import load_file
@@ -128,14 +129,14 @@ def test_save_and_reload_through_trust_remote_code_is_identical(deploy_package, 
     assert tensors["model.layers.0.mlp.up_proj.weight"].dtype == torch.int8
     assert tensors["model.layers.0.mlp.up_proj.weight_scale"].shape == (128,)
     reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-    assert isinstance(reloaded.model.layers[1].self_attn.k_proj, q.Int8Linear)
+    assert q.is_int8_linear(reloaded.model.layers[1].self_attn.k_proj)
     for name, tensor in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[name], tensor), name
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
     assert q.memory_bytes(reloaded) < fp32_memory
     assert q.disk_bytes(out) < q.disk_bytes(deploy_package)
-    assert isinstance(q.load_quantized(out).model.layers[0].mlp.gate_proj, q.Int8Linear)
+    assert q.is_int8_linear(q.load_quantized(out).model.layers[0].mlp.gate_proj)
 
 
 def test_matmul_timings_table_has_every_path():
@@ -183,7 +184,7 @@ def test_reload_keeps_fp32_scales_of_a_bf16_checkpoint(tmp_path):
     package = build_deploy_package(tmp_path / "checkpoint", tmp_path / "patched")
     model = AutoModelForCausalLM.from_pretrained(package, trust_remote_code=True, dtype=torch.float32).eval()
     q.quantize_model(model, "w8a16")
-    reloaded = q.load_quantized(q.save_quantized(model, package, tmp_path / "pkg"))  # no dtype given: "auto"
+    reloaded = q.load_quantized(model.save_quantized(tmp_path / "pkg"))  # no dtype given: "auto"
     assert reloaded.model.layers[0].self_attn.q_proj.weight_scale.dtype == torch.float32
     ids = torch.randint(0, 320, (1, 6))
     with torch.no_grad():

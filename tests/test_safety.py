@@ -149,14 +149,14 @@ def test_the_deploy_package_records_the_hash_of_its_generated_files(package):
 
     recorded = json.loads((package / "metrics.json").read_text())["generated_code"]
     on_disk = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in package.glob("*.py")}
-    assert recorded == on_disk and len(on_disk) == 2
+    assert recorded == on_disk and len(on_disk) == 3
 
 
 def test_a_tampered_quantized_package_is_refused(package, tmp_path):
     model = load_deploy_package(package)
     model.quantize("w8a16")
-    out = q.save_quantized(model, package, tmp_path / "int8")
-    assert isinstance(q.load_quantized(out).model.layers[0].mlp.up_proj, q.Int8Linear)
+    out = model.save_quantized(tmp_path / "int8")
+    assert q.is_int8_linear(q.load_quantized(out).model.layers[0].mlp.up_proj)
     sentinel = tmp_path / "ran"
     _append_payload(out / q.INT8_MODELING_FILE, sentinel)
     with pytest.raises(PackageCodeError, match="modeling_qwen2_int8.py differs"):

@@ -22,7 +22,8 @@ from transformers import AutoModelForCausalLM
 
 from ..artifacts import default_workdir, read_metrics, stage_dir, write_metrics
 from ..errors import ModelNotFoundError, Qwen2LibError, WeightsError, WrongModelTypeError
-from ..loading import checkpoint_dir
+from ..loading import checkpoint_dir, parse_dtype
+from ..longctx import apply_overrides, hf_config_with
 from ..stages import ensure_stage, recorded_request
 from .patch import (CONFIGURATION_FILE, MODELING_FILE, PATCHES_WRITTEN_FOR, AppliedPatch, apply_patches,
                     installed_transformers_version)
@@ -46,6 +47,7 @@ class PatchedSources:
     target: str
     modeling: str
     configuration: str
+    quantization: str
     applied: list[AppliedPatch]
 
     @property
@@ -55,6 +57,15 @@ class PatchedSources:
     @property
     def configuration_filename(self) -> str:
         return f"configuration_qwen2_{self.target}.py"
+
+    @property
+    def quantization_filename(self) -> str:
+        return f"quantization_{self.target}.py"
+
+    def files(self) -> dict[str, str]:
+        """{file name: text} of the package's three Python files."""
+        return {self.modeling_filename: self.modeling, self.configuration_filename: self.configuration,
+                self.quantization_filename: self.quantization}
 
 
 def upstream_source(filename: str) -> str:
@@ -72,17 +83,24 @@ def generated_header(upstream_file: str, applied: Sequence[AppliedPatch]) -> str
     )
 
 
+def quantizer_source() -> str:
+    """The package's ``quantization_<target>.py``: qwen2lib's quantizer (``quantizer.py``), copied as it is, so the
+    package quantizes and reloads with only torch and transformers installed."""
+    return ("# Copied by qwen2lib.deploy from qwen2lib/deploy/quantizer.py (imports only torch, numpy, safetensors).\n"
+            "# Do not edit by hand: change that file and rebuild the package.\n"
+            + (Path(__file__).parent / "quantizer.py").read_text(encoding="utf-8"))
+
+
 def patched_sources(
     target: str = "onnx",
     *,
     modeling_source: str | None = None,
     configuration_source: str | None = None,
-    dual_chunk_attention: bool = False,
 ) -> PatchedSources:
     """Apply every patch to the installed transformers' qwen2 files (or to the texts given, for tests)."""
     modeling, modeling_applied = apply_patches(
         upstream_source(MODELING_FILE) if modeling_source is None else modeling_source,
-        modeling_patches(target, dual_chunk_attention=dual_chunk_attention),
+        modeling_patches(target),
     )
     configuration, configuration_applied = apply_patches(
         upstream_source(CONFIGURATION_FILE) if configuration_source is None else configuration_source,
@@ -93,6 +111,7 @@ def patched_sources(
         target=target,
         modeling=generated_header(MODELING_FILE, applied) + modeling,
         configuration=generated_header(CONFIGURATION_FILE, applied) + configuration,
+        quantization=quantizer_source(),
         applied=applied,
     )
 
@@ -137,8 +156,8 @@ def package_auto_map(target: str) -> dict[str, str]:
     }
 
 
-def package_config(checkpoint_config: dict, target: str, insert_slice: bool) -> dict:
-    config = dict(checkpoint_config)
+def package_config(checkpoint_config: dict, target: str, insert_slice: bool, overrides: dict | None = None) -> dict:
+    config = apply_overrides(checkpoint_config, overrides)  # --dca / --yarn (qwen2lib.longctx)
     config["architectures"] = ["Qwen2ForCausalLM"]
     config["auto_map"] = package_auto_map(target)
     config["_attn_implementation"] = "eager"
@@ -197,7 +216,7 @@ def build_deploy_package(
     *,
     target: str = "onnx",
     insert_slice: bool = False,
-    dual_chunk_attention: bool = False,
+    config_overrides: dict | None = None,
     force: bool = True,
     verbose: bool = False,
 ) -> Path:
@@ -206,7 +225,8 @@ def build_deploy_package(
     It holds the patched ``modeling_qwen2_<target>.py`` / ``configuration_qwen2_<target>.py``, a
     ``config.json`` whose ``auto_map`` points at them, the tokenizer files (copied), the weights
     (absolute symlinks into ``checkpoint_dir``), ``patches.json`` and ``metrics.json`` (with the stage
-    record of ``qwen2lib.stages``). Load it with ``load_deploy_package`` (code checked, then
+    record of ``qwen2lib.stages``). ``config_overrides`` changes config.json keys (long-context settings,
+    ``qwen2lib.longctx``). Load it with ``load_deploy_package`` (code checked, then
     ``AutoModelForCausalLM.from_pretrained(package, trust_remote_code=True)``). ``force=False`` reuses a
     package built from the same checkpoint, settings and patch code.
     """
@@ -216,14 +236,16 @@ def build_deploy_package(
     weight_files = weight_files_of(checkpoint)
     check_not_inside(out, checkpoint)
     check_target(target)
-    request = {"target": target, "insert_slice": bool(insert_slice), "dual_chunk_attention": dual_chunk_attention,
+    request = {"target": target, "insert_slice": bool(insert_slice),
                "transformers_version": installed_transformers_version()}
+    if config_overrides:
+        request["config_overrides"] = config_overrides
 
     def build(package: Path) -> dict:
-        sources = patched_sources(target, dual_chunk_attention=dual_chunk_attention)
-        (package / sources.modeling_filename).write_text(sources.modeling, encoding="utf-8")
-        (package / sources.configuration_filename).write_text(sources.configuration, encoding="utf-8")
-        write_json(package / "config.json", package_config(checkpoint_config, target, insert_slice))
+        sources = patched_sources(target)
+        for name, text in sources.files().items():
+            (package / name).write_text(text, encoding="utf-8")
+        write_json(package / "config.json", package_config(checkpoint_config, target, insert_slice, config_overrides))
         tokenizer_files = copy_tokenizer_files(checkpoint, package)
         linked = link_weights(weight_files, package)
         summary = patches_summary(sources)
@@ -243,20 +265,23 @@ def ensure_patched(
     seed: int = 0,
     target: str = "onnx",
     insert_slice: bool | None = None,
+    config_overrides: dict | None = None,
     verbose: bool = True,
 ) -> Path:
     """The deploy package in ``<workdir>/patched/``, reused when built from this checkpoint with these settings
     and this checkout's patches, else (re)built (``qwen2lib.stages`` says why).
 
     Later stages call this so they run without notebook 01 having run first. ``insert_slice=None`` keeps
-    whatever an existing package has (False for a new one). No proof is run here: see ``prove_package``.
+    whatever an existing package has (False for a new one), ``config_overrides=None`` likewise. No proof is run here: see ``prove_package``.
     """
     package = stage_dir(workdir or default_workdir(model), "patched")
     checkpoint = Path(checkpoint_dir(model, weights, seed))
     if insert_slice is None:
         insert_slice = bool((recorded_request(package) or {}).get("insert_slice", False))
-    return build_deploy_package(checkpoint, package, target=target, insert_slice=insert_slice, force=False,
-                                verbose=verbose)
+    if config_overrides is None:  # like insert_slice: keep what the package was built with
+        config_overrides = (recorded_request(package) or {}).get("config_overrides")
+    return build_deploy_package(checkpoint, package, target=target, insert_slice=insert_slice,
+                                config_overrides=config_overrides, force=False, verbose=verbose)
 
 
 class PackageCodeError(Qwen2LibError, RuntimeError):
@@ -276,9 +301,7 @@ def package_target(package: Path) -> str:
 
 def expected_package_code(package: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     """{file name: text} of every Python file the package may hold, regenerated by this checkout."""
-    sources = patched_sources(package_target(package))
-    return {sources.modeling_filename: sources.modeling, sources.configuration_filename: sources.configuration,
-            **(extra or {})}
+    return {**patched_sources(package_target(package)).files(), **(extra or {})}
 
 
 def code_digests(files: dict[str, str]) -> dict[str, str]:
@@ -334,20 +357,15 @@ def record_metrics(package_dir: str | os.PathLike, key: str, figures: dict) -> N
     write_metrics(package_dir, metrics)
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, str(dtype), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"dtype={dtype!r}: use float32, bfloat16 or float16")
-    return resolved
-
-
-def load_deploy_package(package_dir: str | os.PathLike, dtype: str | torch.dtype = torch.float32):
+def load_deploy_package(package_dir: str | os.PathLike, dtype: str | torch.dtype = torch.float32,
+                        config_overrides: dict | None = None):
     """The patched model from a package folder: remote code from the folder (checked first against what this
-    checkout generates: ``verify_package_code``), nothing downloaded."""
+    checkout generates: ``verify_package_code``), nothing downloaded. ``config_overrides``: config.json keys
+    changed for this load only (``qwen2lib.longctx``)."""
     verify_package_code(package_dir)
+    config = hf_config_with(package_dir, config_overrides, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(
-        str(package_dir), trust_remote_code=True, local_files_only=True, dtype=resolve_dtype(dtype)
+        str(package_dir), trust_remote_code=True, local_files_only=True, dtype=parse_dtype(dtype),
+        **({"config": config} if config else {}),
     )
     return model.eval()

@@ -9,14 +9,15 @@ import pandas as pd
 import torch
 from transformers import DynamicCache, Qwen2ForCausalLM
 
-from .package import load_deploy_package, record_metrics, resolve_dtype
+from ..loading import parse_dtype
+from .package import load_deploy_package, record_metrics
 
 
 def load_reference(checkpoint_dir: str | os.PathLike, dtype: str | torch.dtype = torch.float32,
                    attention: str = "eager"):
     """Upstream ``Qwen2ForCausalLM`` from the checkpoint folder."""
     model = Qwen2ForCausalLM.from_pretrained(
-        str(checkpoint_dir), local_files_only=True, dtype=resolve_dtype(dtype), attn_implementation=attention
+        str(checkpoint_dir), local_files_only=True, dtype=parse_dtype(dtype), attn_implementation=attention
     )
     return model.eval()
 
@@ -91,7 +92,7 @@ def prove_package(
     reference = load_reference(checkpoint_dir, dtype, reference_attention)
     with torch.inference_mode():
         proof = {
-            "dtype": str(resolve_dtype(dtype)).removeprefix("torch."),
+            "dtype": str(parse_dtype(dtype)).removeprefix("torch."),
             "reference_attention": reference_attention,
             "insert_slice": bool(getattr(patched.config, "insert_slice", False)),
             "prompt_tokens": int(prompt.shape[1]),

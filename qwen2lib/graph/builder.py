@@ -28,6 +28,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..model import Qwen2Args
+from .dual_chunk import attention_dual_chunk, dual_chunk_inputs
 from .ops import (Nodes, add_and_norm, attention_bias, attention_plain, int8_matmul, linear, packed, rms_norm,
                   rotary_tables)
 from .plan import (CONTRIB, DATA_FILE, EXTERNAL_DATA_THRESHOLD, GRAPH_FILE, IR_VERSION, NP_DTYPE, ONNX_DTYPE,
@@ -119,15 +120,18 @@ def build_graph(args: Qwen2Args, weights: Mapping[str, np.ndarray], plan: GraphP
 
     ``weights``: the package's tensors by Hugging Face name, as float32 numpy (N, K) for Linears.
     ``quantized``: int8 weights and scales by the same names (notebook 03's package), used for the groups in
-    ``plan.quantize``; groups it lacks are rounded by ``qwen2lib.int8``.
+    ``plan.quantize``; groups it lacks are rounded by ``qwen2lib.deploy.quantizer``.
     """
     check_supported(args, plan.max_sequence_length)
     g, src = Nodes(plan), _Source(weights, dict(quantized or {}))
     residual = plan.layer_dtype("residual")
     inputs, outputs = _io(args, plan)
     x, embed = _embedding(g, src, args, plan)  # (B, T, D)
-    rope_tables = _rotary(g, args, plan)
-    mask = attention_bias(g, plan.kv_dtype if plan.operator_set == "contrib" else None)
+    if plan.dual_chunk:  # its own rotary tables and mask, shared by every layer (qwen2lib.graph.dual_chunk)
+        rope_tables, mask = None, dual_chunk_inputs(g, args, *plan.dual_chunk)
+    else:
+        rope_tables = _rotary(g, args, plan)
+        mask = attention_bias(g, plan.kv_dtype if plan.operator_set == "contrib" else None)
     first_norm = "model.layers.0.input_layernorm"
     norm_in = rms_norm(g, x, g.init(f"{first_norm}.weight", src.float(f"{first_norm}.weight", residual)),
                        args.rms_norm_eps, residual, "/model/layers.0/input_layernorm")
@@ -214,7 +218,9 @@ def _attention(g: Nodes, src: _Source, args: Qwen2Args, plan: GraphPlan, i: int,
                  "attention", dt, f"{pre}/qkv_proj", bias=True)
     q, k, v = g.op("Split", [qkv, g.const([H * hd, n_kv * hd, n_kv * hd])], f"{pre}/qkv_split", outputs=3,
                    axis=-1)  # (B, T, H*hd), (B, T, n_kv*hd) x2
-    if plan.operator_set == "contrib":
+    if plan.dual_chunk:
+        attn = attention_dual_chunk(g, q, k, v, i, H, n_kv, hd, mask, dt, kv)
+    elif plan.operator_set == "contrib":
         # RotaryEmbedding ops, not GroupQueryAttention's do_rotary: in a decode step that one rotates at the
         # cache length, ignoring position_ids, which is wrong for left-padded rows
         cos_c, sin_c = rope_tables[dt]

@@ -1,7 +1,7 @@
 """The pieces a decoder graph is made of, each a small function that appends nodes: RMSNorm, the residual add +
 norm (one fused kernel in contrib graphs), rotary embedding, grouped-query attention from standard ops, the
 attention bias from ``attention_mask``, and the Linear layers in fp32/fp16 or int8 (``MatMulNBits``,
-``DynamicQuantizeMatMul``) with weights from the one int8 quantizer (``qwen2lib.int8``).
+``DynamicQuantizeMatMul``) with weights from the one int8 quantizer (``qwen2lib/deploy/quantizer.py``).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from onnx import TensorProto, helper
 
 from .. import rope
-from ..int8 import quantize_per_block, quantize_weight
+from ..deploy.quantizer import quantize_per_block, quantize_weight
 from ..model import Qwen2Args
 from .plan import CONTRIB, NP_DTYPE, ONNX_DTYPE, GraphPlan
 

@@ -52,6 +52,7 @@ class GraphPlan:
     past_sequence: str | int = "past_sequence"
     last_position_logits: bool = False  # insert_slice: logits of the last position only
     keep_fp32: frozenset = frozenset()  # fp16 graphs: "residual", "lm_head", "layers.{i}.attention|mlp"
+    dual_chunk: tuple[int, int] | None = None  # (chunk_size, local_size): Dual Chunk Attention (graph/dual_chunk.py)
 
     def __post_init__(self):
         if self.operator_set not in ("standard", "contrib"):
@@ -76,6 +77,8 @@ class GraphPlan:
             raise ValueError(f"per_block_projections {sorted(unknown)}: projections are {', '.join(PROJECTIONS)}")
         if self.per_block_projections and self.activations != "int8_per_tensor":
             raise ValueError("per_block_projections only applies with int8_per_tensor activations")
+        if self.dual_chunk is not None and not 0 <= self.dual_chunk[1] < self.dual_chunk[0]:
+            raise ValueError(f"dual_chunk={self.dual_chunk}: need (chunk_size, local_size) with 0 <= local_size < chunk_size")
 
     def activations_for(self, projection: str) -> str:
         """The activation scheme of one projection (qkv_proj, o_proj, gate_up_proj, down_proj)."""
@@ -96,9 +99,6 @@ class GraphPlan:
 
 def check_supported(args: Qwen2Args, max_sequence_length: int) -> None:
     """Refuse, with the reason, what the graphs do not implement rather than compile it wrong."""
-    if args.dual_chunk_attention_config:
-        raise GraphBuildError("this checkpoint uses Dual Chunk Attention, which the compiled graphs do not implement; "
-                              "remove dual_chunk_attention_config to compile it for contexts up to max_position_embeddings")
     if any(args.layer_window(i) for i in range(args.num_hidden_layers)):
         raise GraphBuildError("this checkpoint enables sliding-window attention (use_sliding_window: true), which the "
                               "compiled graphs do not implement; Qwen2 checkpoints ship with it off")

@@ -121,6 +121,8 @@ class OnnxCausalLM:
         self.last_position_logits = logits_shape[1] == 1
         self.max_positions = int(self.manifest.get("max_sequence_length", 1 << 62))
         self.operator_set = self.manifest.get("operator_set", "standard")
+        # GroupQueryAttention graphs share past/present buffers; a Dual Chunk Attention graph concatenates
+        self.group_query_attention = self.operator_set == "contrib" and not self.manifest.get("dual_chunk_attention")
 
     @classmethod
     def load(cls, folder: str | os.PathLike, threads: int | None = None, optimization_level: str | None = None,
@@ -145,8 +147,11 @@ class OnnxCausalLM:
         if "operator_set" not in manifest:  # a bare graph: read its opsets (not its weights) to tell
             import onnx
 
-            domains = {o.domain for o in onnx.load(str(graph), load_external_data=False).opset_import}
-            manifest["operator_set"] = "contrib" if "com.microsoft" in domains else "standard"
+            from .dual_chunk import uses_dual_chunk
+
+            proto = onnx.load(str(graph), load_external_data=False)
+            manifest["operator_set"] = "contrib" if "com.microsoft" in {o.domain for o in proto.opset_import} else "standard"
+            manifest.setdefault("dual_chunk_attention", uses_dual_chunk(proto.graph))
         runtime = manifest.get("config", {}).get("runtime", {})
         threads = threads if threads is not None else (runtime.get("threads") or None)
         level = optimization_level or runtime.get("optimization_level", "all")
@@ -183,7 +188,7 @@ class OnnxCausalLM:
             position_ids = positions_from_mask(mask)[:, P:]
         position_ids = np.asarray(position_ids, np.int64)
         self._check_positions(position_ids)
-        if self.operator_set == "contrib" and B > 1 and T > 1 and P > 0:
+        if self.group_query_attention and B > 1 and T > 1 and P > 0:
             # GroupQueryAttention continues a prompt over a cache for one row at a time; rows are independent.
             rows = [self.run(ids[b:b + 1], mask[b:b + 1], position_ids[b:b + 1], [(k[b:b + 1], v[b:b + 1]) for k, v in past])
                     for b in range(B)]
@@ -210,7 +215,7 @@ class OnnxCausalLM:
         the cache goes in and a fresh concatenated copy comes back, as with any graph of this I/O convention."""
         ids = np.asarray(next_ids, np.int64).reshape(-1, 1)
         mask = np.concatenate([state.attention_mask, np.ones((ids.shape[0], 1), np.int64)], axis=1)
-        if self.operator_set != "contrib" or not in_place:
+        if not self.group_query_attention or not in_place:
             logits, present = self.run(ids, mask, past=state.past)
             return logits, KVState(present, mask)
         return self._decode_in_place(ids, mask, state)

@@ -6,8 +6,10 @@
   p3 eager_attention        eager attention only, causal / sliding-window mask from arange and comparisons
   p4 explicit_kv_cache      ``past_key_values=[(k, v), ...]`` in, ``presents`` out: graph inputs and outputs
   p5 insert_slice           with ``config.insert_slice``, only the last position goes through ``lm_head``
-  p6 quantize_entry_point   ``Qwen2ForCausalLM.quantize()`` delegating to ``qwen2lib.quantization``
-  p7 dual_chunk_attention   the guide's Dual Chunk Attention: a TODO hook (raises)
+  p6 quantize_entry_point   ``Qwen2ForCausalLM.quantize()`` / ``save_quantized()`` calling the package's own
+                            ``quantization_<target>.py`` (a copy of ``quantizer.py``)
+  p7 dual_chunk_attention   with ``config.dual_chunk_attention_config``, Dual Chunk Attention (intra / successive /
+                            inter-chunk parts) in prefill and cached decode; the configuration gains the field
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from .p3_eager_attention import eager_attention_patch
 from .p4_explicit_kv_cache import explicit_kv_cache_patch
 from .p5_insert_slice import insert_slice_patches
 from .p6_quantize_entry_point import quantize_entry_point_patch
-from .p7_dual_chunk_attention import dual_chunk_attention_patch
+from .p7_dual_chunk_attention import dual_chunk_attention_patches
 
 
 def check_target(target: str) -> str:
@@ -30,23 +32,22 @@ def check_target(target: str) -> str:
     return target
 
 
-def modeling_patches(target: str = "onnx", *, dual_chunk_attention: bool = False) -> list[Patch]:
+def modeling_patches(target: str = "onnx") -> list[Patch]:
     check_target(target)
-    patches = [
+    return [
         relative_imports_patch(MODELING_FILE, target),
         no_runtime_dispatch_patch(),
         eager_attention_patch(),
         explicit_kv_cache_patch(),
         insert_slice_patches()[0],
-        quantize_entry_point_patch(),
+        quantize_entry_point_patch(target),
+        dual_chunk_attention_patches()[0],
     ]
-    if dual_chunk_attention:
-        patches.append(dual_chunk_attention_patch())
-    return patches
 
 
 def configuration_patches(target: str = "onnx") -> list[Patch]:
     check_target(target)
-    return [relative_imports_patch(CONFIGURATION_FILE, target), insert_slice_patches()[1]]
+    return [relative_imports_patch(CONFIGURATION_FILE, target), insert_slice_patches()[1],
+            dual_chunk_attention_patches()[1]]
 
 

@@ -1,45 +1,36 @@
-"""Patch 6: quantize() entry point."""
+"""Patch 6: the quantize() entry point, as the seed's deploy package has it."""
 from __future__ import annotations
 
 from ..patch import MODELING_FILE, Edit, Patch, anchored_patch
 
-# Where Qwen2ForCausalLM.quantize() finds the int8 scheme (looked up by name at call time).
-QUANTIZATION_MODULE = "qwen2lib.quantization"
-QUANTIZATION_FUNCTION = "quantize_model"
 
-
-QUANTIZE_METHOD_SOURCE = f'''
+def quantize_methods_source(target: str) -> str:
+    module = f"quantization_{target}"  # the package's own copy of qwen2lib/deploy/quantizer.py
+    return f'''
     def quantize(self, *args, **kwargs):
-        """Quantize this model for deployment; returns what the scheme returns (the quantized model).
+        """Quantize this model for deployment, in place, and return it: `{module}.quantize_model(self, ...)`
+        (scheme "w8a16", or "smoothquant" with stats=<calibration folder>). The scheme lives in the package's
+        own {module}.py, so it runs with only torch and transformers installed."""
+        from .{module} import quantize_model
 
-        The scheme is not part of this file: it is
-        `{QUANTIZATION_MODULE}.{QUANTIZATION_FUNCTION}(model, *args, **kwargs)`, looked up by name when
-        called so that the package loads without qwen2lib installed.
-        """
-        try:
-            scheme = importlib.import_module("{QUANTIZATION_MODULE}")
-        except ModuleNotFoundError as error:
-            raise ImportError("quantize() runs qwen2lib's int8 schemes: pip install -e <the qwen2-workbook checkout>") from error
-        quantize_model = scheme.{QUANTIZATION_FUNCTION}
         return quantize_model(self, *args, **kwargs)
+
+    def save_quantized(self, out_dir, deploy_package=None):
+        """Write the quantized package (code, tokenizer, int8 weights) into out_dir; load it again with
+        AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)."""
+        from .{module} import save_quantized
+
+        return save_quantized(self, out_dir, deploy_package)
 
 
 class Qwen2ForSequenceClassification('''
 
-QUANTIZE_ENTRY_POINT_EDITS = (
-    Edit("from collections.abc import Callable\n", "import importlib\nfrom collections.abc import Callable\n"),
-    Edit("\n\nclass Qwen2ForSequenceClassification(", QUANTIZE_METHOD_SOURCE),
-)
 
-
-def quantize_entry_point_patch() -> Patch:
+def quantize_entry_point_patch(target: str) -> Patch:
     return anchored_patch(
         "quantize_entry_point",
-        f"Qwen2ForCausalLM.quantize(*args, **kwargs): the package's entry point for int8, delegating to "
-        f"{QUANTIZATION_MODULE}.{QUANTIZATION_FUNCTION}(model, ...) looked up by name at call time "
-        "(ImportError, saying what to install, where qwen2lib is not installed).",
+        f"Qwen2ForCausalLM.quantize(*args, **kwargs) and .save_quantized(out_dir): the package's entry points for "
+        f"int8, calling its own quantization_{target}.py (a copy of qwen2lib's quantizer, imported when called).",
         MODELING_FILE,
-        QUANTIZE_ENTRY_POINT_EDITS,
+        (Edit("\n\nclass Qwen2ForSequenceClassification(", quantize_methods_source(target)),),
     )
-
-
