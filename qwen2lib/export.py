@@ -36,7 +36,7 @@ from .export_ct import FLOAT_DTYPES, write_compressed_tensors
 from .export_gguf import GGUF_TYPES, ExportError, as_reader, gguf_tokenizer, load_gguf_model, write_gguf
 from .fidelity import fidelity_report, fidelity_table, heldout_blocks as make_heldout_blocks
 from .deploy import ensure_patched, load_deploy_package
-from .quantization import SCHEMES, ensure_quantized, load_quantized, logits_fn
+from .quantization import INT8_SCHEMES, ensure_quantized, load_quantized, logits_fn
 from .stages import ensure_stage
 from .tokenizer import load_tokenizer
 
@@ -51,7 +51,7 @@ def check_export_request(fmt: str, variant: str | None = None, dtype: str = "bfl
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: one of {', '.join(FORMATS)}")
     variant = variant or DEFAULTS[fmt]
-    allowed = GGUF_TYPES if fmt == "gguf" else SCHEMES
+    allowed = GGUF_TYPES if fmt == "gguf" else INT8_SCHEMES
     if variant not in allowed:
         what = "--type (GGUF quantization)" if fmt == "gguf" else "--scheme (the int8 package to export)"
         raise ExportError(f"{what} {variant!r}: for --format {fmt} use one of {', '.join(allowed)}")
@@ -205,7 +205,7 @@ def register_cli(sub) -> None:
     add_model_args(p)
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--type", default=None, help=f"GGUF: {' | '.join(GGUF_TYPES)} (default q8_0)")
-    p.add_argument("--scheme", default=None, help=f"compressed-tensors: the int8 package, {' | '.join(SCHEMES)} "
+    p.add_argument("--scheme", default=None, help=f"compressed-tensors: the int8 package, {' | '.join(INT8_SCHEMES)} "
                    "(default w8a16)")
     p.add_argument("--float-dtype", default="bfloat16", help="compressed-tensors: dtype of the unquantized tensors "
                    "and of serving (bfloat16; vLLM's int8 kernels take 16-bit activations)")
