@@ -54,6 +54,7 @@ TARGETS = [  # (row, column, reference row, at least): the issue's targets, prin
     ("graph int4", "decode b1 tok/s", "llama.cpp Q4_0", 1.1),
     ("graph int8", "decode b8 tok/s", "llama.cpp Q8_0", 1.5),
     ("graph int8", "decode b8 tok/s", "torch dynamic int8", 1.2),
+    ("graph int4", "decode b8 tok/s", "llama.cpp Q4_0", 1.0),
 ]
 
 
@@ -189,6 +190,7 @@ def compile_graphs(args, workdir: Path) -> dict[str, Path]:
         "graph int8 per-block act": ("qwen2_int8", {"quantization": {"activations": "int8_per_block",
                                                                      "per_block_projections": []}}),
         "graph int8 per-tensor act": ("qwen2_int8", {"quantization": {"per_block_projections": []}}),
+        "graph int4": ("qwen2_int4", {}),  # AWQ int4 layers (notebook 03's awq package), int8 head
     }
     graphs = {}
     for label, (base, extra) in variants.items():
@@ -247,7 +249,8 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3,
                    help="interleaved rounds over all backends; each figure is its best round (least disturbed)")
     p.add_argument("--workdir", default=None, help="where the graphs are compiled (default runs/<model>)")
-    p.add_argument("--skip", nargs="*", default=[], help="backends to leave out (labels as printed)")
+    p.add_argument("--skip", nargs="*", default=["graph int8 per-block act", "graph int8 per-tensor act"],
+                   help="backends to leave out (labels as printed; default: the two other int8 activation schemes)")
     p.add_argument("--kv-copy-row", action="store_true",
                    help="add the int8 graph decoding with a KV cache copied each step (what writing it in place saves)")
     p.add_argument("--llama-cpp", default=None, help="llama.cpp build folder holding bin/llama-batched-bench")
@@ -283,9 +286,9 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()[0]
     if load_before > 0.5:
         print(f"[bench] WARNING: load average {load_before:.1f} before starting: other processes hold cores. "
-              "OpenMP (torch) with --threads equal to the core count collapses when a core is taken "
-              "(each parallel region waits for the descheduled thread); the torch rows will be far too low. "
-              "Run on an idle machine.", flush=True)
+              "OpenMP (torch) and llama.cpp (its threads meet at a spinning barrier after every op) with --threads "
+              "equal to the core count collapse when a core is taken (each parallel region waits for the "
+              "descheduled thread); their rows will be far too low. Run on an idle machine.", flush=True)
     warnings.filterwarnings("ignore", module="torch.ao")  # quantize_dynamic's deprecation notice
     warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
     torch.set_num_threads(args.threads)

@@ -100,8 +100,10 @@ def test_wrong_type_is_named_with_its_line(tmp_path):
 
 
 def test_bad_choice_and_section_shape(tmp_path):
-    with pytest.raises(ConfigError, match=r":1: precision: 'int4' is not one of fp32, fp16, int8"):
-        load_config(small_config(tmp_path, "precision: int4\n"))
+    with pytest.raises(ConfigError, match=r":1: precision: 'int2' is not one of fp32, fp16, int8, int4"):
+        load_config(small_config(tmp_path, "precision: int2\n"))
+    with pytest.raises(ConfigError, match=r"awq is an int4 package: precision int8 takes w8a16 or smoothquant"):
+        load_config(small_config(tmp_path, "precision: int8\nquantization:\n  from_scheme: awq\n"))
     with pytest.raises(ConfigError, match="graph: must be a section"):
         load_config(small_config(tmp_path, "graph: contrib\n"))
     with pytest.raises(ConfigError, match="appears twice"):
