@@ -1,17 +1,27 @@
-"""Prefill and decode speed on one machine, in one run: transformers fp32/bf16, torch dynamic int8,
-and notebook 04's fp32 and int8 ONNX graphs in onnxruntime.
+"""Prefill and decode speed on one machine, in one run: transformers fp32/bf16, torch dynamic int8, notebook 04's
+ONNX graphs in onnxruntime, and llama.cpp on GGUFs of the same checkpoint.
 
-    python benchmarks/decode_prefill.py                      # Qwen2-0.5B shape, random weights, 2 threads
+    python benchmarks/decode_prefill.py --llama-cpp path/to/llama.cpp/build     # Qwen2-0.5B shape, random weights
     python benchmarks/decode_prefill.py --model tiny --prompt 128 --decode 32   # a quick look
 
 Prefill: tokens/s over one ``--prompt``-token prompt (batch 1), logits of the last position only
-(``logits_to_keep=1`` for transformers, ``graph.last_position_logits`` for the graphs). Decode:
-tokens/s over ``--decode`` greedy steps after a ``--context``-token prompt (16: short; 512 shows what
-copying the KV cache each step would cost), for each batch size, timed step by step with the KV
-cache (the prompt's prefill not counted). ``--rounds`` rounds interleave the
-backends (each loaded, measured and released in turn); each figure is the backend's best round, so
-load from other processes on a shared machine disturbs all rows alike. Random weights: the speed is real, the text
-is not. Compare rows of one run only.
+(``logits_to_keep=1`` for transformers, ``graph.last_position_logits`` for the graphs). Decode: tokens/s over
+``--decode`` greedy steps after a ``--context``-token prompt (16: short; 512 shows what copying the KV cache each
+step would cost), for each batch size, timed step by step with the KV cache (the prompt's prefill not counted).
+
+llama.cpp rows: ``llama-batched-bench`` (llama.cpp's own tool, ``--llama-cpp`` names its build; see
+``benchmarks/llamacpp.py`` for where it is looked for and how to build it) on ``qwen2lib export --format gguf``
+files of the same checkpoint (``--gguf-types``: f32, q8_0, q4_0), the same prompt, decode length, batch sizes and
+threads. Its decode steps feed random ids and read no logits; ours take the argmax in Python, so the Python
+work per step counts against us. Without the tool the rows say "not built" and how to build it.
+
+``--rounds`` rounds interleave every backend (each loaded, measured and released in turn; llama.cpp as a child
+process); each figure is the backend's best round, so load from other processes on a shared machine disturbs all
+rows alike. Each round also probes the memory bandwidth (STREAM-like: read = sum of a 1 GiB array, copy =
+bytes read + written, on ``--threads`` threads); every row gets the bytes of weights one decode step streams (each
+matrix read in full; a token table only gathered is not counted) and the rate at which batch-1 decode streams
+them, beside the probed read bandwidth: the distance to the physical limit. Random weights: the speed is real,
+the text is not. Compare rows of one run only: the printed tables are ratios to the peers of the same run.
 """
 from __future__ import annotations
 
@@ -24,15 +34,28 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from llamacpp import BUILD_HINT, batched_bench, find_tool, gguf_matmul_bytes  # noqa: E402
 from qwen2lib import load_model  # noqa: E402
 from qwen2lib.artifacts import default_workdir  # noqa: E402
 from qwen2lib.compile import ensure_compiled  # noqa: E402
+from qwen2lib.export import ensure_exported, gguf_file  # noqa: E402
 from qwen2lib.graph import OnnxCausalLM  # noqa: E402
+
+GATHER_OPS = {"Gather", "GatherBlockQuantized"}
+TARGETS = [  # (row, column, reference row, at least): the issue's targets, printed PASS / FAIL
+    ("graph int8", "decode b1 tok/s", "llama.cpp Q8_0", 1.1),
+    ("graph int4", "decode b1 tok/s", "llama.cpp Q4_0", 1.1),
+    ("graph int8", "decode b8 tok/s", "llama.cpp Q8_0", 1.5),
+    ("graph int8", "decode b8 tok/s", "torch dynamic int8", 1.2),
+    ("graph int4", "decode b8 tok/s", "llama.cpp Q4_0", 1.0),
+]
 
 
 class TorchRunner:
@@ -49,10 +72,21 @@ class TorchRunner:
         out = self.model(input_ids=torch.as_tensor(next_ids), cache=cache, use_cache=True)
         return out.logits[:, -1].float().numpy(), out.cache
 
+    def weight_bytes(self) -> int:
+        """Every Linear's weight (the head included: tied or not it reads a whole table); float or packed int8."""
+        total = 0
+        for module in self.model.modules():
+            if isinstance(module, torch.nn.Linear):
+                total += module.weight.numel() * module.weight.element_size()
+            elif hasattr(module, "weight") and callable(module.weight):  # torch.ao dynamic quantized Linear
+                total += module.weight().numel()
+        return total
+
 
 class GraphRunner:
-    def __init__(self, lm: OnnxCausalLM, copy_kv: bool = False):
-        self.lm = lm
+    def __init__(self, folder: Path, threads: int, copy_kv: bool = False):
+        self.lm = OnnxCausalLM.load(folder, threads=threads)
+        self.folder = folder
         self.copy_kv = copy_kv  # feed the cache and take a fresh concatenated copy back each step (the plain way)
 
     def prefill(self, ids):
@@ -62,6 +96,44 @@ class GraphRunner:
     def decode(self, next_ids, state):
         logits, state = self.lm.decode(next_ids, state, in_place=not self.copy_kv)
         return logits[:, -1], state
+
+    def weight_bytes(self) -> int:
+        return graph_matmul_bytes(self.folder / "model.onnx")
+
+
+def graph_matmul_bytes(path: Path) -> int:
+    """Bytes of the initializers a decode step reads in full: all but those only gathered from (an untied
+    embedding table); shape constants are counted too (negligible)."""
+    model = onnx.load(str(path), load_external_data=False)
+    users: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, set()).add(node.op_type)
+    total = 0
+    for t in model.graph.initializer:
+        if users.get(t.name, set()) <= GATHER_OPS:
+            continue
+        external = {e.key: e.value for e in t.external_data}
+        total += int(external["length"]) if "length" in external else len(onnx.numpy_helper.to_array(t).tobytes())
+    return total
+
+
+def memory_bandwidth(threads: int, mib: int = 1024, repeats: int = 5) -> dict[str, float]:
+    """Best-of GB/s of a read (sum of ``mib`` MiB) and a copy (half of it, read + write counted): arrays larger
+    than the last-level cache (hundreds of MiB on current server CPUs), so the figures are DRAM's."""
+    torch.set_num_threads(threads)
+    a = torch.ones(mib * 2**20 // 4)
+    half = a[: a.numel() // 2]
+    b = torch.empty_like(half)
+    best = {"read GB/s": 0.0, "copy GB/s": 0.0}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a.sum()
+        best["read GB/s"] = max(best["read GB/s"], a.nbytes / (time.perf_counter() - t0) / 1e9)
+        t0 = time.perf_counter()
+        b.copy_(half)
+        best["copy GB/s"] = max(best["copy GB/s"], 2 * b.nbytes / (time.perf_counter() - t0) / 1e9)
+    return best
 
 
 def time_prefill(runner, prompt_len: int, vocab: int) -> float:
@@ -83,18 +155,89 @@ def time_decode(runner, batch: int, steps: int, vocab: int, context: int) -> flo
     return batch * steps / (time.perf_counter() - t0)
 
 
-def measure_round(label, runner, args, vocab) -> dict:
-    """One of each measurement for one backend."""
-    t0 = time.perf_counter()
+def measure_python(make, args, vocab) -> dict:
+    """One of each measurement for one in-process backend."""
+    runner = make()
+    runner.prefill(np.random.default_rng(0).integers(0, vocab, (1, 32)))  # warm-up: allocator, prepacking
     row = {"prefill tok/s": time_prefill(runner, args.prompt, vocab)}
     for b in args.batches:
         row[f"decode b{b} tok/s"] = time_decode(runner, b, args.decode, vocab, args.context)
-    print(f"[bench]   {label:26s} {', '.join(f'{k} {v:.1f}' for k, v in row.items())} "
-          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    row["weights MB"] = runner.weight_bytes() / 1e6
+    del runner
+    gc.collect()
     return row
 
 
-def main(argv=None) -> int:
+def measure_llamacpp(tool: Path, gguf: Path, args) -> dict:
+    """The same measurements by ``llama-batched-bench``: a prefill run and a decode run over the batch sizes."""
+    prefill = batched_bench(tool, gguf, args.threads, args.prompt, 1, [1])
+    decode = batched_bench(tool, gguf, args.threads, args.context, args.decode, args.batches)
+    row = {"prefill tok/s": prefill[1]["speed_pp"]}
+    row.update({f"decode b{b} tok/s": decode[b]["speed_tg"] for b in args.batches})
+    row["weights MB"] = gguf_matmul_bytes(gguf) / 1e6
+    return row
+
+
+def compile_graphs(args, workdir: Path) -> dict[str, Path]:
+    # Random weights make quality bounds meaningless (near-flat logits); the graphs' parity is still
+    # measured and kept in their manifests. Last-position logits: the prefill a generator runs.
+    overrides = {"graph.last_position_logits": True, "verify.blocks": 2, "verify.max_kld_mean": None,
+                 "verify.min_top1_agreement": None, "verify.max_ppl_ratio": None}
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    variants = {  # label -> (shipped config, extra keys)
+        "graph fp32": ("qwen2_fp32", {}),
+        "graph int8": ("qwen2_int8", {}),  # the shipped int8 config
+        "graph int8 per-block act": ("qwen2_int8", {"quantization": {"activations": "int8_per_block",
+                                                                     "per_block_projections": []}}),
+        "graph int8 per-tensor act": ("qwen2_int8", {"quantization": {"per_block_projections": []}}),
+        "graph int4": ("qwen2_int4", {}),  # AWQ int4 layers (notebook 03's awq package), int8 head
+    }
+    graphs = {}
+    for label, (base, extra) in variants.items():
+        if label in args.skip:
+            continue
+        cfg = {"base": str(configs / f"{base}.yaml"), "name": "bench_" + label.replace(" ", "_"), **extra}
+        print(f"[bench] compiling '{label}' (reused when already built) ...", flush=True)
+        graphs[label] = ensure_compiled(args.model, args.weights, workdir, config=cfg, overrides=overrides)
+    return graphs
+
+
+def backends(args, workdir: Path) -> tuple[list, list[str]]:
+    """[(label, measure() -> row)] in round order, and notes on rows that cannot run."""
+    from qwen2lib.registry import resolve
+
+    vocab = resolve(args.model).config["vocab_size"]
+    graphs = compile_graphs(args, workdir)
+
+    def hf(dtype):
+        return lambda: TorchRunner(load_model(args.model, weights=args.weights, dtype=dtype))
+
+    def dynamic_int8():
+        model = load_model(args.model, weights=args.weights, dtype="float32")
+        return TorchRunner(torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8))
+
+    makers = [("transformers fp32", hf("float32")), ("transformers bf16", hf("bfloat16")),
+              ("torch dynamic int8", dynamic_int8)]
+    makers += [(label, lambda f=folder: GraphRunner(f, args.threads)) for label, folder in graphs.items()]
+    if args.kv_copy_row and "graph int8" in graphs:
+        makers.append(("graph int8, KV copied per step", lambda: GraphRunner(graphs["graph int8"], args.threads, True)))
+    rows = [(label, lambda m=make: measure_python(m, args, vocab)) for label, make in makers if label not in args.skip]
+    notes = []
+    tool = find_tool("llama-batched-bench", args.llama_cpp)
+    for gguf_type in args.gguf_types:
+        label = f"llama.cpp {gguf_type.upper()}"
+        if label in args.skip:
+            continue
+        if tool is None:
+            notes.append(f"{label}: not built (llama-batched-bench not found in --llama-cpp, $LLAMA_CPP_DIR or "
+                         f"PATH): {BUILD_HINT.format(tool='llama-batched-bench')}")
+            continue
+        path = gguf_file(ensure_exported(args.model, args.weights, workdir, format="gguf", variant=gguf_type))
+        rows.append((label, lambda p=path: measure_llamacpp(tool, p, args)))
+    return rows, notes
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="Qwen2-0.5B")
     p.add_argument("--weights", default="random", choices=("auto", "random"))
@@ -106,97 +249,95 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3,
                    help="interleaved rounds over all backends; each figure is its best round (least disturbed)")
     p.add_argument("--workdir", default=None, help="where the graphs are compiled (default runs/<model>)")
-    p.add_argument("--skip", nargs="*", default=[], help="backends to leave out (labels as printed)")
+    p.add_argument("--skip", nargs="*", default=["graph int8 per-block act", "graph int8 per-tensor act"],
+                   help="backends to leave out (labels as printed; default: the two other int8 activation schemes)")
     p.add_argument("--kv-copy-row", action="store_true",
                    help="add the int8 graph decoding with a KV cache copied each step (what writing it in place saves)")
-    args = p.parse_args(argv)
+    p.add_argument("--llama-cpp", default=None, help="llama.cpp build folder holding bin/llama-batched-bench")
+    p.add_argument("--gguf-types", nargs="*", default=["f32", "q8_0", "q4_0"], help="llama.cpp rows (GGUF types)")
+    return p.parse_args(argv)
+
+
+def ratio_table(table, references: list[str]):
+    """Each speed column divided by the same column of each reference row present (the README's table)."""
+    import pandas as pd
+
+    speed = [c for c in table.columns if c.endswith("tok/s")]
+    out = pd.DataFrame(index=table.index)
+    for ref in references:
+        if ref in table.index:
+            for col in speed:
+                out[f"{col.removesuffix(' tok/s').removeprefix('decode ')} x {ref}"] = table[col] / table.loc[ref, col]
+    return out
+
+
+def check_targets(table) -> list[str]:
+    lines = []
+    for row, col, ref, goal in TARGETS:
+        if row in table.index and ref in table.index and col in table.columns:
+            ratio = table.loc[row, col] / table.loc[ref, col]
+            lines.append(f"{row} {col.removesuffix(' tok/s')} = {ratio:.2f}x {ref} (target >= {goal}x): "
+                         f"{'PASS' if ratio >= goal else 'FAIL'}")
+    return lines
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     load_before = os.getloadavg()[0]
     if load_before > 0.5:
         print(f"[bench] WARNING: load average {load_before:.1f} before starting: other processes hold cores. "
-              "OpenMP (torch) with --threads equal to the core count collapses when a core is taken "
-              "(each parallel region waits for the descheduled thread); the torch rows will be far too low. "
-              "Run on an idle machine.", flush=True)
+              "OpenMP (torch) and llama.cpp (its threads meet at a spinning barrier after every op) with --threads "
+              "equal to the core count collapse when a core is taken (each parallel region waits for the "
+              "descheduled thread); their rows will be far too low. Run on an idle machine.", flush=True)
     warnings.filterwarnings("ignore", module="torch.ao")  # quantize_dynamic's deprecation notice
     warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir) if args.workdir else default_workdir(args.model)
-    # Random weights make quality bounds meaningless (near-flat logits); the graphs' parity is still
-    # measured and kept in their manifests. Last-position logits: the prefill a generator runs.
-    overrides = {"graph.last_position_logits": True, "verify.blocks": 2, "verify.max_kld_mean": None,
-                 "verify.min_top1_agreement": None, "verify.max_ppl_ratio": None}
-    configs = Path(__file__).resolve().parent.parent / "configs"
-    variants = {  # label -> (shipped config, extra keys)
-        "graph fp32": ("qwen2_fp32", {}),
-        "graph int8": ("qwen2_int8", {}),  # the shipped int8 config: activations per call, down_proj's per block
-        "graph int8 per-block act": ("qwen2_int8", {"quantization": {"activations": "int8_per_block",
-                                                                     "per_block_projections": []}}),
-        "graph int8 per-tensor act": ("qwen2_int8", {"quantization": {"per_block_projections": []}}),
-    }
-    graphs = {}
-    for label, (base, extra) in variants.items():
-        if label in args.skip:
-            continue
-        cfg = {"base": str(configs / f"{base}.yaml"), "name": "bench_" + label.replace(" ", "_"), **extra}
-        print(f"[bench] compiling '{label}' (reused when already built) ...", flush=True)
-        graphs[label] = ensure_compiled(args.model, args.weights, workdir, config=cfg, overrides=overrides)
-
-    def hf(dtype):
-        return lambda: TorchRunner(load_model(args.model, weights=args.weights, dtype=dtype))
-
-    def dynamic_int8():
-        model = load_model(args.model, weights=args.weights, dtype="float32")
-        return TorchRunner(torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8))
-
-    def graph(label, copy_kv=False):
-        return lambda: GraphRunner(OnnxCausalLM.load(graphs[label], threads=args.threads), copy_kv)
-
-    from qwen2lib.registry import resolve
-
-    vocab = resolve(args.model).config["vocab_size"]
-    backends = [("transformers fp32", hf("float32")), ("transformers bf16", hf("bfloat16")),
-                ("torch dynamic int8", dynamic_int8)] + [(label, graph(label)) for label in graphs]
-    if args.kv_copy_row and "graph int8" in graphs:
-        backends.append(("graph int8, KV copied per step", graph("graph int8", copy_kv=True)))
+    rows, notes = backends(args, workdir)
     # Rounds interleave the backends, so a burst of load from other processes hits one round of every
     # backend alike instead of all of one backend's figures. One backend is loaded at a time: idle
     # thread pools of the others (onnxruntime and OpenMP spin-wait) would steal the cores.
     best: dict[str, dict] = {}
+    bandwidth: dict[str, float] = {}
     for r in range(args.rounds):
-        print(f"[bench] round {r + 1}/{args.rounds}", flush=True)
-        for label, make in backends:
-            if label in args.skip:
-                continue
-            runner = make()
-            runner.prefill(np.random.default_rng(0).integers(0, vocab, (1, 32)))  # warm-up: allocator, prepacking
-            row = measure_round(label, runner, args, vocab)
+        probe = memory_bandwidth(args.threads)
+        bandwidth = {k: max(v, bandwidth.get(k, 0.0)) for k, v in probe.items()}
+        print(f"[bench] round {r + 1}/{args.rounds}: memory " + ", ".join(f"{k} {v:.1f}" for k, v in probe.items()),
+              flush=True)
+        for label, measure in rows:
+            t0 = time.perf_counter()
+            row = measure()
+            print(f"[bench]   {label:28s} {', '.join(f'{k} {v:.1f}' for k, v in row.items())} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
             best[label] = {k: max(v, best.get(label, {}).get(k, 0.0)) for k, v in row.items()}
-            del runner
-            gc.collect()
-    rows = [{"backend": label, **row} for label, row in best.items()]
 
     import pandas as pd
 
-    table = pd.DataFrame(rows).set_index("backend")
-    for ref_label, short in (("transformers fp32", "fp32"), ("torch dynamic int8", "dyn int8")):
-        if ref_label in table.index:
-            for col in [c for c in table.columns if c.startswith(("prefill", "decode")) and c.endswith("tok/s")]:
-                table[f"{col.split()[0] if col.startswith('prefill') else col.split()[1]} x {short}"] = \
-                    table[col] / table.loc[ref_label, col]
+    table = pd.DataFrame.from_dict(best, orient="index")
+    table.index.name = "backend"
+    if "decode b1 tok/s" in table.columns:
+        table["b1 weights GB/s"] = table["weights MB"] * table["decode b1 tok/s"] / 1e3
+        table["b1 % of read bw"] = 100 * table["b1 weights GB/s"] / bandwidth["read GB/s"]
     print(f"\n{args.model} ({args.weights} weights), {args.threads} threads, prefill {args.prompt} tokens, "
           f"decode {args.decode} tokens after a {args.context}-token prompt, best of {args.rounds} interleaved "
-          f"rounds; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; load average "
-          f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
-    print(table.round(2).to_markdown() if _has_tabulate() else table.round(2).to_string())
+          f"rounds; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; memory bandwidth (best probe) "
+          + ", ".join(f"{k} {v:.1f}" for k, v in bandwidth.items())
+          + f"; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
+    print(_markdown(table.round(1)))
+    ratios = ratio_table(table, ["llama.cpp Q8_0", "llama.cpp Q4_0", "torch dynamic int8"])
+    if len(ratios.columns):
+        print("\nRatios (each speed column over the reference row's, same run):")
+        print(_markdown(ratios.round(2)))
+    for line in check_targets(table) + notes:
+        print(line)
     return 0
 
 
-def _has_tabulate() -> bool:
+def _markdown(table) -> str:
     try:
-        import tabulate  # noqa: F401
-
-        return True
-    except ImportError:
-        return False
+        return table.to_markdown()
+    except ImportError:  # tabulate absent
+        return table.to_string()
 
 
 if __name__ == "__main__":

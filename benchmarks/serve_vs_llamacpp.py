@@ -38,6 +38,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from llamacpp import BUILD_HINT, find_tool  # noqa: E402
 
 from qwen2lib import load_tokenizer  # noqa: E402
 from qwen2lib.artifacts import default_workdir  # noqa: E402
@@ -188,6 +191,10 @@ def server_commands(args, workdir: Path, out: Path) -> dict:
         label = OURS + (f" ({tag})" if tag else "")
         servers[label] = (command, "/v1/models", port, out / f"qwen2lib-server-{len(servers)}.log", tree)
     if not args.skip_llama:
+        server = args.llama_server or find_tool("llama-server", args.llama_cpp)
+        if server is None:
+            raise SystemExit("llama-server not found: " + BUILD_HINT.format(tool="llama-server"))
+        args.llama_server = str(server)
         gguf = ensure_gguf(args, out)
         context = args.slots * 2048  # llama.cpp splits -c between its slots: 2048 each, the bench's longest request
         for extra in args.llama_variant:
@@ -233,7 +240,9 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="run folder (default runs/<model>); results go to <workdir>/serve_vs_llamacpp")
-    p.add_argument("--llama-server", default="llama-server", help="the llama-server binary")
+    p.add_argument("--llama-server", default=None, help="the llama-server binary (default: found as "
+                   "benchmarks/llamacpp.py looks: --llama-cpp, $LLAMA_CPP_DIR, PATH)")
+    p.add_argument("--llama-cpp", default=None, help="llama.cpp build folder holding bin/llama-server")
     p.add_argument("--gguf", default=None, help="Q8_0 GGUF of the same checkpoint (default: converted with --convert)")
     p.add_argument("--convert", default=None, help="llama.cpp's convert_hf_to_gguf.py")
     p.add_argument("--dataset", default=None, help="ShareGPT JSON; without it seeded synthetic requests")

@@ -9,9 +9,11 @@ A forward pre-hook on each ``nn.Linear`` sees its input X (B, T, K) and keeps, p
                With a single batch it is exact; with several it is the mean of per-batch percentiles,
                which is stable in the number of batches where the max only grows. The gap between the two
                is what clipping (a percentile instead of the max) would buy.
+  meansq       mean over tokens of X_k^2: the diagonal of the input's second moment, how much an error in
+               column k of the weight costs at the output (what AWQ's int4 search weighs errors by).
 
 Saved with the model id, data set label, sample count and seed as ``stats.safetensors`` (keys
-``<linear>.absmax`` and ``<linear>.percentile``, (K,) fp32) plus ``metrics.json`` (the summary).
+``<linear>.absmax``, ``<linear>.percentile`` and ``<linear>.meansq``, (K,) fp32) plus ``metrics.json`` (the summary).
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ class ActivationStats:
         self.percentile = percentile
         self.absmax: dict[str, torch.Tensor] = {}
         self.percentile_sum: dict[str, torch.Tensor] = {}
+        self.square_sum: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
         self.hooks = [module.register_forward_pre_hook(self.hook(name))
                       for name, module in model.named_modules() if isinstance(module, nn.Linear)]
@@ -66,12 +69,15 @@ class ActivationStats:
             m = abs_x.shape[0]
             batch_max = abs_x.amax(dim=0)
             batch_pct = nearest_rank_percentile(abs_x, self.percentile) * m  # token-weighted
+            batch_sq = abs_x.square().sum(dim=0, dtype=torch.float64)
             if name in self.absmax:
                 torch.maximum(self.absmax[name], batch_max, out=self.absmax[name])
                 self.percentile_sum[name] += batch_pct
+                self.square_sum[name] += batch_sq
                 self.tokens[name] += m
             else:
                 self.absmax[name], self.percentile_sum[name], self.tokens[name] = batch_max, batch_pct, m
+                self.square_sum[name] = batch_sq
         return observe
 
     def remove(self) -> None:
@@ -84,13 +90,14 @@ class ActivationStats:
         for name in self.absmax:
             out[f"{name}.absmax"] = self.absmax[name].contiguous()
             out[f"{name}.percentile"] = (self.percentile_sum[name] / self.tokens[name]).contiguous()
+            out[f"{name}.meansq"] = (self.square_sum[name] / self.tokens[name]).float().contiguous()
         return out
 
 
 @torch.no_grad()
 def collect_activation_stats(model: nn.Module, blocks: torch.Tensor, *, percentile: float = DEFAULT_PERCENTILE,
                              batch_size: int = 4, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Run (N, L) token blocks through the model in batches; {"<linear>.absmax"|".percentile": (K,)}."""
+    """Run (N, L) token blocks through the model in batches; {"<linear>.absmax"|".percentile"|".meansq": (K,)}."""
     from tqdm.auto import tqdm
 
     observer = ActivationStats(model, percentile)

@@ -46,6 +46,8 @@ from .graph.verify import (activation_ranges, check_bounds, decode_parity, fidel
                            reference_logits_fn, streamed_reference, verify_tokens)
 from .loading import check_weights_match_config, checkpoint_dir
 from .model import Qwen2Args
+from .deploy.quantizer import unpack_int4
+from .graph.ops import Int4Weight
 from .quantization import ensure_quantized
 from .stages import ensure_stage
 from .tensorio import TensorReader
@@ -54,7 +56,8 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 MANIFEST_FORMAT = "qwen2lib-compiled/1"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "generation_config.json", "chat_template.jinja")
-_DTYPE = {"fp32": "float32", "fp16": "float16", "int8": "float32"}
+_DTYPE = {"fp32": "float32", "fp16": "float16", "int8": "float32", "int4": "float32"}
+QUANTIZED = ("int8", "int4")  # precisions whose weights come from notebook 03's package
 
 
 class CompileVerificationError(Qwen2LibError, RuntimeError):
@@ -150,14 +153,20 @@ SCALE_SUFFIXES = ("_scale", "_scales", ".scale", ".scales")
 
 
 class QuantizedWeights(Mapping):
-    """{"<linear>.weight": (int8 (N, K), fp32 scales (N, 1 or k_blocks))} of notebook 03's package, read lazily."""
+    """{"<linear>.weight": (int8 (N, K), fp32 scales (N, 1 or k_blocks)) or Int4Weight} of notebook 03's package,
+    read lazily."""
 
-    def __init__(self, reader: TensorReader, names: dict[str, str]):
+    def __init__(self, reader: TensorReader, names: dict[str, str], int4: dict[str, tuple[str, int]] | None = None):
         self.reader, self.names = reader, names  # weight name -> its scale tensor's name
+        self.int4 = int4 or {}  # int4 weight name -> (its zero-point tensor's name, group size)
 
-    def __getitem__(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        q = self.reader[name]
-        return q.numpy(), self.reader[self.names[name]].float().numpy().reshape(q.shape[0], -1)
+    def __getitem__(self, name: str) -> tuple[np.ndarray, np.ndarray] | Int4Weight:
+        q, scale = self.reader[name], self.reader[self.names[name]].float()
+        if name in self.int4:  # uint8, two 4-bit values per byte; Qwen2's inputs (hidden, intermediate) are even
+            zero_name, group = self.int4[name]
+            K = 2 * q.shape[1]
+            return Int4Weight(unpack_int4(q, K).numpy(), scale.numpy(), self.reader[zero_name].numpy(), group)
+        return q.numpy(), scale.numpy().reshape(q.shape[0], -1)
 
     def __iter__(self):
         return iter(self.names)
@@ -167,18 +176,24 @@ class QuantizedWeights(Mapping):
 
 
 def read_quantized_package(folder: Path) -> tuple[dict[str, torch.Tensor], QuantizedWeights]:
-    """Notebook 03's package -> (float tensors, {"<linear>.weight": (int8 (N, K), scales)}), from the headers:
-    the int8 tensors are read when the graph builder asks for them.
+    """Notebook 03's package -> (float tensors, {"<linear>.weight": (int8 (N, K), scales) or Int4Weight}), from
+    the headers: the quantized tensors are read when the graph builder asks for them.
 
     An int8 tensor ``X.weight`` pairs with a float ``X.weight_scale`` / ``X.weight_scales`` / ``X.scale`` /
-    ``X.scales`` (N,) or (N, 1). Float tensors (norms changed by SmoothQuant, unquantized Linears) are
-    returned too (lazily), so they replace the checkpoint's.
+    ``X.scales`` (N,) or (N, 1); an int4 one is uint8 ``X.weight`` (two values per byte) with ``X.weight_scale``
+    and ``X.weight_zero_point`` (N, groups). Float tensors (norms changed by SmoothQuant or AWQ, unquantized
+    Linears) are returned too (lazily), so they replace the checkpoint's.
     """
     reader = TensorReader(folder)
-    names, floats = {}, []
+    names, floats, int4 = {}, [], {}
     for name in reader:
         dtype = reader.info(name)["dtype"]
-        if dtype == "I8":
+        stem = name[: -len(".weight")] if name.endswith(".weight") else name
+        if dtype == "U8" and f"{stem}.weight_zero_point" in reader:
+            names[name] = f"{stem}.weight_scale"
+            groups = reader.info(f"{stem}.weight_scale")["shape"][1]
+            int4[name] = (f"{stem}.weight_zero_point", _group_size(folder, 2 * reader.info(name)["shape"][1], groups))
+        elif dtype == "I8":
             stem = name[: -len(".weight")] if name.endswith(".weight") else name
             scale = next((k for k in (f"{stem}.weight_scale", f"{stem}.weight_scales", f"{stem}.scale",
                                       f"{stem}.scales") if k in reader), None)
@@ -189,8 +204,8 @@ def read_quantized_package(folder: Path) -> tuple[dict[str, torch.Tensor], Quant
         elif dtype in ("F32", "F16", "BF16") and not name.endswith(SCALE_SUFFIXES):
             floats.append(name)
     if not names:
-        raise ConfigError(f"{folder} holds no int8 weights: is it notebook 03's quantized package?")
-    return _LazyTensors(reader, floats), QuantizedWeights(reader, names)
+        raise ConfigError(f"{folder} holds no int8 or int4 weights: is it notebook 03's quantized package?")
+    return _LazyTensors(reader, floats), QuantizedWeights(reader, names, int4)
 
 
 class _LazyTensors(Mapping):
@@ -211,12 +226,20 @@ class _LazyTensors(Mapping):
         return len(self.names)
 
 
+def _group_size(folder: Path, K: int, groups: int) -> int:
+    recorded = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("quantization_config", {})
+    size = recorded.get("group_size") or K // groups
+    if -(-K // size) != groups:
+        raise ConfigError(f"{folder}: {groups} int4 groups do not fit {K} inputs in groups of {size}")
+    return int(size)
+
+
 def _int8_folder(cfg, model, weights, seed, workdir, verbose) -> Path | None:
     """The quantized package int8 weights come from: ``quantization.package`` when named, else notebook 03's
     ``quantized/<quantization.from_scheme>`` (built when missing) for a graph of the deploy package; None
     when compiling the raw checkpoint, whose weights the shared quantizer (``qwen2lib.deploy.quantizer``) rounds here."""
     q = cfg["quantization"]
-    if cfg["precision"] != "int8":
+    if cfg["precision"] not in QUANTIZED:
         return None
     if q["package"]:
         return Path(q["package"])
@@ -226,13 +249,17 @@ def _int8_folder(cfg, model, weights, seed, workdir, verbose) -> Path | None:
 
 
 def _int8_weights(cfg, folder: Path | None, source: Source) -> tuple[dict, str]:
-    """({"<linear>.weight": (int8, scales)}, label); empty when the graph builder quantizes itself."""
+    """({"<linear>.weight": (int8, scales) or Int4Weight}, label); empty when the graph builder quantizes itself."""
+    if folder is None and cfg["precision"] == "int4":
+        raise ConfigError("precision int4 takes its weights from notebook 03's int4 package: use source.package: "
+                          "patched (or name one in quantization.package)", "precision")
     if folder is None:
         return {}, (f"quantized here (source.package: checkpoint) by qwen2lib.deploy.quantizer: "
                     f"{cfg['quantization']['granularity'].replace('_', '-')} symmetric int8")
     floats, quantized = read_quantized_package(folder)
     source.weights = FloatWeights(source.weights.reader, floats)  # its float tensors replace the checkpoint's
-    return quantized, (f"notebook 03 package {folder} ({len(quantized)} int8 weights and their scales; groups "
+    bits = "int4" if any(name in quantized.int4 for name in quantized) else "int8"
+    return quantized, (f"notebook 03 package {folder} ({len(quantized)} {bits} weights and their scales; groups "
                        "it left in float are rounded here by the same quantizer, qwen2lib.deploy.quantizer)")
 
 
@@ -265,7 +292,7 @@ def _plan(cfg: dict, args: Qwen2Args, keep_fp32=frozenset(), hf_config: dict | N
     return GraphPlan(
         dual_chunk=_dual_chunk(g["dual_chunk_attention"], args, hf_config),
         operator_set=g["operator_set"], opset=g["opset"], dtype=_DTYPE[cfg["precision"]],
-        quantize=tuple(q["modules"]) if cfg["precision"] == "int8" else (),
+        quantize=tuple(q["modules"]) if cfg["precision"] in QUANTIZED else (),
         block_size=q["block_size"], granularity=q["granularity"],
         activations=q["activations"], per_block_projections=tuple(per_block) if q["activations"] == "int8_per_tensor" else (),
         max_sequence_length=g["max_sequence_length"] or args.max_position_embeddings,
@@ -348,8 +375,8 @@ def _load_source(cfg: dict, folder: Path, int8_folder: Path | None, model: str, 
     with phases("source weights", str(folder)):
         hf_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         source = Source(model, folder, hf_config, Qwen2Args.from_config_dict(hf_config), load_weights(folder))
-    with phases("int8 weights", "yes" if cfg["precision"] == "int8" else "not needed"):
-        quantized, label = _int8_weights(cfg, int8_folder, source) if cfg["precision"] == "int8" else ({}, None)
+    with phases("int8 weights", "yes" if cfg["precision"] in QUANTIZED else "not needed"):
+        quantized, label = _int8_weights(cfg, int8_folder, source) if cfg["precision"] in QUANTIZED else ({}, None)
     return source, quantized, label
 
 
@@ -377,7 +404,8 @@ def _compile_into(tmp: Path, cfg: dict, folder: Path, int8_folder: Path | None, 
                                     cfg["fp16"]["on_overflow"])
             if verbose and keep:
                 print(f"[compile {cfg['name']}]     kept in fp32 (fp16 would overflow): {', '.join(sorted(keep))}")
-    per_block, per_block_reason = per_block_projections(cfg, int8_folder) if cfg["precision"] == "int8" else ([], None)
+    per_block, per_block_reason = (per_block_projections(cfg, int8_folder) if cfg["precision"] in QUANTIZED
+                                   else ([], None))
     plan = _plan(cfg, source.args, keep, source.config, per_block)
     external = {"auto": None, "always": True, "never": False}[cfg["graph"]["external_data"]]
     if traced(cfg, folder):

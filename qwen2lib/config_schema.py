@@ -59,8 +59,9 @@ SCHEMA: dict[str, Any] = {
                       "package of it) | checkpoint: the raw checkpoint (int8 rounded here by qwen2lib.deploy.quantizer)",
                       choices=("patched", "checkpoint")),
     },
-    "precision": _f(str, "fp32", "fp32 | fp16 | int8: how the graph stores its weights and computes",
-                    choices=("fp32", "fp16", "int8")),
+    "precision": _f(str, "fp32", "fp32 | fp16 | int8 | int4 (notebook 03's int4 package; the groups it leaves in "
+                    "float, e.g. the head, int8): how the graph stores its weights and computes",
+                    choices=("fp32", "fp16", "int8", "int4")),
     "quantization": {
         "scheme": _f(str, "w8_symmetric", "int8 weights, symmetric (zero point 0)", choices=("w8_symmetric",)),
         "granularity": _f(str, "per_channel", "per_channel (one scale per output channel, as notebook 03) | per_block",
@@ -78,8 +79,8 @@ SCHEMA: dict[str, Any] = {
         "modules": _f(list, ["embed_tokens", "attention", "mlp", "lm_head"],
                       "weight groups stored as int8: embed_tokens, attention, mlp, lm_head"),
         "from_scheme": _f(str, "w8a16", "which of notebook 03's quantized packages (<workdir>/quantized/<scheme>, "
-                          "built if missing) the int8 weights and scales come from",
-                          choices=("w8a16", "smoothquant")),
+                          "built if missing) the weights and scales come from: w8a16 | smoothquant (int8), w4a16 | "
+                          "awq (int4)", choices=("w8a16", "smoothquant", "w4a16", "awq")),
         "package": _f((str, NONE), None, "a quantized package folder to take int8 weights and scales from", file=True),
     },
     "graph": {
@@ -281,9 +282,14 @@ def _check_semantics(cfg: dict, where: dict) -> None:
         raise ConfigError(message, key, line, path)
 
     g, q = cfg["graph"], cfg["quantization"]
-    if cfg["precision"] == "int8" and g["operator_set"] != "contrib":
-        fail("graph.operator_set", "precision int8 needs operator_set 'contrib' (int8 weights run in "
-                                   "onnxruntime's MatMulNBits); use contrib or precision fp32/fp16")
+    if cfg["precision"] in ("int8", "int4") and g["operator_set"] != "contrib":
+        fail("graph.operator_set", f"precision {cfg['precision']} needs operator_set 'contrib' (quantized weights run "
+                                   "in onnxruntime's MatMulNBits); use contrib or precision fp32/fp16")
+    int4_scheme = q["from_scheme"] in ("w4a16", "awq")
+    if cfg["precision"] in ("int8", "int4") and not q["package"] and int4_scheme != (cfg["precision"] == "int4"):
+        fail("quantization.from_scheme", f"{q['from_scheme']} is {'an int4' if int4_scheme else 'an int8'} package: "
+                                         f"precision {cfg['precision']} takes "
+                                         f"{'w4a16 or awq' if cfg['precision'] == 'int4' else 'w8a16 or smoothquant'}")
     if not 17 <= g["opset"] <= 23:
         fail("graph.opset", f"{g['opset']} is outside the supported 17-23 (onnxruntime 1.32 and the ops used)")
     traced = g["operator_set"] == "standard" and cfg["precision"] == "fp32" and cfg["source"]["package"] == "patched"

@@ -1,7 +1,7 @@
 """Hand-off: the model in the formats other engines load, each checked by reading the export back.
 
     <workdir>/exported/gguf-<type>/model-<type>.gguf      llama.cpp, llama-cpp-python, ollama (notebook 01's
-                                                          float deploy package, quantized by gguf: f16 | q8_0 | q4_0)
+                                                          float deploy package, quantized by gguf: f32 | f16 | q8_0 | q4_0)
     <workdir>/exported/compressed-tensors-<scheme>/       vLLM, SGLang (notebook 03's int8 package, w8a16 |
                                                           smoothquant, its int8 values unchanged)
 
@@ -35,7 +35,7 @@ from .export_ct import FLOAT_DTYPES, write_compressed_tensors
 from .export_gguf import GGUF_TYPES, ExportError, as_reader, gguf_tokenizer, load_gguf_model, write_gguf
 from .fidelity import fidelity_report, heldout_blocks as make_heldout_blocks
 from .deploy import ensure_patched, load_deploy_package
-from .quantization import SCHEMES, ensure_quantized, load_quantized, logits_fn
+from .quantization import INT8_SCHEMES, ensure_quantized, load_quantized, logits_fn
 from .stages import ensure_stage
 from .tokenizer import load_tokenizer
 
@@ -50,7 +50,7 @@ def check_export_request(fmt: str, variant: str | None = None, dtype: str = "bfl
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: one of {', '.join(FORMATS)}")
     variant = variant or DEFAULTS[fmt]
-    allowed = GGUF_TYPES if fmt == "gguf" else SCHEMES
+    allowed = GGUF_TYPES if fmt == "gguf" else INT8_SCHEMES
     if variant not in allowed:
         what = "--type (GGUF quantization)" if fmt == "gguf" else "--scheme (the int8 package to export)"
         raise ExportError(f"{what} {variant!r}: for --format {fmt} use one of {', '.join(allowed)}")
@@ -137,7 +137,7 @@ def ensure_exported(model: str = "tiny", weights: str = "auto", workdir: str | o
                     format: str = "gguf", variant: str | None = None, float_dtype: str = "bfloat16",
                     verify_blocks: int = 2, verify_len: int = 64, seed: int = 0, force: bool = False,
                     verbose: bool = True) -> Path:
-    """``<workdir>/exported/<format>-<variant>/``: the deploy package as a GGUF (variant: f16 | q8_0 | q4_0)
+    """``<workdir>/exported/<format>-<variant>/``: the deploy package as a GGUF (variant: f32 | f16 | q8_0 | q4_0)
     or the int8 package in the compressed-tensors layout (variant: w8a16 | smoothquant), verified (module doc)."""
     fmt = format
     variant = check_export_request(fmt, variant, float_dtype, verify_blocks, verify_len)

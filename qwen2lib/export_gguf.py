@@ -9,7 +9,7 @@ What goes in, from a deploy package (notebook 01):
                (normal, control for special added tokens, user-defined for the other added ones, unused for the
                padding ids past the real vocabulary), the merges, bos/eos/pad ids and the chat template
     tensors    HF names mapped by gguf's own table (``token_embd``, ``blk.N.attn_q``, ..., ``output_norm``,
-               ``output``); 1-D tensors (norms, biases) stay F32, matrices are F16, Q8_0 or Q4_0
+               ``output``); 1-D tensors (norms, biases) stay F32, matrices are F32, F16, Q8_0 or Q4_0
 
 Q4_0 files keep the output matrix (``output``, or ``token_embd`` when the embeddings are tied) at Q8_0, as
 llama.cpp's own quantizer keeps it at a higher precision (Q6_K there; gguf-py has no Q6_K quantizer).
@@ -36,12 +36,12 @@ from .errors import Qwen2LibError
 from .loading import check_safetensors
 from .tokenizer import QWEN_PATTERN
 
-GGUF_TYPES = ("f16", "q8_0", "q4_0")
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 ARCH = gguf.MODEL_ARCH.QWEN2
 ARCH_NAME = gguf.MODEL_ARCH_NAMES[ARCH]
-FILE_TYPES = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
               "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
-MATRIX_TYPES = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
+MATRIX_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
                 "q4_0": gguf.GGMLQuantizationType.Q4_0}
 OUTPUT_TYPE_FOR_Q4_0 = gguf.GGMLQuantizationType.Q8_0
 TENSOR_SUFFIXES = (".weight", ".bias")

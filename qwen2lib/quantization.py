@@ -1,7 +1,7 @@
 """Stage 3 (notebook 03): the deploy package's own ``quantize()`` run with notebook 02's statistics, saved as a
 quantized package, and measured against the fp32 package (fidelity report, per-layer SQNR, sizes).
 
-The schemes (W8A16, SmoothQuant W8A8) and the quantized package's format live in the package itself:
+The schemes (W8A16, SmoothQuant W8A8, int4 W4A16 round-to-nearest and AWQ) and the quantized package's format live in the package itself:
 ``quantization_<target>.py``, a copy of ``qwen2lib/deploy/quantizer.py`` (read its docstring). This module is the
 stage around them: which statistics to use, when to rebuild, the report, sizes and matmul timings, the CLI.
 ``load_quantized(pkg)`` is ``AutoModelForCausalLM.from_pretrained(pkg, trust_remote_code=True)`` after checking
@@ -25,15 +25,16 @@ from transformers.utils import logging as hf_logging
 from .artifacts import default_workdir, read_metrics, stage_dir
 from .calibration import describe as describe_calibration, ensure_calibration
 from .deploy import ensure_patched, load_deploy_package, package_auto_map, package_target, verify_package_code
-from .deploy.quantizer import (DEFAULT_SKIP, INT8_MODELING_FILE, INT8_CLASS, QUANT_METHOD, SCHEMES, WEIGHTS_FILE,
-                               Int8Linear, QuantizationError, check_alpha, dequantize_weight, int8_auto_map,
-                               int8_code, is_int8_linear, is_skipped, load_stats, quantize_model, save_quantized)
+from .deploy.quantizer import (DEFAULT_GROUP_SIZE, DEFAULT_SKIP, INT4_SCHEMES, INT8_MODELING_FILE, INT8_CLASS,
+                               INT8_SCHEMES, QUANT_METHOD, SCHEMES, WEIGHTS_FILE, Int8Linear, QuantizationError,
+                               check_alpha, check_group_size, dequantize_weight, int8_auto_map, int8_code,
+                               is_int4_linear, is_int8_linear, is_skipped, load_stats, quantize_model, save_quantized)
 from .fidelity import fidelity_report, heldout_blocks as make_heldout_blocks, per_layer_sqnr
 from .stages import ensure_stage, recorded_request
 
-__all__ = ["DEFAULT_SKIP", "INT8_CLASS", "INT8_MODELING_FILE", "Int8Linear", "QUANT_METHOD", "QuantizationError",
-           "SCHEMES", "WEIGHTS_FILE", "activation_outliers", "dequantize_weight", "disk_bytes", "ensure_quantized",
-           "is_int8_linear", "is_skipped",
+__all__ = ["DEFAULT_SKIP", "INT4_SCHEMES", "INT8_CLASS", "INT8_MODELING_FILE", "INT8_SCHEMES", "Int8Linear",
+           "QUANT_METHOD", "QuantizationError", "SCHEMES", "WEIGHTS_FILE", "activation_outliers", "dequantize_weight", "disk_bytes", "ensure_quantized",
+           "is_int4_linear", "is_int8_linear", "is_skipped",
            "linear_bytes", "load_quantized", "logits_fn", "matmul_timings", "memory_bytes", "quantize_model",
            "save_quantized", "size_table", "verify_quantized_code"]
 
@@ -73,10 +74,11 @@ def memory_bytes(model) -> int:
 
 
 def linear_bytes(model) -> int:
-    """Bytes held by the Linear layers (float or int8) but lm_head: the part quantization shrinks."""
+    """Bytes held by the Linear layers (float, int8 or int4) but lm_head: the part quantization shrinks."""
     total = 0
     for name, module in model.named_modules():
-        if (isinstance(module, nn.Linear) or is_int8_linear(module)) and not name.endswith("lm_head"):
+        quantized = is_int8_linear(module) or is_int4_linear(module)
+        if (isinstance(module, nn.Linear) or quantized) and not name.endswith("lm_head"):
             total += sum(t.untyped_storage().nbytes() for t in list(module.parameters()) + list(module.buffers()))
     return total
 
@@ -163,11 +165,12 @@ def logits_fn(model):
     return run
 
 
-def check_request(scheme: str, alpha: float) -> None:
-    """Refuse a bad scheme or alpha before any stage is built."""
+def check_request(scheme: str, alpha: float, group_size: int = DEFAULT_GROUP_SIZE) -> None:
+    """Refuse a bad scheme, alpha or int4 group size before any stage is built."""
     if scheme not in SCHEMES:
         raise QuantizationError(f"scheme={scheme!r}: choose one of {', '.join(SCHEMES)}")
     check_alpha(alpha)
+    check_group_size(group_size)
 
 
 def calibration_to_use(workdir: Path, out: Path, calibration: Mapping | None) -> dict:
@@ -182,7 +185,8 @@ def calibration_to_use(workdir: Path, out: Path, calibration: Mapping | None) ->
             if k in previous}
 
 
-DEFAULT_SETTINGS = {"alpha": 0.5, "skip": list(DEFAULT_SKIP), "heldout_blocks": 4, "heldout_len": 64}
+DEFAULT_SETTINGS = {"alpha": 0.5, "skip": list(DEFAULT_SKIP), "heldout_blocks": 4, "heldout_len": 64,
+                    "group_size": DEFAULT_GROUP_SIZE}
 
 
 def quantize_settings(out: Path, **asked) -> dict:
@@ -196,23 +200,24 @@ def quantize_settings(out: Path, **asked) -> dict:
 def ensure_quantized(model: str = "tiny", weights: str = "auto", workdir: str | os.PathLike | None = None, *,
                      scheme: str = "w8a16", alpha: float | None = None, seed: int = 0,
                      skip: Iterable[str] | None = None, heldout_blocks: int | None = None,
-                     heldout_len: int | None = None, calibration: Mapping | None = None,
-                     force: bool = False, verbose: bool = True) -> Path:
+                     heldout_len: int | None = None, group_size: int | None = None,
+                     calibration: Mapping | None = None, force: bool = False, verbose: bool = True) -> Path:
     """``<workdir>/quantized/<scheme>/``: the deploy package's own ``quantize()`` run with notebook 02's
     statistics, saved as a quantized package, with a metrics.json holding the fidelity report vs the fp32
     deploy package on held-out blocks, per-layer SQNR, the sizes and the activation outliers the statistics
     show. Reused when nothing it depends on changed (``qwen2lib.stages``).
 
+    ``group_size``: inputs per int4 scale and zero point (w4a16, awq; default 128).
     ``calibration``: settings for ``ensure_calibration`` (dataset, data_path, samples, ...); None uses the
     existing calibration as it is. Other settings left None keep the existing package's (``quantize_settings``).
     """
     workdir = Path(workdir) if workdir else default_workdir(model)
     out = stage_dir(workdir, "quantized", scheme)
     settings = quantize_settings(out, alpha=alpha, skip=None if skip is None else list(skip),
-                                 heldout_blocks=heldout_blocks, heldout_len=heldout_len)
-    alpha, skip = settings["alpha"], tuple(settings["skip"])
+                                 heldout_blocks=heldout_blocks, heldout_len=heldout_len, group_size=group_size)
+    alpha, skip, group_size = settings["alpha"], tuple(settings["skip"]), settings["group_size"]
     heldout_blocks, heldout_len = settings["heldout_blocks"], settings["heldout_len"]
-    check_request(scheme, alpha)
+    check_request(scheme, alpha, group_size)
     package = ensure_patched(model, weights, workdir, seed=seed, verbose=verbose)
     calibration_dir = ensure_calibration(model, weights, workdir, seed=seed, verbose=verbose,
                                          **calibration_to_use(workdir, out, calibration))
@@ -221,6 +226,8 @@ def ensure_quantized(model: str = "tiny", weights: str = "auto", workdir: str | 
     request = {"scheme": scheme, "alpha": alpha if scheme == "smoothquant" else None, "skip": list(skip),
                "heldout_blocks": heldout_blocks, "heldout_len": heldout_len, "seed": seed,
                "calibration": recorded_request(calibration_dir)}
+    if scheme in INT4_SCHEMES:  # only int4 packages record it: the int8 ones' requests stay as they were
+        request["group_size"] = group_size
 
     def build(tmp: Path) -> dict:
         reference = load_deploy_package(package, torch.float32)
@@ -229,7 +236,8 @@ def ensure_quantized(model: str = "tiny", weights: str = "auto", workdir: str | 
             model.config.insert_slice = False  # keeps the deploy package's insert_slice (its config.json)
         stats = load_stats(calibration_dir)
         started = time.perf_counter()
-        candidate.quantize(scheme, stats=stats, alpha=alpha, skip=skip)  # the package's entry point
+        extra = {"group_size": group_size} if scheme in INT4_SCHEMES else {}
+        candidate.quantize(scheme, stats=stats, alpha=alpha, skip=skip, **extra)  # the package's entry point
         quantize_s = time.perf_counter() - started
         blocks = make_heldout_blocks(AutoTokenizer.from_pretrained(str(package)), heldout_blocks, heldout_len, seed=seed)
         report = fidelity_report(logits_fn(reference), logits_fn(candidate), blocks, batch_size=1)

@@ -52,6 +52,7 @@ def test_batches_keep_the_exact_absmax_and_average_the_percentile():
     torch.testing.assert_close(stats["model.layers.1.mlp.down_proj.absmax"], x.abs().amax(0), rtol=0, atol=0)
     per_batch = torch.stack([cal.nearest_rank_percentile(x[i * 10:(i + 1) * 10].abs(), 99) for i in range(4)])
     torch.testing.assert_close(stats["model.layers.1.mlp.down_proj.percentile"], per_batch.mean(0))
+    torch.testing.assert_close(stats["model.layers.1.mlp.down_proj.meansq"], x.square().mean(0))  # over all batches
 
 
 def test_save_load_and_plots(tmp_path):

@@ -19,7 +19,7 @@ from qwen2lib.deploy.quantizer import quantize_per_block, quantize_weight
 from qwen2lib.graph import GraphPlan, OnnxCausalLM, build_graph, check_finite, op_histogram, pack_matmul_nbits
 from qwen2lib.graph.verify import activation_ranges, fp16_plan
 
-SHIPPED = ("qwen2_fp32", "qwen2_fp16", "qwen2_int8", "qwen2_fp32_standard")
+SHIPPED = ("qwen2_fp32", "qwen2_fp16", "qwen2_int8", "qwen2_int4", "qwen2_fp32_standard")
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -100,8 +100,10 @@ def test_wrong_type_is_named_with_its_line(tmp_path):
 
 
 def test_bad_choice_and_section_shape(tmp_path):
-    with pytest.raises(ConfigError, match=r":1: precision: 'int4' is not one of fp32, fp16, int8"):
-        load_config(small_config(tmp_path, "precision: int4\n"))
+    with pytest.raises(ConfigError, match=r":1: precision: 'int2' is not one of fp32, fp16, int8, int4"):
+        load_config(small_config(tmp_path, "precision: int2\n"))
+    with pytest.raises(ConfigError, match=r"awq is an int4 package: precision int8 takes w8a16 or smoothquant"):
+        load_config(small_config(tmp_path, "precision: int8\nquantization:\n  from_scheme: awq\n"))
     with pytest.raises(ConfigError, match="graph: must be a section"):
         load_config(small_config(tmp_path, "graph: contrib\n"))
     with pytest.raises(ConfigError, match="appears twice"):
@@ -399,6 +401,52 @@ def test_int8_graph_reuses_notebook03_weights_and_scales(make_checkpoint, tmp_pa
     ids = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(3))
     a, b = OnnxCausalLM.load(here)(ids), OnnxCausalLM.load(reused)(ids)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def int4_package(folder, out, scheme):
+    """A quantized int4 package of a checkpoint (the quantizer's tensors and config) and its torch model."""
+    from safetensors.torch import save_file
+
+    from qwen2lib.calibration import collect_activation_stats
+    from qwen2lib.deploy import quantizer as qz
+
+    model = hf_model(folder)
+    stats = collect_activation_stats(model, torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(1)),
+                                     progress=False)
+    qz.quantize_model(model, scheme, stats=stats, group_size=32)
+    out.mkdir()
+    save_file(qz.state_dict_for_saving(model), str(out / "model.safetensors"))
+    config = json.loads((Path(folder) / "config.json").read_text())
+    config["quantization_config"] = model.config.quantization_config
+    (out / "config.json").write_text(json.dumps(config))
+    return model
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "awq"])
+def test_int4_graph_equals_the_torch_int4_model(make_checkpoint, tmp_path, scheme):
+    """MatMulNBits bits=4 with float activations computes what the package's Int4Linear modules compute; with
+    int8 per-block activations (the shipped config) it stays close."""
+    folder = make_checkpoint()
+    model = int4_package(folder, tmp_path / "pkg", scheme)
+    unbounded = {"verify.max_kld_mean": None, "verify.min_top1_agreement": None, "verify.max_ppl_ratio": None,
+                 "quantization.package": str(tmp_path / "pkg")}
+    exact = compile_model(config_path("qwen2_int4"), model=str(folder), workdir=tmp_path / "a", verbose=False,
+                          overrides={**unbounded, "quantization.activations": "float",
+                                     "quantization.modules": ["attention", "mlp"]})  # the torch head stays float
+    manifest = read_manifest(exact)
+    assert manifest["precision"]["mlp"].startswith("int4 asymmetric, group 32")
+    assert manifest["op_histogram"]["com.microsoft:MatMulNBits"] == 2 * 4  # q|k|v, o, gate|up, down x 2 layers
+    ids = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = model(ids).logits
+    torch.testing.assert_close(OnnxCausalLM.load(exact)(ids), reference, rtol=0, atol=2e-4)
+    shipped = compile_model(config_path("qwen2_int4"), model=str(folder), workdir=tmp_path / "b", verbose=False,
+                            overrides=unbounded)
+    assert "int8" in read_manifest(shipped)["precision"]["lm_head"]
+    logits = OnnxCausalLM.load(shipped)(ids)
+    kld = torch.nn.functional.kl_div(logits.log_softmax(-1), reference.log_softmax(-1), log_target=True,
+                                     reduction="none").sum(-1).mean()
+    assert 0 < float(kld) < 1e-2, float(kld)
 
 
 def _overflowing_checkpoint(make_checkpoint):

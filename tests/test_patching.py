@@ -482,9 +482,9 @@ else:
     raise SystemExit("qwen2lib is importable here: this is not a check of a package on its own")
 package, stats, out = map(Path, sys.argv[1:4])
 ids = torch.arange(3, 19)[None]
-for scheme in ("w8a16", "smoothquant"):
+for scheme in ("w8a16", "smoothquant", "w4a16"):
     model = AutoModelForCausalLM.from_pretrained(package, trust_remote_code=True).eval()
-    model.quantize(scheme, stats=stats if scheme == "smoothquant" else None)
+    model.quantize(scheme, stats=stats if scheme == "smoothquant" else None, **({"group_size": 32} if scheme == "w4a16" else {}))
     with torch.no_grad():
         expected = model(ids).logits
     model.save_quantized(out / scheme)
@@ -534,7 +534,7 @@ def test_a_deploy_package_quantizes_and_reloads_without_qwen2lib(package_of, tmp
     done = subprocess.run([python, "-I", script, package, tmp_path / "stats", tmp_path / "out"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    assert done.stdout.split() == ["w8a16", "Int8Linear", "smoothquant", "Int8Linear"], done.stdout
+    assert done.stdout.split() == ["w8a16", "Int8Linear", "smoothquant", "Int8Linear", "w4a16", "Int4Linear"], done.stdout
     for scheme in ("w8a16", "smoothquant"):  # what the package wrote on its own is what qwen2lib writes and loads
         q.verify_quantized_code(tmp_path / "out" / scheme)
         assert q.is_int8_linear(q.load_quantized(tmp_path / "out" / scheme).model.layers[1].self_attn.q_proj)

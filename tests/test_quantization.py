@@ -115,28 +115,100 @@ def deploy_package(tmp_path_factory):
 def test_save_and_reload_through_trust_remote_code_is_identical(deploy_package, tmp_path, scheme):
     from transformers import AutoModelForCausalLM
 
+    from qwen2lib.calibration import collect_activation_stats
+
     model = AutoModelForCausalLM.from_pretrained(deploy_package, trust_remote_code=True).eval()
     ids = torch.randint(0, 320, (1, 10))
-    stats = absmax_stats(model, ids) if scheme == "smoothquant" else None
+    stats = collect_activation_stats(model, ids, progress=False) if scheme in ("smoothquant", "awq") else None
     fp32_memory = q.memory_bytes(model)
-    model.quantize(scheme, stats=stats)  # the patched class's entry point
+    int4 = scheme in q.INT4_SCHEMES
+    model.quantize(scheme, stats=stats, **({"group_size": 32} if int4 else {}))  # the patched class's entry point
     out = model.save_quantized(tmp_path / "pkg")
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["scheme"] == scheme
     from safetensors.torch import load_file
 
     tensors = load_file(out / q.WEIGHTS_FILE)
-    assert tensors["model.layers.0.mlp.up_proj.weight"].dtype == torch.int8
-    assert tensors["model.layers.0.mlp.up_proj.weight_scale"].shape == (128,)
+    up = tensors["model.layers.0.mlp.up_proj.weight"]  # (128, 64) in float
+    if int4:  # two 4-bit values a byte; a scale and a zero point per group of 32 inputs
+        assert up.dtype == torch.uint8 and up.shape == (128, 32)
+        assert tensors["model.layers.0.mlp.up_proj.weight_zero_point"].shape == (128, 2)
+    else:
+        assert up.dtype == torch.int8 and tensors["model.layers.0.mlp.up_proj.weight_scale"].shape == (128,)
+    is_quantized = q.is_int4_linear if int4 else q.is_int8_linear
     reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-    assert q.is_int8_linear(reloaded.model.layers[1].self_attn.k_proj)
+    assert is_quantized(reloaded.model.layers[1].self_attn.k_proj)
     for name, tensor in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[name], tensor), name
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
     assert q.memory_bytes(reloaded) < fp32_memory
     assert q.disk_bytes(out) < q.disk_bytes(deploy_package)
-    assert q.is_int8_linear(q.load_quantized(out).model.layers[0].mlp.gate_proj)
+    assert is_quantized(q.load_quantized(out).model.layers[0].mlp.gate_proj)
+
+
+# ---- int4 -------------------------------------------------------------------------------------
+
+
+def test_int4_rounding_error_is_at_most_half_a_step_and_packs_losslessly():
+    w = torch.randn(24, 100) * torch.logspace(-3, 1, 24)[:, None]  # 100 inputs: the last group of 32 is partial
+    w[5] = 0  # an all-zero row keeps a finite scale
+    w[6] = w[6].abs()  # all-positive rows keep zero inside the range
+    q4, scale, zero = qz.quantize_int4(w, 32)
+    assert q4.dtype == torch.uint8 and int(q4.max()) <= 15 and scale.shape == zero.shape == (24, 4)
+    step = scale.repeat_interleave(32, dim=1)[:, :100]
+    err = (qz.dequantize_int4(q4, scale, zero, 32) - w).abs()
+    assert torch.all(err <= step / 2 * (1 + 1e-5)), float((err / step).max())
+    assert torch.all(qz.dequantize_int4(q4, scale, zero, 32)[5] == 0)
+    assert torch.equal(qz.unpack_int4(qz.pack_int4(q4), 100), q4)
+    assert qz.pack_int4(q4).shape == (24, 50)
+    lin = nn.Linear(100, 24)
+    module = qz.Int4Linear.from_linear(lin, 32)
+    x = torch.randn(3, 100)
+    torch.testing.assert_close(module(x), F.linear(x, module.dequantized(), lin.bias))
+    with pytest.raises(q.QuantizationError, match="power of two"):
+        qz.Int4Linear.from_linear(lin, 48)
+
+
+def outlier_layer(seed: int = 0, K: int = 256, N: int = 96):
+    """A Linear's weight and inputs whose channels 0..3 are ~20x larger than the rest, as in real LLM activations."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * 0.02
+    x = torch.randn(4096, K, generator=g)
+    x[:, :4] *= 20
+    return w, x
+
+
+def output_error(w, w_hat, x) -> float:
+    return float((x @ (w_hat - w).t()).square().mean())
+
+
+def test_awq_scaling_and_clipping_beat_round_to_nearest_on_outlier_channels():
+    w, x = outlier_layer()
+    meansq = x.square().mean(0)
+    rtn = qz.dequantize_int4(*qz.quantize_int4(w, 64), 64)
+    s = qz.awq_factors([w], meansq, 64)
+    assert float(s[:4].min()) > float(s[4:].max())  # the loud channels are scaled up before rounding
+    awq = qz.dequantize_int4(*qz.quantize_int4(w * s, 64, meansq / s.square()), 64) / s
+    clipped_only = qz.dequantize_int4(*qz.quantize_int4(w, 64, meansq), 64)
+    assert output_error(w, clipped_only, x) <= output_error(w, rtn, x)
+    assert output_error(w, awq, x) < 0.6 * output_error(w, rtn, x), (output_error(w, awq, x), output_error(w, rtn, x))
+
+
+def test_awq_folding_leaves_fp32_outputs_unchanged_and_needs_mean_squares():
+    from qwen2lib.calibration import collect_activation_stats
+
+    model = seeded_model()
+    ids = torch.randint(0, 320, (2, 12))
+    stats = collect_activation_stats(model, ids, progress=False)
+    with torch.no_grad():
+        before = model(ids).logits
+        importance = qz.awq_model(model, stats, 32)
+        after = model(ids).logits
+    assert (after - before).abs().max() <= 1e-4 * before.abs().max()
+    assert set(importance) >= {"model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"}
+    with pytest.raises(q.QuantizationError, match="recalibrate"):
+        q.quantize_model(seeded_model(), "awq", stats=absmax_stats(model, ids), group_size=32)
 
 
 def test_matmul_timings_table_has_every_path():

@@ -69,7 +69,8 @@ def add_backend_args(p) -> None:
 
     p.add_argument("--backend", default="torch", choices=("torch", "onnx"))
     p.add_argument("--compiled", default=None, help="compiled graph folder (default: <workdir>/compiled, built if missing)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"), help="which compiled graph (onnx)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8", "int4"),
+                   help="which compiled graph (onnx)")
     add_long_context_args(p)
 
 

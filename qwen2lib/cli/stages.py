@@ -14,7 +14,7 @@ from ..compile import compile_model, config_path, read_manifest
 from ..config_schema import ConfigError
 from ..data import DATASETS
 from ..deploy import build_deploy_package, prove_package
-from ..deploy.quantizer import DEFAULT_SKIP, SCHEMES
+from ..deploy.quantizer import DEFAULT_GROUP_SIZE, DEFAULT_SKIP, INT8_SCHEMES, SCHEMES
 from ..export import FORMATS, check_export_request, ensure_exported
 from ..export_gguf import GGUF_TYPES, ExportError
 from ..fidelity import fidelity_table
@@ -92,12 +92,14 @@ def register_calibrate(sub) -> None:
 
 
 def cmd_quantize(args) -> int:
-    check_request(args.scheme, 0.5 if args.alpha is None else args.alpha)  # before any stage is built
+    check_request(args.scheme, 0.5 if args.alpha is None else args.alpha,
+                  args.group_size or DEFAULT_GROUP_SIZE)  # before any stage is built
     calibration = {k: v for k, v in (("dataset", args.dataset), ("data_path", args.data_path),
                                      ("samples", args.samples), ("seq_len", args.seq_len)) if v is not None}
     out = ensure_quantized(args.model, args.weights, workdir_of(args), scheme=args.scheme, alpha=args.alpha,
                            seed=args.seed, skip=args.skip, heldout_blocks=args.heldout_blocks,
-                           heldout_len=args.heldout_len, calibration=calibration, force=args.force)
+                           heldout_len=args.heldout_len, group_size=args.group_size, calibration=calibration,
+                           force=args.force)
     metrics = read_metrics(out)
     print(fidelity_table({args.scheme: metrics["fidelity"]}).T.to_string())
     print(size_table(metrics["sizes"]).to_string())
@@ -106,11 +108,14 @@ def cmd_quantize(args) -> int:
 
 
 def register_quantize(sub) -> None:
-    p = sub.add_parser("quantize", help="int8 weights (w8a16) or SmoothQuant W8A8 for the deploy package, with a fidelity report")
+    p = sub.add_parser("quantize", help="int8 weights (w8a16), SmoothQuant W8A8 or int4 (w4a16, awq) for the deploy "
+                       "package, with a fidelity report")
     add_model_args(p)
     p.add_argument("--scheme", default="w8a16", choices=SCHEMES)
     p.add_argument("--alpha", type=float, default=None, help="SmoothQuant migration strength in [0, 1] (default "
                    "0.5; unset settings keep the existing package's)")
+    p.add_argument("--group-size", type=int, default=None, help=f"int4 schemes: inputs per scale and zero point "
+                   f"(default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--skip", nargs="*", default=None, help=f"Linear names/patterns kept in float (default {DEFAULT_SKIP})")
     add_calibration_set_args(p)
     p.add_argument("--heldout-blocks", type=int, default=None, help="held-out blocks for the fidelity report (4)")
@@ -179,7 +184,7 @@ def register_export(sub) -> None:
     add_model_args(p)
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--type", default=None, help=f"GGUF: {' | '.join(GGUF_TYPES)} (default q8_0)")
-    p.add_argument("--scheme", default=None, help=f"compressed-tensors: the int8 package, {' | '.join(SCHEMES)} "
+    p.add_argument("--scheme", default=None, help=f"compressed-tensors: the int8 package, {' | '.join(INT8_SCHEMES)} "
                    "(default w8a16)")
     p.add_argument("--float-dtype", default="bfloat16", help="compressed-tensors: dtype of the unquantized tensors "
                    "and of serving (bfloat16; vLLM's int8 kernels take 16-bit activations)")

@@ -21,10 +21,22 @@ smoothquant  W8A8 for the Linears fed by an RMSNorm (q/k/v after ``input_layerno
           o_proj and down_proj stay W8A16: no norm precedes them, so there is nowhere free to fold s, and their
           inputs carry the largest per-channel outliers, which per-token int8 without smoothing would clip.
 
+W4A16     (``w4a16``: round to nearest; ``awq``: calibrated) every Linear (but ``skip``) holds 4-bit weights
+          (0..15), asymmetric, one fp32 scale and one zero point per group of ``group_size`` inputs (default 128),
+          dequantized for the matmul (activations stay float). ``awq`` uses the calibration's per-channel mean
+          square E[X_j^2] (the diagonal of the input's second moment, so ``sum_j E[X_j^2] (W - W_q)_nj^2`` is the
+          expected output error): per input shared by q|k|v, by gate|up and by down_proj, a scale
+          ``s_j = rms(X_j)^a`` (a searched on a grid, a = 0 being round-to-nearest) multiplies W's columns before
+          rounding and divides the input, folded into the RMSNorm before (q|k|v, gate|up) or into up_proj's rows
+          (down_proj), as AWQ does; then each group's range is shrunk (clipped) by the factor that minimises the
+          same weighted error. o_proj (its input is the attention output: with GQA no free place to fold) gets
+          the clipping only.
+
 lm_head (tied to the embeddings in small Qwen2) and the embeddings stay in float by default, as peers do.
 
 The quantized package is the deploy package's code and tokenizer plus its own ``model.safetensors``
-(``X.weight`` int8 (N, K), ``X.weight_scale`` fp32 (N,)), ``quantization_config`` in config.json and
+(``X.weight`` int8 (N, K), ``X.weight_scale`` fp32 (N,); int4: ``X.weight`` uint8 (N, ceil(K / 2)) two values per
+byte, low nibble first, ``X.weight_scale`` fp32 and ``X.weight_zero_point`` uint8 (N, groups)), ``quantization_config`` in config.json and
 ``modeling_qwen2_int8.py``, whose ``Qwen2ForCausalLMInt8`` (the class ``auto_map`` names) swaps in
 ``Int8Linear`` modules before the weights load: ``AutoModelForCausalLM.from_pretrained(pkg,
 trust_remote_code=True)`` returns the int8 model.
@@ -50,7 +62,12 @@ except ImportError:
     class _ErrorBase(Exception):
         pass
 
-SCHEMES = ("w8a16", "smoothquant")
+INT8_SCHEMES = ("w8a16", "smoothquant")
+INT4_SCHEMES = ("w4a16", "awq")
+SCHEMES = INT8_SCHEMES + INT4_SCHEMES
+DEFAULT_GROUP_SIZE = 128
+AWQ_GRID = 20  # exponents a = 0, 1/20, ..., 1 tried per input
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # group range shrink factors tried per (row, group)
 QUANT_METHOD = "qwen2lib-int8"
 DEFAULT_SKIP = ("lm_head",)
 INT8_MODELING_FILE = "modeling_qwen2_int8.py"
@@ -126,6 +143,81 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations, dynamically, one scale per row: (M, K) -> (int8 (M, K), fp32 scale (M, 1))."""
     q, scale = _symmetric(x.detach().float())
     return q, scale[:, None]
+
+
+# ---- int4 numbers -------------------------------------------------------------------------------
+
+
+def _asymmetric4(groups: torch.Tensor, ratio: float = 1.0):
+    """(N, G, g) float -> (uint8 (N, G, g) in 0..15, fp32 scale (N, G), uint8 zero point (N, G)).
+
+    The range [min, max] (0 always inside, so zero is exact) is shrunk by ``ratio``; every weight inside it is
+    off by at most scale / 2, and an all-zero group gets scale 1."""
+    lo, hi = groups.amin(-1).clamp(max=0) * ratio, groups.amax(-1).clamp(min=0) * ratio
+    scale = torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(hi))
+    zero = torch.round(-lo / scale).clamp(0, 15)
+    q = (torch.round(groups / scale[..., None]) + zero[..., None]).clamp(0, 15)
+    return q.to(torch.uint8), scale, zero.to(torch.uint8)
+
+
+def check_group_size(group_size: int) -> None:
+    if group_size < 16 or group_size & (group_size - 1):
+        raise QuantizationError(f"group_size={group_size}: a power of two >= 16 (32, 64, 128: what MatMulNBits runs)")
+
+
+def quantize_int4(weight, group_size: int = DEFAULT_GROUP_SIZE, importance=None):
+    """(N, K) -> (uint8 q (N, K) in 0..15, fp32 scale (N, G), uint8 zero point (N, G)), G = ceil(K / group_size).
+
+    ``importance`` (K,), e.g. E[X_j^2]: each (row, group) keeps the ``CLIP_RATIOS`` shrink of its range that
+    minimises sum_j importance_j (w_j - w_q_j)^2 (AWQ's clipping); None: the full range (round to nearest)."""
+    w, numpy_in = _as_tensor(weight)
+    N, K = w.shape
+    G = -(-K // group_size)
+    groups = torch.zeros(N, G * group_size)
+    groups[:, :K] = w
+    groups = groups.reshape(N, G, group_size)
+    best = _asymmetric4(groups)
+    if importance is not None:
+        h = torch.zeros(G * group_size)
+        h[:K] = torch.as_tensor(importance).float()
+        h = h.reshape(G, group_size)
+        best_err = None
+        for ratio in CLIP_RATIOS:
+            q, scale, zero = candidate = _asymmetric4(groups, ratio)
+            err = (((q.float() - zero[..., None].float()) * scale[..., None] - groups).square() * h).sum(-1)  # (N, G)
+            if best_err is None:
+                best, best_err = candidate, err
+                continue
+            better = err < best_err
+            best = tuple(torch.where(better[..., None] if new.ndim == 3 else better, new, old)
+                         for new, old in zip(candidate, best))
+            best_err = torch.minimum(err, best_err)
+    q, scale, zero = best
+    q = q.reshape(N, -1)[:, :K].contiguous()
+    return (q.numpy(), scale.numpy(), zero.numpy()) if numpy_in else (q, scale, zero)
+
+
+def dequantize_int4(q, scale, zero, group_size: int = DEFAULT_GROUP_SIZE):
+    """uint8 (N, K) in 0..15, scales and zero points (N, G) -> float32 (N, K): (q - zero) * scale."""
+    numpy_in = not isinstance(q, torch.Tensor)
+    qt, st, zt = (torch.as_tensor(np.asarray(t) if numpy_in else t) for t in (q, scale, zero))
+    K = qt.shape[1]
+    st = st.float().repeat_interleave(group_size, dim=1)[:, :K]
+    zt = zt.float().repeat_interleave(group_size, dim=1)[:, :K]
+    w = (qt.float() - zt) * st
+    return w.numpy() if numpy_in else w
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, K) in 0..15 -> (N, ceil(K / 2)): two per byte, the even index in the low nibble."""
+    if q.shape[1] % 2:
+        q = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, K: int) -> torch.Tensor:
+    """The inverse of ``pack_int4``: (N, ceil(K / 2)) -> uint8 (N, K)."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)[:, :K].contiguous()
 
 
 # ---- int8 matmuls -------------------------------------------------------------------------------
@@ -225,6 +317,50 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, activations={self.activations}"
 
 
+class Int4Linear(nn.Module):
+    """A Linear with 4-bit weights: packed ``weight`` uint8 (N, ceil(K / 2)), ``weight_scale`` fp32 and
+    ``weight_zero_point`` uint8 (N, groups), as buffers. W4A16: the weight is dequantized and the matmul runs in
+    the input's dtype (a reference for the compiled graph's MatMulNBits, not a fast torch path)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 group_size: int = DEFAULT_GROUP_SIZE):
+        super().__init__()
+        check_group_size(group_size)
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = -(-in_features // group_size)
+        self.register_buffer("weight", torch.zeros(out_features, -(-in_features // 2), dtype=torch.uint8))
+        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=torch.float32))
+        self.register_buffer("weight_zero_point", torch.zeros(out_features, groups, dtype=torch.uint8))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE, importance=None) -> "Int4Linear":
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size)
+        q, scale, zero = quantize_int4(linear.weight, group_size, importance)
+        module.weight.copy_(pack_int4(q))
+        module.weight_scale.copy_(scale)
+        module.weight_zero_point.copy_(zero)
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias.detach().float())
+        return module.to(linear.weight.device)
+
+    def dequantized(self) -> torch.Tensor:
+        """float32 (N, K)."""
+        q = unpack_int4(self.weight, self.in_features)
+        return dequantize_int4(q, self.weight_scale, self.weight_zero_point, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+def is_int4_linear(module: nn.Module) -> bool:
+    """True for an ``Int4Linear`` of any copy of this file."""
+    return type(module).__name__ == "Int4Linear" and hasattr(module, "weight_zero_point")
+
+
 def is_int8_linear(module: nn.Module) -> bool:
     """True for an ``Int8Linear`` of any copy of this file (a loaded package imports its own copy)."""
     return type(module).__name__ == "Int8Linear" and hasattr(module, "weight_scale")
@@ -291,6 +427,67 @@ def smooth_model(model, stats: Mapping[str, torch.Tensor], alpha: float = 0.5) -
     return factors
 
 
+# ---- AWQ (activation-aware int4) ----------------------------------------------------------------
+
+
+def stats_meansq(stats: Mapping[str, torch.Tensor], linear_name: str) -> torch.Tensor:
+    """The calibration mean square E[X_j^2] (K,) of a Linear's input (``stats["<name>.meansq"]``)."""
+    if f"{linear_name}.meansq" not in stats:
+        raise QuantizationError(f"the calibration statistics hold no input mean square for {linear_name!r} (statistics "
+                                "from before it was recorded?): recalibrate (`qwen2lib calibrate`, notebook 02)")
+    return stats[f"{linear_name}.meansq"].float()
+
+
+def weighted_int4_error(weight: torch.Tensor, meansq: torch.Tensor, group_size: int, s: torch.Tensor) -> float:
+    """sum_nj E[X_j^2] (W - Q(W s) / s)_nj^2: the expected squared output error of rounding ``weight`` scaled by s."""
+    w = weight.float()
+    q, scale, zero = quantize_int4(w * s, group_size)
+    return float(((w - dequantize_int4(q, scale, zero, group_size) / s).square() * meansq).sum())
+
+
+def awq_factors(weights: Iterable[torch.Tensor], meansq: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per input channel s (K,) = rms(X_j)^a (normalised to a geometric mean of max and min of 1), a on a grid
+    of ``AWQ_GRID`` + 1 values in [0, 1], the one with the least weighted error (a = 0: s = 1, round to nearest)."""
+    w = torch.cat([t.detach().float() for t in weights])  # (N, K): Linears reading the same input
+    rms = meansq.sqrt().clamp(min=1e-8)
+    best, best_s = None, torch.ones_like(rms)
+    for i in range(AWQ_GRID + 1):
+        s = rms.pow(i / AWQ_GRID)
+        s = s / (s.max() * s.min()).sqrt()
+        err = weighted_int4_error(w, meansq, group_size, s)
+        if best is None or err < best:
+            best, best_s = err, s
+    return best_s
+
+
+@torch.no_grad()
+def awq_model(model, stats: Mapping[str, torch.Tensor], group_size: int) -> dict[str, torch.Tensor]:
+    """Fold AWQ scales into each layer in place (still float: the model computes the same function up to fp32
+    rounding) and return, per Linear, the importance E[X_j^2] of its (now scaled) input for the clipping.
+
+    down_proj first (its s divides up_proj's rows), then q|k|v and gate|up (their s divides the norm's weight);
+    o_proj is left unscaled."""
+    importance = {}
+    for i, layer in enumerate(model.model.layers):
+        p = f"model.layers.{i}"
+        mlp = layer.mlp
+        h = stats_meansq(stats, f"{p}.mlp.down_proj")
+        s = awq_factors([mlp.down_proj.weight], h, group_size)
+        mlp.up_proj.weight.div_(s.to(mlp.up_proj.weight.dtype)[:, None])
+        mlp.down_proj.weight.mul_(s.to(mlp.down_proj.weight.dtype)[None, :])
+        importance[f"{p}.mlp.down_proj"] = h / s.square()
+        for norm_name, linear_names in SMOOTH_GROUPS:
+            norm, linears = getattr(layer, norm_name), [layer.get_submodule(n) for n in linear_names]
+            h = stats_meansq(stats, f"{p}.{linear_names[0]}")
+            s = awq_factors([lin.weight for lin in linears], h, group_size)
+            norm.weight.div_(s.to(norm.weight.dtype))
+            for name, lin in zip(linear_names, linears):
+                lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
+                importance[f"{p}.{name}"] = h / s.square()
+        importance[f"{p}.self_attn.o_proj"] = stats_meansq(stats, f"{p}.self_attn.o_proj")
+    return importance
+
+
 # ---- quantize_model -----------------------------------------------------------------------------
 
 
@@ -306,43 +503,58 @@ def smoothed_linear_names(model) -> set[str]:
 
 @torch.no_grad()
 def quantize_model(model, scheme: str = "w8a16", *, stats: Mapping[str, torch.Tensor] | str | os.PathLike | None = None,
-                   alpha: float = 0.5, skip: Iterable[str] = DEFAULT_SKIP):
-    """Replace the model's nn.Linear layers by ``Int8Linear`` in place and return the model.
+                   alpha: float = 0.5, skip: Iterable[str] = DEFAULT_SKIP, group_size: int = DEFAULT_GROUP_SIZE):
+    """Replace the model's nn.Linear layers by ``Int8Linear`` (or ``Int4Linear``) in place and return the model.
 
-    ``scheme``: "w8a16" or "smoothquant" (needs ``stats``: a calibration folder or its tensors).
-    ``skip``: Linear names or patterns kept in float (default: lm_head). The applied settings are recorded
-    in ``model.config.quantization_config``, which ``save_quantized`` writes to config.json.
+    ``scheme``: "w8a16", "smoothquant" (needs ``stats``: a calibration folder or its tensors), "w4a16" (int4,
+    round to nearest, groups of ``group_size`` inputs) or "awq" (int4, needs ``stats``). ``skip``: Linear names
+    or patterns kept in float (default: lm_head). The applied settings are recorded in
+    ``model.config.quantization_config``, which ``save_quantized`` writes to config.json.
     """
     if scheme not in SCHEMES:
         raise QuantizationError(f"scheme={scheme!r}: choose one of {', '.join(SCHEMES)}")
     skip = tuple(skip)
-    int8_activations: set[str] = set()
-    if scheme == "smoothquant":
+    if scheme in ("smoothquant", "awq"):
         if stats is None:
             raise QuantizationError(
-                "scheme='smoothquant' needs activation statistics: pass stats=<calibration folder> (from "
+                f"scheme={scheme!r} needs activation statistics: pass stats=<calibration folder> (from "
                 "`qwen2lib calibrate`, notebook 02) or the dict of tensors it saved"
             )
         if not isinstance(stats, Mapping):
             stats = load_stats(stats)
+    int8_activations: set[str] = set()
+    importance: dict[str, torch.Tensor] = {}
+    if scheme == "smoothquant":
         smooth_model(model, stats, alpha)
         int8_activations = {n for n in smoothed_linear_names(model) if not is_skipped(n, skip)}
+    if scheme in INT4_SCHEMES:
+        check_group_size(group_size)
+    if scheme == "awq":
+        importance = awq_model(model, stats, group_size)
     modules = {}
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or is_skipped(name, skip):
             continue
-        activations = "int8" if name in int8_activations else "bf16"
+        if scheme in INT4_SCHEMES:
+            new, kind = Int4Linear.from_linear(module, group_size, importance.get(name)), "w4a16"
+        else:
+            kind = "w8a8" if name in int8_activations else "w8a16"
+            new = Int8Linear.from_linear(module, "int8" if kind == "w8a8" else "bf16")
         parent_name, _, leaf = name.rpartition(".")
-        model.get_submodule(parent_name).__setattr__(leaf, Int8Linear.from_linear(module, activations))
-        modules[name] = "w8a8" if activations == "int8" else "w8a16"
+        model.get_submodule(parent_name).__setattr__(leaf, new)
+        modules[name] = kind
     if not modules:
         raise QuantizationError(f"no nn.Linear left to quantize (skip={skip}): is the model already quantized?")
+    int4 = scheme in INT4_SCHEMES
     config = {
         "quant_method": QUANT_METHOD,
         "scheme": scheme,
-        "weights": "int8, symmetric, one fp32 scale per output channel",
-        "activations": {"w8a16": "bf16", "w8a8": "int8, symmetric, dynamic per token"},
+        "weights": (f"int4 asymmetric, one fp32 scale and uint8 zero point per group of {group_size} inputs" if int4
+                    else "int8, symmetric, one fp32 scale per output channel"),
+        "activations": ({"w4a16": "float (weights dequantized)"} if int4 else
+                        {"w8a16": "bf16", "w8a8": "int8, symmetric, dynamic per token"}),
         "alpha": alpha if scheme == "smoothquant" else None,
+        "group_size": group_size if int4 else None,
         "skip": list(skip),
         "modules": modules,
     }
@@ -352,12 +564,17 @@ def quantize_model(model, scheme: str = "w8a16", *, stats: Mapping[str, torch.Te
 
 
 def convert_to_int8_modules(model, quantization_config: Mapping) -> None:
-    """Swap in empty ``Int8Linear`` modules named by a saved ``quantization_config`` (weights load after)."""
+    """Swap in empty ``Int8Linear`` / ``Int4Linear`` modules named by a saved ``quantization_config`` (weights
+    load after)."""
     for name, kind in quantization_config["modules"].items():
         linear = model.get_submodule(name)
         parent_name, _, leaf = name.rpartition(".")
-        module = Int8Linear(linear.in_features, linear.out_features, linear.bias is not None,
-                            "int8" if kind == "w8a8" else "bf16")
+        if kind == "w4a16":
+            module = Int4Linear(linear.in_features, linear.out_features, linear.bias is not None,
+                                quantization_config["group_size"])
+        else:
+            module = Int8Linear(linear.in_features, linear.out_features, linear.bias is not None,
+                                "int8" if kind == "w8a8" else "bf16")
         model.get_submodule(parent_name).__setattr__(leaf, module)
 
 

@@ -202,7 +202,11 @@ def build_graph(args: Qwen2Args, weights: Mapping[str, np.ndarray], plan: GraphP
     opsets = [helper.make_opsetid("", plan.opset)]
     if plan.operator_set == "contrib":
         opsets.append(helper.make_opsetid(CONTRIB, 1))
-    return BuiltGraph(graph, g.inits, opsets, weight_precision(args, plan))
+    precision = weight_precision(args, plan)
+    for group, size in g.int4_groups.items():  # notebook 03's int4 package: its weights, not int8 ones
+        precision[group] = (f"int4 asymmetric, group {size}, zero points (MatMulNBits bits=4, "
+                            f"{'float' if plan.activations == 'float' else 'int8 per-block'} activations)")
+    return BuiltGraph(graph, g.inits, opsets, precision)
 
 
 def _io(args: Qwen2Args, plan: GraphPlan) -> tuple[list, list]:

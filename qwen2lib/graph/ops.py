@@ -6,7 +6,7 @@ attention bias from ``attention_mask``, and the Linear layers in fp32/fp16 or in
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import numpy as np
 import onnx
@@ -18,6 +18,15 @@ from ..deploy.quantizer import quantize_per_block, quantize_weight
 from ..model import Qwen2Args
 from .plan import CONTRIB, NP_DTYPE, ONNX_DTYPE, GraphPlan
 
+class Int4Weight(NamedTuple):
+    """One Linear's int4 weight from notebook 03's int4 package (``quantizer.quantize_int4``)."""
+
+    q: np.ndarray  # uint8 (N, K) in 0..15
+    scales: np.ndarray  # fp32 (N, groups)
+    zero_points: np.ndarray  # uint8 (N, groups)
+    group_size: int
+
+
 class Nodes:
     """Append-only node list with unique names and a numpy initializer table."""
 
@@ -28,6 +37,7 @@ class Nodes:
         self._consts: dict[tuple, str] = {}
         self._casts: dict[tuple[str, str], str] = {}
         self.packed: dict[str, tuple[str, str, int, int]] = {}  # int8 weights by source name, shared when tied
+        self.int4_groups: dict[str, int] = {}  # weight group -> group size, for those stored as int4
 
     def init(self, name: str, array: np.ndarray) -> str:
         if name in self.inits:
@@ -184,6 +194,10 @@ def add_and_norm(g, delta, residual, gamma, eps, dt, name):
 def linear(g, plan, x, names, weights, quantized, group, dt, node_name, bias=False):
     """x @ concat(W_names)^T (+ bias): one MatMul for fused projections (q|k|v, gate|up)."""
     if group in plan.quantize:
+        if isinstance(quantized.get(f"{names[0]}.weight"), Int4Weight):
+            g.int4_groups[group] = quantized[f"{names[0]}.weight"].group_size
+            return int4_matmul(g, plan, x, [quantized[f"{n}.weight"] for n in names], dt, node_name,
+                               bias_of(weights, names, dt) if bias else None)
         return int8_matmul(g, plan, x, [f"{n}.weight" for n in names], weights, quantized, dt, node_name,
                             bias_of(weights, names, dt) if bias else None)
     w = np.concatenate([np.asarray(weights[f"{n}.weight"], np.float32) for n in names], axis=0)  # (N, K)
@@ -241,6 +255,34 @@ def int8_matmul(g, plan, x, names, weights, quantized, dt, node_name, bias=None,
         inputs += ["", "", bias]
     return g.op("MatMulNBits", inputs, f"{node_name}/MatMulNBits", domain=CONTRIB, K=K, N=N, bits=8,
                 block_size=plan.block_size, accuracy_level=plan.accuracy_level)
+
+
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """uint8 (..., 2n) in 0..15 -> (..., n): two per byte, the even index in the low nibble (MatMulNBits' order)."""
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+def int4_matmul(g, plan, x, parts: list[Int4Weight], dt, node_name, bias=None):
+    """x @ dequant(W)^T (+ bias) with MatMulNBits bits=4 from int4 weights (row-concatenated for fused
+    projections): B (N, k_blocks, group / 2) uint8, scales (N, k_blocks), zero points (N, ceil(k_blocks / 2))."""
+    group = parts[0].group_size
+    if any(p.group_size != group for p in parts):
+        raise ValueError(f"{node_name}: fused int4 weights with different group sizes")
+    q = np.concatenate([p.q for p in parts])  # (N, K)
+    N, K = q.shape
+    k_blocks = -(-K // group)
+    padded = np.zeros((N, k_blocks * group), np.uint8)  # padding multiplies nothing: A has K columns
+    padded[:, :K] = q
+    zero = np.concatenate([p.zero_points for p in parts]).astype(np.uint8)  # (N, k_blocks)
+    if k_blocks % 2:
+        zero = np.concatenate([zero, np.zeros((N, 1), np.uint8)], axis=1)
+    inputs = [x, g.init(f"{node_name}.qweight4", pack_nibbles(padded).reshape(N, k_blocks, group // 2)),
+              g.init(f"{node_name}.scales4", np.concatenate([p.scales for p in parts]).astype(NP_DTYPE[dt])),
+              g.init(f"{node_name}.zero_points4", pack_nibbles(zero))]
+    if bias is not None:
+        inputs += ["", g.init(f"{node_name}.bias", bias.astype(NP_DTYPE[dt]))]
+    return g.op("MatMulNBits", inputs, f"{node_name}/MatMulNBits", domain=CONTRIB, K=K, N=N, bits=4,
+                block_size=group, accuracy_level=plan.accuracy_level)
 
 
 def bias_of(weights, names, dt):

@@ -45,7 +45,7 @@ class KVState:
     """
     buffers: list[tuple[np.ndarray, np.ndarray]]  # per layer (B, n_kv, C, hd), C >= P
     attention_mask: np.ndarray  # (B, P) int64
-    bound: list | None = field(default=None, repr=False)  # OrtValues over ``buffers``, made once per allocation
+    bound: "_CacheBinding | None" = field(default=None, repr=False)  # ``buffers`` bound to a session, once per allocation
 
     @property
     def length(self) -> int:
@@ -227,32 +227,22 @@ class OnnxCausalLM:
     def _decode_in_place(self, ids: np.ndarray, mask: np.ndarray, state: KVState) -> tuple[np.ndarray, KVState]:
         """One step that writes the new key/value into the state's buffers (past and present bound to the same
         memory, as onnxruntime-genai runs GroupQueryAttention), growing them when full."""
-        import onnxruntime as ort
-
         P = state.length
         position_ids = positions_from_mask(mask)[:, P:]
         self._check_positions(position_ids)
-        if state.capacity <= P or state.bound is None:
+        if state.capacity <= P or state.bound is None or state.bound.session is not self.session:
             capacity = max(state.capacity, P + max(128, P))  # room to grow without a copy per step
-            buffers = []
-            for k, v in state.buffers:
-                grown = [np.zeros(k.shape[:2] + (capacity,) + k.shape[3:], k.dtype) for _ in range(2)]
-                grown[0][:, :, :P], grown[1][:, :, :P] = k[:, :, :P], v[:, :, :P]
-                buffers.append(tuple(grown))
-            bound = [tuple(ort.OrtValue.ortvalue_from_numpy(t) for t in pair) for pair in buffers]
-            state = KVState(buffers, state.attention_mask, bound)
-        binding = self.session.io_binding()
-        binding.bind_output("logits")
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("attention_mask", mask)
-        binding.bind_cpu_input("position_ids", position_ids)
-        for i, (k, v) in enumerate(state.bound):
-            binding.bind_ortvalue_input(f"past_key_values.{i}.key", k)
-            binding.bind_ortvalue_input(f"past_key_values.{i}.value", v)
-            binding.bind_ortvalue_output(f"present.{i}.key", k)
-            binding.bind_ortvalue_output(f"present.{i}.value", v)
-        self.session.run_with_iobinding(binding)
-        logits = binding.get_outputs()[0].numpy()
+            if state.capacity <= P:
+                buffers = []
+                for k, v in state.buffers:
+                    grown = [np.zeros(k.shape[:2] + (capacity,) + k.shape[3:], k.dtype) for _ in range(2)]
+                    grown[0][:, :, :P], grown[1][:, :, :P] = k[:, :, :P], v[:, :, :P]
+                    buffers.append(tuple(grown))
+            else:
+                buffers = state.buffers
+            state = KVState(buffers, state.attention_mask, _CacheBinding(self.session, buffers))
+        logits = np.empty((ids.shape[0], 1, self.vocab_size), np.float32)  # fresh: callers may keep the last one
+        state.bound.run(ids, mask, position_ids, logits)
         return logits, KVState(state.buffers, mask, state.bound)
 
     def __call__(self, input_ids):
@@ -275,6 +265,31 @@ class OnnxCausalLM:
                 steps.append(out[:, -1:])
             logits = np.concatenate(steps, axis=1)
         return torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
+
+
+class _CacheBinding:
+    """An IOBinding of one session with every layer's past and present bound to the same cache buffers, made
+    once per allocation: a decode step then binds only the ids, mask, positions and a logits buffer."""
+
+    def __init__(self, session, buffers: list[tuple[np.ndarray, np.ndarray]]):
+        import onnxruntime as ort
+
+        self.session = session
+        self.values = [tuple(ort.OrtValue.ortvalue_from_numpy(t) for t in pair) for pair in buffers]  # kept alive
+        self.binding = session.io_binding()
+        for i, (k, v) in enumerate(self.values):
+            self.binding.bind_ortvalue_input(f"past_key_values.{i}.key", k)
+            self.binding.bind_ortvalue_input(f"past_key_values.{i}.value", v)
+            self.binding.bind_ortvalue_output(f"present.{i}.key", k)
+            self.binding.bind_ortvalue_output(f"present.{i}.value", v)
+
+    def run(self, ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray, logits: np.ndarray) -> None:
+        """One step: the cache grows in place, ``logits`` (B, 1, V) float32 is written."""
+        self.binding.bind_cpu_input("input_ids", ids)
+        self.binding.bind_cpu_input("attention_mask", mask)
+        self.binding.bind_cpu_input("position_ids", position_ids)
+        self.binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        self.session.run_with_iobinding(self.binding)
 
 
 def check_finite(logits: np.ndarray, present=None, what: str = "graph") -> None:
