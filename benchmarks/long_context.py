@@ -20,7 +20,8 @@ from the shortest to the longest length with notebook 00's formula (``qwen2lib.a
 in the backend's KV dtype): a backend that holds more than its cache (spare capacity, an allocator that keeps
 attention scratch) shows it there.
 
-``--rounds`` rounds interleave the backends (each loaded, measured at every length and released in turn); speed is
+``--rounds`` rounds interleave the backends (each in its own process, loaded, measured at every length and gone
+before the next starts: its memory is its own, and no idle thread pool of another competes for the cores); speed is
 each backend's best round, memory its last. Ratios are against llama.cpp Q8_0 at the same length (higher = faster).
 Compare rows of one run only.
 """
@@ -33,9 +34,7 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -137,30 +136,44 @@ def measure_lengths(runner, lengths: list[int], decode: int, vocab: int) -> dict
     return out
 
 
-def measure_python(make, lengths, decode, vocab) -> dict[int, dict]:
-    runner = make()
-    try:
-        return measure_lengths(runner, lengths, decode, vocab)
-    finally:
-        del runner
-        gc.collect()
+def measure_python(label: str, folder: Path | None, args) -> dict[int, dict]:
+    """One backend in a fresh process (its own resident memory, no idle thread pools of the others): this script
+    with ``--worker``, which prints the per-length rows as json on its last line."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", label, "--model", args.model,
+               "--weights", args.weights, "--threads", str(args.threads), "--decode", str(args.decode),
+               "--lengths", *map(str, args.lengths)] + (["--folder", str(folder)] if folder else [])
+    code, text, _ = run_with_peak_rss(command, timeout_s=3600)
+    if code != 0:
+        raise RuntimeError(f"{label} failed ({code}):\n" + "\n".join(text.strip().splitlines()[-8:]))
+    return {int(L): row for L, row in json.loads(text.strip().splitlines()[-1]).items()}
+
+
+def worker(args) -> int:
+    vocab = int(resolve(args.model).config["vocab_size"])
+    if args.worker == "transformers fp32":
+        runner = TorchRunner(load_model(args.model, weights=args.weights, dtype="float32"))
+    else:
+        runner = GraphLM(Path(args.folder), args.threads)
+    print(json.dumps(measure_lengths(runner, args.lengths, args.decode, vocab)), flush=True)
+    return 0
 
 
 # ---- llama.cpp ------------------------------------------------------------------------------------------
 
 def run_with_peak_rss(command: list[str], timeout_s: float) -> tuple[int, str, int]:
-    """(exit code, stdout + stderr, the child's peak resident bytes) of one command."""
+    """(exit code, stdout + stderr, the child's peak resident bytes) of one command. The peak is polled from
+    /proc (VmHWM): a child's own rusage starts from its parent's high-water mark, inherited across fork."""
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
-        timer = threading.Timer(timeout_s, proc.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        peak, deadline = 0, time.monotonic() + timeout_s
+        while proc.poll() is None:
+            peak = max(peak, _status_bytes("VmHWM", str(proc.pid)) or 0)
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+            time.sleep(0.05)
         log.seek(0)
-        return proc.returncode, log.read(), usage.ru_maxrss * 1024  # Linux: KiB
+        return proc.returncode, log.read(), peak
 
 
 def parse_batched_bench(text: str) -> dict:
@@ -224,13 +237,10 @@ def compile_graphs(args, workdir: Path, config: dict) -> dict[str, Path]:
 
 def backends(args, workdir: Path, config: dict) -> tuple[list, list[str]]:
     """[(label, measure() -> {L: row})] in round order, and notes on rows that cannot run."""
-    vocab = int(config["vocab_size"])
     graphs = compile_graphs(args, workdir, config)
-    makers = [(label, lambda f=folder: GraphLM(f, args.threads)) for label, folder in graphs.items()]
     if "transformers fp32" not in args.skip:
-        makers.append(("transformers fp32",
-                       lambda: TorchRunner(load_model(args.model, weights=args.weights, dtype="float32"))))
-    rows = [(label, lambda m=make: measure_python(m, args.lengths, args.decode, vocab)) for label, make in makers]
+        graphs["transformers fp32"] = None
+    rows = [(label, lambda lb=label, f=folder: measure_python(lb, f, args)) for label, folder in graphs.items()]
     notes = []
     if REFERENCE not in args.skip:
         tool = find_tool("llama-batched-bench", args.llama_cpp)
@@ -328,6 +338,8 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default=None, help="where the graphs are compiled (default runs/<model>)")
     p.add_argument("--skip", nargs="*", default=[], help="backends to leave out (labels as printed)")
     p.add_argument("--llama-cpp", default=None, help="llama.cpp build folder holding bin/llama-batched-bench")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one backend's measurement (a child process)
+    p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.lengths = sorted(set(args.lengths))
     return args
@@ -335,9 +347,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    load_before = os.getloadavg()[0]
-    warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
     torch.set_num_threads(args.threads)
+    if args.worker:
+        return worker(args)
+    load_before = os.getloadavg()[0]
     workdir = Path(args.workdir) if args.workdir else default_workdir(args.model)
     config = resolve(args.model).config
     rows, notes = backends(args, workdir, config)
