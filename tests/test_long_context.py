@@ -73,6 +73,27 @@ def test_dual_chunk_graph_left_padded_rows_decode_like_each_row_alone(dca_packag
             assert np.abs(logits[b, -1] - ref).max() <= 1e-4, f"row {b}"
 
 
+@pytest.mark.parametrize("dual_chunk", [None, (12, 4)])
+def test_chunked_prefill_equals_the_whole_prompt(dca_package, tmp_path, dual_chunk):
+    """A long prompt prefilled in pieces through the cache (bounded attention scratch) gives the logits and cache
+    of one call, for GroupQueryAttention and for Dual Chunk Attention (pieces of 16 straddle its chunks of 8)."""
+    args = Qwen2Args.from_config_dict(json.loads((dca_package / "config.json").read_text()))
+    build_graph(args, load_weights(dca_package), GraphPlan(max_sequence_length=256, dual_chunk=dual_chunk)).save(tmp_path / "g")
+    lm = OnnxCausalLM.load(tmp_path / "g" / "model.onnx")
+    prompt = torch.randint(0, 320, (1, 45), generator=torch.Generator().manual_seed(2)).numpy()
+    whole, whole_state = lm.prefill(prompt, chunk=0)
+    calls, run = [], lm.run
+    lm.run = lambda ids, *a, **k: calls.append(ids.shape[1]) or run(ids, *a, **k)
+    pieces, pieces_state = lm.prefill(prompt, chunk=16)
+    assert calls == [16, 16, 13]
+    assert pieces.shape == whole.shape and np.abs(pieces - whole).max() <= 1e-4
+    for (k0, v0), (k1, v1) in zip(whole_state.past, pieces_state.past):
+        assert k1.shape == k0.shape and np.abs(k1 - k0).max() <= 1e-5 and np.abs(v1 - v0).max() <= 1e-5
+    after_whole, _ = lm.decode([[7]], whole_state)
+    after_pieces, _ = lm.decode([[7]], pieces_state)
+    assert np.abs(after_pieces - after_whole).max() <= 1e-4
+
+
 def test_int8_dual_chunk_graph_shares_the_attention_builder(dca_package, tmp_path):
     """int8 projections around the same DCA attention: within int8 rounding of the fp32 package, equal to the int8
     graph without DCA inside the first chunk (activations quantized per row block, so rows do not mix) and

@@ -28,6 +28,7 @@ from ..masks import positions_from_mask
 _ORT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
                "all": "ORT_ENABLE_ALL"}
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+PREFILL_CHUNK = 1024  # prompt tokens per graph call in prefill (OnnxCausalLM.prefill_chunk; 0: the whole prompt)
 
 
 class GraphLoadError(Qwen2LibError, RuntimeError):
@@ -127,6 +128,7 @@ class OnnxCausalLM:
         self.operator_set = self.manifest.get("operator_set", "standard")
         # GroupQueryAttention graphs share past/present buffers; a Dual Chunk Attention graph concatenates
         self.group_query_attention = self.operator_set == "contrib" and not self.manifest.get("dual_chunk_attention")
+        self.prefill_chunk = PREFILL_CHUNK
 
     @classmethod
     def load(cls, folder: str | os.PathLike, threads: int | None = None, optimization_level: str | None = None,
@@ -208,11 +210,27 @@ class OnnxCausalLM:
         return out["logits"], present
 
     # ---- generation-style calls ---------------------------------------------------------------
-    def prefill(self, input_ids, attention_mask=None) -> tuple[np.ndarray, KVState]:
+    def prefill(self, input_ids, attention_mask=None, chunk: int | None = None) -> tuple[np.ndarray, KVState]:
+        """The prompt through the graph, ``chunk`` tokens per call (default ``self.prefill_chunk``; 0: all at once).
+
+        A long prompt runs in pieces through the cache, as llama.cpp runs one in micro-batches: the attention's
+        scratch ((B, H, chunk, P + chunk) scores per layer) then grows with the chunk, not with the prompt's
+        square (8k tokens at once at Qwen2-0.5B's shape: 3.7 GB of GroupQueryAttention scores, several times
+        that for a Dual Chunk Attention graph, and onnxruntime's arena keeps it). Left-padded batches run whole:
+        a row's first chunk could be all padding.
+        """
         ids = np.asarray(input_ids, np.int64)
         mask = np.ones(ids.shape, np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
-        logits, present = self.run(ids, mask)
-        return logits, KVState(present, mask)
+        chunk = self.prefill_chunk if chunk is None else int(chunk)
+        if not chunk or ids.shape[1] <= chunk or not mask.all():
+            logits, present = self.run(ids, mask)
+            return logits, KVState(present, mask)
+        present, pieces = None, []
+        for start in range(0, ids.shape[1], chunk):
+            end = min(start + chunk, ids.shape[1])
+            logits, present = self.run(ids[:, start:end], mask[:, :end], past=present)
+            pieces.append(logits)
+        return (logits if self.last_position_logits else np.concatenate(pieces, axis=1)), KVState(present, mask)
 
     def decode(self, next_ids, state: KVState, in_place: bool = True) -> tuple[np.ndarray, KVState]:
         """One token per row. Contrib graphs write the cache into ``state``'s buffers (``in_place``); otherwise
