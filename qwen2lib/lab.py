@@ -86,6 +86,15 @@ def start(port: int | None = None, token: str | None = None, extra: list[str] = 
             time.sleep(0.5)
 
 
+def stop(proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    """Stop a server from ``start``: asked first, killed if it does not leave within ``timeout_s``."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     port, token = free_port(), secrets.token_hex(24)

@@ -44,11 +44,7 @@ def served(tmp_path_factory):
         log = open(home / "lab.log", "wb")
         proc, port, token = lab.start(log=log, root_dir=home)
     yield f"http://127.0.0.1:{port}", token, home
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except Exception:
-        proc.kill()
+    lab.stop(proc)
     log.close()
 
 

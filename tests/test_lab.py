@@ -32,11 +32,7 @@ def server(tmp_path_factory):
         log = open(home / "lab.log", "wb")
         proc, port, token = lab.start(log=log)
     yield f"http://127.0.0.1:{port}", token
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except Exception:
-        proc.kill()
+    lab.stop(proc)
     log.close()
 
 
