@@ -131,7 +131,7 @@ def collect_activation_stats_layerwise(package: str | os.PathLike, blocks: torch
         batches = [blocks[start : start + batch_size] for start in range(0, blocks.shape[0], batch_size)]
         layers = tqdm(total=streamed.num_layers, desc="calibration", unit="layer", disable=not progress)
         with layers:
-            normed = streamed.final_hidden(batches, on_layer=lambda i: layers.update())
+            normed = streamed.final_hidden(batches, on_layer=lambda i, hidden: layers.update())
         observe_head = observer.hook("lm_head")
         for h in normed:  # (B, T, D)
             observe_head(None, (h[:, -1:, :] if getattr(streamed.config, "insert_slice", False) else h,))

@@ -15,7 +15,8 @@ model; ``RUNTIME_BYTES`` is what the Python process holds before any weight (tor
     checkpoint      a few chunks of random draws and the tokenizer (random weights are written chunk by chunk)
     calibration     the text, one layer in fp32 (plus its bf16 read), the calibration batch's hidden states, one
                     batch's activations (the MLP's (B, T, I) and the attention scores)
-    quantized       two fp32 models (reference and candidate) plus the int8 copy being saved (not streamed yet)
+    quantized       one decoder layer in fp32 while it is scaled and rounded, one output shard, then the fidelity
+                    report's reference and candidate streamed layer by layer (logits of one held-out block at a time)
     compiled        the graph's weights once (onnxruntime holds the session's copy for the verification), the
                     verification's logits (reference, graph, float64 rows: a few x blocks x tokens x V), one fp32
                     reference layer (streamed verification); building the graph holds one tensor, less than these
@@ -37,6 +38,7 @@ RUNTIME_BYTES = int(0.45 * GiB)  # torch + transformers imported, no weights (th
 DATA_BYTES = int(0.3 * GiB)  # calibration's text: the built-in set is the Python standard library's sources
 CALIBRATION_BATCH = (16, 128, 4)  # samples, tokens per sample, batch size: calibration's defaults
 VERIFY_TOKENS = (4, 64)  # a compile's fidelity blocks x tokens (configs' verify.blocks, verify.block_tokens)
+SHARD_BYTES = 2 * GiB  # quantized_package.MAX_SHARD_BYTES (the package cannot import qwen2lib; a test ties them)
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 
 
@@ -101,8 +103,9 @@ def stage_estimates(config: Mapping, *, calibration: tuple[int, int, int] = CALI
         "calibration": Estimate("calibration", R + DATA_BYTES + 6 * layer + hidden + acts,
                                 "runtime + text + 6 B x layer params (fp32 + bf16 read) + hidden states + batch "
                                 "activations"),
-        "quantized": Estimate("quantized", R + DATA_BYTES + 2 * fp32 + P + 4 * big,
-                              "runtime + text + 2 fp32 models + int8 copy + a fp32 tensor (not streamed yet)", P),
+        "quantized": Estimate("quantized", R + DATA_BYTES + 12 * layer + max(SHARD_BYTES, 4 * big) + verify,
+                              "runtime + text + 12 B x layer params (one fp32 layer, its scaling and rounding) + one "
+                              "shard being written (2 GiB, or the largest fp32 tensor) + fidelity logits", P),
         "compiled fp32": Estimate("compiled fp32", R + fp32 + verify,
                                   "runtime + fp32 graph (onnxruntime) + verification logits (36 B x blocks x tokens "
                                   "x V) + 6 B x layer params", fp32),

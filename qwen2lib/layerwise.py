@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -30,9 +30,11 @@ HEAD_ROWS = 16384  # vocabulary rows of the head multiplied at a time
 class LayerwiseModel:
     """The package at ``folder`` as a skeleton whose modules get their weights one layer at a time."""
 
-    def __init__(self, folder: str | Path, dtype: torch.dtype = torch.float32):
+    def __init__(self, folder: str | Path, dtype: torch.dtype = torch.float32,
+                 verify: Callable[[Path], Mapping] = verify_package_code):
+        """``verify``: the check of the folder's code before it is imported (a quantized package has its own)."""
         self.folder, self.dtype = Path(folder), dtype
-        verify_package_code(self.folder)
+        verify(self.folder)
         self.config = AutoConfig.from_pretrained(str(self.folder), trust_remote_code=True, local_files_only=True)
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(self.config, trust_remote_code=True, dtype=dtype).eval()
@@ -48,9 +50,9 @@ class LayerwiseModel:
     @contextlib.contextmanager
     def loaded(self, module: nn.Module, prefix: str) -> Iterator[nn.Module]:
         """``module`` holding its tensors (``prefix`` + name) for the duration of the block, then meta again."""
-        names = [prefix + n for n, _ in module.named_parameters()]
+        names = [prefix + n for n in module.state_dict()]  # parameters and buffers (an int8 Linear's are buffers)
         weights = self.reader.group(names, self.dtype)
-        # assign: the module takes the tensors read, no second copy (a decoder layer has no buffers to fill)
+        # assign: the module takes the tensors read, no second copy
         module.load_state_dict({n[len(prefix):]: t for n, t in weights.items()}, strict=True, assign=True)
         del weights
         try:
@@ -71,25 +73,36 @@ class LayerwiseModel:
         return {"masks": masks, "position_ids": position_ids, "rope": self.rotary(hidden, position_ids)}
 
     @torch.no_grad()
-    def final_hidden(self, batches: list[torch.Tensor], on_layer: Callable[[int], None] | None = None
-                     ) -> list[torch.Tensor]:
+    def run_layer(self, layer: nn.Module, i: int, hidden: torch.Tensor, extra: dict | None = None) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D): decoder layer ``i`` (``layer``: the skeleton's, loaded, or a copy) on hidden
+        states that start at position 0."""
+        e = extra or self._layer_inputs(hidden)
+        return layer(hidden, attention_mask=e["masks"][self.config.layer_types[i]], position_embeddings=e["rope"],
+                     position_ids=e["position_ids"], use_cache=False)[0]
+
+    @torch.no_grad()
+    def final_hidden(self, batches: list[torch.Tensor],
+                     on_layer: Callable[[int, list[torch.Tensor]], None] | None = None) -> list[torch.Tensor]:
         """Each (B, T) id batch -> its (B, T, D) final-norm output, the layers streamed once for all batches
-        (``on_layer(i)`` after each layer: progress)."""
+        (``on_layer(i, hidden)`` after layer i with every batch's output: progress, per-layer comparisons)."""
         hidden = [self.embed(ids) for ids in batches]
         extra = [self._layer_inputs(h) for h in hidden]
         for i, layer in enumerate(self.skeleton.model.layers):
-            kind = self.config.layer_types[i]
             with self.loaded(layer, f"model.layers.{i}."):
-                hidden = [layer(h, attention_mask=e["masks"][kind], position_embeddings=e["rope"],
-                                position_ids=e["position_ids"], use_cache=False)[0] for h, e in zip(hidden, extra)]
+                hidden = [self.run_layer(layer, i, h, e) for h, e in zip(hidden, extra)]
             if on_layer is not None:
-                on_layer(i)
+                on_layer(i, hidden)
         with self.loaded(self.skeleton.model.norm, "model.norm.") as norm:
             return [norm(h) for h in hidden]
 
     @torch.no_grad()
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) -> (B, T, V) fp32 logits, HEAD_ROWS vocabulary rows of the head at a time."""
+        """(B, T, D) -> (B, T, V) fp32 logits, HEAD_ROWS vocabulary rows of the head at a time (a quantized head,
+        which cannot be read by rows, whole)."""
+        lm_head = self.skeleton.lm_head
+        if not isinstance(lm_head, nn.Linear):
+            with self.loaded(lm_head, "lm_head.") as module:
+                return module(hidden).float()
         V = self.config.vocab_size
         logits = torch.empty(*hidden.shape[:-1], V, dtype=torch.float32)
         for start, rows in self.reader.row_blocks(self.head_name, HEAD_ROWS, self.dtype):

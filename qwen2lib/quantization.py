@@ -24,12 +24,13 @@ from transformers.utils import logging as hf_logging
 
 from .artifacts import default_workdir, read_metrics, stage_dir
 from .calibration import describe as describe_calibration, ensure_calibration
-from .deploy import ensure_patched, load_deploy_package, package_auto_map, package_target, verify_package_code
-from .deploy.quantizer import (DEFAULT_GROUP_SIZE, DEFAULT_SKIP, INT4_SCHEMES, INT8_MODELING_FILE, INT8_CLASS,
-                               INT8_SCHEMES, QUANT_METHOD, SCHEMES, WEIGHTS_FILE, Int8Linear, QuantizationError,
-                               check_alpha, check_group_size, dequantize_weight, int8_auto_map, int8_code,
-                               is_int4_linear, is_int8_linear, is_skipped, load_stats, quantize_model, save_quantized)
-from .fidelity import fidelity_report, heldout_blocks as make_heldout_blocks, per_layer_sqnr
+from .deploy import ensure_patched, package_auto_map, package_target, verify_package_code
+from .deploy.quantized_package import INT8_CLASS, INT8_MODELING_FILE, WEIGHTS_FILE, int8_auto_map, int8_code, save_quantized
+from .deploy.quantizer import (DEFAULT_GROUP_SIZE, DEFAULT_SKIP, INT4_SCHEMES, INT8_SCHEMES, QUANT_METHOD, SCHEMES,
+                               Int8Linear, QuantizationError, check_alpha, check_group_size, dequantize_weight,
+                               is_int4_linear, is_int8_linear, is_skipped, load_stats, quantize_model)
+from .fidelity import fidelity_report, heldout_blocks as make_heldout_blocks, sqnr_db
+from .layerwise import LayerwiseModel
 from .stages import ensure_stage, recorded_request
 
 __all__ = ["DEFAULT_SKIP", "INT4_SCHEMES", "INT8_CLASS", "INT8_MODELING_FILE", "INT8_SCHEMES", "Int8Linear",
@@ -62,15 +63,14 @@ def load_quantized(package_dir: str | os.PathLike, **kwargs):
 # ---- sizes and timings --------------------------------------------------------------------------
 
 
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def memory_bytes(model) -> int:
-    """Bytes of every parameter and buffer, shared storage (tied embeddings) counted once."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
+    """Bytes of every parameter and buffer, shared ones (tied embeddings) counted once; a model on the ``meta``
+    device counts what it would hold."""
+    return tensor_bytes([t for _, t in model.named_parameters()] + [t for _, t in model.named_buffers()])
 
 
 def linear_bytes(model) -> int:
@@ -79,7 +79,7 @@ def linear_bytes(model) -> int:
     for name, module in model.named_modules():
         quantized = is_int8_linear(module) or is_int4_linear(module)
         if (isinstance(module, nn.Linear) or quantized) and not name.endswith("lm_head"):
-            total += sum(t.untyped_storage().nbytes() for t in list(module.parameters()) + list(module.buffers()))
+            total += tensor_bytes(list(module.parameters()) + list(module.buffers()))
     return total
 
 
@@ -230,20 +230,18 @@ def ensure_quantized(model: str = "tiny", weights: str = "auto", workdir: str | 
         request["group_size"] = group_size
 
     def build(tmp: Path) -> dict:
-        reference = load_deploy_package(package, torch.float32)
-        candidate = load_deploy_package(package, torch.float32)
-        for model in (reference, candidate):  # the fidelity report scores every position; the saved package
-            model.config.insert_slice = False  # keeps the deploy package's insert_slice (its config.json)
         stats = load_stats(calibration_dir)
+        reference = LayerwiseModel(package)  # the package's classes, no weights: the streamed fp32 reference
         started = time.perf_counter()
         extra = {"group_size": group_size} if scheme in INT4_SCHEMES else {}
-        candidate.quantize(scheme, stats=stats, alpha=alpha, skip=skip, **extra)  # the package's entry point
+        # the package's own entry point, one decoder layer at a time
+        type(reference.skeleton).quantize_checkpoint(package, tmp, scheme, stats=stats, alpha=alpha, skip=skip, **extra)
         quantize_s = time.perf_counter() - started
         blocks = make_heldout_blocks(AutoTokenizer.from_pretrained(str(package)), heldout_blocks, heldout_len, seed=seed)
-        report = fidelity_report(logits_fn(reference), logits_fn(candidate), blocks, batch_size=1)
-        sqnr = per_layer_sqnr(reference, candidate, blocks[:1])
-        candidate.save_quantized(tmp, package)  # the package's own writer
-        sizes = {label: {"disk_bytes": disk_bytes(folder), "memory_bytes": memory_bytes(m), "linear_bytes": linear_bytes(m)}
+        candidate = LayerwiseModel(tmp, verify=verify_quantized_code)
+        report, sqnr = streamed_fidelity(reference, candidate, blocks)
+        sizes = {label: {"disk_bytes": disk_bytes(folder), "memory_bytes": memory_bytes(m.skeleton),
+                         "linear_bytes": linear_bytes(m.skeleton)}
                  for label, folder, m in (("fp32", package, reference), (scheme, tmp, candidate))}
         # the reference runs in fp32, but its bytes on disk are the checkpoint as shipped (often bf16)
         package_config = json.loads((package / "config.json").read_text(encoding="utf-8"))
@@ -261,6 +259,35 @@ def ensure_quantized(model: str = "tiny", weights: str = "auto", workdir: str | 
 
     return ensure_stage("quantized", out, request, {"patched": package, "calibration": calibration_dir}, build,
                         force=force, verbose=verbose)
+
+
+def streamed_fidelity(reference: LayerwiseModel, candidate: LayerwiseModel, blocks: torch.Tensor) -> tuple[dict, dict]:
+    """The fidelity report of ``candidate`` against ``reference`` on the (N, T) held-out blocks, and the SQNR of
+    every decoder layer's output on the first block: each model streamed once over its layers (one block per
+    batch, as the whole model ran them), the heads applied block by block."""
+    batches = [blocks[i : i + 1] for i in range(blocks.shape[0])]
+    layer_outputs: dict[str, dict[str, torch.Tensor]] = {"reference": {}, "candidate": {}}
+    hidden = {}
+    for side, model in (("reference", reference), ("candidate", candidate)):
+        def keep_first(i, states, kept=layer_outputs[side]):
+            kept[f"layers.{i}"] = states[0].clone()
+
+        hidden[side] = model.final_hidden(batches, on_layer=keep_first)
+
+    def replay(side: str, model: LayerwiseModel):
+        pending = list(zip(batches, hidden[side]))
+
+        def logits(ids: torch.Tensor) -> torch.Tensor:
+            expected, states = pending.pop(0)
+            if not torch.equal(expected, ids):
+                raise RuntimeError("the fidelity report asked for blocks in another order than they were run")
+            return model.head(states)
+
+        return logits
+
+    report = fidelity_report(replay("reference", reference), replay("candidate", candidate), blocks, batch_size=1)
+    ref, cand = layer_outputs["reference"], layer_outputs["candidate"]
+    return report, {name: sqnr_db(ref[name], cand[name]) for name in ref}
 
 
 # The graph's projections and the Linear whose input each one reads (q|k|v share one input, gate|up another).

@@ -35,11 +35,13 @@ ALLOWED_MODELING_IMPORTS = {
     "transformers.utils",
     ".configuration_qwen2_onnx",
     ".quantization_onnx",
+    ".quantized_package_onnx",
 }
 # The quantizer the package carries: torch, numpy, safetensors and the standard library (qwen2lib's error base only
 # where it is installed, inside a try).
-ALLOWED_QUANTIZATION_IMPORTS = {"__future__", "fnmatch", "json", "os", "shutil", "pathlib", "typing", "numpy", "torch",
-                                "torch.nn", "torch.nn.functional", "safetensors.torch", "qwen2lib.errors"}
+ALLOWED_QUANTIZATION_IMPORTS = {"__future__", "copy", "fnmatch", "json", "os", "shutil", "pathlib", "typing", "numpy",
+                                "torch", "torch.nn", "torch.nn.functional", "safetensors", "safetensors.torch",
+                                "qwen2lib.errors", ".quantization_onnx"}
 ALLOWED_CONFIGURATION_IMPORTS = {
     "huggingface_hub.dataclasses",
     "transformers.configuration_utils",
@@ -254,8 +256,9 @@ def test_generated_files_import_only_the_allowed_modules():
     modeling, configuration = imported_modules(sources.modeling), imported_modules(sources.configuration)
     assert modeling <= ALLOWED_MODELING_IMPORTS, modeling - ALLOWED_MODELING_IMPORTS
     assert configuration <= ALLOWED_CONFIGURATION_IMPORTS, configuration - ALLOWED_CONFIGURATION_IMPORTS
-    quantization = imported_modules(sources.quantization)
-    assert quantization <= ALLOWED_QUANTIZATION_IMPORTS, quantization - ALLOWED_QUANTIZATION_IMPORTS
+    for text in (sources.quantization, sources.quantized_package):  # torch, numpy, safetensors and each other only
+        quantization = imported_modules(text)
+        assert quantization <= ALLOWED_QUANTIZATION_IMPORTS, quantization - ALLOWED_QUANTIZATION_IMPORTS
     assert "masking_utils" not in sources.modeling and "ALL_ATTENTION_FUNCTIONS" not in sources.modeling
 
 
@@ -482,6 +485,7 @@ else:
     raise SystemExit("qwen2lib is importable here: this is not a check of a package on its own")
 package, stats, out = map(Path, sys.argv[1:4])
 ids = torch.arange(3, 19)[None]
+logits = {}
 for scheme in ("w8a16", "smoothquant", "w4a16"):
     model = AutoModelForCausalLM.from_pretrained(package, trust_remote_code=True).eval()
     model.quantize(scheme, stats=stats if scheme == "smoothquant" else None, **({"group_size": 32} if scheme == "w4a16" else {}))
@@ -491,7 +495,13 @@ for scheme in ("w8a16", "smoothquant", "w4a16"):
     reloaded = AutoModelForCausalLM.from_pretrained(out / scheme, trust_remote_code=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=0)
+    logits[scheme] = expected
     print(scheme, type(reloaded.model.layers[0].mlp.up_proj).__name__)
+streamed = type(model).quantize_checkpoint(package, out / "streamed", "smoothquant", stats=stats)  # layer by layer
+reloaded = AutoModelForCausalLM.from_pretrained(streamed, trust_remote_code=True).eval()
+with torch.no_grad():
+    torch.testing.assert_close(reloaded(ids).logits, logits["smoothquant"], rtol=0, atol=0)
+print("streamed", type(reloaded.model.layers[0].self_attn.q_proj).__name__)
 """
 
 
@@ -522,7 +532,7 @@ def test_a_deploy_package_quantizes_and_reloads_without_qwen2lib(package_of, tmp
 
     _, package = package_of("plain")
     assert sorted(p.name for p in package.glob("*.py")) == [
-        "configuration_qwen2_onnx.py", "modeling_qwen2_onnx.py", "quantization_onnx.py"]
+        "configuration_qwen2_onnx.py", "modeling_qwen2_onnx.py", "quantization_onnx.py", "quantized_package_onnx.py"]
     model = deploy.load_deploy_package(package)
     (tmp_path / "stats").mkdir()
     save_file(absmax_stats(model, prompt(32)), str(tmp_path / "stats" / STATS_FILE))
@@ -534,8 +544,9 @@ def test_a_deploy_package_quantizes_and_reloads_without_qwen2lib(package_of, tmp
     done = subprocess.run([python, "-I", script, package, tmp_path / "stats", tmp_path / "out"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    assert done.stdout.split() == ["w8a16", "Int8Linear", "smoothquant", "Int8Linear", "w4a16", "Int4Linear"], done.stdout
-    for scheme in ("w8a16", "smoothquant"):  # what the package wrote on its own is what qwen2lib writes and loads
+    assert done.stdout.split() == ["w8a16", "Int8Linear", "smoothquant", "Int8Linear", "w4a16", "Int4Linear",
+                                   "streamed", "Int8Linear"], done.stdout
+    for scheme in ("w8a16", "smoothquant", "streamed"):  # what the package wrote on its own is what qwen2lib writes and loads
         q.verify_quantized_code(tmp_path / "out" / scheme)
         assert q.is_int8_linear(q.load_quantized(tmp_path / "out" / scheme).model.layers[1].self_attn.q_proj)
 

@@ -147,6 +147,43 @@ def test_save_and_reload_through_trust_remote_code_is_identical(deploy_package, 
     assert is_quantized(q.load_quantized(out).model.layers[0].mlp.gate_proj)
 
 
+@pytest.mark.parametrize("scheme", q.SCHEMES)
+@pytest.mark.parametrize("tied, skip", [(True, ("lm_head",)), (False, ())])  # untied: the head quantized too
+def test_quantize_checkpoint_streams_the_same_package_as_quantize_then_save(tmp_path, scheme, tied, skip):
+    """The package's layer-by-layer entry point writes the very tensors and config of the in-memory path, in
+    shards when asked (a 40 kB shard limit forces several), and the package reloads from them."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
+
+    from qwen2lib.calibration import collect_activation_stats
+    from qwen2lib.deploy import build_deploy_package
+
+    torch.manual_seed(3)
+    Qwen2ForCausalLM(tiny_hf_config(tie_word_embeddings=tied)).eval().save_pretrained(tmp_path / "ckpt")
+    package = build_deploy_package(tmp_path / "ckpt", tmp_path / "patched")
+    model = AutoModelForCausalLM.from_pretrained(package, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+    stats = collect_activation_stats(model, ids, progress=False) if scheme in ("smoothquant", "awq") else None
+    settings = dict(stats=stats, skip=skip, **({"group_size": 32} if scheme in q.INT4_SCHEMES else {}))
+    whole = model.quantize(scheme, **settings).save_quantized(tmp_path / "whole")
+    streamed = type(model).quantize_checkpoint(package, tmp_path / "streamed", scheme, max_shard_bytes=40_000,
+                                               **settings)
+    shards = sorted(streamed.glob("*.safetensors"))
+    assert len(shards) > 2 and (streamed / "model.safetensors.index.json").is_file()
+    expected = load_file(whole / q.WEIGHTS_FILE)
+    got = {}
+    for shard in shards:
+        got.update(load_file(shard))
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+    assert json.loads((streamed / "config.json").read_text()) == json.loads((whole / "config.json").read_text())
+    assert sorted(p.name for p in streamed.glob("*.py")) == sorted(p.name for p in whole.glob("*.py"))
+    reloaded = q.load_quantized(streamed)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
 # ---- int4 -------------------------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from conftest import tiny_hf_config
 from qwen2lib import footprint
 from qwen2lib.compile import load_weights
 from qwen2lib.deploy import build_deploy_package, load_deploy_package
+from qwen2lib.deploy.quantized_package import MAX_SHARD_BYTES
 from qwen2lib.errors import InsufficientMemoryError
 from qwen2lib.graph import GraphPlan, OnnxCausalLM, build_graph
 from qwen2lib.graph.verify import reference_logits_fn, streamed_reference
@@ -40,8 +41,10 @@ def test_a_stage_that_does_not_fit_is_refused_with_the_numbers():
     with pytest.raises(InsufficientMemoryError, match=r"Qwen2.5-72B int8 graph needs ~\d+ GB resident; this machine "
                                                       r"has 23 GB available"):
         footprint.check_fits(config, "inference", "Qwen2.5-72B", precision="int8", available=23 * 10**9)
-    fits = footprint.check_fits(config, "calibration", "Qwen2.5-72B", available=23 * 10**9)
-    assert fits.resident_bytes < 23 * 10**9  # one layer at a time: 72B calibrates in 23 GB
+    for stage in ("calibration", "quantized"):  # one layer at a time: 72B calibrates and quantizes in 23 GB
+        fits = footprint.check_fits(config, stage, "Qwen2.5-72B", available=23 * 10**9)
+        assert fits.resident_bytes < 23 * 10**9, stage
+    assert footprint.SHARD_BYTES == MAX_SHARD_BYTES  # the estimate's shard is the one the package writes
     int8 = footprint.estimate(config, "inference", "int8").resident_bytes
     assert 70e9 < int8 < 90e9, int8  # ~1 byte a parameter plus its scales and the cache
 
@@ -91,6 +94,27 @@ def test_streamed_reference_equals_the_whole_model(package):
     torch.testing.assert_close(streamed, whole, rtol=1e-5, atol=1e-5)
     layerwise = LayerwiseModel(package)
     assert all(p.device.type == "meta" for p in layerwise.skeleton.parameters())  # nothing left loaded after a run
+
+
+def test_streamed_fidelity_equals_the_whole_models_report(package, tmp_path):
+    """Notebook 03's report, both sides streamed layer by layer, is the report of the two whole models."""
+    from qwen2lib import quantization as q
+    from qwen2lib.fidelity import fidelity_report, per_layer_sqnr
+
+    reference = load_deploy_package(package, torch.float32)
+    type(reference).quantize_checkpoint(package, tmp_path / "int8", "w8a16")
+    candidate = q.load_quantized(tmp_path / "int8")
+    blocks = torch.randint(0, 320, (3, 16), generator=torch.Generator().manual_seed(1))
+    report, sqnr = q.streamed_fidelity(LayerwiseModel(package),
+                                       LayerwiseModel(tmp_path / "int8", verify=q.verify_quantized_code), blocks)
+    whole = fidelity_report(q.logits_fn(reference), q.logits_fn(candidate), blocks, batch_size=1)
+    assert report.keys() == whole.keys() and 0 < whole["kld_mean"]
+    for key, value in whole.items():
+        assert report[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    whole_sqnr = per_layer_sqnr(reference, candidate, blocks[:1])
+    assert sqnr.keys() == whole_sqnr.keys()
+    for name, value in whole_sqnr.items():
+        assert sqnr[name] == pytest.approx(value, abs=0.05), name
 
 
 @pytest.mark.parametrize("plan", [{}, {"quantize": ("embed_tokens", "attention", "mlp", "lm_head")}])

@@ -48,6 +48,7 @@ class PatchedSources:
     modeling: str
     configuration: str
     quantization: str
+    quantized_package: str
     applied: list[AppliedPatch]
 
     @property
@@ -62,10 +63,15 @@ class PatchedSources:
     def quantization_filename(self) -> str:
         return f"quantization_{self.target}.py"
 
+    @property
+    def quantized_package_filename(self) -> str:
+        return f"quantized_package_{self.target}.py"
+
     def files(self) -> dict[str, str]:
-        """{file name: text} of the package's three Python files."""
+        """{file name: text} of the package's four Python files."""
         return {self.modeling_filename: self.modeling, self.configuration_filename: self.configuration,
-                self.quantization_filename: self.quantization}
+                self.quantization_filename: self.quantization,
+                self.quantized_package_filename: self.quantized_package}
 
 
 def upstream_source(filename: str) -> str:
@@ -83,12 +89,22 @@ def generated_header(upstream_file: str, applied: Sequence[AppliedPatch]) -> str
     )
 
 
-def quantizer_source() -> str:
-    """The package's ``quantization_<target>.py``: qwen2lib's quantizer (``quantizer.py``), copied as it is, so the
-    package quantizes and reloads with only torch and transformers installed."""
-    return ("# Copied by qwen2lib.deploy from qwen2lib/deploy/quantizer.py (imports only torch, numpy, safetensors).\n"
-            "# Do not edit by hand: change that file and rebuild the package.\n"
-            + (Path(__file__).parent / "quantizer.py").read_text(encoding="utf-8"))
+QUANTIZER_IMPORT = "from .quantizer import ("  # quantized_package.py's one import of qwen2lib's own files
+
+
+def quantizer_sources(target: str) -> tuple[str, str]:
+    """The package's ``quantization_<target>.py`` and ``quantized_package_<target>.py``: qwen2lib's quantizer
+    (``quantizer.py``) and package writer (``quantized_package.py``), copied as they are (the writer's import of the
+    quantizer renamed), so the package quantizes and reloads with only torch and transformers installed."""
+    folder = Path(__file__).parent
+    header = ("# Copied by qwen2lib.deploy from qwen2lib/deploy/{} (imports only torch, numpy, safetensors{}).\n"
+              "# Do not edit by hand: change that file and rebuild the package.\n")
+    writer = (folder / "quantized_package.py").read_text(encoding="utf-8")
+    if writer.count(QUANTIZER_IMPORT) != 1:
+        raise RuntimeError(f"quantized_package.py must import the quantizer once, as {QUANTIZER_IMPORT!r}")
+    writer = writer.replace(QUANTIZER_IMPORT, f"from .quantization_{target} import (")
+    return (header.format("quantizer.py", "") + (folder / "quantizer.py").read_text(encoding="utf-8"),
+            header.format("quantized_package.py", f"; its import of .quantization_{target} renamed") + writer)
 
 
 def patched_sources(
@@ -107,11 +123,13 @@ def patched_sources(
         configuration_patches(target),
     )
     applied = modeling_applied + configuration_applied
+    quantization, quantized_package = quantizer_sources(target)
     return PatchedSources(
         target=target,
         modeling=generated_header(MODELING_FILE, applied) + modeling,
         configuration=generated_header(CONFIGURATION_FILE, applied) + configuration,
-        quantization=quantizer_source(),
+        quantization=quantization,
+        quantized_package=quantized_package,
         applied=applied,
     )
 

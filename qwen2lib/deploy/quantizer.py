@@ -44,9 +44,7 @@ trust_remote_code=True)`` returns the int8 model.
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
-import shutil
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -54,7 +52,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 try:  # inside qwen2lib a bad request is one of its one-line errors; alone, a plain ValueError
     from qwen2lib.errors import Qwen2LibError as _ErrorBase
@@ -70,12 +68,7 @@ AWQ_GRID = 20  # exponents a = 0, 1/20, ..., 1 tried per input
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # group range shrink factors tried per (row, group)
 QUANT_METHOD = "qwen2lib-int8"
 DEFAULT_SKIP = ("lm_head",)
-INT8_MODELING_FILE = "modeling_qwen2_int8.py"
-INT8_CLASS = "Qwen2ForCausalLMInt8"
-WEIGHTS_FILE = "model.safetensors"
 STATS_FILE = "stats.safetensors"  # the calibration stage's statistics (notebook 02)
-# Files of the deploy package a quantized package does not copy: its float weights, config and records.
-NOT_COPIED = ("config.json", "metrics.json", "model.safetensors.index.json", ".qwen2lib-folder")
 # Linears whose input is an RMSNorm's output, by the norm: the ones SmoothQuant can smooth for free.
 SMOOTH_GROUPS = (
     ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
@@ -404,26 +397,31 @@ def check_alpha(alpha: float) -> None:
 
 
 @torch.no_grad()
-def smooth_model(model, stats: Mapping[str, torch.Tensor], alpha: float = 0.5) -> dict[str, torch.Tensor]:
-    """Fold SmoothQuant factors into each layer's norms and the Linears they feed, in place (still float).
+def smooth_layer(layer, index: int, stats: Mapping[str, torch.Tensor], alpha: float = 0.5) -> dict[str, torch.Tensor]:
+    """Fold SmoothQuant factors into decoder layer ``index``'s norms and the Linears they feed, in place (still
+    float): the layer computes the same function afterwards (up to fp32 rounding): norm(x) / s then W * s.
+    Returns {"layers.{index}.{norm}": s}."""
+    factors = {}
+    for norm_name, linear_names in SMOOTH_GROUPS:
+        norm = getattr(layer, norm_name)
+        linears = [layer.get_submodule(n) for n in linear_names]
+        act = stats_absmax(stats, f"model.layers.{index}.{linear_names[0]}")
+        for n in linear_names[1:]:  # they read the same tensor; take the max in case stats differ
+            act = torch.maximum(act, stats_absmax(stats, f"model.layers.{index}.{n}"))
+        s = smoothing_factors(act, [lin.weight for lin in linears], alpha)
+        norm.weight.div_(s.to(norm.weight.dtype))
+        for lin in linears:
+            lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
+        factors[f"layers.{index}.{norm_name}"] = s
+    return factors
 
-    The model computes the same function afterwards (up to fp32 rounding): norm(x) / s then W * s.
-    Returns {"layers.{i}.{norm}": s}.
-    """
+
+def smooth_model(model, stats: Mapping[str, torch.Tensor], alpha: float = 0.5) -> dict[str, torch.Tensor]:
+    """``smooth_layer`` on every decoder layer of a whole model. Returns {"layers.{i}.{norm}": s}."""
     check_alpha(alpha)
     factors = {}
     for i, layer in enumerate(model.model.layers):
-        for norm_name, linear_names in SMOOTH_GROUPS:
-            norm = getattr(layer, norm_name)
-            linears = [layer.get_submodule(n) for n in linear_names]
-            act = stats_absmax(stats, f"model.layers.{i}.{linear_names[0]}")
-            for n in linear_names[1:]:  # they read the same tensor; take the max in case stats differ
-                act = torch.maximum(act, stats_absmax(stats, f"model.layers.{i}.{n}"))
-            s = smoothing_factors(act, [lin.weight for lin in linears], alpha)
-            norm.weight.div_(s.to(norm.weight.dtype))
-            for lin in linears:
-                lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
-            factors[f"layers.{i}.{norm_name}"] = s
+        factors.update(smooth_layer(layer, i, stats, alpha))
     return factors
 
 
@@ -461,30 +459,36 @@ def awq_factors(weights: Iterable[torch.Tensor], meansq: torch.Tensor, group_siz
 
 
 @torch.no_grad()
-def awq_model(model, stats: Mapping[str, torch.Tensor], group_size: int) -> dict[str, torch.Tensor]:
-    """Fold AWQ scales into each layer in place (still float: the model computes the same function up to fp32
-    rounding) and return, per Linear, the importance E[X_j^2] of its (now scaled) input for the clipping.
+def awq_layer(layer, index: int, stats: Mapping[str, torch.Tensor], group_size: int) -> dict[str, torch.Tensor]:
+    """Fold AWQ scales into decoder layer ``index`` in place (still float: it computes the same function up to
+    fp32 rounding) and return, per Linear, the importance E[X_j^2] of its (now scaled) input for the clipping.
 
     down_proj first (its s divides up_proj's rows), then q|k|v and gate|up (their s divides the norm's weight);
     o_proj is left unscaled."""
     importance = {}
+    p, mlp = f"model.layers.{index}", layer.mlp
+    h = stats_meansq(stats, f"{p}.mlp.down_proj")
+    s = awq_factors([mlp.down_proj.weight], h, group_size)
+    mlp.up_proj.weight.div_(s.to(mlp.up_proj.weight.dtype)[:, None])
+    mlp.down_proj.weight.mul_(s.to(mlp.down_proj.weight.dtype)[None, :])
+    importance[f"{p}.mlp.down_proj"] = h / s.square()
+    for norm_name, linear_names in SMOOTH_GROUPS:
+        norm, linears = getattr(layer, norm_name), [layer.get_submodule(n) for n in linear_names]
+        h = stats_meansq(stats, f"{p}.{linear_names[0]}")
+        s = awq_factors([lin.weight for lin in linears], h, group_size)
+        norm.weight.div_(s.to(norm.weight.dtype))
+        for name, lin in zip(linear_names, linears):
+            lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
+            importance[f"{p}.{name}"] = h / s.square()
+    importance[f"{p}.self_attn.o_proj"] = stats_meansq(stats, f"{p}.self_attn.o_proj")
+    return importance
+
+
+def awq_model(model, stats: Mapping[str, torch.Tensor], group_size: int) -> dict[str, torch.Tensor]:
+    """``awq_layer`` on every decoder layer of a whole model: {Linear name: importance of its input}."""
+    importance = {}
     for i, layer in enumerate(model.model.layers):
-        p = f"model.layers.{i}"
-        mlp = layer.mlp
-        h = stats_meansq(stats, f"{p}.mlp.down_proj")
-        s = awq_factors([mlp.down_proj.weight], h, group_size)
-        mlp.up_proj.weight.div_(s.to(mlp.up_proj.weight.dtype)[:, None])
-        mlp.down_proj.weight.mul_(s.to(mlp.down_proj.weight.dtype)[None, :])
-        importance[f"{p}.mlp.down_proj"] = h / s.square()
-        for norm_name, linear_names in SMOOTH_GROUPS:
-            norm, linears = getattr(layer, norm_name), [layer.get_submodule(n) for n in linear_names]
-            h = stats_meansq(stats, f"{p}.{linear_names[0]}")
-            s = awq_factors([lin.weight for lin in linears], h, group_size)
-            norm.weight.div_(s.to(norm.weight.dtype))
-            for name, lin in zip(linear_names, linears):
-                lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
-                importance[f"{p}.{name}"] = h / s.square()
-        importance[f"{p}.self_attn.o_proj"] = stats_meansq(stats, f"{p}.self_attn.o_proj")
+        importance.update(awq_layer(layer, i, stats, group_size))
     return importance
 
 
@@ -497,8 +501,86 @@ def is_skipped(name: str, skip: Iterable[str]) -> bool:
     return any(name == p or leaf == p or fnmatch.fnmatchcase(name, p) for p in skip)
 
 
-def smoothed_linear_names(model) -> set[str]:
-    return {f"model.layers.{i}.{n}" for i in range(len(model.model.layers)) for _, names in SMOOTH_GROUPS for n in names}
+def check_request(scheme: str, stats, group_size: int):
+    """Refuse an unknown scheme or a calibrated one without statistics; returns the statistics as tensors."""
+    if scheme not in SCHEMES:
+        raise QuantizationError(f"scheme={scheme!r}: choose one of {', '.join(SCHEMES)}")
+    if scheme in INT4_SCHEMES:
+        check_group_size(group_size)
+    if scheme not in ("smoothquant", "awq"):
+        return stats
+    if stats is None:
+        raise QuantizationError(
+            f"scheme={scheme!r} needs activation statistics: pass stats=<calibration folder> (from "
+            "`qwen2lib calibrate`, notebook 02) or the dict of tensors it saved"
+        )
+    return stats if isinstance(stats, Mapping) else load_stats(stats)
+
+
+def plan_modules(model, scheme: str, skip: Iterable[str]) -> dict[str, str]:
+    """{Linear name: "w8a16" | "w8a8" | "w4a16"}: what ``scheme`` makes of each nn.Linear not skipped (works on a
+    model on the ``meta`` device: names and types only)."""
+    smoothed = {n for _, names in SMOOTH_GROUPS for n in names}
+    plan = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or is_skipped(name, skip):
+            continue
+        in_layer = name.startswith("model.layers.") and name.split(".", 3)[3] in smoothed
+        plan[name] = ("w4a16" if scheme in INT4_SCHEMES else
+                      "w8a8" if scheme == "smoothquant" and in_layer else "w8a16")
+    if not plan:
+        raise QuantizationError(f"no nn.Linear left to quantize (skip={tuple(skip)}): is the model already quantized?")
+    return plan
+
+
+def quantized_module(linear: nn.Linear, kind: str, group_size: int, importance=None) -> nn.Module:
+    if kind == "w4a16":
+        return Int4Linear.from_linear(linear, group_size, importance)
+    return Int8Linear.from_linear(linear, "int8" if kind == "w8a8" else "bf16")
+
+
+def replace_linears(root: nn.Module, prefix: str, plan: Mapping[str, str], group_size: int,
+                    importance: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Swap the Linears of ``root`` (whose name in the model is ``prefix``) that ``plan`` names for their
+    quantized modules, in place."""
+    for name, module in list(root.named_modules()):
+        full = f"{prefix}.{name}" if prefix and name else prefix or name
+        if full in plan and isinstance(module, nn.Linear):
+            new = quantized_module(module, plan[full], group_size, (importance or {}).get(full))
+            parent_name, _, leaf = name.rpartition(".")
+            root.get_submodule(parent_name).__setattr__(leaf, new)
+
+
+@torch.no_grad()
+def quantize_layer(layer, index: int, scheme: str, plan: Mapping[str, str], *, stats=None, alpha: float = 0.5,
+                   group_size: int = DEFAULT_GROUP_SIZE) -> None:
+    """Quantize decoder layer ``index`` in place: fold SmoothQuant / AWQ scales (their schemes), then swap in the
+    ``plan``'s quantized modules. The unit both ``quantize_model`` and ``quantize_checkpoint`` run."""
+    importance = {}
+    if scheme == "smoothquant":
+        smooth_layer(layer, index, stats, alpha)
+    elif scheme == "awq":
+        importance = awq_layer(layer, index, stats, group_size)
+    replace_linears(layer, f"model.layers.{index}", plan, group_size, importance)
+
+
+def quantization_config(scheme: str, plan: Mapping[str, str], *, alpha: float, group_size: int,
+                        skip: Iterable[str]) -> dict:
+    """The ``quantization_config`` a quantized package's config.json carries (what ``convert_to_int8_modules``
+    reads back)."""
+    int4 = scheme in INT4_SCHEMES
+    return {
+        "quant_method": QUANT_METHOD,
+        "scheme": scheme,
+        "weights": (f"int4 asymmetric, one fp32 scale and uint8 zero point per group of {group_size} inputs" if int4
+                    else "int8, symmetric, one fp32 scale per output channel"),
+        "activations": ({"w4a16": "float (weights dequantized)"} if int4 else
+                        {"w8a16": "bf16", "w8a8": "int8, symmetric, dynamic per token"}),
+        "alpha": alpha if scheme == "smoothquant" else None,
+        "group_size": group_size if int4 else None,
+        "skip": list(skip),
+        "modules": dict(plan),
+    }
 
 
 @torch.no_grad()
@@ -509,57 +591,20 @@ def quantize_model(model, scheme: str = "w8a16", *, stats: Mapping[str, torch.Te
     ``scheme``: "w8a16", "smoothquant" (needs ``stats``: a calibration folder or its tensors), "w4a16" (int4,
     round to nearest, groups of ``group_size`` inputs) or "awq" (int4, needs ``stats``). ``skip``: Linear names
     or patterns kept in float (default: lm_head). The applied settings are recorded in
-    ``model.config.quantization_config``, which ``save_quantized`` writes to config.json.
+    ``model.config.quantization_config``, which ``save_quantized`` writes to config.json. The whole model is in
+    memory; ``quantize_checkpoint`` does the same one decoder layer at a time.
     """
-    if scheme not in SCHEMES:
-        raise QuantizationError(f"scheme={scheme!r}: choose one of {', '.join(SCHEMES)}")
     skip = tuple(skip)
-    if scheme in ("smoothquant", "awq"):
-        if stats is None:
-            raise QuantizationError(
-                f"scheme={scheme!r} needs activation statistics: pass stats=<calibration folder> (from "
-                "`qwen2lib calibrate`, notebook 02) or the dict of tensors it saved"
-            )
-        if not isinstance(stats, Mapping):
-            stats = load_stats(stats)
-    int8_activations: set[str] = set()
-    importance: dict[str, torch.Tensor] = {}
+    stats = check_request(scheme, stats, group_size)
     if scheme == "smoothquant":
-        smooth_model(model, stats, alpha)
-        int8_activations = {n for n in smoothed_linear_names(model) if not is_skipped(n, skip)}
-    if scheme in INT4_SCHEMES:
-        check_group_size(group_size)
-    if scheme == "awq":
-        importance = awq_model(model, stats, group_size)
-    modules = {}
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or is_skipped(name, skip):
-            continue
-        if scheme in INT4_SCHEMES:
-            new, kind = Int4Linear.from_linear(module, group_size, importance.get(name)), "w4a16"
-        else:
-            kind = "w8a8" if name in int8_activations else "w8a16"
-            new = Int8Linear.from_linear(module, "int8" if kind == "w8a8" else "bf16")
-        parent_name, _, leaf = name.rpartition(".")
-        model.get_submodule(parent_name).__setattr__(leaf, new)
-        modules[name] = kind
-    if not modules:
-        raise QuantizationError(f"no nn.Linear left to quantize (skip={skip}): is the model already quantized?")
-    int4 = scheme in INT4_SCHEMES
-    config = {
-        "quant_method": QUANT_METHOD,
-        "scheme": scheme,
-        "weights": (f"int4 asymmetric, one fp32 scale and uint8 zero point per group of {group_size} inputs" if int4
-                    else "int8, symmetric, one fp32 scale per output channel"),
-        "activations": ({"w4a16": "float (weights dequantized)"} if int4 else
-                        {"w8a16": "bf16", "w8a8": "int8, symmetric, dynamic per token"}),
-        "alpha": alpha if scheme == "smoothquant" else None,
-        "group_size": group_size if int4 else None,
-        "skip": list(skip),
-        "modules": modules,
-    }
+        check_alpha(alpha)
+    plan = plan_modules(model, scheme, skip)
+    for i, layer in enumerate(model.model.layers):
+        quantize_layer(layer, i, scheme, plan, stats=stats, alpha=alpha, group_size=group_size)
+    replace_linears(model, "", {n: k for n, k in plan.items() if not n.startswith("model.layers.")}, group_size)
     if getattr(model, "config", None) is not None:
-        model.config.quantization_config = config
+        model.config.quantization_config = quantization_config(scheme, plan, alpha=alpha, group_size=group_size,
+                                                               skip=skip)
     return model
 
 
@@ -576,89 +621,3 @@ def convert_to_int8_modules(model, quantization_config: Mapping) -> None:
             module = Int8Linear(linear.in_features, linear.out_features, linear.bias is not None,
                                 "int8" if kind == "w8a8" else "bf16")
         model.get_submodule(parent_name).__setattr__(leaf, module)
-
-
-# ---- the quantized package ----------------------------------------------------------------------
-
-# The template's import lines start with "{from_}": transformers reads every line of a package file that starts with
-# "from ." as an import of the package's own modules, this file's text included.
-INT8_MODELING_SOURCE = '''"""Int8 variant of the patched Qwen2ForCausalLM, written by {quantization_module}.py.
-
-Before the weights load, the Linears that config.quantization_config lists become Int8Linear modules
-(int8 weight + fp32 weight_scale buffers), so AutoModelForCausalLM.from_pretrained(package,
-trust_remote_code=True) returns the int8 model.
-"""
-{from_} .{patched_module} import Qwen2ForCausalLM
-{from_} .{quantization_module} import convert_to_int8_modules
-
-
-class {cls}(Qwen2ForCausalLM):
-    def __init__(self, config):
-        super().__init__(config)
-        quantization_config = getattr(config, "quantization_config", None)
-        if quantization_config:
-            convert_to_int8_modules(self, quantization_config)
-'''
-
-
-def package_module(package: Path, prefix: str) -> str:
-    """The module name of the package's ``<prefix>_<target>.py`` (the int8 modeling file aside)."""
-    found = sorted(p.stem for p in Path(package).glob(f"{prefix}_*.py") if p.name != INT8_MODELING_FILE)
-    if not found:
-        raise QuantizationError(f"{package} holds no {prefix}_<target>.py: is it a deploy package (notebook 01)?")
-    return found[0]
-
-
-def int8_code(package: str | os.PathLike) -> dict[str, str]:
-    """{INT8_MODELING_FILE: text}: the one Python file a quantized package adds to the deploy package's."""
-    text = INT8_MODELING_SOURCE.format(patched_module=package_module(Path(package), "modeling_qwen2"),
-                                       quantization_module=package_module(Path(package), "quantization"),
-                                       cls=INT8_CLASS, from_="from")
-    return {INT8_MODELING_FILE: text}
-
-
-def int8_auto_map(deploy_auto_map: Mapping[str, str]) -> dict[str, str]:
-    return dict(deploy_auto_map, AutoModelForCausalLM=f"{Path(INT8_MODELING_FILE).stem}.{INT8_CLASS}")
-
-
-def state_dict_for_saving(model) -> dict[str, torch.Tensor]:
-    """Every tensor once: a tied lm_head (it shares the embedding's storage) is left to the loader to re-tie."""
-    state, seen = {}, set()
-    for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if key in seen:
-            continue
-        seen.add(key)
-        state[name] = tensor.detach().contiguous().cpu()
-    return state
-
-
-def save_quantized(model, out_dir: str | os.PathLike, deploy_package: str | os.PathLike | None = None) -> Path:
-    """Write the quantized package into ``out_dir`` (created if missing; use an empty folder): the deploy
-    package's code and tokenizer (``deploy_package``, by default the folder the model was loaded from), the int8
-    modeling file, config.json with ``quantization_config``, and the weights."""
-    src = Path(deploy_package or model.name_or_path)
-    out = Path(out_dir)
-    config = getattr(model.config, "quantization_config", None)
-    if not config or config.get("quant_method") != QUANT_METHOD:
-        raise QuantizationError("the model carries no quantization_config of this quantizer: call quantize() first")
-    if not (src / "config.json").is_file():
-        raise QuantizationError(f"{src} is not the deploy package folder: pass deploy_package=<its folder>")
-    out.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():  # code, tokenizer and notes; not the float weights, the records or any symlink
-        if f.is_file() and not f.is_symlink() and f.suffix != ".safetensors" and f.name not in NOT_COPIED:
-            shutil.copy2(f, out / f.name)
-    for name, text in int8_code(src).items():
-        (out / name).write_text(text, encoding="utf-8")
-    package_config = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    package_config["auto_map"] = int8_auto_map(package_config.get("auto_map") or {})
-    package_config["architectures"] = [INT8_CLASS]
-    package_config["quantization_config"] = config
-    # The float tensors (embeddings, norms, biases, scales) are saved as the model holds them; "auto" loading
-    # must not cast them to the checkpoint's original dtype (a bf16 checkpoint would get bf16 scales).
-    float_dtypes = {t.dtype for t in model.state_dict().values() if t.is_floating_point()}
-    package_config["dtype"] = str(max(float_dtypes, key=lambda d: torch.finfo(d).bits)).removeprefix("torch.")
-    package_config.pop("torch_dtype", None)
-    (out / "config.json").write_text(json.dumps(package_config, indent=2) + "\n", encoding="utf-8")
-    save_file(state_dict_for_saving(model), str(out / WEIGHTS_FILE), metadata={"format": "pt", "quant_method": QUANT_METHOD})
-    return out

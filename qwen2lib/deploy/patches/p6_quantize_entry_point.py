@@ -6,6 +6,7 @@ from ..patch import MODELING_FILE, Edit, Patch, anchored_patch
 
 def quantize_methods_source(target: str) -> str:
     module = f"quantization_{target}"  # the package's own copy of qwen2lib/deploy/quantizer.py
+    writer = f"quantized_package_{target}"  # and of qwen2lib/deploy/quantized_package.py
     return f'''
     def quantize(self, *args, **kwargs):
         """Quantize this model for deployment, in place, and return it: `{module}.quantize_model(self, ...)`
@@ -18,9 +19,22 @@ def quantize_methods_source(target: str) -> str:
     def save_quantized(self, out_dir, deploy_package=None):
         """Write the quantized package (code, tokenizer, int8 weights) into out_dir; load it again with
         AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)."""
-        from .{module} import save_quantized
+        from .{writer} import save_quantized
 
         return save_quantized(self, out_dir, deploy_package)
+
+    @classmethod
+    def quantize_checkpoint(cls, deploy_package, out_dir, *args, **kwargs):
+        """quantize() then save_quantized() without loading the model: the package's weights are read, quantized
+        and written one decoder layer at a time (`{writer}.quantize_checkpoint`), so any size fits in memory."""
+        import torch
+
+        from .{writer} import quantize_checkpoint
+
+        config = cls.config_class.from_pretrained(deploy_package)
+        with torch.device("meta"):
+            skeleton = cls(config)
+        return quantize_checkpoint(skeleton, deploy_package, out_dir, *args, **kwargs)
 
 
 class Qwen2ForSequenceClassification('''
@@ -29,8 +43,10 @@ class Qwen2ForSequenceClassification('''
 def quantize_entry_point_patch(target: str) -> Patch:
     return anchored_patch(
         "quantize_entry_point",
-        f"Qwen2ForCausalLM.quantize(*args, **kwargs) and .save_quantized(out_dir): the package's entry points for "
-        f"int8, calling its own quantization_{target}.py (a copy of qwen2lib's quantizer, imported when called).",
+        f"Qwen2ForCausalLM.quantize(*args, **kwargs), .save_quantized(out_dir) and the streamed "
+        f".quantize_checkpoint(package, out_dir, scheme): the package's entry points for int8/int4, calling its own "
+        f"quantization_{target}.py and quantized_package_{target}.py (copies of qwen2lib's quantizer, imported "
+        f"when called).",
         MODELING_FILE,
         (Edit("\n\nclass Qwen2ForSequenceClassification(", quantize_methods_source(target)),),
     )
