@@ -35,7 +35,7 @@ from .stages import ensure_stage, recorded_request
 
 __all__ = ["DEFAULT_SKIP", "INT4_SCHEMES", "INT8_CLASS", "INT8_MODELING_FILE", "INT8_SCHEMES", "Int8Linear",
            "QUANT_METHOD", "QuantizationError", "SCHEMES", "WEIGHTS_FILE", "activation_outliers", "dequantize_weight", "disk_bytes", "ensure_quantized",
-           "is_int4_linear", "is_int8_linear", "is_skipped",
+           "is_int4_linear", "is_int8_linear", "is_skipped", "layerwise_quantized", "streamed_fidelity",
            "linear_bytes", "load_quantized", "logits_fn", "matmul_timings", "memory_bytes", "quantize_model",
            "save_quantized", "size_table", "verify_quantized_code"]
 
@@ -45,6 +45,11 @@ def verify_quantized_code(package: str | os.PathLike) -> dict[str, str]:
     package = Path(package)
     auto_map = int8_auto_map(package_auto_map(package_target(package)))
     return verify_package_code(package, int8_code(package), auto_map)
+
+
+def layerwise_quantized(package_dir: str | os.PathLike) -> LayerwiseModel:
+    """A quantized package's model built without weights (its code checked), run one decoder layer at a time."""
+    return LayerwiseModel(package_dir, verify=verify_quantized_code)
 
 
 def load_quantized(package_dir: str | os.PathLike, **kwargs):
@@ -238,7 +243,7 @@ def ensure_quantized(model: str = "tiny", weights: str = "auto", workdir: str | 
         type(reference.skeleton).quantize_checkpoint(package, tmp, scheme, stats=stats, alpha=alpha, skip=skip, **extra)
         quantize_s = time.perf_counter() - started
         blocks = make_heldout_blocks(AutoTokenizer.from_pretrained(str(package)), heldout_blocks, heldout_len, seed=seed)
-        candidate = LayerwiseModel(tmp, verify=verify_quantized_code)
+        candidate = layerwise_quantized(tmp)
         report, sqnr = streamed_fidelity(reference, candidate, blocks)
         sizes = {label: {"disk_bytes": disk_bytes(folder), "memory_bytes": memory_bytes(m.skeleton),
                          "linear_bytes": linear_bytes(m.skeleton)}
