@@ -285,6 +285,7 @@ def test_cli_quantize_w8a16_and_bad_scheme(tmp_path, capsys):
 
 
 def test_reload_keeps_fp32_scales_of_a_bf16_checkpoint(tmp_path):
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from qwen2lib.deploy import build_deploy_package
@@ -292,9 +293,16 @@ def test_reload_keeps_fp32_scales_of_a_bf16_checkpoint(tmp_path):
     seeded_model().to(torch.bfloat16).save_pretrained(tmp_path / "checkpoint")  # config.json says bfloat16
     package = build_deploy_package(tmp_path / "checkpoint", tmp_path / "patched")
     model = AutoModelForCausalLM.from_pretrained(package, trust_remote_code=True, dtype=torch.float32).eval()
+    streamed = type(model).quantize_checkpoint(package, tmp_path / "streamed", "w8a16")
     q.quantize_model(model, "w8a16")
-    reloaded = q.load_quantized(model.save_quantized(tmp_path / "pkg"))  # no dtype given: "auto"
+    saved = model.save_quantized(tmp_path / "pkg")
+    for folder in (saved, streamed):  # the embedding as the checkpoint holds it (bf16), the scales in fp32
+        tensors = load_file(folder / q.WEIGHTS_FILE)
+        assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
+        assert tensors["model.norm.weight"].dtype == tensors["model.layers.0.mlp.up_proj.weight_scale"].dtype == torch.float32
+    reloaded = q.load_quantized(saved)  # no dtype given: "auto"
     assert reloaded.model.layers[0].self_attn.q_proj.weight_scale.dtype == torch.float32
+    assert reloaded.model.embed_tokens.weight.dtype == torch.float32
     ids = torch.randint(0, 320, (1, 6))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)

@@ -89,6 +89,29 @@ def state_dict_for_saving(model) -> dict[str, torch.Tensor]:
     return state
 
 
+# The token tables no scheme changes (the embedding, and a head kept in float): saved in the checkpoint's own 16-bit
+# dtype when that holds them exactly, as it does for tables read from it, instead of doubling them in fp32.
+TABLES = ("model.embed_tokens.weight", "lm_head.weight")
+NARROW_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def checkpoint_dtype(src: Path) -> torch.dtype | None:
+    """The 16-bit dtype the deploy package's checkpoint is stored in (config.json), None for any other."""
+    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    return NARROW_DTYPES.get(str(config.get("dtype") or config.get("torch_dtype")))
+
+
+def narrow_tables(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """``state`` with its fp32 token tables in ``dtype`` where that round trip is exact (the loader widens them
+    back to the same values)."""
+    out = dict(state)
+    for name in TABLES:
+        t = out.get(name)
+        if dtype is not None and t is not None and t.dtype == torch.float32 and torch.equal(t.to(dtype).float(), t):
+            out[name] = t.to(dtype)
+    return out
+
+
 def write_package_files(out: Path, src: Path, config: Mapping, dtype: torch.dtype) -> None:
     """Everything of a quantized package but its weights: the deploy package's code, tokenizer and notes, the int8
     modeling file, and config.json with ``quantization_config`` and the float tensors' ``dtype``."""
@@ -122,7 +145,9 @@ def save_quantized(model, out_dir: str | os.PathLike, deploy_package: str | os.P
     float_dtypes = {t.dtype for t in model.state_dict().values() if t.is_floating_point()}
     write_package_files(out, Path(deploy_package or model.name_or_path), config,
                         max(float_dtypes, key=lambda d: torch.finfo(d).bits))
-    save_file(state_dict_for_saving(model), str(out / WEIGHTS_FILE), metadata=SAVED_METADATA)
+    src = Path(deploy_package or model.name_or_path)
+    save_file(narrow_tables(state_dict_for_saving(model), checkpoint_dtype(src)), str(out / WEIGHTS_FILE),
+              metadata=SAVED_METADATA)
     return out
 
 
@@ -207,7 +232,7 @@ def quantize_checkpoint(skeleton, deploy_package: str | os.PathLike, out_dir: st
     plan = plan_modules(skeleton, scheme, skip)
     config = quantization_config(scheme, plan, alpha=alpha, group_size=group_size, skip=skip)
     write_package_files(out, src, config, torch.float32)
-    where, writer = checkpoint_shards(src), ShardWriter(out, max_shard_bytes)
+    where, writer, narrow = checkpoint_shards(src), ShardWriter(out, max_shard_bytes), checkpoint_dtype(src)
     tied = bool(getattr(skeleton.config, "tie_word_embeddings", False))
     for name, module in skeleton.named_children():  # the base model's embeddings, layers and norm, then the head
         if name == "model":
@@ -216,9 +241,10 @@ def quantize_checkpoint(skeleton, deploy_package: str | os.PathLike, out_dir: st
                     for i, layer in enumerate(child):
                         writer.add(_quantized_layer(layer, i, where, scheme, plan, stats, alpha, group_size))
                 else:
-                    writer.add(_float_or_quantized(child, f"model.{child_name}", where, plan, group_size))
+                    writer.add(narrow_tables(_float_or_quantized(child, f"model.{child_name}", where, plan,
+                                                                 group_size), narrow))
         elif not (tied and name == "lm_head" and name not in plan):  # a tied float head is the embedding
-            writer.add(_float_or_quantized(module, name, where, plan, group_size, tied))
+            writer.add(narrow_tables(_float_or_quantized(module, name, where, plan, group_size, tied), narrow))
     writer.close()
     return out
 
