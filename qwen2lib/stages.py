@@ -36,7 +36,8 @@ GRAPH = ("checkpoint", "patched", "calibration", "quantized", "compiled", "expor
 STAGE_CODE = {
     "patched": ("deploy", "longctx.py"),  # a folder: every .py file in it; longctx: config.json overrides
     "calibration": ("calibration.py", "data.py", "layerwise.py", "tensorio.py"),
-    "quantized": ("quantization.py", "deploy/quantizer.py", "fidelity.py", "corpus.py"),
+    "quantized": ("quantization.py", "deploy/quantizer.py", "deploy/quantized_package.py", "fidelity.py", "corpus.py",
+                  "layerwise.py", "tensorio.py"),
     "compiled": ("compile.py", "graph", "deploy/quantizer.py", "config_schema.py", "rope.py", "model.py", "fidelity.py",
                  "corpus.py", "dca.py", "layerwise.py", "tensorio.py"),
     "exported": ("export.py", "export_gguf.py", "export_ct.py", "tokenizer.py", "fidelity.py", "corpus.py"),
@@ -141,6 +142,46 @@ def recorded_request(folder: str | os.PathLike) -> dict | None:
         return None
 
 
+_peaks_before: list[int] = []  # per stage being built (outermost first): the high-water mark before it started
+
+
+def _high_water_mark() -> int:
+    """Peak resident bytes of this process since the last reset (VmHWM), else since it started (ru_maxrss)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_high_water_mark() -> None:
+    """Start the peak over from the current resident set (Linux), so a stage built in a notebook's long-lived
+    process records its own peak, not an earlier stage's."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def _start_peak() -> None:
+    if _peaks_before:  # a stage built inside another's build: the outer one keeps the peak it had reached
+        _peaks_before[-1] = max(_peaks_before[-1], _high_water_mark())
+    _peaks_before.append(0)
+    _reset_high_water_mark()
+
+
+def _end_peak() -> int:
+    """This stage's peak resident bytes (its nested stages' included)."""
+    peak = max(_peaks_before.pop(), _high_water_mark())
+    if _peaks_before:
+        _peaks_before[-1] = max(_peaks_before[-1], peak)
+    return peak
+
+
 def ensure_stage(stage: str, folder: str | os.PathLike, request: Mapping, inputs: Mapping[str, str | os.PathLike],
                  build: Callable[[Path], dict], *, force: bool = False, verbose: bool = True) -> Path:
     """Reuse ``folder`` when its key matches; else run ``build(tmp) -> metrics`` into a temp folder that
@@ -156,14 +197,17 @@ def ensure_stage(stage: str, folder: str | os.PathLike, request: Mapping, inputs
     if verbose:
         print(f"[{stage}] {reason or 'rebuilding (forced)'}: {folder}", file=sys.stderr, flush=True)
     started = time.perf_counter()
+    _start_peak()
     with atomic_dir(folder) as tmp:
-        metrics = build(tmp) or {}
+        try:
+            metrics = build(tmp) or {}
+        finally:
+            peak = _end_peak()
         metrics["stage"] = {"name": stage, "key": key, "identity": f"{stage}-{_fingerprint(key, tmp)}",
                             "inputs": {n: {"path": str(Path(p).resolve()), "identity": key["inputs"][n]}
                                        for n, p in inputs.items()},
                             "files": _files(tmp), "wall_s": round(time.perf_counter() - started, 3),
-                            # the process's high-water mark so far: this stage's peak, or an earlier one's if larger
-                            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+                            "peak_rss_bytes": peak}
         write_metrics(tmp, metrics)
     return folder
 

@@ -177,6 +177,29 @@ def test_every_stage_records_its_wall_time_and_peak_memory(make_checkpoint, tmp_
         assert record["wall_s"] > 0 and record["peak_rss_bytes"] > 50 * 2**20, record  # a Python with torch loaded
 
 
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the peak is reset through Linux's /proc")
+def test_each_stage_built_in_one_process_records_its_own_peak(tmp_path):
+    """A notebook builds stages one after another in one process: each records its own peak, and a stage built
+    inside another's build counts toward the outer one."""
+    def allocating(mib):
+        def build(tmp):
+            block = np.ones(mib << 18, dtype=np.float32)  # mib MiB, touched
+            return {"sum": float(block[::4096].sum())}
+        return build
+
+    big = stages.ensure_stage("patched", tmp_path / "big", {"n": 1}, {}, allocating(600), verbose=False)
+
+    def outer(tmp):
+        stages.ensure_stage("patched", tmp_path / "inner", {"n": 3}, {}, allocating(300), verbose=False)
+        return {}
+
+    small = stages.ensure_stage("patched", tmp_path / "small", {"n": 2}, {}, allocating(20), verbose=False)
+    nested = stages.ensure_stage("patched", tmp_path / "outer", {"n": 4}, {}, outer, verbose=False)
+    peak = {f.name: read_metrics(f)["stage"]["peak_rss_bytes"] for f in (big, small, nested, tmp_path / "inner")}
+    assert peak["big"] > peak["small"] + 400 * 2**20, peak  # not the big stage's peak again
+    assert peak["outer"] >= peak["inner"] > peak["small"] + 200 * 2**20, peak
+
+
 def test_an_insert_slice_package_quantizes_and_compiles_to_a_last_position_int8_graph(tmp_path):
     wd = tmp_path / "run"
     ensure_patched(MODEL, "auto", wd, insert_slice=True)
