@@ -223,8 +223,8 @@ def quantize_checkpoint(skeleton, deploy_package: str | os.PathLike, out_dir: st
     ``out_dir`` shard by shard, with one layer (in fp32) and one shard in memory whatever the model's size.
 
     ``skeleton``: the package's model built on the ``meta`` device (its modules, no weights), e.g.
-    ``Qwen2ForCausalLM.quantize_checkpoint`` builds it. Float tensors are saved in fp32, as ``quantize_model``
-    on the fp32 model saves them."""
+    ``Qwen2ForCausalLM.quantize_checkpoint`` builds it. Float tensors are saved as ``save_quantized`` saves the
+    fp32 model's: fp32, the untouched token tables in the checkpoint's 16-bit dtype (``narrow_tables``)."""
     src, out, skip = Path(deploy_package), Path(out_dir), tuple(skip)
     stats = check_request(scheme, stats, group_size)
     if scheme == "smoothquant":
