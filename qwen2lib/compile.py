@@ -36,7 +36,7 @@ import transformers
 
 from . import __version__
 from .artifacts import check_replaceable, default_workdir, read_metrics, stage_dir
-from .config_schema import ConfigError, load_config
+from .config_schema import CompileConfig, ConfigError, load_config
 from .dca import dca_config_from_dict
 from .deploy import ensure_patched
 from .errors import Qwen2LibError
@@ -56,8 +56,6 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 MANIFEST_FORMAT = "qwen2lib-compiled/1"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "generation_config.json", "chat_template.jinja")
-_DTYPE = {"fp32": "float32", "fp16": "float16", "int8": "float32", "int4": "float32"}
-QUANTIZED = ("int8", "int4")  # precisions whose weights come from notebook 03's package
 
 
 class CompileVerificationError(Qwen2LibError, RuntimeError):
@@ -116,10 +114,10 @@ class Source:
     weights: FloatWeights  # float32 numpy by Hugging Face name, read lazily
 
 
-def _source_folder(cfg: dict, model: str, weights: str, seed: int, workdir: Path, verbose: bool) -> Path:
+def _source_folder(cfg: CompileConfig, model: str, weights: str, seed: int, workdir: Path, verbose: bool) -> Path:
     """The folder whose config and weights the graph is built from: notebook 01's deploy package (default),
     or the raw checkpoint (``source.package: checkpoint``, to study the builder on its own)."""
-    if cfg["source"]["package"] == "patched":
+    if cfg.source.package == "patched":
         return Path(ensure_patched(model, weights, workdir, seed=seed, verbose=verbose))
     return Path(checkpoint_dir(model, weights, seed))
 
@@ -238,24 +236,24 @@ def _int8_folder(cfg, model, weights, seed, workdir, verbose) -> Path | None:
     """The quantized package int8 weights come from: ``quantization.package`` when named, else notebook 03's
     ``quantized/<quantization.from_scheme>`` (built when missing) for a graph of the deploy package; None
     when compiling the raw checkpoint, whose weights the shared quantizer (``qwen2lib.deploy.quantizer``) rounds here."""
-    q = cfg["quantization"]
-    if cfg["precision"] not in QUANTIZED:
+    q = cfg.quantization
+    if not cfg.quantized:
         return None
-    if q["package"]:
-        return Path(q["package"])
-    if cfg["source"]["package"] == "patched":
-        return Path(ensure_quantized(model, weights, workdir, seed=seed, scheme=q["from_scheme"], verbose=verbose))
+    if q.package:
+        return Path(q.package)
+    if cfg.source.package == "patched":
+        return Path(ensure_quantized(model, weights, workdir, seed=seed, scheme=q.from_scheme, verbose=verbose))
     return None
 
 
 def _int8_weights(cfg, folder: Path | None, source: Source) -> tuple[dict, str]:
     """({"<linear>.weight": (int8, scales) or Int4Weight}, label); empty when the graph builder quantizes itself."""
-    if folder is None and cfg["precision"] == "int4":
+    if folder is None and cfg.precision == "int4":
         raise ConfigError("precision int4 takes its weights from notebook 03's int4 package: use source.package: "
                           "patched (or name one in quantization.package)", "precision")
     if folder is None:
         return {}, (f"quantized here (source.package: checkpoint) by qwen2lib.deploy.quantizer: "
-                    f"{cfg['quantization']['granularity'].replace('_', '-')} symmetric int8")
+                    f"{cfg.quantization.granularity.replace('_', '-')} symmetric int8")
     floats, quantized = read_quantized_package(folder)
     source.weights = FloatWeights(source.weights.reader, floats)  # its float tensors replace the checkpoint's
     bits = "int4" if any(name in quantized.int4 for name in quantized) else "int8"
@@ -265,10 +263,10 @@ def _int8_weights(cfg, folder: Path | None, source: Source) -> tuple[dict, str]:
 
 # ---- the compile ---------------------------------------------------------------------------------
 
-def per_block_projections(cfg: dict, int8_folder: Path | None) -> tuple[list[str], str]:
+def per_block_projections(cfg: CompileConfig, int8_folder: Path | None) -> tuple[list[str], str]:
     """The projections whose activations stay per block, and why: as listed in the YAML, or (``auto``) as the
     calibration statistics recorded with the quantized package decide (``quantization.activation_outliers``)."""
-    listed = cfg["quantization"]["per_block_projections"]
+    listed = cfg.quantization.per_block_projections
     if listed != "auto":
         return list(listed), "listed in the config"
     outliers = read_metrics(int8_folder).get("activation_outliers") if int8_folder else None
@@ -280,25 +278,15 @@ def per_block_projections(cfg: dict, int8_folder: Path | None) -> tuple[list[str
                                                      f"{ratios}; per block at >= {outliers['threshold']:g}")
 
 
-def _plan(cfg: dict, args: Qwen2Args, keep_fp32=frozenset(), hf_config: dict | None = None,
+def _plan(cfg: CompileConfig, args: Qwen2Args, keep_fp32=frozenset(), hf_config: dict | None = None,
           per_block: list[str] = ()) -> GraphPlan:
     """The graph plan: the YAML's choices, with what the package's config.json decides (insert_slice ->
     last-position logits, unless graph.last_position_logits says otherwise) and the resolved per-block list."""
-    g, q = cfg["graph"], cfg["quantization"]
-    last = g["last_position_logits"]
-    if last is None:
-        last = bool((hf_config or {}).get("insert_slice", False))
-    axes = {k: (k if v == "dynamic" else int(v)) for k, v in g["dynamic_axes"].items()}
-    return GraphPlan(
-        dual_chunk=_dual_chunk(g["dual_chunk_attention"], args, hf_config),
-        operator_set=g["operator_set"], opset=g["opset"], dtype=_DTYPE[cfg["precision"]],
-        quantize=tuple(q["modules"]) if cfg["precision"] in QUANTIZED else (),
-        block_size=q["block_size"], granularity=q["granularity"],
-        activations=q["activations"], per_block_projections=tuple(per_block) if q["activations"] == "int8_per_tensor" else (),
-        max_sequence_length=g["max_sequence_length"] or args.max_position_embeddings,
-        batch=axes["batch"], sequence=axes["sequence"], past_sequence=axes["past_sequence"],
-        last_position_logits=last, keep_fp32=keep_fp32,
-    )
+    per_block = tuple(per_block) if cfg.quantization.activations == "int8_per_tensor" else ()
+    return cfg.graph_plan(max_position_embeddings=args.max_position_embeddings,
+                          insert_slice=bool((hf_config or {}).get("insert_slice", False)),
+                          dual_chunk=_dual_chunk(cfg.graph.dual_chunk_attention, args, hf_config),
+                          per_block=per_block, keep_fp32=keep_fp32)
 
 
 def _dual_chunk(switch: bool | None, args: Qwen2Args, hf_config: dict | None) -> tuple[int, int] | None:
@@ -337,10 +325,11 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def compile_model(config: str | os.PathLike | dict, model: str | None = None, weights: str | None = None,
+def compile_model(config: str | os.PathLike | dict | CompileConfig, model: str | None = None, weights: str | None = None,
                   workdir: str | os.PathLike | None = None, *, seed: int = 0, overrides: dict | None = None,
                   out_dir: str | os.PathLike | None = None, verbose: bool = True, force: bool = True) -> Path:
-    """Compile per a YAML config (path, shipped name or dict) into ``<workdir>/compiled/<name>/``; returns it.
+    """Compile per a YAML config (path, shipped name, dict or CompileConfig) into ``<workdir>/compiled/<name>/``;
+    returns it.
 
     The graph is built from notebook 01's deploy package (fp32, fp16) or notebook 03's quantized package
     (int8), each ensured first (``source.package: checkpoint`` builds from the raw checkpoint instead).
@@ -349,75 +338,74 @@ def compile_model(config: str | os.PathLike | dict, model: str | None = None, we
     (``ensure_compiled``). Raises ConfigError on a bad config, NumericalOverflowError when fp16 cannot hold
     the model, CompileVerificationError when the graph misses its bounds (nothing is installed then).
     """
-    cfg = load_config(config if isinstance(config, dict) else config_path(config), overrides)
-    src = cfg["source"]
-    model = model or src["checkpoint"] or src["model"] or "tiny"
-    weights = weights or src["weights"] or "auto"
+    cfg = load_config(config if isinstance(config, (dict, CompileConfig)) else config_path(config), overrides)
+    src = cfg.source
+    model = model or src.checkpoint or src.model or "tiny"
+    weights = weights or src.weights or "auto"
     workdir = Path(workdir) if workdir else default_workdir(model)
-    final = Path(out_dir) if out_dir else stage_dir(workdir, "compiled", cfg["name"])
+    final = Path(out_dir) if out_dir else stage_dir(workdir, "compiled", cfg.name)
     check_replaceable(final)  # before any slow work: never replace a folder qwen2lib did not write
     folder = _source_folder(cfg, model, weights, seed, workdir, verbose)
     int8_folder = _int8_folder(cfg, model, weights, seed, workdir, verbose)
     inputs = {"source": folder, **({"int8_package": int8_folder} if int8_folder else {})}
-    request = {"config": {k: v for k, v in cfg.items() if k != "_source"}, "seed": seed}
+    request = {"config": cfg.as_dict(), "seed": seed}
 
     def build(tmp: Path) -> dict:
         return _compile_into(tmp, cfg, folder, int8_folder, str(model), weights, seed, verbose)
 
     out = ensure_stage("compiled", final, request, inputs, build, force=force, verbose=verbose)
     if verbose:
-        print(f"[compile {cfg['name']}] {out}", flush=True)
+        print(f"[compile {cfg.name}] {out}", flush=True)
     return out
 
 
-def _load_source(cfg: dict, folder: Path, int8_folder: Path | None, model: str, phases) -> tuple:
+def _load_source(cfg: CompileConfig, folder: Path, int8_folder: Path | None, model: str, phases) -> tuple:
     """(Source, int8 weights, their label): the package's config and float weights, and the int8 ones."""
     with phases("source weights", str(folder)):
         hf_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         source = Source(model, folder, hf_config, Qwen2Args.from_config_dict(hf_config), load_weights(folder))
-    with phases("int8 weights", "yes" if cfg["precision"] in QUANTIZED else "not needed"):
-        quantized, label = _int8_weights(cfg, int8_folder, source) if cfg["precision"] in QUANTIZED else ({}, None)
+    with phases("int8 weights", "yes" if cfg.quantized else "not needed"):
+        quantized, label = _int8_weights(cfg, int8_folder, source) if cfg.quantized else ({}, None)
     return source, quantized, label
 
 
-def traced(cfg: dict, folder: Path) -> bool:
+def traced(cfg: CompileConfig, folder: Path) -> bool:
     """The standard-ops fp32 graph of a deploy package is traced from its model (``qwen2lib.graph.trace``), as the
     guide's compiler does; every other graph is built node by node (``qwen2lib.graph.builder``)."""
-    return (cfg["graph"]["operator_set"] == "standard" and cfg["precision"] == "fp32"
+    return (cfg.graph.operator_set == "standard" and cfg.precision == "fp32"
             and (folder / "patches.json").is_file())
 
 
-def _compile_into(tmp: Path, cfg: dict, folder: Path, int8_folder: Path | None, model: str, weights: str,
+def _compile_into(tmp: Path, cfg: CompileConfig, folder: Path, int8_folder: Path | None, model: str, weights: str,
                   seed: int, verbose: bool) -> dict:
     """Build, save, check and verify the graph into ``tmp``; returns the metrics (manifest.json written too)."""
-    phases = _Phases(cfg["name"], verbose)
-    with phases("config", cfg["_source"] or "dict"):
+    phases = _Phases(cfg.name, verbose)
+    with phases("config", cfg.origin or "dict"):
         pass
     source, quantized, quant_label = _load_source(cfg, folder, int8_folder, model, phases)
-    v = cfg["verify"]
-    blocks, text_label = verify_tokens(folder, source.args.vocab_size, v["blocks"], v["block_tokens"], seed)
+    v = cfg.verify
+    blocks, text_label = verify_tokens(folder, source.args.vocab_size, v.blocks, v.block_tokens, seed)
     reference_model, keep, probe = None, frozenset(), None  # at 7B+ weights, graph and reference do not all fit
-    with phases("fp16 range probe", "yes" if cfg["precision"] == "fp16" else "not needed"):
-        if cfg["precision"] == "fp16":
+    with phases("fp16 range probe", "yes" if cfg.precision == "fp16" else "not needed"):
+        if cfg.precision == "fp16":
             reference_model = load_reference(folder)
-            keep, probe = fp16_plan(activation_ranges(reference_model, blocks), cfg["fp16"]["headroom"],
-                                    cfg["fp16"]["on_overflow"])
+            keep, probe = fp16_plan(activation_ranges(reference_model, blocks), cfg.fp16.headroom,
+                                    cfg.fp16.on_overflow)
             if verbose and keep:
-                print(f"[compile {cfg['name']}]     kept in fp32 (fp16 would overflow): {', '.join(sorted(keep))}")
-    per_block, per_block_reason = (per_block_projections(cfg, int8_folder) if cfg["precision"] in QUANTIZED
-                                   else ([], None))
+                print(f"[compile {cfg.name}]     kept in fp32 (fp16 would overflow): {', '.join(sorted(keep))}")
+    per_block, per_block_reason = per_block_projections(cfg, int8_folder) if cfg.quantized else ([], None)
     plan = _plan(cfg, source.args, keep, source.config, per_block)
-    external = {"auto": None, "always": True, "never": False}[cfg["graph"]["external_data"]]
+    external = {"auto": None, "always": True, "never": False}[cfg.graph.external_data]
     if traced(cfg, folder):
         with phases("graph build", "torch.onnx.export of the deploy package's model (standard ops, fp32)"):
             reference_model = match_plan(load_reference(folder), plan)
             reference_model.config.insert_slice = plan.last_position_logits  # the graph computes what the plan says
-            files = export_package_graph(reference_model, tmp, opset=cfg["graph"]["opset"], external=external,
+            files = export_package_graph(reference_model, tmp, opset=cfg.graph.opset, external=external,
                                          max_positions=plan.max_sequence_length)
             reference_model.config.insert_slice = False  # as a reference it scores every position
             histogram, precision = op_histogram(tmp / "model.onnx"), weight_precision(source.args, plan)
     else:
-        with phases("graph build", f"{plan.operator_set} ops, {cfg['precision']}, weights written one by one"):
+        with phases("graph build", f"{plan.operator_set} ops, {cfg.precision}, weights written one by one"):
             built = build_graph(source.args, source.weights, plan, quantized, out_dir=tmp)
             files = built.save(tmp, external)
             histogram, precision = op_histogram(built), built.precision
@@ -427,20 +415,20 @@ def _compile_into(tmp: Path, cfg: dict, folder: Path, int8_folder: Path | None, 
         for name in ("config.json",) + TOKENIZER_FILES:
             if (folder / name).is_file():
                 shutil.copy2(folder / name, tmp / name)
-    with phases("verify vs torch", f"{v['prompt_tokens']}-token prompt + {v['decode_steps']} decode steps, "
-                                   f"{v['blocks']}x{v['block_tokens']} tokens of {text_label}"):
+    with phases("verify vs torch", f"{v.prompt_tokens}-token prompt + {v.decode_steps} decode steps, "
+                                   f"{v.blocks}x{v.block_tokens} tokens of {text_label}"):
         if reference_model is None and source.config.get("dual_chunk_attention_config"):
             # patch 7's attention takes its chunk positions from the model's forward, which the layer-by-layer
             # reference skips; and with DCA switched off for the graph, match_plan turns it off in the reference
             reference_model = load_reference(folder)
         reference = (reference_logits_fn(match_plan(reference_model, plan)) if reference_model is not None
-                     else streamed_reference(folder, verbose and f"[compile {cfg['name']}]    "))
+                     else streamed_reference(folder, verbose and f"[compile {cfg.name}]    "))
         parity, fid = _verify(tmp, cfg, plan, reference, blocks, source.config)
         del reference_model, reference
     with phases("manifest"):
         manifest = _manifest(tmp, cfg, plan, source, files, histogram, precision, probe, parity, fid, weights, seed,
                              quant_label, text_label, phases.timings)
-    return {"name": cfg["name"], "model": model, "weights": weights, "seed": seed, "precision": cfg["precision"],
+    return {"name": cfg.name, "model": model, "weights": weights, "seed": seed, "precision": cfg.precision,
             "operator_set": plan.operator_set, "source": str(folder), "int8_package": str(int8_folder or ""),
             "graph_bytes": sum(f["bytes"] for n, f in manifest["files"].items() if n.startswith("model.onnx")),
             "last_position_logits": plan.last_position_logits,
@@ -448,22 +436,22 @@ def _compile_into(tmp: Path, cfg: dict, folder: Path, int8_folder: Path | None, 
             "parity": parity, "fidelity": fid, "kept_in_fp32": sorted(keep)}
 
 
-def _verify(tmp: Path, cfg: dict, plan: GraphPlan, reference, blocks: torch.Tensor, hf_config: dict):
+def _verify(tmp: Path, cfg: CompileConfig, plan: GraphPlan, reference, blocks: torch.Tensor, hf_config: dict):
     """Parity over a prompt + cached decode steps and the fidelity report against ``reference`` (ids -> fp32
     logits); raises when a bound is missed."""
-    v = cfg["verify"]
-    lm = OnnxCausalLM.load(tmp, manifest={"config": cfg, "max_sequence_length": plan.max_sequence_length,
+    v = cfg.verify
+    lm = OnnxCausalLM.load(tmp, manifest={"config": cfg.as_dict(), "max_sequence_length": plan.max_sequence_length,
                                           "operator_set": plan.operator_set,
                                           "dual_chunk_attention": _dual_chunk_record(plan)})
-    prompt = blocks.flatten()[: v["prompt_tokens"]][None]
-    parity = decode_parity(reference, lm, prompt, v["decode_steps"])
+    prompt = blocks.flatten()[: v.prompt_tokens][None]
+    parity = decode_parity(reference, lm, prompt, v.decode_steps)
     fid = fidelity(reference, lm, blocks)  # a last-position graph is walked token by token through its cache
     random_weights = bool(hf_config.get("qwen2lib_random_weights"))
-    failures = check_bounds(cfg, parity, fid, random_weights)
+    failures = check_bounds(v, parity, fid, random_weights)
     if random_weights:
         fid["note"] = "random weights: top-1 agreement reported, not bounded (near-flat logits)"
     if failures:
-        raise CompileVerificationError(f"{cfg['name']}: the compiled graph misses its bounds: " + "; ".join(failures)
+        raise CompileVerificationError(f"{cfg.name}: the compiled graph misses its bounds: " + "; ".join(failures)
                                        + " (nothing installed)")
     return parity, fid
 
@@ -472,7 +460,7 @@ def _manifest(tmp, cfg, plan, source, files, histogram, precision, probe, parity
               quant_label, text_label, timings) -> dict:
     args, hf_config = source.args, source.config
     manifest = {
-        "format": MANIFEST_FORMAT, "name": cfg["name"], "config": cfg,
+        "format": MANIFEST_FORMAT, "name": cfg.name, "config": {**cfg.as_dict(), "_source": cfg.origin},
         "source": {"model": source.model_id, "weights": weights, "seed": seed, "folder": str(source.folder),
                    "int8_weights": quant_label, "random_weights": bool(hf_config.get("qwen2lib_random_weights"))},
         "model_config": {k: hf_config.get(k) for k in ("vocab_size", "hidden_size", "intermediate_size",
@@ -480,7 +468,7 @@ def _manifest(tmp, cfg, plan, source, files, histogram, precision, probe, parity
                                                        "num_key_value_heads", "tie_word_embeddings",
                                                        "max_position_embeddings", "rms_norm_eps", "insert_slice")},
         "graph": {"file": "model.onnx", "external_data": "model.onnx.data" if len(files) > 1 else None,
-                  "opset": cfg["graph"]["opset"],
+                  "opset": cfg.graph.opset,
                   "opset_imports": {(o.domain or "ai.onnx"): o.version for o in _opsets(tmp)},
                   "nodes": sum(histogram.values())},
         "operator_set": plan.operator_set, "max_sequence_length": plan.max_sequence_length,
@@ -538,8 +526,8 @@ def read_manifest(folder: str | os.PathLike) -> dict:
 
 
 def ensure_compiled(model: str = "tiny", weights: str = "auto", workdir: str | os.PathLike | None = None, *,
-                    config: str | os.PathLike | dict = "qwen2_fp32", seed: int = 0, overrides: dict | None = None,
-                    verbose: bool = True) -> Path:
+                    config: str | os.PathLike | dict | CompileConfig = "qwen2_fp32", seed: int = 0,
+                    overrides: dict | None = None, verbose: bool = True) -> Path:
     """``<workdir>/compiled/<config name>/``, reused when built from the same packages, config and code,
     else compiled (``qwen2lib.stages`` says why)."""
     return compile_model(config, model, weights, workdir, seed=seed, overrides=overrides, verbose=verbose,

@@ -1,6 +1,7 @@
 """Notebook 04: YAML configs, the hand-built ONNX graphs, their parity/fidelity vs torch, the compile folder."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import textwrap
 from pathlib import Path
@@ -12,11 +13,12 @@ import torch
 
 from qwen2lib.compile import (CompileVerificationError, compile_model, config_path, ensure_compiled, load_weights,
                               read_manifest, sha256_of)
-from qwen2lib.config_schema import ConfigError, describe_schema, load_config
+from qwen2lib.config_schema import CompileConfig, ConfigError, describe_schema, load_config
 from qwen2lib.errors import NumericalOverflowError, PromptTooLongError
 from qwen2lib.model import Qwen2Args
 from qwen2lib.deploy.quantizer import quantize_per_block, quantize_weight
 from qwen2lib.graph import GraphPlan, OnnxCausalLM, build_graph, check_finite, op_histogram, pack_matmul_nbits
+from qwen2lib.graph.plan import PlanError
 from qwen2lib.graph.verify import activation_ranges, fp16_plan
 
 SHIPPED = ("qwen2_fp32", "qwen2_fp16", "qwen2_int8", "qwen2_int4", "qwen2_fp32_standard")
@@ -65,9 +67,9 @@ def small_config(tmp_path, text: str) -> Path:
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_configs_validate(name):
     cfg = load_config(config_path(name))
-    assert cfg["name"] == name
-    assert cfg["precision"] == name.split("_")[1]
-    assert cfg["graph"]["kv_cache_layout"] == "BNSH"
+    assert cfg.name == name
+    assert cfg.precision == name.split("_")[1]
+    assert cfg.graph.kv_cache_layout == "BNSH"
 
 
 def test_unknown_key_is_named_with_its_line(tmp_path):
@@ -139,10 +141,55 @@ def test_rules_between_keys_point_at_the_offending_line(tmp_path):
 
 def test_base_inheritance_and_overrides():
     cfg = load_config(config_path("qwen2_int8"), {"graph.last_position_logits": True})
-    assert cfg["graph"]["operator_set"] == "contrib" and cfg["graph"]["last_position_logits"] is True
-    assert cfg["verify"]["prompt_tokens"] == load_config(config_path("qwen2_fp32"))["verify"]["prompt_tokens"]
+    assert cfg.graph.operator_set == "contrib" and cfg.graph.last_position_logits is True
+    assert cfg.verify.prompt_tokens == load_config(config_path("qwen2_fp32")).verify.prompt_tokens
     keys = {row["key"] for row in describe_schema()}
     assert {"graph.dynamic_axes.batch", "quantization.granularity", "fp16.on_overflow"} <= keys
+
+
+def test_the_dataclasses_are_the_schema():
+    rows = {row["key"]: row for row in describe_schema()}
+    defaults = CompileConfig()
+    assert rows["graph.opset"]["default"] == defaults.graph.opset == 21 and rows["graph.opset"]["type"] == "int"
+    assert rows["quantization.modules"]["default"] == list(defaults.quantization.modules)  # a YAML list, a tuple here
+    assert rows["quantization.per_block_projections"]["type"] == "list | str"
+    assert rows["precision"]["choices"] == ("fp32", "fp16", "int8", "int4") and rows["precision"]["meaning"]
+    assert "origin" not in rows  # where it was loaded from is not a key
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        defaults.graph.opset = 17  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_as_dict_is_the_recorded_config_and_loads_back(name):
+    cfg = load_config(config_path(name))
+    recorded = json.loads(json.dumps(cfg.as_dict()))  # what the stage key and manifest.json hold
+    assert list(recorded) == ["name", "source", "precision", "quantization", "graph", "fp16", "runtime", "verify"]
+    assert recorded["graph"]["dynamic_axes"] == {"batch": "dynamic", "sequence": "dynamic", "past_sequence": "dynamic"}
+    assert isinstance(recorded["quantization"]["modules"], list)
+    again = load_config({**recorded, "_source": cfg.origin})  # a manifest's config, reloaded
+    assert again == cfg and again.origin is None and cfg.origin == str(config_path(name).resolve())
+    changed = load_config(cfg, {"graph.opset": 19})  # a loaded config takes overrides too, checked again
+    assert changed.graph.opset == 19 and changed.origin == cfg.origin and changed.verify == cfg.verify
+
+
+def test_graph_rules_live_in_the_plan_and_yaml_errors_point_at_the_key(tmp_path):
+    with pytest.raises(PlanError) as direct:
+        GraphPlan(quantize=("mlp",), block_size=48)
+    assert direct.value.field == "block_size"
+    path = small_config(tmp_path, """
+        precision: int8
+        quantization:
+          activations: int8_per_block
+          block_size: 48
+        """)
+    with pytest.raises(ConfigError) as from_yaml:
+        load_config(path)
+    assert from_yaml.value.key == "quantization.block_size" and from_yaml.value.line == 4
+    assert from_yaml.value.message == direct.value.message  # the same rule, written once
+    with pytest.raises(ConfigError, match=r"--set: quantization.modules: \['mlp', 'mlp'\]: list each of"):
+        load_config(config_path("qwen2_int8"), {"quantization.modules": ["mlp", "mlp"]})
+    with pytest.raises(ConfigError, match=r":2: graph.opset: 16 is outside the supported 17-23"):
+        load_config(small_config(tmp_path, "graph:\n  opset: 16\n"))
 
 
 # ---- int8 packing -----------------------------------------------------------------------------
@@ -357,10 +404,10 @@ def test_fp16_and_int8_graphs_meet_the_shipped_fidelity_bounds(make_checkpoint, 
     out = compile_model(config_path(name), model=str(folder), workdir=tmp_path, verbose=False,
                         overrides=overrides)  # raises if not
     m = read_manifest(out)
-    bounds = load_config(config_path(name))["verify"]
+    bounds = load_config(config_path(name)).verify
     fid = m["fidelity"]
-    assert fid["kld_mean"] <= bounds["max_kld_mean"] and fid["top1_agreement"] >= bounds["min_top1_agreement"]
-    assert fid["ppl_ratio"] <= bounds["max_ppl_ratio"]
+    assert fid["kld_mean"] <= bounds.max_kld_mean and fid["top1_agreement"] >= bounds.min_top1_agreement
+    assert fid["ppl_ratio"] <= bounds.max_ppl_ratio
     assert fid["kld_mean"] > 0  # really a different precision, not the fp32 graph
     if name == "qwen2_int8":
         # q|k|v, o and gate|up quantize their activations per call; down_proj (the SwiGLU product, outlier
@@ -508,7 +555,7 @@ def test_a_yaml_names_its_checkpoint_relative_to_itself(make_checkpoint, tmp_pat
         """)
     monkeypatch.chdir(folder)  # somewhere else: the path must not depend on the working directory
     cfg = load_config(path)
-    assert cfg["source"]["checkpoint"] == str(folder.resolve())
+    assert cfg.source.checkpoint == str(folder.resolve())
     out = compile_model(path, workdir=tmp_path / "wd", verbose=False)  # no model argument: the YAML's checkpoint
     assert read_manifest(out)["source"]["model"] == str(folder.resolve())
     package = Path(read_manifest(out)["source"]["folder"])
@@ -538,16 +585,16 @@ def test_int8_per_tensor_activations_use_dynamic_quantize_matmul(make_checkpoint
 def test_bounds_skip_top1_only_for_random_weights():
     from qwen2lib.graph.verify import check_bounds
 
-    cfg = load_config(config_path("qwen2_int8"))
+    bounds = load_config(config_path("qwen2_int8")).verify
     parity = {"max_abs_dlogits": 0.1}
     flat = {"kld_mean": 1e-4, "top1_agreement": 0.6, "ppl_ratio": 1.001}  # near-ties flip the argmax
-    assert check_bounds(cfg, parity, flat, random_weights=True) == []
-    assert check_bounds(cfg, parity, flat, random_weights=False) == [
+    assert check_bounds(bounds, parity, flat, random_weights=True) == []
+    assert check_bounds(bounds, parity, flat, random_weights=False) == [
         "top1_agreement 0.6000 < verify.min_top1_agreement 0.9"]
     broken = {"kld_mean": 0.5, "top1_agreement": 0.6, "ppl_ratio": 1.3}
-    assert len(check_bounds(cfg, parity, broken, random_weights=True)) == 2  # KL and perplexity still bound
+    assert len(check_bounds(bounds, parity, broken, random_weights=True)) == 2  # KL and perplexity still bound
     nan = {"kld_mean": float("nan"), "top1_agreement": 1.0, "ppl_ratio": float("nan")}
-    assert len(check_bounds(cfg, parity, nan)) == 2  # NaN figures fail, they do not slip through
+    assert len(check_bounds(bounds, parity, nan)) == 2  # NaN figures fail, they do not slip through
 
 
 def test_fidelity_refuses_non_finite_candidate_logits():

@@ -2,7 +2,9 @@
 weight groups are int8 and how their activations are quantized, the fixed or dynamic axes), the model features
 the graphs implement (``check_supported``), and how each weight group ends up stored (``weight_precision``).
 
-The YAML validator (``qwen2lib.config_schema``) checks the config file; this plan is what the builder reads.
+The plan is the one validator of graph rules: ``GraphPlan.__post_init__`` refuses a plan the builder cannot
+build, with a ``PlanError`` naming the field. A YAML config (``qwen2lib.config_schema``) builds its plan when it
+is loaded and reports that error at the line of the key the field comes from.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import TensorProto
 
-from ..config_schema import PROJECTIONS
+from ..errors import Qwen2LibError
 from ..model import Qwen2Args
 
 FP16_MAX = 65504.0
@@ -25,6 +27,14 @@ DATA_FILE = "model.onnx.data"
 EXTERNAL_DATA_THRESHOLD = 256 << 20
 WEIGHT_GROUPS = ("embed_tokens", "attention", "mlp", "norms", "lm_head")
 QUANTIZABLE_GROUPS = ("embed_tokens", "attention", "mlp", "lm_head")
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # the Linears graphs run: q|k|v, gate|up fused
+OPERATOR_SETS = ("standard", "contrib")
+ACTIVATION_SCHEMES = ("int8_per_block", "int8_per_tensor", "float")
+GRANULARITIES = ("per_channel", "per_block")
+OPSETS = (17, 23)  # default-domain opsets onnxruntime 1.32 and the ops used accept
+# a config's precision -> the graph's float dtype (int8/int4 weights compute in float32)
+PRECISION_DTYPE = {"fp32": "float32", "fp16": "float16", "int8": "float32", "int4": "float32"}
+QUANTIZED = ("int8", "int4")  # precisions whose weights come from notebook 03's package
 
 ONNX_DTYPE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 NP_DTYPE = {"float32": np.float32, "float16": np.float16}
@@ -34,7 +44,16 @@ class GraphBuildError(ValueError):
     """The checkpoint uses a feature the compiled graphs do not implement."""
 
 
-ACTIVATION_SCHEMES = ("int8_per_block", "int8_per_tensor", "float")
+class PlanError(Qwen2LibError, ValueError):
+    """A graph plan the builder cannot build; ``field`` names the plan field at fault."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(f"{field}: {message}")
+        self.message, self.field = message, field
+
+
+def _listed_once(values: tuple, allowed: tuple) -> bool:
+    return set(values) <= set(allowed) and len(set(values)) == len(values)
 
 
 @dataclass(frozen=True)
@@ -55,32 +74,41 @@ class GraphPlan:
     last_position_logits: bool = False  # insert_slice: logits of the last position only
     keep_fp32: frozenset = frozenset()  # fp16 graphs: "residual", "lm_head", "layers.{i}.attention|mlp"
     dual_chunk: tuple[int, int] | None = None  # (chunk_size, local_size): Dual Chunk Attention (graph/dual_chunk.py)
+    precision: str | None = None  # the config's fp32 | fp16 | int8 | int4, named in messages (None: int8 when quantized)
 
     def __post_init__(self):
-        if self.operator_set not in ("standard", "contrib"):
-            raise ValueError(f"operator_set={self.operator_set!r}: use 'standard' or 'contrib'")
-        if self.dtype not in ONNX_DTYPE:
-            raise ValueError(f"dtype={self.dtype!r}: use float32 or float16")
-        if self.quantize and self.operator_set != "contrib":
-            raise ValueError("int8 weights need operator_set 'contrib' (onnxruntime's MatMulNBits)")
-        unknown = set(self.quantize) - set(QUANTIZABLE_GROUPS)
-        if unknown:
-            raise ValueError(f"cannot quantize {sorted(unknown)}: quantizable groups are {QUANTIZABLE_GROUPS}")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size={self.block_size}: MatMulNBits needs a power of two >= 16")
-        if self.activations not in ACTIVATION_SCHEMES:
-            raise ValueError(f"activations={self.activations!r}: use one of {', '.join(ACTIVATION_SCHEMES)}")
+        self._check_choices()
+        if (self.quantize or self.precision in QUANTIZED) and self.operator_set != "contrib":
+            raise PlanError(f"precision {self.precision or 'int8'} needs operator_set 'contrib' (quantized weights run "
+                            "in onnxruntime's MatMulNBits); use contrib or precision fp32/fp16", "operator_set")
+        if not OPSETS[0] <= self.opset <= OPSETS[1]:
+            raise PlanError(f"{self.opset} is outside the supported {OPSETS[0]}-{OPSETS[1]} (onnxruntime 1.32 and the "
+                            "ops used)", "opset")
         if self.activations == "int8_per_tensor" and self.granularity != "per_channel":
-            raise ValueError(f"{self.activations} activations take per-channel weight scales only")
-        if self.granularity not in ("per_channel", "per_block"):
-            raise ValueError(f"granularity={self.granularity!r}: use per_channel or per_block")
-        unknown = set(self.per_block_projections) - set(PROJECTIONS)
-        if unknown:
-            raise ValueError(f"per_block_projections {sorted(unknown)}: projections are {', '.join(PROJECTIONS)}")
+            raise PlanError(f"{self.activations} (DynamicQuantizeMatMul) takes per-channel weight scales only; use "
+                            "granularity: per_channel", "activations")
+        if not _listed_once(self.per_block_projections, PROJECTIONS):
+            raise PlanError(f"{list(self.per_block_projections)}: list each of {', '.join(PROJECTIONS)} at most once",
+                            "per_block_projections")
         if self.per_block_projections and self.activations != "int8_per_tensor":
-            raise ValueError("per_block_projections only applies with int8_per_tensor activations")
+            raise PlanError(f"applies with activations: int8_per_tensor only (activations here: {self.activations})",
+                            "per_block_projections")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise PlanError(f"{self.block_size}: MatMulNBits needs a power of two >= 16 (16, 32, 64, 128, 256)",
+                            "block_size")
+        if not _listed_once(self.quantize, QUANTIZABLE_GROUPS):
+            raise PlanError(f"{list(self.quantize)}: list each of {', '.join(QUANTIZABLE_GROUPS)} at most once",
+                            "quantize")
         if self.dual_chunk is not None and not 0 <= self.dual_chunk[1] < self.dual_chunk[0]:
-            raise ValueError(f"dual_chunk={self.dual_chunk}: need (chunk_size, local_size) with 0 <= local_size < chunk_size")
+            raise PlanError(f"{self.dual_chunk}: need (chunk_size, local_size) with 0 <= local_size < chunk_size",
+                            "dual_chunk")
+
+    def _check_choices(self):
+        for name, allowed in (("operator_set", OPERATOR_SETS), ("dtype", tuple(ONNX_DTYPE)),
+                              ("activations", ACTIVATION_SCHEMES), ("granularity", GRANULARITIES),
+                              ("precision", (None, *PRECISION_DTYPE))):
+            if getattr(self, name) not in allowed:
+                raise PlanError(f"{getattr(self, name)!r}: use one of {', '.join(map(str, allowed))}", name)
 
     def activations_for(self, projection: str) -> str:
         """The activation scheme of one projection (qkv_proj, o_proj, gate_up_proj, down_proj)."""

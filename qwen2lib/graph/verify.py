@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config_schema import VerifyConfig
 from ..corpus import heldout_token_blocks
 from ..deploy import load_deploy_package
 from ..errors import NumericalOverflowError
@@ -167,22 +168,22 @@ def fp16_plan(ranges: dict[str, float], headroom: float, on_overflow: str) -> tu
     return frozenset(keep), report
 
 
-def check_bounds(cfg: dict, parity: dict, fid: dict, random_weights: bool = False) -> list[str]:
-    """Bounds of ``verify`` that the graph misses. With random weights the logits are near-flat over the
-    vocabulary, so which token is the argmax is a coin toss: top-1 agreement is reported, not bounded."""
-    v = cfg["verify"]
+def check_bounds(bounds: VerifyConfig, parity: dict, fid: dict, random_weights: bool = False) -> list[str]:
+    """Bounds of a config's ``verify`` section that the graph misses. With random weights the logits are near-flat
+    over the vocabulary, so which token is the argmax is a coin toss: top-1 agreement is reported, not bounded."""
     failures = []
     # written as "not <=" so that a NaN figure fails its bound
-    if v["max_abs_dlogits"] is not None and not parity["max_abs_dlogits"] <= v["max_abs_dlogits"]:
+    if bounds.max_abs_dlogits is not None and not parity["max_abs_dlogits"] <= bounds.max_abs_dlogits:
         failures.append(f"parity max |dlogits| {parity['max_abs_dlogits']:.3g} > verify.max_abs_dlogits "
-                        f"{v['max_abs_dlogits']:g}")
-    if v["max_kld_mean"] is not None and not fid["kld_mean"] <= v["max_kld_mean"]:
-        failures.append(f"kld_mean {fid['kld_mean']:.3g} > verify.max_kld_mean {v['max_kld_mean']:g}")
-    if v["min_top1_agreement"] is not None and not random_weights and not fid["top1_agreement"] >= v["min_top1_agreement"]:
+                        f"{bounds.max_abs_dlogits:g}")
+    if bounds.max_kld_mean is not None and not fid["kld_mean"] <= bounds.max_kld_mean:
+        failures.append(f"kld_mean {fid['kld_mean']:.3g} > verify.max_kld_mean {bounds.max_kld_mean:g}")
+    if (bounds.min_top1_agreement is not None and not random_weights
+            and not fid["top1_agreement"] >= bounds.min_top1_agreement):
         failures.append(f"top1_agreement {fid['top1_agreement']:.4f} < verify.min_top1_agreement "
-                        f"{v['min_top1_agreement']:g}")
-    if v["max_ppl_ratio"] is not None and not fid["ppl_ratio"] <= v["max_ppl_ratio"]:
-        failures.append(f"ppl_ratio {fid['ppl_ratio']:.4f} > verify.max_ppl_ratio {v['max_ppl_ratio']:g}")
+                        f"{bounds.min_top1_agreement:g}")
+    if bounds.max_ppl_ratio is not None and not fid["ppl_ratio"] <= bounds.max_ppl_ratio:
+        failures.append(f"ppl_ratio {fid['ppl_ratio']:.4f} > verify.max_ppl_ratio {bounds.max_ppl_ratio:g}")
     return failures
 
 
