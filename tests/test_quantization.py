@@ -296,10 +296,12 @@ def test_reload_keeps_fp32_scales_of_a_bf16_checkpoint(tmp_path):
     streamed = type(model).quantize_checkpoint(package, tmp_path / "streamed", "w8a16")
     q.quantize_model(model, "w8a16")
     saved = model.save_quantized(tmp_path / "pkg")
-    for folder in (saved, streamed):  # the embedding as the checkpoint holds it (bf16), the scales in fp32
-        tensors = load_file(folder / q.WEIGHTS_FILE)
+    written = {folder.name: load_file(folder / q.WEIGHTS_FILE) for folder in (saved, streamed)}
+    for tensors in written.values():  # the embedding as the checkpoint holds it (bf16), the scales in fp32
         assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
         assert tensors["model.norm.weight"].dtype == tensors["model.layers.0.mlp.up_proj.weight_scale"].dtype == torch.float32
+    assert written["pkg"].keys() == written["streamed"].keys()
+    assert all(torch.equal(t, written["streamed"][n]) for n, t in written["pkg"].items())
     reloaded = q.load_quantized(saved)  # no dtype given: "auto"
     assert reloaded.model.layers[0].self_attn.q_proj.weight_scale.dtype == torch.float32
     assert reloaded.model.embed_tokens.weight.dtype == torch.float32

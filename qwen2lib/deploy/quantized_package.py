@@ -167,13 +167,15 @@ def checkpoint_shards(folder: Path) -> dict[str, Path]:
     return where
 
 
-def read_tensors(where: Mapping[str, Path], names: Iterable[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The named tensors, read from their (memory-mapped) shards, float ones cast to ``dtype``."""
+def read_tensors(where: Mapping[str, Path], names: Iterable[str], dtype: torch.dtype,
+                 keep: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The named tensors, read from their (memory-mapped) shards, float ones cast to ``dtype`` (those stored as
+    ``keep`` left as they are)."""
     out = {}
     for name in names:
         with safe_open(str(where[name]), "pt") as f:
             t = f.get_tensor(name)
-        out[name] = t.to(dtype) if t.is_floating_point() else t
+        out[name] = t.to(dtype) if t.is_floating_point() and t.dtype != keep else t
     return out
 
 
@@ -241,10 +243,10 @@ def quantize_checkpoint(skeleton, deploy_package: str | os.PathLike, out_dir: st
                     for i, layer in enumerate(child):
                         writer.add(_quantized_layer(layer, i, where, scheme, plan, stats, alpha, group_size))
                 else:
-                    writer.add(narrow_tables(_float_or_quantized(child, f"model.{child_name}", where, plan,
-                                                                 group_size), narrow))
+                    writer.add(_float_or_quantized(child, f"model.{child_name}", where, plan, group_size,
+                                                   narrow=narrow))
         elif not (tied and name == "lm_head" and name not in plan):  # a tied float head is the embedding
-            writer.add(narrow_tables(_float_or_quantized(module, name, where, plan, group_size, tied), narrow))
+            writer.add(_float_or_quantized(module, name, where, plan, group_size, tied, narrow))
     writer.close()
     return out
 
@@ -260,14 +262,16 @@ def _quantized_layer(layer, index, where, scheme, plan, stats, alpha, group_size
     return {prefix + n: t for n, t in layer.state_dict().items()}
 
 
-def _float_or_quantized(module, prefix, where, plan, group_size, tied=False) -> dict[str, torch.Tensor]:
+def _float_or_quantized(module, prefix, where, plan, group_size, tied=False, narrow=None) -> dict[str, torch.Tensor]:
     """A module outside the decoder layers (embeddings, final norm, head): read in fp32, quantized if the plan
-    names it (a tied head is read from the embedding)."""
+    names it (a tied head is read from the embedding). A token table kept in float is read as the checkpoint
+    stores it when that is the dtype it is saved in (``narrow_tables``): no fp32 copy of it is ever made."""
     module = copy.deepcopy(module)
     names = {prefix + "." + n: prefix + "." + n for n in module.state_dict()}
     if tied and prefix == "lm_head":
         names = {n: "model.embed_tokens.weight" for n in names}
-    weights = read_tensors(where, set(names.values()), torch.float32)
+    keep = narrow if prefix not in plan and any(n in TABLES for n in names) else None
+    weights = read_tensors(where, set(names.values()), torch.float32, keep)
     module.load_state_dict({n[len(prefix) + 1:]: weights[src] for n, src in names.items()}, strict=True, assign=True)
     del weights
     if prefix in plan:
@@ -275,4 +279,4 @@ def _float_or_quantized(module, prefix, where, plan, group_size, tied=False) -> 
         holder.add_module("m", module)
         replace_linears(holder, "", {"m": plan[prefix]}, group_size)
         module = holder.m
-    return {f"{prefix}.{n}": t for n, t in module.state_dict().items()}
+    return narrow_tables({f"{prefix}.{n}": t for n, t in module.state_dict().items()}, narrow)
