@@ -42,7 +42,7 @@ from .deploy import ensure_patched
 from .errors import Qwen2LibError
 from .graph import (GraphPlan, OnnxCausalLM, build_graph, export_package_graph, io_signature, op_histogram,
                     weight_precision)
-from .graph.verify import (activation_ranges, check_bounds, decode_parity, fidelity, fp16_plan, load_reference,
+from .graph.verify import (RANDOM_WEIGHTS_MAX_KLD, activation_ranges, check_bounds, decode_parity, fidelity, fp16_plan, load_reference,
                            reference_logits_fn, streamed_reference, verify_tokens)
 from .loading import check_weights_match_config, checkpoint_dir
 from .model import Qwen2Args
@@ -449,7 +449,8 @@ def _verify(tmp: Path, cfg: CompileConfig, plan: GraphPlan, reference, blocks: t
     random_weights = bool(hf_config.get("qwen2lib_random_weights"))
     failures = check_bounds(v, parity, fid, random_weights)
     if random_weights:
-        fid["note"] = "random weights: top-1 agreement reported, not bounded (near-flat logits)"
+        fid["note"] = (f"random weights: KLD, top-1 agreement and perplexity reported, bounded only by KLD <= "
+                       f"{RANDOM_WEIGHTS_MAX_KLD} (near-flat logits, rounding amplified by an untrained model)")
     if failures:
         raise CompileVerificationError(f"{cfg.name}: the compiled graph misses its bounds: " + "; ".join(failures)
                                        + " (nothing installed)")
