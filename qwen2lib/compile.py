@@ -42,8 +42,10 @@ from .deploy import ensure_patched
 from .errors import Qwen2LibError
 from .graph import (GraphPlan, OnnxCausalLM, build_graph, export_package_graph, io_signature, op_histogram,
                     weight_precision)
-from .graph.verify import (RANDOM_WEIGHTS_MAX_KLD, activation_ranges, check_bounds, decode_parity, fidelity, fp16_plan, load_reference,
-                           reference_logits_fn, streamed_reference, verify_tokens)
+from .footprint import verification_fits
+from .graph.plan import QUANTIZED
+from .graph.verify import (RANDOM_WEIGHTS_MAX_KLD, activation_ranges, check_bounds, decode_parity, fidelity, fp16_plan,
+                           load_reference, reference_logits_fn, streamed_reference, verify_tokens)
 from .loading import check_weights_match_config, checkpoint_dir
 from .model import Qwen2Args
 from .deploy.quantizer import unpack_int4
@@ -415,16 +417,21 @@ def _compile_into(tmp: Path, cfg: CompileConfig, folder: Path, int8_folder: Path
         for name in ("config.json",) + TOKENIZER_FILES:
             if (folder / name).is_file():
                 shutil.copy2(folder / name, tmp / name)
+    fits, skipped = (verification_fits(source.config, cfg.precision) if cfg.precision in QUANTIZED
+                     else (True, ""))
     with phases("verify vs torch", f"{v.prompt_tokens}-token prompt + {v.decode_steps} decode steps, "
-                                   f"{v.blocks}x{v.block_tokens} tokens of {text_label}"):
-        if reference_model is None and source.config.get("dual_chunk_attention_config"):
-            # patch 7's attention takes its chunk positions from the model's forward, which the layer-by-layer
-            # reference skips; and with DCA switched off for the graph, match_plan turns it off in the reference
-            reference_model = load_reference(folder)
-        reference = (reference_logits_fn(match_plan(reference_model, plan)) if reference_model is not None
-                     else streamed_reference(folder, verbose and f"[compile {cfg.name}]    "))
-        parity, fid = _verify(tmp, cfg, plan, reference, blocks, source.config)
-        del reference_model, reference
+                                   f"{v.blocks}x{v.block_tokens} tokens of {text_label}" if fits else skipped):
+        if not fits:  # past this machine's memory: built, and verified where it can be loaded
+            parity, fid = {"skipped": skipped}, {"skipped": skipped}
+        else:
+            if reference_model is None and source.config.get("dual_chunk_attention_config"):
+                # patch 7's attention takes its chunk positions from the model's forward, which the layer-by-layer
+                # reference skips; and with DCA switched off for the graph, match_plan turns it off in the reference
+                reference_model = load_reference(folder)
+            reference = (reference_logits_fn(match_plan(reference_model, plan)) if reference_model is not None
+                         else streamed_reference(folder, verbose and f"[compile {cfg.name}]    "))
+            parity, fid = _verify(tmp, cfg, plan, reference, blocks, source.config)
+            del reference_model, reference
     with phases("manifest"):
         manifest = _manifest(tmp, cfg, plan, source, files, histogram, precision, probe, parity, fid, weights, seed,
                              quant_label, text_label, phases.timings)

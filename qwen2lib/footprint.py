@@ -103,15 +103,20 @@ def stage_estimates(config: Mapping, *, calibration: tuple[int, int, int] = CALI
         "calibration": Estimate("calibration", R + DATA_BYTES + 6 * layer + hidden + acts,
                                 "runtime + text + 6 B x layer params (fp32 + bf16 read) + hidden states + batch "
                                 "activations"),
-        "quantized": Estimate("quantized", R + DATA_BYTES + 12 * layer + max(SHARD_BYTES, 4 * big) + verify,
+        "quantized": Estimate("quantized", R + DATA_BYTES + 12 * layer + min(SHARD_BYTES, P) + 2 * big + verify,
                               "runtime + text + 12 B x layer params (one fp32 layer, its scaling and rounding) + one "
-                              "shard being written (2 GiB, or the largest fp32 tensor) + fidelity logits", P),
+                              "shard being written (2 GiB at most) + the largest table in 16 bits + fidelity logits",
+                              P),
         "compiled fp32": Estimate("compiled fp32", R + fp32 + verify,
                                   "runtime + fp32 graph (onnxruntime) + verification logits (36 B x blocks x tokens "
                                   "x V) + 6 B x layer params", fp32),
         "compiled int8": Estimate("compiled int8", R + int8 + verify,
                                   "runtime + int8 graph (onnxruntime) + verification logits (36 B x blocks x tokens "
                                   "x V) + 6 B x layer params", int8),
+        "compiled unverified": Estimate("compiled unverified", R + 5 * big + 6 * layer,
+                                        "runtime + the largest tensor in fp32 and quantized + one layer's tensors "
+                                        "(weights written as built; verification skipped: it needs the graph "
+                                        "loaded, as inference does)"),
         "inference int8": Estimate("inference int8", R + int8 + kv_cache_bytes(config, context, batch),
                                    f"runtime + int8 graph + fp32 KV cache ({batch} x {context} positions)"),
     }
@@ -122,7 +127,7 @@ def estimate(config: Mapping, stage: str, precision: str | None = None) -> Estim
     their range probe runs the whole fp32 reference)."""
     estimates = stage_estimates(config)
     if stage in ("compiled", "inference"):
-        label = f"{stage} {'int8' if precision == 'int8' else 'fp32'}"
+        label = f"{stage} {'int8' if precision in ('int8', 'int4') else 'fp32'}"
         if label not in estimates:  # inference fp32: the fp32 graph plus the same cache
             e = estimates["inference int8"]
             extra = 4 * parameter_counts(config)["total"] - int8_graph_bytes(config)
@@ -163,7 +168,8 @@ def gb(n: int) -> str:
 
 
 WHAT = {"checkpoint": "random checkpoint build", "quantized": "quantize", "exported": "export",
-        "compiled fp32": "fp32 graph compile", "compiled int8": "int8 graph compile", "inference int8": "int8 graph",
+        "compiled fp32": "fp32 graph compile", "compiled int8": "int8 graph compile",
+        "compiled unverified": "graph compile (unverified)", "inference int8": "int8 graph",
         "inference fp32": "fp32 graph"}
 
 
@@ -200,13 +206,30 @@ def config_of_inputs(inputs: Mapping[str, str | os.PathLike]) -> dict | None:
     return None
 
 
+def verification_fits(config: Mapping, precision: str | None, available: int | None = None) -> tuple[bool, str]:
+    """Whether a compile can load its graph to verify it here, and the line that says why not: past this machine's
+    memory a quantized graph is built (its weights written one by one) and its verification left to a machine that
+    can hold it, as inference must be. (fp32/fp16 graphs are not built unverified: fp16's range probe runs the
+    whole reference.)"""
+    e = estimate(config, "compiled", precision)
+    available = available_bytes() if available is None else available
+    if e.resident_bytes <= available:
+        return True, ""
+    return False, (f"verification skipped: loading the graph needs ~{gb(e.resident_bytes)} resident and this machine "
+                   f"has {gb(available)} available; verify it where it runs (`qwen2lib compile` there)")
+
+
 def check_stage(stage: str, request: Mapping, inputs: Mapping[str, str | os.PathLike]) -> None:
-    """The check ``stages.ensure_stage`` runs before building ``stage`` (nothing for stages it has no figure for)."""
+    """The check ``stages.ensure_stage`` runs before building ``stage`` (nothing for stages it has no figure for).
+    A compile whose verification does not fit is checked by its build alone (``verification_fits``)."""
     config = config_of_inputs(inputs)
     if config is None or stage not in ("calibration", "quantized", "compiled", "exported"):
         return
     precision = (request.get("config") or {}).get("precision") if stage == "compiled" else None
-    check_fits(config, stage, str(config.get("_name_or_path") or Path(next(iter(inputs.values()))).name), precision)
+    model = str(config.get("_name_or_path") or Path(next(iter(inputs.values()))).name)
+    if stage == "compiled" and precision in ("int8", "int4") and not verification_fits(config, precision)[0]:
+        stage = "compiled unverified"
+    check_fits(config, stage, model, precision)
 
 
 def describe(model: str = "tiny", context: int = 4096):

@@ -49,6 +49,31 @@ def test_a_stage_that_does_not_fit_is_refused_with_the_numbers():
     assert 70e9 < int8 < 90e9, int8  # ~1 byte a parameter plus its scales and the cache
 
 
+def test_a_quantized_compile_past_memory_is_built_unverified_and_says_so():
+    config = resolve("Qwen2.5-72B").config
+    fits, why = footprint.verification_fits(config, "int8", available=23 * 10**9)
+    assert not fits and why.startswith("verification skipped: loading the graph needs ~") and "23 GB" in why
+    build = footprint.stage_estimates(config)["compiled unverified"]
+    assert build.resident_bytes < 23 * 10**9  # 72B compiles here: weights are written as they are built
+    assert footprint.verification_fits(resolve("Qwen2-0.5B").config, "int8", available=23 * 10**9)[0]
+
+
+def test_compile_skips_only_the_verification_that_cannot_fit(tmp_path, monkeypatch):
+    from qwen2lib import compile as compile_module
+    from qwen2lib.compile import ensure_compiled
+
+    why = "verification skipped: loading the graph needs ~99 GB resident and this machine has 1 GB available"
+    monkeypatch.setattr(compile_module, "verification_fits", lambda config, precision: (False, why))
+    graph = ensure_compiled("tiny-random", "auto", tmp_path / "run", config="qwen2_int8", verbose=False)
+    metrics = json.loads((graph / "metrics.json").read_text())
+    assert metrics["parity"] == metrics["fidelity"] == {"skipped": why}
+    lm = OnnxCausalLM.load(graph)  # the graph itself is whole and runs
+    logits, _ = lm.prefill(np.arange(3, 9)[None])
+    assert np.isfinite(logits).all()
+    fp32 = ensure_compiled("tiny-random", "auto", tmp_path / "run", config="qwen2_fp32", verbose=False)
+    assert "skipped" not in json.loads((fp32 / "metrics.json").read_text())["fidelity"]  # fp32 is never unverified
+
+
 def test_ensure_stage_refuses_before_building(tmp_path, monkeypatch):
     from qwen2lib.calibration import ensure_calibration
 
