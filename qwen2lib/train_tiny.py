@@ -22,7 +22,6 @@ random draw comes from seeded generators, so two builds on one machine write the
 from __future__ import annotations
 
 import contextlib
-
 import json
 import math
 import platform
@@ -31,11 +30,16 @@ import sys
 import time
 from pathlib import Path
 
+import tokenizers
 import torch
 import torch.nn.functional as F
+import transformers
+from tqdm.auto import tqdm
+from transformers import Qwen2ForCausalLM, Qwen2Model
 
 from .corpus import blocks, heldout_token_blocks, stdlib_corpus, token_stream
-from .registry import TINY_CONFIG
+from .registry import TINY_CONFIG, resolve
+from .tokenizer import load_tokenizer
 
 RECIPE = dict(
     # Measured on 2 cores (held-out perplexity; the step count is what fits the time budget):
@@ -211,8 +215,6 @@ def bf16_is_fast() -> bool:
 def train_slots(body, slot_table: torch.Tensor, train_slot_blocks: torch.Tensor, log_multiplicity: torch.Tensor,
                 recipe: dict, *, seed: int, progress: bool, max_minutes: float, on_step=None) -> dict:
     """AdamW on the body and the slot table; batches drawn from a seeded permutation of the blocks."""
-    from tqdm.auto import tqdm
-
     params = dict(body.named_parameters())
     decay = [p for n, p in params.items() if p.dim() >= 2]  # matrices and the table; not norms or biases
     no_decay = [p for n, p in params.items() if p.dim() < 2]
@@ -270,13 +272,6 @@ def train_tiny(out_dir: Path, *, seed: int = 0, max_minutes: float = 7.0, progre
     ``max_minutes`` is what the recipe is sized for on 2 idle cores; when, a tenth of the way in, it projects
     to more, the time left is printed (a busy machine is slower, never a failure).
     """
-    import tokenizers
-    import transformers
-    from transformers import Qwen2ForCausalLM, Qwen2Model
-
-    from .registry import resolve
-    from .tokenizer import load_tokenizer
-
     unknown = set(overrides) - set(RECIPE)
     if unknown:
         raise ValueError(f"unknown training settings {sorted(unknown)}; known: {sorted(RECIPE)}")
