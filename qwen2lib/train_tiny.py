@@ -272,10 +272,7 @@ def train_tiny(out_dir: Path, *, seed: int = 0, max_minutes: float = 7.0, progre
     ``max_minutes`` is what the recipe is sized for on 2 idle cores; when, a tenth of the way in, it projects
     to more, the time left is printed (a busy machine is slower, never a failure).
     """
-    unknown = set(overrides) - set(RECIPE)
-    if unknown:
-        raise ValueError(f"unknown training settings {sorted(unknown)}; known: {sorted(RECIPE)}")
-    recipe = {**RECIPE, **overrides}
+    recipe = recipe_with(overrides)
     out_dir = Path(out_dir)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(recipe["threads"])
@@ -283,73 +280,110 @@ def train_tiny(out_dir: Path, *, seed: int = 0, max_minutes: float = 7.0, progre
     wall_start = time.perf_counter()
     try:
         tokenizer = load_tokenizer("tiny")
-        corpus = stdlib_corpus(seed=0)
-        train_files = corpus.train_files[: recipe["max_train_files"]]
-        needed = recipe["steps"] * recipe["batch_size"] * (recipe["block_len"] + 1)
-        train_stream = token_stream(corpus, train_files, tokenizer, recipe["train_tokens"] or needed, seed=seed)  # (N,)
-        train_blocks = blocks(train_stream, recipe["block_len"] + 1)  # (M, T + 1): inputs and shifted targets
-        if train_blocks.shape[0] < recipe["batch_size"]:
-            raise ValueError(f"{train_stream.numel()} training tokens make fewer than one batch of blocks")
-        heldout = heldout_token_blocks(tokenizer, recipe["heldout_blocks"], recipe["heldout_block_len"])  # (H, T)
-
+        data = training_data(tokenizer, recipe, seed)
         config = resolve("tiny").hf_config()
         config._attn_implementation = "sdpa"
-        if recipe["split_bands_by"] not in ("surface", None):
-            raise ValueError(f"split_bands_by={recipe['split_bands_by']!r}: 'surface' or None")
-        classes = surface_classes(tokenizer, config.vocab_size) if recipe["split_bands_by"] == "surface" else None
-        slot_of, n_own, band_sizes = vocabulary_slots(train_stream, config.vocab_size, recipe["n_own_rows"],
-                                                      recipe["band_edges"], recipe["unseen_band"], classes)
-        log_multiplicity = slot_log_multiplicity(n_own, band_sizes)  # (P + K,)
-
-        # The same network with a small table: one row per slot instead of one per vocabulary id.
-        torch.manual_seed(seed)
-        slot_config = resolve("tiny").hf_config()
-        slot_config._attn_implementation = "sdpa"
-        slot_config.vocab_size = n_own + len(band_sizes)
-        body = Qwen2Model(slot_config)
-        slot_table = body.embed_tokens.weight  # (P + K, D): input embedding and LM head at once (tied)
-        run = train_slots(body, slot_table, slot_of[train_blocks], log_multiplicity, recipe,
-                          seed=seed, progress=progress, max_minutes=max_minutes)
-
-        model = Qwen2ForCausalLM(config).eval()
-        state = {f"model.{k}": v for k, v in body.state_dict().items() if k != "embed_tokens.weight"}
-        state["model.embed_tokens.weight"] = expand_to_vocabulary(slot_table.detach(), slot_of)  # (V, D)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-        model.tie_weights()
-        perplexity = heldout_perplexity(model, heldout)
+        slot_of, n_own, band_sizes = slots_of(tokenizer, data["train_stream"], config.vocab_size, recipe)
+        body, slot_table, run = train_slot_model(slot_of, n_own, band_sizes, data["train_blocks"], recipe,
+                                                 seed=seed, progress=progress, max_minutes=max_minutes)
+        model = full_vocabulary_model(config, body, slot_table, slot_of)
+        perplexity = heldout_perplexity(model, data["heldout"])
         model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
-        losses = run["losses"]
-        tail = losses[-max(1, len(losses) // 20):]  # the last 5% of steps: one batch is a noisy estimate
-        card = {
-            "name": "tiny",
-            "config": dict(TINY_CONFIG),
-            "corpus": corpus.summary(),
-            "recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()},
-            "seed": seed,
-            "steps": recipe["steps"],
-            "tokens_seen": run["tokens_seen"],
-            "train_tokens_tokenized": int(train_stream.numel()),
-            "epochs": round(run["tokens_seen"] / max(1, train_blocks[:, 1:].numel()), 3),
-            "own_vocabulary_rows": n_own,
-            "shared_row_bands": band_sizes.tolist(),
-            "first_train_loss": losses[0],
-            "final_train_loss": sum(tail) / len(tail),
-            "train_loss_curve": [round(sum(losses[i : i + 25]) / len(losses[i : i + 25]), 4) for i in range(0, len(losses), 25)],
-            "heldout_perplexity": perplexity,
-            "heldout_tokens": int(heldout[:, 1:].numel()),
-            "heldout_description": f"{heldout.shape[0]} blocks of {heldout.shape[1]} tokens, evenly spaced through "
-                                   f"the {len(corpus.heldout_files)} held-out files; full {config.vocab_size:,}-way softmax",
-            "train_seconds": round(run["train_seconds"], 1),
-            "build_seconds": round(time.perf_counter() - wall_start, 1),
-            "threads": recipe["threads"],
-            "matmul_dtype": run["matmul_dtype"],  # bf16 autocast where the CPU has native bf16; weights stay fp32
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
-        }
+        card = model_card(recipe, seed, data, run, n_own, band_sizes, perplexity, config.vocab_size,
+                          build_seconds=round(time.perf_counter() - wall_start, 1))
         (out_dir / "model_card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
         return card
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
+
+
+def recipe_with(overrides: dict) -> dict:
+    """``RECIPE`` with ``overrides`` applied; an unknown key or value is refused before anything runs."""
+    unknown = set(overrides) - set(RECIPE)
+    if unknown:
+        raise ValueError(f"unknown training settings {sorted(unknown)}; known: {sorted(RECIPE)}")
+    recipe = {**RECIPE, **overrides}
+    if recipe["split_bands_by"] not in ("surface", None):
+        raise ValueError(f"split_bands_by={recipe['split_bands_by']!r}: 'surface' or None")
+    return recipe
+
+
+def training_data(tokenizer, recipe: dict, seed: int) -> dict:
+    """The corpus, its training tokens as a stream and as (M, T + 1) blocks, and the (H, T) held-out blocks."""
+    corpus = stdlib_corpus(seed=0)
+    train_files = corpus.train_files[: recipe["max_train_files"]]
+    needed = recipe["steps"] * recipe["batch_size"] * (recipe["block_len"] + 1)
+    train_stream = token_stream(corpus, train_files, tokenizer, recipe["train_tokens"] or needed, seed=seed)  # (N,)
+    train_blocks = blocks(train_stream, recipe["block_len"] + 1)  # (M, T + 1): inputs and shifted targets
+    if train_blocks.shape[0] < recipe["batch_size"]:
+        raise ValueError(f"{train_stream.numel()} training tokens make fewer than one batch of blocks")
+    heldout = heldout_token_blocks(tokenizer, recipe["heldout_blocks"], recipe["heldout_block_len"])  # (H, T)
+    return {"corpus": corpus, "train_stream": train_stream, "train_blocks": train_blocks, "heldout": heldout}
+
+
+def slots_of(tokenizer, train_stream: torch.Tensor, vocab_size: int, recipe: dict):
+    """``vocabulary_slots`` with the recipe's bands, split by surface class when it says so."""
+    classes = surface_classes(tokenizer, vocab_size) if recipe["split_bands_by"] == "surface" else None
+    return vocabulary_slots(train_stream, vocab_size, recipe["n_own_rows"], recipe["band_edges"],
+                            recipe["unseen_band"], classes)
+
+
+def train_slot_model(slot_of: torch.Tensor, n_own: int, band_sizes: torch.Tensor, train_blocks: torch.Tensor,
+                     recipe: dict, *, seed: int, progress: bool, max_minutes: float):
+    """The same network with a small table, one row per slot instead of one per vocabulary id, trained.
+    Returns the body, its (P + K, D) table (input embedding and LM head at once: tied) and ``train_slots``' record."""
+    torch.manual_seed(seed)
+    slot_config = resolve("tiny").hf_config()
+    slot_config._attn_implementation = "sdpa"
+    slot_config.vocab_size = n_own + len(band_sizes)
+    body = Qwen2Model(slot_config)
+    slot_table = body.embed_tokens.weight  # (P + K, D)
+    run = train_slots(body, slot_table, slot_of[train_blocks], slot_log_multiplicity(n_own, band_sizes), recipe,
+                      seed=seed, progress=progress, max_minutes=max_minutes)
+    return body, slot_table, run
+
+
+def full_vocabulary_model(config, body, slot_table: torch.Tensor, slot_of: torch.Tensor):
+    """A normal transformers Qwen2 (eval) from the trained body: every band's vector copied into all its rows."""
+    model = Qwen2ForCausalLM(config).eval()
+    state = {f"model.{k}": v for k, v in body.state_dict().items() if k != "embed_tokens.weight"}
+    state["model.embed_tokens.weight"] = expand_to_vocabulary(slot_table.detach(), slot_of)  # (V, D)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    model.tie_weights()
+    return model
+
+
+def model_card(recipe: dict, seed: int, data: dict, run: dict, n_own: int, band_sizes: torch.Tensor,
+               perplexity: float, vocab_size: int, build_seconds: float) -> dict:
+    """What ``model_card.json`` says of a build: config, corpus, recipe, the loss curve and held-out perplexity."""
+    corpus, heldout, losses = data["corpus"], data["heldout"], run["losses"]
+    tail = losses[-max(1, len(losses) // 20):]  # the last 5% of steps: one batch is a noisy estimate
+    return {
+        "name": "tiny",
+        "config": dict(TINY_CONFIG),
+        "corpus": corpus.summary(),
+        "recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()},
+        "seed": seed,
+        "steps": recipe["steps"],
+        "tokens_seen": run["tokens_seen"],
+        "train_tokens_tokenized": int(data["train_stream"].numel()),
+        "epochs": round(run["tokens_seen"] / max(1, data["train_blocks"][:, 1:].numel()), 3),
+        "own_vocabulary_rows": n_own,
+        "shared_row_bands": band_sizes.tolist(),
+        "first_train_loss": losses[0],
+        "final_train_loss": sum(tail) / len(tail),
+        "train_loss_curve": [round(sum(losses[i : i + 25]) / len(losses[i : i + 25]), 4) for i in range(0, len(losses), 25)],
+        "heldout_perplexity": perplexity,
+        "heldout_tokens": int(heldout[:, 1:].numel()),
+        "heldout_description": f"{heldout.shape[0]} blocks of {heldout.shape[1]} tokens, evenly spaced through "
+                               f"the {len(corpus.heldout_files)} held-out files; full {vocab_size:,}-way softmax",
+        "train_seconds": round(run["train_seconds"], 1),
+        "build_seconds": build_seconds,
+        "threads": recipe["threads"],
+        "matmul_dtype": run["matmul_dtype"],  # bf16 autocast where the CPU has native bf16; weights stay fp32
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
+    }
