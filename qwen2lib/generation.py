@@ -214,8 +214,7 @@ class OnnxBackend:
 
     name = "onnx"
     # onnxruntime's worker threads spin for a while after each call; torch's own pool running the
-    # sampling ops meanwhile fights them for the cores (measured: batch-4 decode 3x slower), so the
-    # loop samples on one thread for this backend.
+    # sampling ops meanwhile fights them for the cores, so the loop samples on one thread for this backend.
     sampling_threads = 1
 
     def __init__(self, runtime, max_positions: int | None = None):

@@ -41,15 +41,9 @@ from .corpus import blocks, heldout_token_blocks, stdlib_corpus, token_stream
 from .registry import TINY_CONFIG, resolve
 from .tokenizer import load_tokenizer
 
+# The experiments behind these choices, with their held-out perplexities: benchmarks/README.md ("The embedded model").
 RECIPE = dict(
-    # Measured on 2 cores (held-out perplexity; the step count is what fits the time budget):
-    #   600 steps, 8,192 own rows, fp32: 228 | 900 steps, 8,192, bf16: 147 | 750 steps, 6 layers: 176 |
-    #   1,300 steps, 4,096 own rows, bf16: 129 (~0.3 s/step) | 1,600 steps, 2,048: 166 | batch 8 x 2,600: 141.
-    # Steps matter more than depth here, and the LM-head rows are most of a step's cost. Then the peak learning
-    # rate, same 1,300 steps: 1e-2 worse than 5e-3 (stopped early); 5e-3: 129; 3e-3: 110; 2e-3: 108.
-    # Then bands split by surface class (split_bands_by): 1,300 steps 79; 1,000 steps 94.5 (decay over the last
-    # half instead of 30%: 99.5); 1,100 steps (this recipe, ~5.5 minutes) keeps a margin below the bar of 100.
-    steps=1100,
+    steps=1100,  # fixed, not the clock: what fits the time budget on 2 cores, below the bar of perplexity 100
     batch_size=16,
     block_len=256,
     lr=2e-3,
@@ -60,7 +54,7 @@ RECIPE = dict(
     band_edges=(8192, 16384),  # frequency ranks where the shared-row bands of the rarer training tokens end
     unseen_band="rarest",  # ids the training text lacks share the rarest band's row ("own": a band of their own)
     split_bands_by="surface",  # each band split by what its tokens look like (surface_classes); None: no split
-    autocast="bfloat16",  # matmuls in bf16 on CPUs that have it (about 1.5x faster steps); "float32": none
+    autocast="bfloat16",  # matmuls in bf16 on CPUs that have it (faster steps); "float32": none
     train_tokens=None,  # tokenize only this many (None: as many as the steps will read, at most all)
     max_train_files=None,  # use only the first N train files of the seeded order (tests)
     heldout_blocks=48,
