@@ -145,3 +145,22 @@ def test_the_import_scan_finds_imports_in_methods_and_nested_functions(tmp_path)
     source.write_text("import os\n\nclass C:\n    def f(self):\n        def g():\n            from . import x\n"
                       "        import json\n")
     assert function_level_imports(source) == [(".", "g", 6), ("json", "f", 7)]
+
+
+# ---- the README names every module -----------------------------------------------------------------
+
+def layout_section() -> str:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index("\n## Layout\n")
+    end = readme.find("\n## ", start + 1)
+    return readme[start : end if end != -1 else len(readme)]
+
+
+def test_the_readme_layout_names_every_module_on_a_line_of_its_own():
+    section = layout_section()
+    modules = [p.relative_to(PACKAGE).as_posix() for p in SOURCES if p.name not in ("__init__.py", "__main__.py")]
+    lines = {line.split("`")[1] for line in section.splitlines() if line.startswith("- `")}
+    missing = [m for m in modules if m not in lines]
+    assert not missing, f"README's Layout section has no line for {missing}"
+    stale = sorted(name for name in lines if name.endswith(".py") and name not in modules)
+    assert not stale, f"README's Layout section names modules that do not exist: {stale}"
