@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import select
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,7 @@ def function_level_imports(path: Path) -> list[tuple[str, str, int]]:
 
 # A fresh interpreter holding the third-party libraries only; each module is then imported in a child forked from
 # it, so qwen2lib is imported from nothing every time while torch and transformers load once.
+IMPORT_TIMEOUT_S = 300
 IMPORT_SERVER = r"""
 import importlib, json, os, sys, traceback
 for name in ("torch", "transformers", "transformers.models.qwen2.modeling_qwen2", "onnx", "onnxruntime", "pandas"):
@@ -62,6 +64,7 @@ for line in sys.stdin:
     pid = os.fork()
     if pid == 0:
         os.close(read_end)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # what a module prints must not reach the answer channel
         try:
             importlib.import_module(line.strip())
             message = ""
@@ -85,6 +88,8 @@ def import_alone():
     def run(name: str) -> str:
         server.stdin.write(name + "\n")
         server.stdin.flush()
+        ready, _, _ = select.select([server.stdout], [], [], IMPORT_TIMEOUT_S)
+        assert ready, f"`import {name}` did not finish in {IMPORT_TIMEOUT_S} s"
         line = server.stdout.readline()
         assert line, "the import server died"
         return json.loads(line)
