@@ -89,7 +89,7 @@ def write_random_checkpoint(config, folder: Path, seed: int = 0, dtype: torch.dt
 
 def build_random_model(spec: ModelSpec, dtype: torch.dtype, seed: int = 0):
     """The registry architecture as a whole transformers model holding ``random_state_dict``'s values (small
-    models only; real shapes go through ``random_checkpoint_dir``, which never builds the model)."""
+    models only; real shapes go through ``loading.random_checkpoint_dir``, which never builds the model)."""
     config = spec.hf_config()
     previous = torch.get_default_dtype()
     try:
