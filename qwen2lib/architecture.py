@@ -6,10 +6,17 @@ import threading
 import time
 from dataclasses import replace
 
+import pandas as pd
+import psutil
 import torch
+from transformers import Qwen2Config
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.utils import logging as hf_logging
 
 from . import rope
 from .footprint import release_free_memory
+from .model import Qwen2
+from .registry import resolve
 
 COMPONENTS = ("embeddings", "attention", "mlp", "norms", "lm_head")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
@@ -61,10 +68,6 @@ def kv_bytes_per_token(cfg: dict, dtype: str = "bfloat16", multi_head: bool = Fa
 
 def kv_cache_table(names: list[str], context: int = 32768, batch: int = 1, dtype: str = "bfloat16"):
     """One row per model: KV bytes per token and at ``context`` tokens, GQA vs multi-head."""
-    import pandas as pd
-
-    from .registry import resolve
-
     rows = []
     for name in names:
         cfg = resolve(name).config
@@ -102,20 +105,16 @@ def yarn_factor_behaviour(head_dim: int = 128, base: float = 1_000_000.0, factor
     ``rope_scaling: {type: yarn, factor: 4.0, original_max_position_embeddings: 32768}``. Read as
     "factor = max_position / original", the factor would be 1.0 and YaRN a no-op.
     """
-    from transformers import Qwen2Config
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    from transformers.utils import logging
-
     config = Qwen2Config(
         hidden_size=head_dim * 2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=max_position,
         rope_parameters={"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original, "rope_theta": base},
     )
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # the mismatch warning is the point of the demonstration, not noise
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the mismatch warning is the point of the demonstration, not noise
     try:
         installed, installed_scale = ROPE_INIT_FUNCTIONS["yarn"](config)
     finally:
-        logging.set_verbosity(verbosity)
+        hf_logging.set_verbosity(verbosity)
     as_given = rope.yarn_inv_freq(head_dim, base, factor, original)
     overwritten = rope.yarn_inv_freq(head_dim, base, max_position / original, original)
     return {
@@ -132,8 +131,6 @@ class PeakRSS:
     """Sample the process's resident memory in a thread; ``peak - baseline`` approximates the peak working set."""
 
     def __init__(self, interval_s: float = 0.0005):
-        import psutil
-
         self.process, self.interval, self.peak, self.baseline = psutil.Process(), interval_s, 0, 0
         self._stop = threading.Event()
 
@@ -164,10 +161,6 @@ def measure_long_context(model, seq_lens: list[int], dca_config: dict, repeats: 
 
     ``model`` is a from-scratch ``qwen2lib.model.Qwen2``. Returns a DataFrame with one row per length.
     """
-    import pandas as pd
-
-    from .model import Qwen2
-
     dca_model = Qwen2(replace(model.args, dual_chunk_attention_config=dca_config)).eval()
     dca_model.load_state_dict(model.state_dict())
     generator = torch.Generator().manual_seed(seed)

@@ -34,9 +34,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import aiohttp
+import matplotlib.pyplot as plt
 import numpy as np
+from tqdm.auto import tqdm
 
+from .artifacts import atomic_write_text
 from .errors import Qwen2LibError
+from .generation import SamplingParams, generate
 
 MIN_TOKENS = 4
 MAX_PROMPT_TOKENS = 1024
@@ -150,10 +155,6 @@ def load_requests(dataset: str | Path | None, tokenizer, num_requests: int, seed
 def run_requests(backend, requests: Sequence[Request], batch_size: int = 1, progress: bool = True,
                  desc: str = "bench") -> tuple[list[RequestResult], float]:
     """Generate every request at its forced output length; (per-request results, wall seconds)."""
-    from tqdm.auto import tqdm
-
-    from .generation import SamplingParams, generate
-
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: use 1 or more")
     params = SamplingParams(max_new_tokens=max(r.output_len for r in requests), ignore_eos=True)
@@ -257,8 +258,6 @@ def _request_body(request: Request, model: str, chat: bool, tokenizer) -> dict:
 
 async def _send(session, endpoint: str, body: dict, request: Request, chat: bool) -> RequestResult | str:
     """One streamed request -> its timings, or the reason it failed."""
-    import aiohttp
-
     start = time.perf_counter()
     times, usage = [], {}
     try:
@@ -289,9 +288,6 @@ async def _send(session, endpoint: str, body: dict, request: Request, chat: bool
 
 
 async def _load(url, requests, model, chat, tokenizer, delays, max_concurrency, timeout_s, progress):
-    import aiohttp
-    from tqdm.auto import tqdm
-
     endpoint = f"{url}/v1/{'chat/completions' if chat else 'completions'}"
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     bar = tqdm(total=len(requests), desc="bench --url", unit="req", disable=not progress, file=sys.stderr)
@@ -323,8 +319,6 @@ async def _load(url, requests, model, chat, tokenizer, delays, max_concurrency, 
 
 
 async def _served_model(url: str, timeout_s: float) -> str:
-    import aiohttp
-
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
             async with session.get(f"{url}/v1/models") as response:
@@ -374,7 +368,7 @@ def benchmark_server(url: str, requests: Sequence[Request], *, request_rate: flo
 
 def metrics_table(runs: dict | Sequence[dict]):
     """One row per run: latency stats (ms) and throughputs, as a pandas DataFrame."""
-    import pandas as pd
+    import pandas as pd  # heavy and optional: only this function needs it
 
     runs = [runs] if isinstance(runs, dict) else list(runs)
     rows = []
@@ -392,8 +386,6 @@ def metrics_table(runs: dict | Sequence[dict]):
 
 def plot_latency_cdf(runs: dict | Sequence[dict], ax=None, metrics: Sequence[str] = ("ttft", "e2e")):
     """Empirical CDF of per-request latencies, one line per run and metric."""
-    import matplotlib.pyplot as plt
-
     runs = [runs] if isinstance(runs, dict) else list(runs)
     ax = ax or plt.subplots(figsize=(7, 4))[1]
     for run in runs:
@@ -412,8 +404,6 @@ def plot_latency_cdf(runs: dict | Sequence[dict], ax=None, metrics: Sequence[str
 
 def plot_throughput_vs_batch(runs: Sequence[dict], ax=None):
     """Output token throughput against batch size, one line per label."""
-    import matplotlib.pyplot as plt
-
     ax = ax or plt.subplots(figsize=(6, 4))[1]
     labels = dict.fromkeys(run.get("label") or run["backend"] for run in runs)
     for label in labels:
@@ -432,8 +422,6 @@ def plot_latency_vs_rate(runs: Sequence[dict], axes=None, stat: str = "median"):
 
     An infinite rate (all at once) is drawn one step beyond the largest finite rate and labelled inf.
     """
-    import matplotlib.pyplot as plt
-
     axes = axes if axes is not None else plt.subplots(1, 2, figsize=(11, 4))[1]
     finite = sorted({r["request_rate"] for r in runs if not math.isinf(r["request_rate"])}) or [1.0]
     inf_at = finite[-1] * 2
@@ -455,6 +443,4 @@ def plot_latency_vs_rate(runs: Sequence[dict], axes=None, stat: str = "median"):
 
 
 def save_run(run: dict, folder: str | Path, name: str) -> Path:
-    from .artifacts import atomic_write_text
-
     return atomic_write_text(Path(folder) / f"{name}.json", json.dumps(run, indent=2) + "\n")

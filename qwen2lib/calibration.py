@@ -23,15 +23,18 @@ import os
 from pathlib import Path
 from typing import Mapping
 
+import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from .artifacts import default_workdir, read_metrics, stage_dir, write_metrics
 from .data import DATASETS, CalibrationDataError, load_calibration_texts, sample_token_blocks
 from .errors import Qwen2LibError
 from .deploy import ensure_patched
 from .deploy.quantizer import STATS_FILE, load_stats  # noqa: F401 (notebooks read statistics through this stage)
+from .layerwise import LayerwiseModel
 from .registry import resolve
 from .stages import ensure_stage, recorded_request
 from .tokenizer import load_tokenizer
@@ -98,8 +101,6 @@ class ActivationStats:
 def collect_activation_stats(model: nn.Module, blocks: torch.Tensor, *, percentile: float = DEFAULT_PERCENTILE,
                              batch_size: int = 4, progress: bool = True) -> dict[str, torch.Tensor]:
     """Run (N, L) token blocks through the model in batches; {"<linear>.absmax"|".percentile"|".meansq": (K,)}."""
-    from tqdm.auto import tqdm
-
     observer = ActivationStats(model, percentile)
     try:
         starts = range(0, blocks.shape[0], batch_size)
@@ -121,10 +122,6 @@ def collect_activation_stats_layerwise(package: str | os.PathLike, blocks: torch
     The head is never multiplied: its input (the final norm's output, the last position only when the package
     slices) is observed directly.
     """
-    from tqdm.auto import tqdm
-
-    from .layerwise import LayerwiseModel
-
     streamed = LayerwiseModel(package)
     observer = ActivationStats(streamed.skeleton, percentile)
     try:
@@ -258,8 +255,6 @@ def layer_matrix(stats: Mapping[str, torch.Tensor], linear: str = "self_attn.q_p
 
 def plot_outlier_heatmap(stats: Mapping[str, torch.Tensor], linear: str = "self_attn.q_proj", label: str = "", ax=None):
     """Heatmap of log10 absmax per (layer, input channel): outlier channels show as bright columns."""
-    import matplotlib.pyplot as plt
-
     m = layer_matrix(stats, linear)
     ax = ax or plt.subplots(figsize=(9, 0.4 * m.shape[0] + 1.5))[1]
     image = ax.imshow(m.clamp(min=1e-6).log10().numpy(), aspect="auto", cmap="magma", interpolation="nearest")
@@ -273,8 +268,6 @@ def plot_outlier_heatmap(stats: Mapping[str, torch.Tensor], linear: str = "self_
 
 def plot_channel_distribution(stats: Mapping[str, torch.Tensor], name: str, label: str = "", ax=None):
     """One Linear's channels sorted by absmax, with the high percentile beside it (log scale)."""
-    import matplotlib.pyplot as plt
-
     absmax, pct = stats[f"{name}.absmax"], stats[f"{name}.percentile"]
     order = absmax.argsort(descending=True)
     ax = ax or plt.subplots(figsize=(8, 3.2))[1]

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 from .errors import PromptTooLongError, Qwen2LibError
 from .generation import SamplingParams, encode_prompt, stop_token_ids, stream
+from .tokenizer import load_tokenizer
 
 COMMANDS = {"/reset": "forget the conversation (the system prompt stays)", "/exit": "leave (so does Ctrl-D)"}
 
@@ -36,8 +37,6 @@ def use_chat_template(tokenizer, source: str | None):
         if path.is_file():
             tokenizer.chat_template = path.read_text(encoding="utf-8")
         else:
-            from .tokenizer import load_tokenizer
-
             tokenizer.chat_template = load_tokenizer(source).chat_template
     if not getattr(tokenizer, "chat_template", None):
         raise NoChatTemplateError("this tokenizer has no chat template: use an -Instruct model or pass "
@@ -119,7 +118,7 @@ class ChatBox:
     """
 
     def __init__(self, session: ChatSession):
-        # imported here, not at the top: the CLI imports every stage module and needs no widget stack
+        # heavy and optional: only the notebook's chat box needs the widget stack, not the CLI that imports this module
         import ipywidgets as widgets
 
         self.session = session
@@ -135,7 +134,7 @@ class ChatBox:
         self.reset_button.on_click(lambda _: self.reset())
 
     def _ipython_display_(self):
-        from IPython.display import display
+        from IPython.display import display  # optional: only a notebook displays the box
 
         display(self.widget)
 

@@ -21,7 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from datasets import load_dataset
+from huggingface_hub import hf_hub_download
 
+from .corpus import stdlib_corpus
 from .errors import Qwen2LibError
 from .evaluation.datasets import SCORED_SPLIT, EvalDataError, open_benchmark
 from .evaluation.scoring import build_prompt
@@ -55,8 +58,6 @@ def hub_online() -> bool:
 
 
 def _load(builder: str, files: list[str]):
-    from datasets import load_dataset
-
     return load_dataset(builder, data_files=[str(f) for f in files], split="train")
 
 
@@ -111,8 +112,6 @@ READERS = {"c4": read_c4, "ceval": read_ceval, "alpaca": read_alpaca}
 
 
 def read_hub(dataset: str) -> list[dict]:
-    from huggingface_hub import hf_hub_download
-
     repo, filename = HUB[dataset]
     local = hf_hub_download(repo, filename, repo_type="dataset")
     return READERS[dataset](Path(local))
@@ -141,8 +140,6 @@ def render(dataset: str, record: dict, tokenizer=None, chat: bool = False) -> st
 
 
 def builtin_records(seed: int = 0) -> tuple[str, list[dict]]:
-    from .corpus import stdlib_corpus
-
     corpus = stdlib_corpus(seed=0)
     return str(corpus.root), [{"text": corpus.read(f)} for f in corpus.train_files]
 

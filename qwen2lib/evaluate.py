@@ -11,15 +11,20 @@ in the first window that reaches it, with the context before it in that window.
 from __future__ import annotations
 
 import csv
+import importlib
+import inspect
 import json
 import math
 import os
+import random
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from datasets import load_dataset
 
+from .artifacts import atomic_dir
 from .evaluation.datasets import CHOICES, DATASETS, NOT_CEVAL_MARKER, TITLES, EvalDataError, open_benchmark
 from .evaluation.runner import MODES, accuracy_table, evaluate_benchmark, plan
 from .evaluation.scoring import build_prompt, continuation_ce, score_gen, score_ppl
@@ -49,9 +54,6 @@ def download_ceval(out_dir: str | Path, subjects: Sequence[str] | None = None) -
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise EvalDataError("C-Eval is not here and HF_HUB_OFFLINE=1: download ceval-exam.zip "
                             "(https://huggingface.co/datasets/ceval/ceval-exam) and pass --data ceval-exam.zip")
-    from datasets import load_dataset
-
-    from .artifacts import atomic_dir
 
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
@@ -75,12 +77,6 @@ def write_builtin_mc_set(out_dir: str | Path, modules: Sequence[str] = BUILTIN_M
     Built from the installed Python's standard library so it works offline; each module is a
     "subject" with 5 dev and ``n_val`` val questions, the distractors drawn from the same module.
     """
-    import importlib
-    import inspect
-    import random
-
-    from .artifacts import atomic_dir
-
     rng = random.Random(seed)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from .artifacts import default_workdir, stage_dir
 from .export_ct import FLOAT_DTYPES, write_compressed_tensors
@@ -106,8 +107,6 @@ def verify_gguf(package: Path, path: Path, blocks: torch.Tensor, tokenizer) -> d
 
 def load_compressed_tensors(folder: str | os.PathLike, dtype: torch.dtype = torch.float32):
     """The export loaded as vLLM's format is read on CPU: transformers with the compressed-tensors package."""
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True).eval()
 
 

@@ -31,6 +31,8 @@ import gguf
 import numpy as np
 import torch
 from safetensors import safe_open
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from .errors import Qwen2LibError
 from .loading import check_safetensors
@@ -256,8 +258,6 @@ def field_value(reader: gguf.GGUFReader, key: str, default=None):
 
 def config_from_gguf(reader: gguf.GGUFReader):
     """A transformers Qwen2Config from the GGUF's metadata alone."""
-    from transformers import Qwen2Config
-
     arch = field_value(reader, "general.architecture")
     if arch != ARCH_NAME:
         raise ExportError(f"general.architecture is {arch!r}, not {ARCH_NAME!r}")
@@ -287,8 +287,6 @@ def config_from_gguf(reader: gguf.GGUFReader):
 
 def hf_names(num_layers: int) -> dict[str, str]:
     """{gguf tensor name: HF name} for a Qwen2ForCausalLM with ``num_layers`` layers."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     name_map = gguf.get_tensor_name_map(ARCH, num_layers)
     tiny = Qwen2ForCausalLM(Qwen2Config(vocab_size=8, hidden_size=8, intermediate_size=8, num_attention_heads=2,
                                         num_key_value_heads=1, num_hidden_layers=num_layers,
@@ -306,8 +304,6 @@ def dequantized(tensor) -> torch.Tensor:
 def load_gguf_model(gguf_file, dtype: torch.dtype = torch.float32):
     """A transformers ``Qwen2ForCausalLM`` (eval) built from the GGUF file (a path or a ``GGUFReader``) alone:
     config from its metadata, weights dequantized one tensor at a time."""
-    from transformers import Qwen2ForCausalLM
-
     reader = as_reader(gguf_file)
     path = reader.data.filename if hasattr(reader.data, "filename") else "the GGUF file"
     config = config_from_gguf(reader)
@@ -334,8 +330,6 @@ def load_gguf_model(gguf_file, dtype: torch.dtype = torch.float32):
 def gguf_tokenizer(gguf_file):
     """A ``tokenizers.Tokenizer`` rebuilt from the GGUF's vocab alone (tokens, types, merges) with Qwen2's
     pre-tokenizer: what llama.cpp's ``gpt2``/``qwen2`` tokenizer has to work from."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-
     reader = as_reader(gguf_file)
     path = reader.data.filename if hasattr(reader.data, "filename") else "the GGUF file"
     tokens = field_value(reader, "tokenizer.ggml.tokens")

@@ -12,6 +12,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .corpus import heldout_token_blocks
+from .errors import NumericalOverflowError
+
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 REPORT_KEYS = ("max_abs_dlogits", "kld_mean", "kld_p99", "top1_agreement", "ppl_reference", "ppl_candidate",
                "ppl_ratio", "tokens")
@@ -19,8 +22,6 @@ REPORT_KEYS = ("max_abs_dlogits", "kld_mean", "kld_p99", "top1_agreement", "ppl_
 
 def heldout_blocks(tokenizer, n_blocks: int = 8, seq_len: int = 128, seed: int = 0) -> torch.Tensor:
     """(n_blocks, seq_len) token ids of held-out text: stdlib files the embedded model never trained on."""
-    from .corpus import heldout_token_blocks
-
     return heldout_token_blocks(tokenizer, n_blocks, seq_len, seed=seed)
 
 
@@ -40,8 +41,6 @@ def fidelity_report(reference: LogitsFn, candidate: LogitsFn, blocks: torch.Tens
             raise ValueError(f"reference logits {tuple(ref_batch.shape)} and candidate logits "
                              f"{tuple(cand_batch.shape)} differ in shape")
         if not torch.isfinite(cand_batch).all():
-            from .errors import NumericalOverflowError
-
             raise NumericalOverflowError("the candidate's logits hold inf/NaN: an activation overflowed its dtype")
         for row in range(batch.shape[0]):
             ids, ref, cand = batch[row : row + 1], ref_batch[row : row + 1].double(), cand_batch[row : row + 1].double()
@@ -100,14 +99,14 @@ def per_layer_sqnr(reference_model, candidate_model, blocks: torch.Tensor) -> di
 
 def fidelity_table(reports: dict[str, dict]):
     """One row per candidate label, the report's keys as columns."""
-    import pandas as pd
+    import pandas as pd  # heavy and optional: only this function needs it
 
     return pd.DataFrame.from_dict({label: {k: r.get(k) for k in REPORT_KEYS} for label, r in reports.items()}, orient="index")
 
 
 def plot_sqnr(sqnr: dict[str, dict[str, float]], ax=None, title: str = "per-layer SQNR vs fp32"):
     """Line per candidate: SQNR (dB) of each decoder layer's output; higher is closer to the reference."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy and optional: only this function needs it
 
     ax = ax or plt.subplots(figsize=(8, 3.2))[1]
     for label, values in sqnr.items():

@@ -23,9 +23,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
+from transformers import DynamicCache
 
 from .errors import PromptTooLongError, Qwen2LibError
+from .graph import OnnxCausalLM
+from .graph.runtime import join_kv, select_kv
 from .masks import positions_from_mask
+from .model import Qwen2
 
 # Both of the family's end tokens: base models end documents with <|endoftext|>, chat turns end with
 # <|im_end|>. Stopping on either is always right for Qwen2, whatever the checkpoint's config says.
@@ -121,8 +125,6 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, model, max_positions: int | None = None):
-        from .model import Qwen2
-
         self.model = model.eval()
         self.scratch = isinstance(model, Qwen2)
         config = model.args if self.scratch else model.config
@@ -163,8 +165,6 @@ class TorchBackend:
     # Continuous batching (qwen2lib.serving) splices rows in and out of a running state between decode steps.
     def join_states(self, a, b):
         """The rows of ``a`` then ``b`` in one state, the shorter left-padded (mask 0) to the longer's length."""
-        from transformers import DynamicCache
-
         (cache_a, mask_a), (cache_b, mask_b) = a, b
         n = max(mask_a.shape[1], mask_b.shape[1])
         layers = [tuple(torch.cat([_left_pad(x, n, 2), _left_pad(y, n, 2)]) for x, y in ((ka, kb), (va, vb)))
@@ -173,8 +173,6 @@ class TorchBackend:
 
     def select_rows(self, state, rows: list[int]):
         """Only ``rows`` of the state, without the left padding none of them needs any more."""
-        from transformers import DynamicCache
-
         cache, mask = state
         index = torch.tensor(rows, dtype=torch.long, device=mask.device)
         mask = mask[index]
@@ -216,8 +214,7 @@ class OnnxBackend:
 
     name = "onnx"
     # onnxruntime's worker threads spin for a while after each call; torch's own pool running the
-    # sampling ops meanwhile fights them for the cores (measured: batch-4 decode 3x slower), so the
-    # loop samples on one thread for this backend.
+    # sampling ops meanwhile fights them for the cores, so the loop samples on one thread for this backend.
     sampling_threads = 1
 
     def __init__(self, runtime, max_positions: int | None = None):
@@ -229,8 +226,6 @@ class OnnxBackend:
     def load(cls, folder: str | Path, config: dict | None = None, threads: int | None = None,
              spinning: bool = True) -> "OnnxBackend":
         """A compiled folder (manifest.json + model.onnx); ``config`` is the model's config.json dict."""
-        from .graph import OnnxCausalLM
-
         limit = (config or {}).get("max_position_embeddings")
         return cls(OnnxCausalLM.load(folder, threads=threads, spinning=spinning), limit)
 
@@ -243,13 +238,9 @@ class OnnxBackend:
         return torch.from_numpy(logits[:, -1]).float(), state
 
     def join_states(self, a, b):
-        from .graph.runtime import join_kv
-
         return join_kv(a, b)
 
     def select_rows(self, state, rows: list[int]):
-        from .graph.runtime import select_kv
-
         return select_kv(state, rows)
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -514,97 +505,3 @@ def stream(backend: Backend, tokenizer, prompt, params: SamplingParams | None = 
     tail = text.flush()
     if tail:
         yield tail
-
-
-# ---- loading a backend by name ----------------------------------------------------------------
-
-def load_backend(model: str = "tiny", backend: str = "torch", *, weights: str = "auto", dtype="float32",
-                 seed: int = 0, compiled: str | Path | None = None, workdir: str | Path | None = None,
-                 precision: str = "fp32", long_context: dict | None = None, spinning: bool = True):
-    """A ready backend by name: the transformers model (torch) or the compiled graph (onnx).
-
-    The onnx backend reads ``compiled`` if given, else builds or reuses ``<workdir>/compiled``. The checkpoint's
-    long-context settings (Dual Chunk Attention, rope scaling), changed by ``long_context`` (config.json overrides
-    from ``qwen2lib.longctx``), are honoured by both and named on stderr: a torch run with DCA uses the deploy
-    package (transformers' own Qwen2 ignores it); onnx with overrides compiles its own package and graph in
-    ``<workdir>/long_context/<settings>/``. ``spinning``: see ``graph.runtime.session_options``.
-    """
-    from .artifacts import default_workdir
-    from .loading import checkpoint_dir
-    from .longctx import LongContextError, announce, announce_graph, apply_overrides, workdir_tag
-    from .registry import read_folder_config
-
-    config = apply_overrides(read_folder_config(checkpoint_dir(model, weights, seed)), long_context)
-    if backend == "torch":
-        announce(config, "torch")
-        if config.get("dual_chunk_attention_config"):
-            from .deploy import ensure_patched, load_deploy_package
-
-            package = ensure_patched(model, weights, workdir, seed=seed, verbose=False)
-            lm = load_deploy_package(package, dtype, config_overrides=long_context)
-            lm.config.insert_slice = False  # every position's logits (eval), whatever the package was built with
-            return TorchBackend(lm)
-        from .loading import load_model
-
-        return TorchBackend(load_model(model, dtype=dtype, weights=weights, seed=seed, config_overrides=long_context))
-    if backend == "onnx":
-        if long_context and compiled is not None:
-            raise LongContextError("--dca/--yarn cannot change a compiled folder (it runs the config it was compiled "
-                                   "with): drop --compiled to compile one with these settings")
-        if compiled is None:
-            if long_context:
-                from .deploy import ensure_patched
-
-                workdir = (Path(workdir) if workdir else default_workdir(model)) / "long_context" / workdir_tag(long_context)
-                ensure_patched(model, weights, workdir, seed=seed, config_overrides=long_context, verbose=False)
-            compiled = _ensure_graph(model, weights, workdir, seed, precision,
-                                     long_context_graph=bool(long_context))
-        out = OnnxBackend.load(compiled, config, spinning=spinning)
-        out.config = config
-        announce_graph(out.runtime.manifest, config)
-        return out
-    raise ValueError(f"backend={backend!r}: use 'torch' or 'onnx'")
-
-
-def _ensure_graph(model, weights, workdir, seed, precision, config: str | None = None,
-                  last_position_only: bool = False, long_context_graph: bool = False) -> Path:
-    from .artifacts import default_workdir
-    from .compile import ensure_compiled
-
-    workdir = Path(workdir) if workdir else default_workdir(model)
-    config = config or f"qwen2_{precision}"
-    # Generation reads the last position's logits only: such a graph skips (T - 1) x hidden x vocab of head work
-    # per prefill. It is compiled beside the full-logits graph (perplexity and scoring need every position).
-    overrides = {"graph.last_position_logits": True, "name": f"{config}_last"} if last_position_only else {}
-    if long_context_graph:  # as many positions as the long-context config.json allows
-        overrides["graph.max_sequence_length"] = 0
-    return Path(ensure_compiled(model, weights, workdir, config=config, seed=seed, overrides=overrides or None))
-
-
-# The ways notebook 05 runs a model, each built from (or reusing) the earlier stages' folders: the transformers
-# reference, notebook 03's two int8 packages in torch, and notebook 04's graphs (int8: one per package).
-STAGE_BACKENDS = ("fp32 torch", "int8 torch", "int8 torch smoothquant", "fp32 graph", "fp16 graph", "int8 graph",
-                  "int8 graph smoothquant")
-ACCURACY_STAGES = STAGE_BACKENDS  # notebook 05 scores every stage it runs
-
-
-def stage_backend(label: str, model: str = "tiny", *, weights: str = "auto", workdir: str | Path | None = None,
-                  seed: int = 0, dtype="float32", last_position_only: bool = False, spinning: bool = True):
-    """One of ``STAGE_BACKENDS``: the reference, one of notebook 03's int8 packages, or a graph of notebook 04.
-    ``last_position_only``: a graph's logits for the last position only (serving: faster prefill; no ``logits``)."""
-    if label not in STAGE_BACKENDS:
-        raise ValueError(f"unknown backend {label!r}: one of {', '.join(STAGE_BACKENDS)}")
-    scheme = "smoothquant" if label.endswith(" smoothquant") else "w8a16"
-    if label == "fp32 torch":
-        return load_backend(model, "torch", weights=weights, dtype=dtype, seed=seed)
-    if label.startswith("int8 torch"):
-        from .artifacts import default_workdir
-        from .quantization import ensure_quantized, load_quantized
-
-        workdir = Path(workdir) if workdir else default_workdir(model)
-        return TorchBackend(load_quantized(ensure_quantized(model, weights, workdir, seed=seed, scheme=scheme)))
-    precision = label.split()[0]
-    compiled = _ensure_graph(model, weights, workdir, seed, precision,
-                             "qwen2_int8_smoothquant" if scheme == "smoothquant" else None, last_position_only)
-    return load_backend(model, "onnx", weights=weights, seed=seed, workdir=workdir, compiled=compiled,
-                        spinning=spinning)

@@ -1,22 +1,26 @@
 """Find a checkpoint (folder, $QWEN2LIB_MODELS, Hugging Face cache, hub) and load it as transformers' Qwen2."""
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import struct
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import torch
+from huggingface_hub import snapshot_download
+from transformers import Qwen2ForCausalLM
 
 from .artifacts import atomic_dir
 from .errors import UnsupportedDtypeError, WeightsError, WeightsUnavailableError
+from .footprint import check_disk, check_fits, parameter_counts
 from .longctx import hf_config_with
 from .paths import cache_root, local_models_root
+from .random_weights import RANDOM_RECIPE, expected_tensor_shapes, write_random_checkpoint
 from .registry import ModelSpec, read_folder_config, resolve
+from .tensorio import header_of
+from .tiny import tiny_dir
+from .tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -68,27 +72,6 @@ def check_safetensors(folder: Path) -> list[Path]:
     return shards
 
 
-def expected_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """{tensor name: shape} of a Qwen2ForCausalLM checkpoint with this config.json (lm_head only when untied)."""
-    H, I, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    n_heads, n_kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
-    hd = config.get("head_dim") or H // n_heads
-    shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
-            p + "self_attn.q_proj.weight": (n_heads * hd, H), p + "self_attn.q_proj.bias": (n_heads * hd,),
-            p + "self_attn.k_proj.weight": (n_kv * hd, H), p + "self_attn.k_proj.bias": (n_kv * hd,),
-            p + "self_attn.v_proj.weight": (n_kv * hd, H), p + "self_attn.v_proj.bias": (n_kv * hd,),
-            p + "self_attn.o_proj.weight": (H, n_heads * hd),
-            p + "mlp.gate_proj.weight": (I, H), p + "mlp.up_proj.weight": (I, H), p + "mlp.down_proj.weight": (H, I),
-        })
-    if not config.get("tie_word_embeddings", False):
-        shapes["lm_head.weight"] = (V, H)
-    return shapes
-
-
 def check_weights_match_config(folder: Path) -> None:
     """Refuse, from the safetensors headers alone (nothing loaded), a checkpoint whose tensors do not match
     its config.json: transformers would fill missing layers with random weights or drop extra ones."""
@@ -96,7 +79,7 @@ def check_weights_match_config(folder: Path) -> None:
     expected = expected_tensor_shapes(config)
     found: dict[str, tuple[int, ...]] = {}
     for shard in check_safetensors(folder):
-        for name, info in _read_header(shard).items():
+        for name, info in header_of(shard).items():
             if name != "__metadata__":
                 found[name] = tuple(info["shape"])
     # a tied checkpoint may still carry lm_head (it equals the embedding); old ones carry rotary buffers
@@ -113,12 +96,6 @@ def check_weights_match_config(folder: Path) -> None:
     if extra:
         raise WeightsError(f"{where} has no place for {extra[0]} (and {len(extra) - 1} more unexpected tensors): "
                            "config.json and the *.safetensors do not belong together")
-
-
-def _read_header(path: Path) -> dict:
-    with open(path, "rb") as fh:
-        (header_len,) = struct.unpack("<Q", fh.read(8))
-        return json.loads(fh.read(header_len))
 
 
 def _check_one_safetensors(path: Path) -> None:
@@ -142,16 +119,12 @@ def _check_one_safetensors(path: Path) -> None:
 
 def _hf_cache_folder(hub_id: str) -> Path | None:
     try:
-        from huggingface_hub import snapshot_download
-
         return Path(snapshot_download(hub_id, local_files_only=True))
     except Exception:
         return None
 
 
 def _download(hub_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
     return Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "merges.txt", "vocab.json"]))
 
 
@@ -167,11 +140,6 @@ def unavailable_message(spec: ModelSpec, reason: str) -> str:
     )
 
 
-# Bump when the recipe of random weights changes: cached random checkpoints of the old recipe are then rebuilt.
-RANDOM_RECIPE = "r2"
-RANDOM_CHUNK = 1 << 22  # elements drawn at a time: a tensor's values depend on this, so it is part of the recipe
-
-
 def random_checkpoint_dir(spec: ModelSpec, seed: int = 0) -> Path:
     """Materialise the registry architecture with seeded random weights once, in the cache (bf16, streamed:
     ``write_random_checkpoint``)."""
@@ -179,9 +147,6 @@ def random_checkpoint_dir(spec: ModelSpec, seed: int = 0) -> Path:
     if not (folder / "config.json").is_file():
         print(f"[qwen2lib] RANDOM WEIGHTS: building {spec.name} at its real shape with seed {seed} "
               "(no trained weights; figures of quality mean nothing)", file=sys.stderr)
-        from .footprint import check_disk, check_fits, parameter_counts
-        from .tokenizer import load_tokenizer
-
         config = spec.hf_config()
         check_fits(config.to_dict(), "checkpoint", spec.name)
         check_disk(folder.parent, 2 * parameter_counts(config.to_dict())["total"], f"the random {spec.name} checkpoint")
@@ -189,70 +154,6 @@ def random_checkpoint_dir(spec: ModelSpec, seed: int = 0) -> Path:
             write_random_checkpoint(config, tmp, seed)
             load_tokenizer(spec.name).save_pretrained(tmp)
     return folder
-
-
-def _tensor_seed(seed: int, name: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
-
-
-def random_tensor_chunks(config: dict, name: str, shape: tuple[int, ...], seed: int,
-                         dtype: torch.dtype) -> Iterator[torch.Tensor]:
-    """The seeded random values of one tensor, flat, ``RANDOM_CHUNK`` elements at a time (in ``dtype``).
-
-    Seed semantics: each tensor has its own generator, seeded by sha256("<seed>:<tensor name>"), so a tensor's
-    values do not depend on the order tensors are made in, nor on any other tensor. Like transformers' own init:
-    Linear weights and embeddings are N(0, initializer_range) (drawn in fp32, then cast), biases 0, norms 1.
-    """
-    numel = math.prod(shape)
-    if name.endswith("norm.weight") or name.endswith(".bias"):
-        value = 1.0 if name.endswith("norm.weight") else 0.0
-        yield torch.full((numel,), value, dtype=dtype)
-        return
-    generator = torch.Generator().manual_seed(_tensor_seed(seed, name))
-    std = float(config.get("initializer_range", 0.02))
-    for start in range(0, numel, RANDOM_CHUNK):
-        yield (torch.randn(min(RANDOM_CHUNK, numel - start), generator=generator) * std).to(dtype)
-
-
-def random_state_dict(config: dict, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Every tensor of the random checkpoint whole (small models: ``tiny-random``), the same values as streamed."""
-    return {name: torch.cat(list(random_tensor_chunks(config, name, shape, seed, dtype))).reshape(shape)
-            for name, shape in expected_tensor_shapes(config).items()}
-
-
-def write_random_checkpoint(config, folder: Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
-                            max_shard_bytes: int | None = None) -> list[Path]:
-    """config.json, generation_config.json and the seeded random weights of ``config`` (a Qwen2Config), written
-    tensor by tensor: memory holds one chunk of one tensor, whatever the model's size."""
-    from transformers import GenerationConfig
-
-    from .tensorio import MAX_SHARD_BYTES, write_shards
-
-    config.qwen2lib_random_weights = True
-    config.dtype = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}[dtype]
-    config.save_pretrained(folder)
-    GenerationConfig.from_model_config(config).save_pretrained(folder)
-    as_dict = config.to_dict()
-    specs = {name: (shape, dtype) for name, shape in expected_tensor_shapes(as_dict).items()}
-    return write_shards(folder, specs, lambda name: random_tensor_chunks(as_dict, name, specs[name][0], seed, dtype),
-                        max_shard_bytes or MAX_SHARD_BYTES)
-
-
-def build_random_model(spec: ModelSpec, dtype: torch.dtype, seed: int = 0):
-    """The registry architecture as a whole transformers model holding ``random_state_dict``'s values (small
-    models only; real shapes go through ``random_checkpoint_dir``, which never builds the model)."""
-    from transformers import Qwen2ForCausalLM
-
-    config = spec.hf_config()
-    previous = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(dtype)
-        model = Qwen2ForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.load_state_dict(random_state_dict(config.to_dict(), seed, dtype), strict=False)  # a tied head follows
-    model.config.qwen2lib_random_weights = True
-    return model.eval()
 
 
 def checkpoint_dir(model: str | os.PathLike = "tiny", weights: str = "auto", seed: int = 0) -> Path:
@@ -266,8 +167,6 @@ def checkpoint_dir(model: str | os.PathLike = "tiny", weights: str = "auto", see
         raise WeightsError(f"weights={weights!r}: use 'auto' (real checkpoint) or 'random' (seeded random init)")
     spec = resolve(model)
     if spec.embedded:
-        from .tiny import tiny_dir
-
         return tiny_dir(trained=spec.name == "tiny" and weights == "auto")
     if weights == "random":
         return random_checkpoint_dir(spec, seed)
@@ -306,8 +205,6 @@ def load_model(model: str | os.PathLike = "tiny", *, dtype: str | torch.dtype = 
     weights="random" loads the registry architecture's seeded random checkpoint (bf16, built once into the
     cache), upcast to ``dtype``: the same numbers every stage's package is built from.
     """
-    from transformers import Qwen2ForCausalLM
-
     torch_dtype = parse_dtype(dtype)
     if weights not in WEIGHT_MODES:
         raise WeightsError(f"weights={weights!r}: use 'auto' (real checkpoint) or 'random' (seeded random init)")

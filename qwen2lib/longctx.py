@@ -18,15 +18,19 @@ a graph with DCA is compiled from a package whose config.json carries it (``qwen
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
+from pathlib import Path
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from transformers import AutoConfig, Qwen2Config
 
 from .dca import dca_config_from_dict
 from .errors import Qwen2LibError
+from .model import Qwen2, Qwen2Args
 
 YARN_BETAS = {"beta_fast": 32.0, "beta_slow": 1.0}
 
@@ -162,11 +166,6 @@ def workdir_tag(overrides: dict) -> str:
 
 def hf_config_with(folder, overrides: dict | None, trust_remote_code: bool = False):
     """The transformers config of a folder with ``overrides`` applied to its config.json (None: no overrides)."""
-    import json
-    from pathlib import Path
-
-    from transformers import AutoConfig, Qwen2Config
-
     if not overrides:
         return None
     data = apply_overrides(json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")), overrides)
@@ -196,11 +195,6 @@ def load_variants(folder, overrides: dict) -> dict:
     where the package's eager form holds three (L x L) score matrices per layer. Both read the same config and
     are tested equal (tests/test_long_context.py).
     """
-    import json
-    from pathlib import Path
-
-    from .model import Qwen2, Qwen2Args
-
     base = Qwen2.from_checkpoint(folder).eval()
     config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     variants = {}

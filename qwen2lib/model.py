@@ -13,10 +13,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
-from . import rope
+from . import dca, rope
 from .masks import positions_from_mask
+from .registry import resolve
 
 
 @dataclass
@@ -76,8 +78,6 @@ class Qwen2Args:
     @classmethod
     def preset(cls, name: str) -> "Qwen2Args":
         """The architecture of a registry model (``Qwen2.5-7B``, ``tiny``, ...)."""
-        from .registry import resolve
-
         return cls.from_config_dict(resolve(name).config)
 
 
@@ -194,8 +194,6 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def _dual_chunk(self, q, k, v, cache, inv_freq, key_padding):
-        from . import dca
-
         if key_padding is not None:
             raise NotImplementedError("Dual Chunk Attention runs unpadded batches only; pass one prompt at a time")
         chunk_size, local_size, _ = dca.dca_config_from_dict(self.args.dual_chunk_attention_config)
@@ -324,8 +322,6 @@ class Qwen2(nn.Module):
     @classmethod
     def from_checkpoint(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> "Qwen2":
         """Load config.json + (sharded) safetensors from a checkpoint folder."""
-        from safetensors.torch import load_file
-
         folder = Path(folder)
         model = cls(Qwen2Args.from_config_dict(json.loads((folder / "config.json").read_text())))
         state = {}

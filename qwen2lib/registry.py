@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers import Qwen2Config
+
 from .errors import ModelNotFoundError, WrongModelTypeError
 from .family import FAMILY_CONFIGS
 
@@ -69,8 +71,6 @@ class ModelSpec:
 
     def hf_config(self):
         """A ``transformers.Qwen2Config`` with this spec's architecture."""
-        from transformers import Qwen2Config
-
         if self.folder is not None:
             return Qwen2Config.from_pretrained(self.folder)
         cfg = dict(self.config)
@@ -97,7 +97,7 @@ def known_names() -> list[str]:
 
 def list_models():
     """The registry as a pandas DataFrame: one row per model, its hub id, family and architecture."""
-    import pandas as pd
+    import pandas as pd  # heavy and optional: only this function needs it
 
     rows = []
     for name in known_names():

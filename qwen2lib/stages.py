@@ -14,7 +14,7 @@ Each stage folder under the run's ``workdir`` is built by ``ensure_stage`` and c
 
 A folder is reused only when its key equals the key asked for now; otherwise it is rebuilt and one line
 says why (``patched: rebuilding, code changed: deploy/patches/p3_eager_attention.py``). A change upstream changes that stage's
-identity, so everything after it rebuilds too. ``ensure`` is the one entry point by stage name.
+identity, so everything after it rebuilds too. ``pipeline.ensure`` is the one entry point by stage name.
 """
 from __future__ import annotations
 
@@ -211,20 +211,3 @@ def ensure_stage(stage: str, folder: str | os.PathLike, request: Mapping, inputs
         write_metrics(tmp, metrics)
     return folder
 
-
-def ensure(stage: str, model: str = "tiny", weights: str = "auto", workdir: str | os.PathLike | None = None,
-           **request) -> Path:
-    """The folder of ``stage`` for this model and request, reused or (re)built with everything before it."""
-    if stage == "checkpoint":
-        from .loading import checkpoint_dir
-
-        return checkpoint_dir(model, weights, request.get("seed", 0))
-    builders = {"patched": ("deploy", "ensure_patched"), "calibration": ("calibration", "ensure_calibration"),
-                "quantized": ("quantization", "ensure_quantized"), "compiled": ("compile", "ensure_compiled"),
-                "exported": ("export", "ensure_exported")}
-    if stage not in builders:
-        raise ValueError(f"stage {stage!r}: one of {', '.join(GRAPH[:-1])} (inference is notebook 05's report)")
-    import importlib
-
-    module, name = builders[stage]
-    return getattr(importlib.import_module(f"qwen2lib.{module}"), name)(model, weights, workdir, **request)

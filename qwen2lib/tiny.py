@@ -15,6 +15,10 @@ import torch
 
 from .artifacts import atomic_dir
 from .paths import cache_root
+from .random_weights import build_random_model
+from .registry import resolve
+from .tokenizer import load_tokenizer
+from .train_tiny import train_tiny
 
 # Bump when the architecture or the training recipe changes: old caches are then rebuilt.
 TINY_RECIPE = "v5"
@@ -35,10 +39,6 @@ def _build_lock(name: str):
 
 def build_tiny_random(out_dir: Path, seed: int = 0) -> None:
     """Seeded random tiny checkpoint with the real tokenizer files beside it."""
-    from .loading import build_random_model
-    from .registry import resolve
-    from .tokenizer import load_tokenizer
-
     model = build_random_model(resolve("tiny-random"), torch.float32, seed)
     model.save_pretrained(out_dir)
     load_tokenizer("tiny-random").save_pretrained(out_dir)
@@ -55,8 +55,6 @@ def tiny_dir(trained: bool = True) -> Path:
             return folder
         with atomic_dir(folder) as tmp:
             if trained:
-                from .train_tiny import train_tiny
-
                 print(f"[qwen2lib] first use of 'tiny': training it once into {folder} (a few minutes)", file=sys.stderr)
                 train_tiny(tmp)
             else:

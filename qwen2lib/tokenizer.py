@@ -6,13 +6,20 @@ own tokenizer files those win; otherwise the family's tokenizer is built once an
 """
 from __future__ import annotations
 
+import base64
 import importlib.resources
 import json
 import os
 from pathlib import Path
 
+import tiktoken
+from tokenizers import AddedToken, normalizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import TikTokenConverter
+
 from .artifacts import atomic_dir
 from .paths import cache_root
+from .registry import resolve
 
 # Qwen's pre-tokenizer: like GPT-4's, except digits split one by one (\p{N}, not \p{N}{1,3}).
 QWEN_PATTERN = (
@@ -89,8 +96,6 @@ def ranks_path() -> Path:
 
 def load_ranks() -> dict[bytes, int]:
     """151,643 byte strings -> merge rank, read from ``qwen.tiktoken`` (base64 token, space, rank)."""
-    import base64
-
     ranks = {}
     for line in ranks_path().read_text(encoding="utf-8").splitlines():
         if line:
@@ -103,18 +108,12 @@ def load_ranks() -> dict[bytes, int]:
 
 def tiktoken_encoding(family: str = "qwen2"):
     """The same tokenizer as a ``tiktoken.Encoding``: the independent reference the tests compare against."""
-    import tiktoken
-
     specials = {tok: FIRST_CONTROL_ID + i for i, (tok, _) in enumerate(CONTROL_TOKENS[family])}
     return tiktoken.Encoding(f"{family}-tiktoken", pat_str=QWEN_PATTERN, mergeable_ranks=load_ranks(), special_tokens=specials)
 
 
 def build_tokenizer(family: str, instruct: bool):
     """Construct the fast tokenizer from the ranks (tens of seconds; ``load_tokenizer`` caches it)."""
-    from tokenizers import AddedToken, normalizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
     if family not in CONTROL_TOKENS:
         raise ValueError(f"unknown tokenizer family {family!r}; known: {', '.join(CONTROL_TOKENS)}")
     backend = TikTokenConverter(vocab_file=str(ranks_path()), pattern=QWEN_PATTERN).converted()
@@ -161,10 +160,6 @@ def load_tokenizer(model: str = "tiny"):
     A folder with tokenizer files loads those; anything else gets the family tokenizer built from
     the shipped ranks (Qwen1.5 and Qwen2 use the Qwen2 family, Qwen2.5 its own).
     """
-    from transformers import AutoTokenizer
-
-    from .registry import resolve
-
     folder = Path(str(model)).expanduser()
     if folder.is_dir() and has_tokenizer_files(folder):
         return AutoTokenizer.from_pretrained(folder)

@@ -22,7 +22,6 @@ random draw comes from seeded generators, so two builds on one machine write the
 from __future__ import annotations
 
 import contextlib
-
 import json
 import math
 import platform
@@ -31,21 +30,20 @@ import sys
 import time
 from pathlib import Path
 
+import tokenizers
 import torch
 import torch.nn.functional as F
+import transformers
+from tqdm.auto import tqdm
+from transformers import Qwen2ForCausalLM, Qwen2Model
 
 from .corpus import blocks, heldout_token_blocks, stdlib_corpus, token_stream
-from .registry import TINY_CONFIG
+from .registry import TINY_CONFIG, resolve
+from .tokenizer import load_tokenizer
 
+# The experiments behind these choices, with their held-out perplexities: benchmarks/README.md ("The embedded model").
 RECIPE = dict(
-    # Measured on 2 cores (held-out perplexity; the step count is what fits the time budget):
-    #   600 steps, 8,192 own rows, fp32: 228 | 900 steps, 8,192, bf16: 147 | 750 steps, 6 layers: 176 |
-    #   1,300 steps, 4,096 own rows, bf16: 129 (~0.3 s/step) | 1,600 steps, 2,048: 166 | batch 8 x 2,600: 141.
-    # Steps matter more than depth here, and the LM-head rows are most of a step's cost. Then the peak learning
-    # rate, same 1,300 steps: 1e-2 worse than 5e-3 (stopped early); 5e-3: 129; 3e-3: 110; 2e-3: 108.
-    # Then bands split by surface class (split_bands_by): 1,300 steps 79; 1,000 steps 94.5 (decay over the last
-    # half instead of 30%: 99.5); 1,100 steps (this recipe, ~5.5 minutes) keeps a margin below the bar of 100.
-    steps=1100,
+    steps=1100,  # fixed, not the clock: what fits the time budget on 2 cores, below the bar of perplexity 100
     batch_size=16,
     block_len=256,
     lr=2e-3,
@@ -56,7 +54,7 @@ RECIPE = dict(
     band_edges=(8192, 16384),  # frequency ranks where the shared-row bands of the rarer training tokens end
     unseen_band="rarest",  # ids the training text lacks share the rarest band's row ("own": a band of their own)
     split_bands_by="surface",  # each band split by what its tokens look like (surface_classes); None: no split
-    autocast="bfloat16",  # matmuls in bf16 on CPUs that have it (about 1.5x faster steps); "float32": none
+    autocast="bfloat16",  # matmuls in bf16 on CPUs that have it (faster steps); "float32": none
     train_tokens=None,  # tokenize only this many (None: as many as the steps will read, at most all)
     max_train_files=None,  # use only the first N train files of the seeded order (tests)
     heldout_blocks=48,
@@ -211,8 +209,6 @@ def bf16_is_fast() -> bool:
 def train_slots(body, slot_table: torch.Tensor, train_slot_blocks: torch.Tensor, log_multiplicity: torch.Tensor,
                 recipe: dict, *, seed: int, progress: bool, max_minutes: float, on_step=None) -> dict:
     """AdamW on the body and the slot table; batches drawn from a seeded permutation of the blocks."""
-    from tqdm.auto import tqdm
-
     params = dict(body.named_parameters())
     decay = [p for n, p in params.items() if p.dim() >= 2]  # matrices and the table; not norms or biases
     no_decay = [p for n, p in params.items() if p.dim() < 2]
@@ -270,17 +266,7 @@ def train_tiny(out_dir: Path, *, seed: int = 0, max_minutes: float = 7.0, progre
     ``max_minutes`` is what the recipe is sized for on 2 idle cores; when, a tenth of the way in, it projects
     to more, the time left is printed (a busy machine is slower, never a failure).
     """
-    import tokenizers
-    import transformers
-    from transformers import Qwen2ForCausalLM, Qwen2Model
-
-    from .registry import resolve
-    from .tokenizer import load_tokenizer
-
-    unknown = set(overrides) - set(RECIPE)
-    if unknown:
-        raise ValueError(f"unknown training settings {sorted(unknown)}; known: {sorted(RECIPE)}")
-    recipe = {**RECIPE, **overrides}
+    recipe = recipe_with(overrides)
     out_dir = Path(out_dir)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(recipe["threads"])
@@ -288,73 +274,110 @@ def train_tiny(out_dir: Path, *, seed: int = 0, max_minutes: float = 7.0, progre
     wall_start = time.perf_counter()
     try:
         tokenizer = load_tokenizer("tiny")
-        corpus = stdlib_corpus(seed=0)
-        train_files = corpus.train_files[: recipe["max_train_files"]]
-        needed = recipe["steps"] * recipe["batch_size"] * (recipe["block_len"] + 1)
-        train_stream = token_stream(corpus, train_files, tokenizer, recipe["train_tokens"] or needed, seed=seed)  # (N,)
-        train_blocks = blocks(train_stream, recipe["block_len"] + 1)  # (M, T + 1): inputs and shifted targets
-        if train_blocks.shape[0] < recipe["batch_size"]:
-            raise ValueError(f"{train_stream.numel()} training tokens make fewer than one batch of blocks")
-        heldout = heldout_token_blocks(tokenizer, recipe["heldout_blocks"], recipe["heldout_block_len"])  # (H, T)
-
+        data = training_data(tokenizer, recipe, seed)
         config = resolve("tiny").hf_config()
         config._attn_implementation = "sdpa"
-        if recipe["split_bands_by"] not in ("surface", None):
-            raise ValueError(f"split_bands_by={recipe['split_bands_by']!r}: 'surface' or None")
-        classes = surface_classes(tokenizer, config.vocab_size) if recipe["split_bands_by"] == "surface" else None
-        slot_of, n_own, band_sizes = vocabulary_slots(train_stream, config.vocab_size, recipe["n_own_rows"],
-                                                      recipe["band_edges"], recipe["unseen_band"], classes)
-        log_multiplicity = slot_log_multiplicity(n_own, band_sizes)  # (P + K,)
-
-        # The same network with a small table: one row per slot instead of one per vocabulary id.
-        torch.manual_seed(seed)
-        slot_config = resolve("tiny").hf_config()
-        slot_config._attn_implementation = "sdpa"
-        slot_config.vocab_size = n_own + len(band_sizes)
-        body = Qwen2Model(slot_config)
-        slot_table = body.embed_tokens.weight  # (P + K, D): input embedding and LM head at once (tied)
-        run = train_slots(body, slot_table, slot_of[train_blocks], log_multiplicity, recipe,
-                          seed=seed, progress=progress, max_minutes=max_minutes)
-
-        model = Qwen2ForCausalLM(config).eval()
-        state = {f"model.{k}": v for k, v in body.state_dict().items() if k != "embed_tokens.weight"}
-        state["model.embed_tokens.weight"] = expand_to_vocabulary(slot_table.detach(), slot_of)  # (V, D)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-        model.tie_weights()
-        perplexity = heldout_perplexity(model, heldout)
+        slot_of, n_own, band_sizes = slots_of(tokenizer, data["train_stream"], config.vocab_size, recipe)
+        body, slot_table, run = train_slot_model(slot_of, n_own, band_sizes, data["train_blocks"], recipe,
+                                                 seed=seed, progress=progress, max_minutes=max_minutes)
+        model = full_vocabulary_model(config, body, slot_table, slot_of)
+        perplexity = heldout_perplexity(model, data["heldout"])
         model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
-        losses = run["losses"]
-        tail = losses[-max(1, len(losses) // 20):]  # the last 5% of steps: one batch is a noisy estimate
-        card = {
-            "name": "tiny",
-            "config": dict(TINY_CONFIG),
-            "corpus": corpus.summary(),
-            "recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()},
-            "seed": seed,
-            "steps": recipe["steps"],
-            "tokens_seen": run["tokens_seen"],
-            "train_tokens_tokenized": int(train_stream.numel()),
-            "epochs": round(run["tokens_seen"] / max(1, train_blocks[:, 1:].numel()), 3),
-            "own_vocabulary_rows": n_own,
-            "shared_row_bands": band_sizes.tolist(),
-            "first_train_loss": losses[0],
-            "final_train_loss": sum(tail) / len(tail),
-            "train_loss_curve": [round(sum(losses[i : i + 25]) / len(losses[i : i + 25]), 4) for i in range(0, len(losses), 25)],
-            "heldout_perplexity": perplexity,
-            "heldout_tokens": int(heldout[:, 1:].numel()),
-            "heldout_description": f"{heldout.shape[0]} blocks of {heldout.shape[1]} tokens, evenly spaced through "
-                                   f"the {len(corpus.heldout_files)} held-out files; full {config.vocab_size:,}-way softmax",
-            "train_seconds": round(run["train_seconds"], 1),
-            "build_seconds": round(time.perf_counter() - wall_start, 1),
-            "threads": recipe["threads"],
-            "matmul_dtype": run["matmul_dtype"],  # bf16 autocast where the CPU has native bf16; weights stay fp32
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
-        }
+        card = model_card(recipe, seed, data, run, n_own, band_sizes, perplexity, config.vocab_size,
+                          build_seconds=round(time.perf_counter() - wall_start, 1))
         (out_dir / "model_card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
         return card
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
+
+
+def recipe_with(overrides: dict) -> dict:
+    """``RECIPE`` with ``overrides`` applied; an unknown key or value is refused before anything runs."""
+    unknown = set(overrides) - set(RECIPE)
+    if unknown:
+        raise ValueError(f"unknown training settings {sorted(unknown)}; known: {sorted(RECIPE)}")
+    recipe = {**RECIPE, **overrides}
+    if recipe["split_bands_by"] not in ("surface", None):
+        raise ValueError(f"split_bands_by={recipe['split_bands_by']!r}: 'surface' or None")
+    return recipe
+
+
+def training_data(tokenizer, recipe: dict, seed: int) -> dict:
+    """The corpus, its training tokens as a stream and as (M, T + 1) blocks, and the (H, T) held-out blocks."""
+    corpus = stdlib_corpus(seed=0)
+    train_files = corpus.train_files[: recipe["max_train_files"]]
+    needed = recipe["steps"] * recipe["batch_size"] * (recipe["block_len"] + 1)
+    train_stream = token_stream(corpus, train_files, tokenizer, recipe["train_tokens"] or needed, seed=seed)  # (N,)
+    train_blocks = blocks(train_stream, recipe["block_len"] + 1)  # (M, T + 1): inputs and shifted targets
+    if train_blocks.shape[0] < recipe["batch_size"]:
+        raise ValueError(f"{train_stream.numel()} training tokens make fewer than one batch of blocks")
+    heldout = heldout_token_blocks(tokenizer, recipe["heldout_blocks"], recipe["heldout_block_len"])  # (H, T)
+    return {"corpus": corpus, "train_stream": train_stream, "train_blocks": train_blocks, "heldout": heldout}
+
+
+def slots_of(tokenizer, train_stream: torch.Tensor, vocab_size: int, recipe: dict):
+    """``vocabulary_slots`` with the recipe's bands, split by surface class when it says so."""
+    classes = surface_classes(tokenizer, vocab_size) if recipe["split_bands_by"] == "surface" else None
+    return vocabulary_slots(train_stream, vocab_size, recipe["n_own_rows"], recipe["band_edges"],
+                            recipe["unseen_band"], classes)
+
+
+def train_slot_model(slot_of: torch.Tensor, n_own: int, band_sizes: torch.Tensor, train_blocks: torch.Tensor,
+                     recipe: dict, *, seed: int, progress: bool, max_minutes: float):
+    """The same network with a small table, one row per slot instead of one per vocabulary id, trained.
+    Returns the body, its (P + K, D) table (input embedding and LM head at once: tied) and ``train_slots``' record."""
+    torch.manual_seed(seed)
+    slot_config = resolve("tiny").hf_config()
+    slot_config._attn_implementation = "sdpa"
+    slot_config.vocab_size = n_own + len(band_sizes)
+    body = Qwen2Model(slot_config)
+    slot_table = body.embed_tokens.weight  # (P + K, D)
+    run = train_slots(body, slot_table, slot_of[train_blocks], slot_log_multiplicity(n_own, band_sizes), recipe,
+                      seed=seed, progress=progress, max_minutes=max_minutes)
+    return body, slot_table, run
+
+
+def full_vocabulary_model(config, body, slot_table: torch.Tensor, slot_of: torch.Tensor):
+    """A normal transformers Qwen2 (eval) from the trained body: every band's vector copied into all its rows."""
+    model = Qwen2ForCausalLM(config).eval()
+    state = {f"model.{k}": v for k, v in body.state_dict().items() if k != "embed_tokens.weight"}
+    state["model.embed_tokens.weight"] = expand_to_vocabulary(slot_table.detach(), slot_of)  # (V, D)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    model.tie_weights()
+    return model
+
+
+def model_card(recipe: dict, seed: int, data: dict, run: dict, n_own: int, band_sizes: torch.Tensor,
+               perplexity: float, vocab_size: int, build_seconds: float) -> dict:
+    """What ``model_card.json`` says of a build: config, corpus, recipe, the loss curve and held-out perplexity."""
+    corpus, heldout, losses = data["corpus"], data["heldout"], run["losses"]
+    tail = losses[-max(1, len(losses) // 20):]  # the last 5% of steps: one batch is a noisy estimate
+    return {
+        "name": "tiny",
+        "config": dict(TINY_CONFIG),
+        "corpus": corpus.summary(),
+        "recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()},
+        "seed": seed,
+        "steps": recipe["steps"],
+        "tokens_seen": run["tokens_seen"],
+        "train_tokens_tokenized": int(data["train_stream"].numel()),
+        "epochs": round(run["tokens_seen"] / max(1, data["train_blocks"][:, 1:].numel()), 3),
+        "own_vocabulary_rows": n_own,
+        "shared_row_bands": band_sizes.tolist(),
+        "first_train_loss": losses[0],
+        "final_train_loss": sum(tail) / len(tail),
+        "train_loss_curve": [round(sum(losses[i : i + 25]) / len(losses[i : i + 25]), 4) for i in range(0, len(losses), 25)],
+        "heldout_perplexity": perplexity,
+        "heldout_tokens": int(heldout[:, 1:].numel()),
+        "heldout_description": f"{heldout.shape[0]} blocks of {heldout.shape[1]} tokens, evenly spaced through "
+                               f"the {len(corpus.heldout_files)} held-out files; full {vocab_size:,}-way softmax",
+        "train_seconds": round(run["train_seconds"], 1),
+        "build_seconds": build_seconds,
+        "threads": recipe["threads"],
+        "matmul_dtype": run["matmul_dtype"],  # bf16 autocast where the CPU has native bf16; weights stay fp32
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
+    }

@@ -12,6 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+import papermill
+from papermill.clientwrap import PapermillNotebookClient
+
 from .tiny import tiny_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,15 +35,11 @@ def _no_output_widget_capture() -> None:
     the cell "runs" until its time limit (nbclient issue #312). Without that emulation the function's output
     lands in the cell's outputs as any other, and the widgets' state is still saved with the notebook.
     """
-    from papermill.clientwrap import PapermillNotebookClient
-
     PapermillNotebookClient.on_comm_open_jupyter_widget = lambda self, msg: None
 
 
 def run_notebook(path: Path, output: Path, parameters: dict, cell_timeout: int = CELL_TIMEOUT_S) -> Path:
     """Execute one notebook; raises papermill's PapermillExecutionError naming the failing cell."""
-    import papermill
-
     _no_output_widget_capture()
 
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,8 @@ import pytest
 
 from qwen2lib.chat import ChatBox, ChatSession, NoChatTemplateError, use_chat_template
 from qwen2lib.errors import PromptTooLongError
-from qwen2lib.generation import SamplingParams, TorchBackend, encode_prompt, generate, load_backend
+from qwen2lib.generation import SamplingParams, TorchBackend, encode_prompt, generate
+from qwen2lib.pipeline import load_backend
 from qwen2lib.tokenizer import load_tokenizer
 
 QWEN25_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."

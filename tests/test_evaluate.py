@@ -376,14 +376,13 @@ def test_strided_ppl_scores_every_token_once_and_one_window_is_the_full_forward(
 # ---- command line ----------------------------------------------------------------------------------
 
 def test_cli_checks_the_data_before_loading_any_model(tmp_path, monkeypatch, capsys):
-    from qwen2lib import generation
-    from qwen2lib.cli import main
+    from qwen2lib.cli import inference, main
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(generation, "load_backend", no_model)
-    monkeypatch.setattr(generation, "stage_backend", no_model)
+    monkeypatch.setattr(inference, "load_backend", no_model)  # where the command looks them up
+    monkeypatch.setattr(inference, "stage_backend", no_model)
     ceval_zip = zip_folder(write_ceval_exam(tmp_path / "ceval-exam"), tmp_path / "ceval-exam.zip")
     for argv, message in ((["mmlu", "--data", str(ceval_zip)], "expected MMLU"),
                           (["ceval", "--data", str(ceval_zip), "--subjects", "law"], "no val file for law"),

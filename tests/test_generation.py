@@ -219,7 +219,7 @@ def test_cli_generate_streams_to_the_terminal(capsys, tmp_path):
 def onnx_backend(request, hf_model, tmp_path_factory):
     """The fp32 graph (onnxruntime contrib ops, and plain ONNX ops) compiled from the same weights."""
     from qwen2lib.compile import compile_model
-    from qwen2lib.generation import load_backend
+    from qwen2lib.pipeline import load_backend
 
     root = tmp_path_factory.mktemp(request.param)
     hf_model.save_pretrained(root / "ckpt")
@@ -249,7 +249,7 @@ def test_onnx_graph_left_padded_batch_and_full_logits_match_torch(hf_model, onnx
 
 
 def test_a_last_position_graph_generates_what_the_full_logits_graph_does(tmp_path):
-    from qwen2lib.generation import SamplingParams, generate, stage_backend
+    from qwen2lib.pipeline import stage_backend
     from qwen2lib.tokenizer import load_tokenizer
 
     full = stage_backend("fp32 graph", "tiny-random", workdir=tmp_path / "run")

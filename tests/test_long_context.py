@@ -162,7 +162,7 @@ def test_parse_settings_and_refuse_what_cannot_run():
 
 
 def test_torch_backend_runs_dca_through_the_package_and_yarn_as_configured(make_checkpoint, tmp_path, capsys):
-    from qwen2lib.generation import load_backend
+    from qwen2lib.pipeline import load_backend
     from qwen2lib.longctx import long_context_overrides
     from qwen2lib.model import Qwen2
 

@@ -198,7 +198,7 @@ from qwen2lib.server import ServerThread, build_app, rss_mb  # noqa: E402
 @pytest.fixture(scope="module")
 def tiny_random():
     from qwen2lib import load_tokenizer
-    from qwen2lib.generation import load_backend
+    from qwen2lib.pipeline import load_backend
 
     return load_backend("tiny-random", "torch"), load_tokenizer("tiny-random")
 
@@ -442,7 +442,7 @@ def test_cli_bench_url_writes_the_run(tiny_random, tmp_path, capsys):
 def test_a_compiled_graph_serves_joining_requests_as_it_generates_them_alone(hf_model, tmp_path):
     """The onnx backend's KVState rows join and leave too (contrib graph: the cache is decoded in place)."""
     from qwen2lib.compile import compile_model
-    from qwen2lib.generation import load_backend
+    from qwen2lib.pipeline import load_backend
 
     hf_model.save_pretrained(tmp_path / "ckpt")
     compiled = compile_model("qwen2_fp32", model=str(tmp_path / "ckpt"), out_dir=tmp_path / "compiled", verbose=False)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from qwen2lib import stages
+from qwen2lib import pipeline, stages
 from qwen2lib.artifacts import read_metrics
 from qwen2lib.calibration import ensure_calibration
 from qwen2lib.compile import ensure_compiled, read_manifest
@@ -165,9 +165,9 @@ def test_the_int8_graph_compiles_from_the_quantized_package(tmp_path):
 
 
 def test_ensure_by_stage_name(tmp_path):
-    assert stages.ensure("patched", MODEL, "auto", tmp_path / "run") == tmp_path / "run" / "patched"
+    assert pipeline.ensure("patched", MODEL, "auto", tmp_path / "run") == tmp_path / "run" / "patched"
     with pytest.raises(ValueError, match="stage 'inference'"):
-        stages.ensure("inference", MODEL, "auto", tmp_path / "run")
+        pipeline.ensure("inference", MODEL, "auto", tmp_path / "run")
 
 
 def test_every_stage_records_its_wall_time_and_peak_memory(make_checkpoint, tmp_path):

@@ -21,9 +21,9 @@ from ..errors import Qwen2LibError
 from ..evaluate import download_ceval, text_perplexity
 from ..evaluation.datasets import DATASETS, TITLES, EvalDataError, open_benchmark
 from ..evaluation.runner import MODES, accuracy_table, evaluate_benchmark, plan
-from ..generation import (ACCURACY_STAGES, STAGE_BACKENDS, SamplingParams, generate, load_backend, stage_backend,
-                          stop_token_ids)
+from ..generation import SamplingParams, generate, stop_token_ids
 from ..longctx import workdir_tag
+from ..pipeline import ACCURACY_STAGES, STAGE_BACKENDS, load_backend, stage_backend
 from ..server import LOOPBACK, build_app
 from ..serving import EngineConfig
 from ..tokenizer import load_tokenizer

@@ -45,7 +45,7 @@ def patch_html(applied_patch: AppliedPatch) -> str:
 def show_patch_diffs(applied: Sequence[AppliedPatch]) -> None:
     """Display every patch's coloured diff in Jupyter (prints the text report elsewhere)."""
     try:
-        from IPython.display import HTML, display
+        from IPython.display import HTML, display  # optional: present inside Jupyter only
     except ImportError:
         print(patch_report(applied))
         return

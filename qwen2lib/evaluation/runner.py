@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from tqdm.auto import tqdm
+
 from .datasets import SHOT_SPLIT, Benchmark, EvalDataError, open_benchmark
 from .scoring import LogitsFn, build_prompt, score_gen, score_ppl
 from .subjects import category_scores
@@ -81,8 +83,6 @@ def evaluate_benchmark(logits_fn: LogitsFn, tokenizer, dataset: str, data, *, su
     ``limit``: questions per subject (quick runs); ``shots``: dev examples before each question;
     ``results_path``: the resumable per-question file; ``run_id`` names the model in its run key.
     """
-    from tqdm.auto import tqdm
-
     bench = data if isinstance(data, Benchmark) else open_benchmark(dataset, data)
     chosen = plan(bench, subjects, shots, mode)
     key = {"dataset": bench.dataset, "source": str(Path(bench.path).resolve()), "root": bench.group.root,
@@ -140,7 +140,7 @@ def accuracy_table(results: Mapping[str, Mapping], reference: str | None = None,
     The reference is ``reference`` or the first stage (fp32 torch); deltas are percentage points, the way
     Qwen publishes its quantized models' scores against bf16. ``categories`` adds OpenCompass's category columns.
     """
-    import pandas as pd
+    import pandas as pd  # heavy and optional: only this function needs it
 
     if not results:
         raise ValueError("no results to tabulate")

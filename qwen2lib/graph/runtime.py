@@ -21,9 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
 
 from ..errors import NumericalOverflowError, PromptTooLongError, Qwen2LibError
 from ..masks import positions_from_mask
+from .dual_chunk import uses_dual_chunk
 
 _ORT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
                "all": "ORT_ENABLE_ALL"}
@@ -96,8 +100,6 @@ def select_kv(state: KVState, rows: list[int]) -> KVState:
 def session_options(threads: int | None = None, optimization_level: str = "all", spinning: bool = True):
     """``spinning=False``: worker threads sleep between parallel sections instead of busy-waiting for the next,
     which leaves the cores to other threads of the process (a server's event loop) or of the machine."""
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _ORT_LEVELS[optimization_level])
     if threads:
@@ -137,8 +139,6 @@ class OnnxCausalLM:
 
         ``manifest`` stands in for the folder's manifest.json (the compiler verifies before writing one).
         """
-        import onnxruntime as ort
-
         folder = Path(folder)
         graph = folder
         if folder.is_dir():
@@ -151,9 +151,6 @@ class OnnxCausalLM:
             raise FileNotFoundError(f"{folder} does not exist: compile a graph first (`qwen2lib compile CONFIG`)")
         manifest = dict(manifest or {})
         if "operator_set" not in manifest:  # a bare graph: read its opsets (not its weights) to tell
-            import onnx
-
-            from .dual_chunk import uses_dual_chunk
 
             proto = onnx.load(str(graph), load_external_data=False)
             manifest["operator_set"] = "contrib" if "com.microsoft" in {o.domain for o in proto.opset_import} else "standard"
@@ -268,8 +265,6 @@ class OnnxCausalLM:
 
         A last-position graph is walked one token at a time through its cache instead.
         """
-        import torch
-
         ids = np.asarray(input_ids.cpu() if hasattr(input_ids, "cpu") else input_ids, np.int64)
         if not self.last_position_logits:
             logits, _ = self.run(ids)
@@ -290,8 +285,6 @@ class _CacheBinding:
     once per allocation: a decode step then binds only the ids, mask, positions and a logits buffer."""
 
     def __init__(self, session, buffers: list[tuple[np.ndarray, np.ndarray]]):
-        import onnxruntime as ort
-
         self.session = session
         self.values = [tuple(ort.OrtValue.ortvalue_from_numpy(t) for t in pair) for pair in buffers]  # kept alive
         self.binding = session.io_binding()

@@ -1,0 +1,111 @@
+"""Any stage by its name: its folder (``ensure``), or a backend that runs it (``load_backend``, ``stage_backend``).
+
+The stage modules depend on ``stages`` (the reuse rule) and the generation loop knows only the backend protocol;
+this module sits above all of them, so looking a stage up by name needs no import inside a function.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .artifacts import default_workdir
+from .calibration import ensure_calibration
+from .compile import ensure_compiled
+from .deploy import ensure_patched, load_deploy_package
+from .export import ensure_exported
+from .generation import OnnxBackend, TorchBackend
+from .loading import checkpoint_dir, load_model
+from .longctx import LongContextError, announce, announce_graph, apply_overrides, workdir_tag
+from .quantization import ensure_quantized, load_quantized
+from .registry import read_folder_config
+from .stages import GRAPH
+
+BUILDERS = {"patched": ensure_patched, "calibration": ensure_calibration, "quantized": ensure_quantized,
+            "compiled": ensure_compiled, "exported": ensure_exported}
+
+
+def ensure(stage: str, model: str = "tiny", weights: str = "auto", workdir: str | os.PathLike | None = None,
+           **request) -> Path:
+    """The folder of ``stage`` for this model and request, reused or (re)built with everything before it."""
+    if stage == "checkpoint":
+        return checkpoint_dir(model, weights, request.get("seed", 0))
+    if stage not in BUILDERS:
+        raise ValueError(f"stage {stage!r}: one of {', '.join(GRAPH[:-1])} (inference is notebook 05's report)")
+    return BUILDERS[stage](model, weights, workdir, **request)
+
+
+# ---- a backend by name: a checkpoint, a compiled graph, or one of notebook 05's stages ----------
+
+def load_backend(model: str = "tiny", backend: str = "torch", *, weights: str = "auto", dtype="float32",
+                 seed: int = 0, compiled: str | Path | None = None, workdir: str | Path | None = None,
+                 precision: str = "fp32", long_context: dict | None = None, spinning: bool = True):
+    """A ready backend by name: the transformers model (torch) or the compiled graph (onnx).
+
+    The onnx backend reads ``compiled`` if given, else builds or reuses ``<workdir>/compiled``. The checkpoint's
+    long-context settings (Dual Chunk Attention, rope scaling), changed by ``long_context`` (config.json overrides
+    from ``qwen2lib.longctx``), are honoured by both and named on stderr: a torch run with DCA uses the deploy
+    package (transformers' own Qwen2 ignores it); onnx with overrides compiles its own package and graph in
+    ``<workdir>/long_context/<settings>/``. ``spinning``: see ``graph.runtime.session_options``.
+    """
+    config = apply_overrides(read_folder_config(checkpoint_dir(model, weights, seed)), long_context)
+    if backend == "torch":
+        announce(config, "torch")
+        if config.get("dual_chunk_attention_config"):
+            package = ensure_patched(model, weights, workdir, seed=seed, verbose=False)
+            lm = load_deploy_package(package, dtype, config_overrides=long_context)
+            lm.config.insert_slice = False  # every position's logits (eval), whatever the package was built with
+            return TorchBackend(lm)
+        return TorchBackend(load_model(model, dtype=dtype, weights=weights, seed=seed, config_overrides=long_context))
+    if backend == "onnx":
+        if long_context and compiled is not None:
+            raise LongContextError("--dca/--yarn cannot change a compiled folder (it runs the config it was compiled "
+                                   "with): drop --compiled to compile one with these settings")
+        if compiled is None:
+            if long_context:
+                workdir = (Path(workdir) if workdir else default_workdir(model)) / "long_context" / workdir_tag(long_context)
+                ensure_patched(model, weights, workdir, seed=seed, config_overrides=long_context, verbose=False)
+            compiled = _ensure_graph(model, weights, workdir, seed, precision,
+                                     long_context_graph=bool(long_context))
+        out = OnnxBackend.load(compiled, config, spinning=spinning)
+        out.config = config
+        announce_graph(out.runtime.manifest, config)
+        return out
+    raise ValueError(f"backend={backend!r}: use 'torch' or 'onnx'")
+
+
+def _ensure_graph(model, weights, workdir, seed, precision, config: str | None = None,
+                  last_position_only: bool = False, long_context_graph: bool = False) -> Path:
+    workdir = Path(workdir) if workdir else default_workdir(model)
+    config = config or f"qwen2_{precision}"
+    # Generation reads the last position's logits only: such a graph skips (T - 1) x hidden x vocab of head work
+    # per prefill. It is compiled beside the full-logits graph (perplexity and scoring need every position).
+    overrides = {"graph.last_position_logits": True, "name": f"{config}_last"} if last_position_only else {}
+    if long_context_graph:  # as many positions as the long-context config.json allows
+        overrides["graph.max_sequence_length"] = 0
+    return Path(ensure_compiled(model, weights, workdir, config=config, seed=seed, overrides=overrides or None))
+
+
+# The ways notebook 05 runs a model, each built from (or reusing) the earlier stages' folders: the transformers
+# reference, notebook 03's two int8 packages in torch, and notebook 04's graphs (int8: one per package).
+STAGE_BACKENDS = ("fp32 torch", "int8 torch", "int8 torch smoothquant", "fp32 graph", "fp16 graph", "int8 graph",
+                  "int8 graph smoothquant")
+ACCURACY_STAGES = STAGE_BACKENDS  # notebook 05 scores every stage it runs
+
+
+def stage_backend(label: str, model: str = "tiny", *, weights: str = "auto", workdir: str | Path | None = None,
+                  seed: int = 0, dtype="float32", last_position_only: bool = False, spinning: bool = True):
+    """One of ``STAGE_BACKENDS``: the reference, one of notebook 03's int8 packages, or a graph of notebook 04.
+    ``last_position_only``: a graph's logits for the last position only (serving: faster prefill; no ``logits``)."""
+    if label not in STAGE_BACKENDS:
+        raise ValueError(f"unknown backend {label!r}: one of {', '.join(STAGE_BACKENDS)}")
+    scheme = "smoothquant" if label.endswith(" smoothquant") else "w8a16"
+    if label == "fp32 torch":
+        return load_backend(model, "torch", weights=weights, dtype=dtype, seed=seed)
+    if label.startswith("int8 torch"):
+        workdir = Path(workdir) if workdir else default_workdir(model)
+        return TorchBackend(load_quantized(ensure_quantized(model, weights, workdir, seed=seed, scheme=scheme)))
+    precision = label.split()[0]
+    compiled = _ensure_graph(model, weights, workdir, seed, precision,
+                             "qwen2_int8_smoothquant" if scheme == "smoothquant" else None, last_position_only)
+    return load_backend(model, "onnx", weights=weights, seed=seed, workdir=workdir, compiled=compiled,
+                        spinning=spinning)
