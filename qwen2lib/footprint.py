@@ -24,6 +24,8 @@ model; ``RUNTIME_BYTES`` is what the Python process holds before any weight (tor
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import shutil
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Mapping
 
 from .errors import InsufficientDiskError, InsufficientMemoryError
+from .registry import resolve
 
 GiB = 1 << 30
 RUNTIME_BYTES = int(0.45 * GiB)  # torch + transformers imported, no weights (the patched stage's whole peak)
@@ -142,8 +145,6 @@ def estimate(config: Mapping, stage: str, precision: str | None = None) -> Estim
 def release_free_memory() -> None:
     """Hand freed heap pages back to the OS (glibc): a loop that frees one layer's tensors and reads the next would
     otherwise keep the freed pages resident, layer after layer (fragmentation), and the peak would follow the model."""
-    import ctypes
-    import gc
 
     gc.collect()
     try:
@@ -234,9 +235,8 @@ def check_stage(stage: str, request: Mapping, inputs: Mapping[str, str | os.Path
 
 def describe(model: str = "tiny", context: int = 4096):
     """Notebook first cells: one row per stage with its estimated resident memory, against what is available."""
-    import pandas as pd
+    import pandas as pd  # heavy and optional: only this function needs it
 
-    from .registry import resolve
 
     config = resolve(model).config
     available = available_bytes()

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Mapping
 
+import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -95,8 +96,6 @@ def disk_bytes(folder: str | os.PathLike) -> int:
 
 def size_table(sizes: Mapping[str, Mapping[str, int]]):
     """{label: {"disk_bytes", "memory_bytes"[, "linear_bytes"]}} -> DataFrame in MiB, with ratios to the first row."""
-    import pandas as pd
-
     columns = {"disk_bytes": "on disk (MiB)", "memory_bytes": "in memory (MiB)", "linear_bytes": "Linear layers (MiB)"}
     rows = {label: {title: s[key] / 2**20 for key, title in columns.items() if key in s} for label, s in sizes.items()}
     table = pd.DataFrame.from_dict(rows, orient="index")
@@ -124,8 +123,8 @@ def matmul_timings(in_features: int = 896, out_features: int = 4864, tokens: Ite
 
     fp32 F.linear; "dequantise then fp32" (the slow path this module avoids); W8A16 (bf16 x int8 kernel);
     W8A8 (per-token int8 + int32 matmul). ``threads=1`` by default: on a shared machine a multi-threaded
-    single-token call mostly measures how long the scheduler takes to wake the second thread (we saw ~12 ms
-    steps). ``None`` keeps torch's setting. Compare within one call only.
+    single-token call mostly measures how long the scheduler takes to wake the second thread. ``None`` keeps
+    torch's setting. Compare within one call only.
     """
     previous = torch.get_num_threads()
     if threads:
@@ -137,8 +136,6 @@ def matmul_timings(in_features: int = 896, out_features: int = 4864, tokens: Ite
 
 
 def _matmul_timings(in_features, out_features, tokens, repeats, seed):
-    import pandas as pd
-
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out_features, in_features, generator=g) / in_features**0.5
     lin = nn.Linear(in_features, out_features, bias=False)

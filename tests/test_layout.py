@@ -20,11 +20,7 @@ OPTIONAL_HEAVY = {"matplotlib", "pandas", "playwright", "llama_cpp", "gguf", "co
                   "ipywidgets"}
 # Function-level imports in files that concurrent work owns: (file, imported module, function). Move each to the top
 # of its module (or under OPTIONAL_HEAVY's rule), then delete its entry here.
-PENDING = {
-    ("footprint.py", "ctypes", "release_free_memory"), ("footprint.py", "gc", "release_free_memory"),
-    ("footprint.py", "pandas", "describe"), ("footprint.py", ".registry", "describe"),
-    ("quantization.py", "pandas", "size_table"), ("quantization.py", "pandas", "_matmul_timings"),
-}
+PENDING: set[tuple[str, str, str]] = set()  # (file, module, function) moves still owed: none
 
 
 def module_name(path: Path) -> str:
