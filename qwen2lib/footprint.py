@@ -136,9 +136,13 @@ def estimate(config: Mapping, stage: str, precision: str | None = None) -> Estim
             extra = 4 * parameter_counts(config)["total"] - int8_graph_bytes(config)
             return Estimate(label, e.resident_bytes + extra, e.formula.replace("int8", "fp32"))
         return estimates[label]
-    if stage == "exported":  # export loads the package's model whole, and writes a converted copy
+    if stage == "exported":  # the writers stream; the verification loads the package and the export whole
         fp32 = 4 * parameter_counts(config)["total"]
-        return Estimate("exported", RUNTIME_BYTES + 2 * fp32, "runtime + 2 fp32 models")
+        return Estimate("exported", RUNTIME_BYTES + 2 * fp32, "runtime + 2 fp32 models for the verification "
+                        "(--verify-blocks 0 writes it unverified, one tensor at a time)")
+    if stage == "exported unverified":
+        return Estimate(stage, RUNTIME_BYTES + 5 * parameter_counts(config)["largest_tensor"],
+                        "runtime + the largest tensor, read and converted")
     return estimates[stage]
 
 
@@ -170,7 +174,7 @@ def gb(n: int) -> str:
 
 WHAT = {"checkpoint": "random checkpoint build", "quantized": "quantize", "exported": "export",
         "compiled fp32": "fp32 graph compile", "compiled int8": "int8 graph compile",
-        "compiled unverified": "graph compile (unverified)", "inference int8": "int8 graph",
+        "compiled unverified": "graph compile (unverified)", "exported unverified": "export (unverified)", "inference int8": "int8 graph",
         "inference fp32": "fp32 graph"}
 
 
@@ -230,6 +234,8 @@ def check_stage(stage: str, request: Mapping, inputs: Mapping[str, str | os.Path
     model = str(config.get("_name_or_path") or Path(next(iter(inputs.values()))).name)
     if stage == "compiled" and precision in ("int8", "int4") and not verification_fits(config, precision)[0]:
         stage = "compiled unverified"
+    if stage == "exported" and not request.get("verify_blocks"):
+        stage = "exported unverified"
     check_fits(config, stage, model, precision)
 
 
