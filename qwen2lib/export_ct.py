@@ -32,12 +32,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .artifacts import MARKER
+from .deploy.quantized_package import ShardWriter
 from .errors import Qwen2LibError
 from .loading import check_safetensors
-from .quantization import QUANT_METHOD, WEIGHTS_FILE, is_skipped
+from .quantization import QUANT_METHOD, is_skipped
 
 CT_FORMAT_W8A16 = "pack-quantized"
 CT_FORMAT_W8A8 = "int-quantized"
@@ -143,41 +143,6 @@ def converted_tensors(name: str, f, modules: dict[str, str], dtype: torch.dtype)
     return {name: tensor.to(dtype).contiguous() if tensor.is_floating_point() else tensor}
 
 
-class ShardWriter:
-    """Tensors in, safetensors shards of at most ``limit`` bytes out (one shard: ``model.safetensors``)."""
-
-    def __init__(self, folder: Path, limit: int):
-        self.folder, self.limit, self.pending, self.size, self.shards = folder, limit, {}, 0, []
-        self.where: dict[str, int] = {}
-
-    def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        for name, tensor in tensors.items():
-            nbytes = tensor.numel() * tensor.element_size()
-            if self.pending and self.size + nbytes > self.limit:
-                self.flush()
-            self.pending[name], self.size = tensor, self.size + nbytes
-            self.where[name] = len(self.shards)
-
-    def flush(self) -> None:
-        path = self.folder / f".shard-{len(self.shards):05d}.safetensors"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
-        self.shards.append(path)
-        self.pending, self.size = {}, 0
-
-    def close(self) -> list[str]:
-        if self.pending or not self.shards:
-            self.flush()
-        n = len(self.shards)
-        names = [WEIGHTS_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        for path, final in zip(self.shards, names):
-            path.rename(self.folder / final)
-        if n > 1:
-            index = {"metadata": {"total_size": sum((self.folder / f).stat().st_size for f in names)},
-                     "weight_map": {t: names[i] for t, i in sorted(self.where.items())}}
-            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        return names
-
-
 def write_compressed_tensors(package: str | os.PathLike, out: str | os.PathLike, dtype: str = "bfloat16",
                              shard_bytes: int = SHARD_BYTES) -> dict:
     """Write the int8 ``package`` into the folder ``out`` (existing, empty) in the compressed-tensors layout.
@@ -190,7 +155,7 @@ def write_compressed_tensors(package: str | os.PathLike, out: str | os.PathLike,
     config = read_int8_config(package)
     modules = dict(config["quantization_config"]["modules"])
     skip = tuple(config["quantization_config"].get("skip", []))
-    writer = ShardWriter(out, shard_bytes)
+    writer = ShardWriter(out, shard_bytes, metadata={"format": "pt"})
     linear_names = set(modules)  # and the Linears the package kept in float: the engine must leave them so
     for path in check_safetensors(package):
         with safe_open(str(path), framework="pt") as f:

@@ -183,8 +183,8 @@ class ShardWriter:
     """Tensors added in order, written as ``model-0000i.safetensors`` files of about ``max_bytes`` each (renamed
     ``-of-0000n`` and indexed at ``close``; one shard: ``model.safetensors``): at most one shard in memory."""
 
-    def __init__(self, out: Path, max_bytes: int = MAX_SHARD_BYTES):
-        self.out, self.max_bytes = out, max_bytes
+    def __init__(self, out: Path, max_bytes: int = MAX_SHARD_BYTES, metadata: Mapping[str, str] = SAVED_METADATA):
+        self.out, self.max_bytes, self.metadata = out, max_bytes, dict(metadata)
         self.pending: dict[str, torch.Tensor] = {}
         self.files: list[tuple[Path, list[str]]] = []
 
@@ -198,23 +198,26 @@ class ShardWriter:
     def flush(self) -> None:
         if self.pending:
             path = self.out / f"model-{len(self.files) + 1:05d}.safetensors"
-            save_file(self.pending, str(path), metadata=SAVED_METADATA)
+            save_file(self.pending, str(path), metadata=self.metadata)
             self.files.append((path, list(self.pending)))
             self.pending = {}
 
-    def close(self) -> None:
+    def close(self) -> list[str]:
+        """Name the shards as Hugging Face does (and index them when there are several); returns their names."""
         self.flush()
         if len(self.files) == 1:
             self.files[0][0].rename(self.out / WEIGHTS_FILE)
-            return
-        weight_map = {}
+            return [WEIGHTS_FILE]
+        weight_map, shards = {}, []
         for i, (path, names) in enumerate(self.files):
             final = path.with_name(f"model-{i + 1:05d}-of-{len(self.files):05d}.safetensors")
             path.rename(final)
+            shards.append(final.name)
             weight_map.update(dict.fromkeys(names, final.name))
-        total = sum((self.out / shard).stat().st_size for shard in set(weight_map.values()))
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        total = sum((self.out / shard).stat().st_size for shard in shards)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (self.out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        return shards
 
 
 @torch.no_grad()
