@@ -44,7 +44,7 @@ from .graph import (GraphPlan, OnnxCausalLM, build_graph, export_package_graph, 
                     weight_precision)
 from .footprint import verification_fits
 from .graph.plan import QUANTIZED
-from .graph.verify import (RANDOM_WEIGHTS_MAX_KLD, activation_ranges, check_bounds, decode_parity, fidelity, fp16_plan,
+from .graph.verify import (activation_ranges, check_bounds, decode_parity, fidelity, fp16_plan,
                            load_reference, reference_logits_fn, streamed_reference, verify_tokens)
 from .loading import check_weights_match_config, checkpoint_dir
 from .model import Qwen2Args
@@ -456,8 +456,8 @@ def _verify(tmp: Path, cfg: CompileConfig, plan: GraphPlan, reference, blocks: t
     random_weights = bool(hf_config.get("qwen2lib_random_weights"))
     failures = check_bounds(v, parity, fid, random_weights)
     if random_weights:
-        fid["note"] = (f"random weights: KLD, top-1 agreement and perplexity reported, bounded only by KLD <= "
-                       f"{RANDOM_WEIGHTS_MAX_KLD} (near-flat logits, rounding amplified by an untrained model)")
+        fid["note"] = ("random weights: KLD, top-1 agreement and perplexity reported, not bounded (near-flat logits, "
+                       "rounding amplified by an untrained model); the parity bound still applies")
     if failures:
         raise CompileVerificationError(f"{cfg.name}: the compiled graph misses its bounds: " + "; ".join(failures)
                                        + " (nothing installed)")

@@ -168,25 +168,20 @@ def fp16_plan(ranges: dict[str, float], headroom: float, on_overflow: str) -> tu
     return frozenset(keep), report
 
 
-# Random weights (``weights=random``): near-flat logits make which token wins a coin toss, and an untrained
-# residual stream amplifies rounding layer after layer (a 7B torch W8A16 package measures a KL divergence above the
-# int8 configs' bound), so the quality bounds say nothing there. The figures are still reported; this ceiling still
-# fails a broken graph (wrong weights or a mis-wired layer land at several nats).
-RANDOM_WEIGHTS_MAX_KLD = 0.5
-
-
 def check_bounds(bounds: VerifyConfig, parity: dict, fid: dict, random_weights: bool = False) -> list[str]:
-    """Bounds of a config's ``verify`` section that the graph misses. With random weights the quality bounds (KLD,
-    top-1 agreement, perplexity ratio) give way to ``RANDOM_WEIGHTS_MAX_KLD``; the parity bound stays."""
+    """Bounds of a config's ``verify`` section that the graph misses.
+
+    Random weights (``weights=random``) keep only the parity bound (an fp32 graph must still equal its reference):
+    their near-flat logits make which token wins a coin toss, and an untrained model amplifies rounding layer after
+    layer until a quantized model's logits say nothing of its quality (a 7B W8A16 package measures KLD 0.015 against
+    the int8 configs' 0.01, a 4-bit one loses top-1 entirely), so KLD, top-1 agreement and perplexity are reported,
+    not bounded. Non-finite logits fail whatever the weights (``check_finite``)."""
     failures = []
     # written as "not <=" so that a NaN figure fails its bound
     if bounds.max_abs_dlogits is not None and not parity["max_abs_dlogits"] <= bounds.max_abs_dlogits:
         failures.append(f"parity max |dlogits| {parity['max_abs_dlogits']:.3g} > verify.max_abs_dlogits "
                         f"{bounds.max_abs_dlogits:g}")
     if random_weights:
-        if not fid["kld_mean"] <= RANDOM_WEIGHTS_MAX_KLD:
-            failures.append(f"kld_mean {fid['kld_mean']:.3g} > {RANDOM_WEIGHTS_MAX_KLD:g} (the ceiling for random "
-                            "weights: the graph computes something else)")
         return failures
     if bounds.max_kld_mean is not None and not fid["kld_mean"] <= bounds.max_kld_mean:
         failures.append(f"kld_mean {fid['kld_mean']:.3g} > verify.max_kld_mean {bounds.max_kld_mean:g}")
