@@ -142,7 +142,7 @@ def recorded_request(folder: str | os.PathLike) -> dict | None:
         return None
 
 
-_peaks_before: list[int] = []  # per stage being built (outermost first): the high-water mark before it started
+_peaks_before: list[int] = []  # per stage being built (outermost first): its peak so far, kept across a nested stage's reset
 
 
 def _high_water_mark() -> int:
