@@ -232,6 +232,16 @@ def test_awq_scaling_and_clipping_beat_round_to_nearest_on_outlier_channels():
     assert output_error(w, awq, x) < 0.6 * output_error(w, rtn, x), (output_error(w, awq, x), output_error(w, rtn, x))
 
 
+def test_awq_exponent_search_on_a_row_sample_picks_the_full_search_exponent(monkeypatch):
+    w, x = outlier_layer(N=4096)
+    meansq = x.square().mean(0)
+    assert qz.AWQ_SEARCH_ROWS < 4096
+    sampled = qz.awq_factors([w[:2048], w[2048:]], meansq, 64)  # 4096 rows > AWQ_SEARCH_ROWS: every 4th scores it
+    monkeypatch.setattr(qz, "AWQ_SEARCH_ROWS", 1 << 20)
+    full = qz.awq_factors([w[:2048], w[2048:]], meansq, 64)
+    torch.testing.assert_close(sampled, full)
+
+
 def test_awq_folding_leaves_fp32_outputs_unchanged_and_needs_mean_squares():
     from qwen2lib.calibration import collect_activation_stats
 

@@ -65,6 +65,7 @@ INT4_SCHEMES = ("w4a16", "awq")
 SCHEMES = INT8_SCHEMES + INT4_SCHEMES
 DEFAULT_GROUP_SIZE = 128
 AWQ_GRID = 20  # exponents a = 0, 1/20, ..., 1 tried per input
+AWQ_SEARCH_ROWS = 1024  # the exponent is shared by all rows, so a strided sample of rows scores it (7B: 37,888)
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # group range shrink factors tried per (row, group)
 QUANT_METHOD = "qwen2lib-int8"
 DEFAULT_SKIP = ("lm_head",)
@@ -445,8 +446,10 @@ def weighted_int4_error(weight: torch.Tensor, meansq: torch.Tensor, group_size: 
 
 def awq_factors(weights: Iterable[torch.Tensor], meansq: torch.Tensor, group_size: int) -> torch.Tensor:
     """Per input channel s (K,) = rms(X_j)^a (normalised to a geometric mean of max and min of 1), a on a grid
-    of ``AWQ_GRID`` + 1 values in [0, 1], the one with the least weighted error (a = 0: s = 1, round to nearest)."""
-    w = torch.cat([t.detach().float() for t in weights])  # (N, K): Linears reading the same input
+    of ``AWQ_GRID`` + 1 values in [0, 1], the one with the least weighted error (a = 0: s = 1, round to nearest).
+    The error is summed over at most ``AWQ_SEARCH_ROWS`` evenly strided rows: one exponent serves every row."""
+    w = torch.cat([t.detach() for t in weights])  # (N, K): Linears reading the same input
+    w = w[:: -(-w.shape[0] // AWQ_SEARCH_ROWS)].float()  # (<= AWQ_SEARCH_ROWS, K)
     rms = meansq.sqrt().clamp(min=1e-8)
     best, best_s = None, torch.ones_like(rms)
     for i in range(AWQ_GRID + 1):
