@@ -193,6 +193,10 @@ class TorchBackend:
                 return value
         raise TypeError(f"{type(self.model).__name__} returned no KV cache: it cannot decode incrementally")
 
+    def close(self) -> None:
+        """Release the weights (a closed backend cannot run); whoever still holds this object holds no model."""
+        self.model = None
+
     @torch.no_grad()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Full-sequence logits (B, T, V) in fp32: the ``ids -> logits`` callable of evaluation and fidelity."""
@@ -246,6 +250,10 @@ class OnnxBackend:
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Full-sequence logits (B, T, V) in fp32 (a last-position graph is walked token by token)."""
         return self.runtime(ids)
+
+    def close(self) -> None:
+        """Release the onnxruntime session and its weights (a closed backend cannot run)."""
+        self.runtime = None
 
 
 # ---- prompts and stop tokens ------------------------------------------------------------------

@@ -6,6 +6,7 @@ this module sits above all of them, so looking a stage up by name needs no impor
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from .artifacts import default_workdir
@@ -13,6 +14,7 @@ from .calibration import ensure_calibration
 from .compile import ensure_compiled
 from .deploy import ensure_patched, load_deploy_package
 from .export import ensure_exported
+from .footprint import available_bytes, estimate, release_free_memory
 from .generation import OnnxBackend, TorchBackend
 from .loading import checkpoint_dir, load_model
 from .longctx import LongContextError, announce, announce_graph, apply_overrides, workdir_tag
@@ -109,3 +111,57 @@ def stage_backend(label: str, model: str = "tiny", *, weights: str = "auto", wor
                              "qwen2_int8_smoothquant" if scheme == "smoothquant" else None, last_position_only)
     return load_backend(model, "onnx", weights=weights, seed=seed, workdir=workdir, compiled=compiled,
                         spinning=spinning)
+
+
+class StageBackends(Mapping):
+    """Notebook 05's backends by label, each loaded when first asked for and kept while memory allows.
+
+    ``keep`` (the reference) stays loaded until ``release(everything=True)``. Before another backend loads, the
+    ones held longest are closed (``Backend.close``: whoever still holds such an object holds no weights) until
+    the machine has room for one fp32 graph with its cache (``footprint.estimate``, the widest a stage gets), or
+    until at most ``max_held`` others remain. A small model keeps all of them; a 1.5B one holds two at a time.
+    """
+
+    def __init__(self, model: str = "tiny", *, labels=STAGE_BACKENDS, keep=("fp32 torch",),
+                 max_held: int | None = None, **request):
+        unknown = [label for label in (*labels, *keep) if label not in STAGE_BACKENDS]
+        if unknown:
+            raise ValueError(f"unknown backend {unknown[0]!r}: one of {', '.join(STAGE_BACKENDS)}")
+        self.model, self.labels, self.keep, self.max_held, self.request = model, tuple(labels), set(keep), max_held, request
+        self.held: dict[str, object] = {}  # label -> backend, oldest first
+        config = read_folder_config(checkpoint_dir(model, request.get("weights", "auto"), request.get("seed", 0)))
+        self.room_needed = estimate(config, "inference", "fp32").resident_bytes
+
+    def __getitem__(self, label: str):
+        if label not in self.labels:
+            raise KeyError(label)
+        if label in self.held:
+            self.held[label] = self.held.pop(label)  # most recently used last
+        else:
+            self._make_room()
+            self.held[label] = stage_backend(label, self.model, **self.request)
+        return self.held[label]
+
+    def __contains__(self, label) -> bool:  # without loading it
+        return label in self.labels
+
+    def __iter__(self):
+        return iter(self.labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _make_room(self) -> None:
+        def others():
+            return [label for label in self.held if label not in self.keep]
+        while others() and ((self.max_held is not None and len(others()) >= self.max_held)
+                            or available_bytes() < self.room_needed):
+            self.held.pop(others()[0]).close()
+            release_free_memory()
+
+    def release(self, everything: bool = False) -> None:
+        """Close every held backend but ``keep`` (all of them with ``everything``): before a stage that loads whole
+        models of its own, such as an export's verification."""
+        for label in [label for label in self.held if everything or label not in self.keep]:
+            self.held.pop(label).close()
+        release_free_memory()

@@ -259,3 +259,23 @@ def test_a_last_position_graph_generates_what_the_full_logits_graph_does(tmp_pat
     params = SamplingParams(max_new_tokens=8)
     assert (generate(last, tokenizer, "def read(self, path):\n", params).token_ids
             == generate(full, tokenizer, "def read(self, path):\n", params).token_ids)
+
+
+def test_stage_backends_close_the_oldest_past_max_held_and_reload_it_the_same(tmp_path):
+    from qwen2lib.pipeline import StageBackends
+
+    backends = StageBackends("tiny-random", labels=("fp32 torch", "fp32 graph", "int8 torch"), max_held=1,
+                             workdir=tmp_path / "run")
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    reference = backends["fp32 torch"]
+    graph = backends["fp32 graph"]
+    first = graph.logits(ids)
+    int8 = backends["int8 torch"]
+    assert graph.runtime is None and list(backends.held) == ["fp32 torch", "int8 torch"]  # closed, reference kept
+    assert "fp32 graph" in backends and "int8 graph" not in backends and len(backends.held) == 2  # asked, not loaded
+    torch.testing.assert_close(backends["fp32 graph"].logits(ids), first)
+    assert int8.model is None and list(backends.held) == ["fp32 torch", "fp32 graph"]
+    backends.release(everything=True)
+    assert reference.model is None and not backends.held
+    with pytest.raises(KeyError):
+        backends["int8 graph"]
