@@ -28,7 +28,7 @@ from .calibration import describe as describe_calibration, ensure_calibration
 from .deploy import ensure_patched, package_auto_map, package_target, verify_package_code
 from .deploy.quantized_package import INT8_CLASS, INT8_MODELING_FILE, WEIGHTS_FILE, int8_auto_map, int8_code, save_quantized
 from .deploy.quantizer import (DEFAULT_GROUP_SIZE, DEFAULT_SKIP, INT4_SCHEMES, INT8_SCHEMES, QUANT_METHOD, SCHEMES,
-                               Int8Linear, QuantizationError, check_alpha, check_group_size, dequantize_weight,
+                               Int8Linear, QuantizationError, check_settings, dequantize_weight,
                                is_int4_linear, is_int8_linear, is_skipped, load_stats, quantize_model)
 from .fidelity import fidelity_report, heldout_blocks as make_heldout_blocks, sqnr_db
 from .layerwise import LayerwiseModel
@@ -167,14 +167,6 @@ def logits_fn(model):
     return run
 
 
-def check_request(scheme: str, alpha: float, group_size: int = DEFAULT_GROUP_SIZE) -> None:
-    """Refuse a bad scheme, alpha or int4 group size before any stage is built."""
-    if scheme not in SCHEMES:
-        raise QuantizationError(f"scheme={scheme!r}: choose one of {', '.join(SCHEMES)}")
-    check_alpha(alpha)
-    check_group_size(group_size)
-
-
 def calibration_to_use(workdir: Path, out: Path, calibration: Mapping | None) -> dict:
     """What to ask the calibration stage for: the settings given; none given: 02's statistics as they are,
     or, when calibration/ was deleted, the request this package was last built with."""
@@ -219,7 +211,7 @@ def ensure_quantized(model: str = "tiny", weights: str = "auto", workdir: str | 
                                  heldout_blocks=heldout_blocks, heldout_len=heldout_len, group_size=group_size)
     alpha, skip, group_size = settings["alpha"], tuple(settings["skip"]), settings["group_size"]
     heldout_blocks, heldout_len = settings["heldout_blocks"], settings["heldout_len"]
-    check_request(scheme, alpha, group_size)
+    check_settings(scheme, alpha, group_size)
     package = ensure_patched(model, weights, workdir, seed=seed, verbose=verbose)
     calibration_dir = ensure_calibration(model, weights, workdir, seed=seed, verbose=verbose,
                                          **calibration_to_use(workdir, out, calibration))

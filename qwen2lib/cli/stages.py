@@ -14,12 +14,12 @@ from ..compile import compile_model, config_path, read_manifest
 from ..config_schema import ConfigError
 from ..data import DATASETS
 from ..deploy import build_deploy_package, prove_package
-from ..deploy.quantizer import DEFAULT_GROUP_SIZE, DEFAULT_SKIP, INT8_SCHEMES, SCHEMES
+from ..deploy.quantizer import DEFAULT_GROUP_SIZE, DEFAULT_SKIP, INT8_SCHEMES, SCHEMES, check_settings
 from ..export import FORMATS, check_export_request, ensure_exported
 from ..export_gguf import GGUF_TYPES, ExportError
 from ..fidelity import fidelity_table
 from ..loading import checkpoint_dir
-from ..quantization import check_request, ensure_quantized, size_table
+from ..quantization import ensure_quantized, size_table
 from .common import add_model_args, workdir_of
 
 
@@ -92,7 +92,7 @@ def register_calibrate(sub) -> None:
 
 
 def cmd_quantize(args) -> int:
-    check_request(args.scheme, 0.5 if args.alpha is None else args.alpha,
+    check_settings(args.scheme, 0.5 if args.alpha is None else args.alpha,
                   args.group_size or DEFAULT_GROUP_SIZE)  # before any stage is built
     calibration = {k: v for k, v in (("dataset", args.dataset), ("data_path", args.data_path),
                                      ("samples", args.samples), ("seq_len", args.seq_len)) if v is not None}

@@ -21,7 +21,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .quantizer import (DEFAULT_GROUP_SIZE, DEFAULT_SKIP, QUANT_METHOD, QuantizationError, check_alpha,
+from .quantizer import (DEFAULT_GROUP_SIZE, DEFAULT_SKIP, QUANT_METHOD, QuantizationError,
                         check_request, plan_modules, quantization_config, quantize_layer, replace_linears)
 
 INT8_MODELING_FILE = "modeling_qwen2_int8.py"
@@ -231,9 +231,7 @@ def quantize_checkpoint(skeleton, deploy_package: str | os.PathLike, out_dir: st
     ``Qwen2ForCausalLM.quantize_checkpoint`` builds it. Float tensors are saved as ``save_quantized`` saves the
     fp32 model's: fp32, the untouched token tables in the checkpoint's 16-bit dtype (``narrow_tables``)."""
     src, out, skip = Path(deploy_package), Path(out_dir), tuple(skip)
-    stats = check_request(scheme, stats, group_size)
-    if scheme == "smoothquant":
-        check_alpha(alpha)
+    stats = check_request(scheme, stats, group_size, alpha)
     plan = plan_modules(skeleton, scheme, skip)
     config = quantization_config(scheme, plan, alpha=alpha, group_size=group_size, skip=skip)
     write_package_files(out, src, config, torch.float32)

@@ -504,12 +504,20 @@ def is_skipped(name: str, skip: Iterable[str]) -> bool:
     return any(name == p or leaf == p or fnmatch.fnmatchcase(name, p) for p in skip)
 
 
-def check_request(scheme: str, stats, group_size: int):
-    """Refuse an unknown scheme or a calibrated one without statistics; returns the statistics as tensors."""
+def check_settings(scheme: str, alpha: float = 0.5, group_size: int = DEFAULT_GROUP_SIZE) -> None:
+    """Refuse an unknown scheme, SmoothQuant's alpha outside [0, 1] or an int4 group size MatMulNBits cannot run
+    (the stage and the CLI call it before anything is built)."""
     if scheme not in SCHEMES:
         raise QuantizationError(f"scheme={scheme!r}: choose one of {', '.join(SCHEMES)}")
+    if scheme == "smoothquant":
+        check_alpha(alpha)
     if scheme in INT4_SCHEMES:
         check_group_size(group_size)
+
+
+def check_request(scheme: str, stats, group_size: int, alpha: float = 0.5):
+    """``check_settings``, then refuse a calibrated scheme without statistics; returns the statistics as tensors."""
+    check_settings(scheme, alpha, group_size)
     if scheme not in ("smoothquant", "awq"):
         return stats
     if stats is None:
@@ -598,9 +606,7 @@ def quantize_model(model, scheme: str = "w8a16", *, stats: Mapping[str, torch.Te
     memory; ``quantize_checkpoint`` does the same one decoder layer at a time.
     """
     skip = tuple(skip)
-    stats = check_request(scheme, stats, group_size)
-    if scheme == "smoothquant":
-        check_alpha(alpha)
+    stats = check_request(scheme, stats, group_size, alpha)
     plan = plan_modules(model, scheme, skip)
     for i, layer in enumerate(model.model.layers):
         quantize_layer(layer, i, scheme, plan, stats=stats, alpha=alpha, group_size=group_size)
