@@ -2,8 +2,9 @@
 
     python -m qwen2lib.workbook [-p NAME VALUE ...] [--only 03] [--output-dir executed]
 
-The kernel is named explicitly and every cell has a time limit, so a stuck or killed kernel
-fails the run instead of hanging it.
+The kernel is named explicitly, and on the embedded model every cell has a time limit, so a stuck kernel fails
+the run instead of hanging it (a killed one fails it at once). A real size has none unless ``--cell-timeout`` sets
+one: at 1.5B notebook 03's four quantize stages alone take longer than the embedded model's limit on a busy machine.
 """
 from __future__ import annotations
 
@@ -20,7 +21,14 @@ from .tiny import tiny_dir
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 KERNEL = "python3"  # ipykernel's own spec: the interpreter of the environment running papermill
-CELL_TIMEOUT_S = 900
+CELL_TIMEOUT_S = 900  # per cell, on the embedded model
+
+
+def cell_timeout(parameters: dict, asked: int | None = None) -> int | None:
+    """Seconds a cell may run: ``asked`` (0: no limit); else ``CELL_TIMEOUT_S`` on ``tiny``, none on other models."""
+    if asked is not None:
+        return asked or None
+    return CELL_TIMEOUT_S if str(parameters.get("model", "tiny")) == "tiny" else None
 
 
 def notebook_paths() -> list[Path]:
@@ -38,7 +46,7 @@ def _no_output_widget_capture() -> None:
     PapermillNotebookClient.on_comm_open_jupyter_widget = lambda self, msg: None
 
 
-def run_notebook(path: Path, output: Path, parameters: dict, cell_timeout: int = CELL_TIMEOUT_S) -> Path:
+def run_notebook(path: Path, output: Path, parameters: dict, timeout_s: int | None = CELL_TIMEOUT_S) -> Path:
     """Execute one notebook; raises papermill's PapermillExecutionError naming the failing cell."""
     _no_output_widget_capture()
 
@@ -48,7 +56,7 @@ def run_notebook(path: Path, output: Path, parameters: dict, cell_timeout: int =
         str(output),
         parameters=parameters,
         kernel_name=KERNEL,
-        execution_timeout=cell_timeout,
+        execution_timeout=timeout_s,
         cwd=str(ROOT),
         progress_bar=False,
         log_output=False,
@@ -70,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     parser.add_argument("--only", action="append", default=[], help="run notebooks whose name starts with this (repeatable)")
     parser.add_argument("--output-dir", default=str(ROOT / "executed"))
+    parser.add_argument("--cell-timeout", type=int, default=None, metavar="SECONDS",
+                        help=f"time limit per cell, 0 for none (default: {CELL_TIMEOUT_S} on tiny, none on other models)")
     args = parser.parse_args(argv)
     parameters = {name: _coerce(value) for name, value in args.parameter}
     paths = [p for p in notebook_paths() if not args.only or any(p.name.startswith(o) for o in args.only)]
@@ -85,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         output = Path(args.output_dir) / path.name
         print(f"[workbook] {path.name} ...", flush=True)
         try:
-            run_notebook(path, output, parameters)
+            run_notebook(path, output, parameters, cell_timeout(parameters, args.cell_timeout))
         except Exception as exc:  # papermill's error names the cell and the traceback
             print(f"[workbook] {path.name} FAILED after {time.perf_counter() - start:.0f} s: {exc}", file=sys.stderr)
             print(f"[workbook] the executed copy with the error is {output}", file=sys.stderr)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen2lib.workbook import ROOT, notebook_paths
+from qwen2lib.workbook import CELL_TIMEOUT_S, ROOT, cell_timeout, notebook_paths
 
 NOTEBOOK_TIMEOUT_S = 3600  # whole notebook, generous for a busy machine; each cell also has the workbook's limit
 
@@ -42,3 +42,10 @@ def test_notebook_runs_on_the_embedded_model(path: Path, tmp_path_factory):
 def test_there_are_notebooks_in_order():
     names = [p.stem.split("_")[0] for p in notebook_paths()]
     assert names == sorted(names) and names[0] == "00"
+
+
+def test_the_cell_time_limit_holds_on_the_embedded_model_and_not_on_real_sizes():
+    assert cell_timeout({}) == cell_timeout({"model": "tiny"}) == CELL_TIMEOUT_S
+    assert cell_timeout({"model": "Qwen2.5-1.5B", "weights": "random"}) is None  # hours on a busy machine is no hang
+    assert cell_timeout({"model": "Qwen2.5-1.5B"}, 60) == 60
+    assert cell_timeout({"model": "tiny"}, 0) is None
