@@ -82,6 +82,15 @@ def int8_graph_bytes(config: Mapping) -> int:
     return int8 + scales + (p["total"] - int8) * 4
 
 
+def backend_bytes(config: Mapping, label: str) -> int:
+    """The weights one of notebook 05's backends holds ("fp32 torch", "fp16 graph", "int8 torch smoothquant", ...):
+    4 B a parameter in fp32, 2 in fp16, the int8 graph's bytes for an int8 package or graph."""
+    precision = label.split()[0]
+    if precision == "int8":
+        return int8_graph_bytes(config)
+    return (2 if precision == "fp16" else 4) * parameter_counts(config)["total"]
+
+
 def kv_cache_bytes(config: Mapping, context: int, batch: int = 1, dtype_bytes: int = 4) -> int:
     s = shape_numbers(config)
     return 2 * s["L"] * s["n_kv"] * s["hd"] * context * batch * dtype_bytes

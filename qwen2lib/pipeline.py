@@ -14,7 +14,7 @@ from .calibration import ensure_calibration
 from .compile import ensure_compiled
 from .deploy import ensure_patched, load_deploy_package
 from .export import ensure_exported
-from .footprint import available_bytes, estimate, release_free_memory
+from .footprint import available_bytes, backend_bytes, estimate, release_free_memory
 from .generation import OnnxBackend, TorchBackend
 from .loading import checkpoint_dir, load_model
 from .longctx import LongContextError, announce, announce_graph, apply_overrides, workdir_tag
@@ -116,10 +116,13 @@ def stage_backend(label: str, model: str = "tiny", *, weights: str = "auto", wor
 class StageBackends(Mapping):
     """Notebook 05's backends by label, each loaded when first asked for and kept while memory allows.
 
-    ``keep`` (the reference) stays loaded until ``release(everything=True)``. Before another backend loads, the
-    ones held longest are closed (``Backend.close``: whoever still holds such an object holds no weights) until
-    the machine has room for one fp32 graph with its cache (``footprint.estimate``, the widest a stage gets), or
-    until at most ``max_held`` others remain. A small model keeps all of them; a 1.5B one holds two at a time.
+    ``keep`` (the reference) stays loaded until ``release(everything=True)``. When twice the weights of all of
+    them (``footprint.backend_bytes``; twice: loading a graph and running it need about as much again) fit in the
+    memory available at the start, every backend stays once loaded; otherwise at most ``max_held`` (default 1)
+    besides ``keep``. Before another backend loads, the ones held longest are closed (``Backend.close``: whoever
+    still holds such an object holds no weights) until that count holds and the machine has room for one fp32
+    graph with its cache (``footprint.estimate``, the widest a stage gets). At 0.5B on an idle 24 GiB machine
+    all stay; at 1.5B the reference and one other.
     """
 
     def __init__(self, model: str = "tiny", *, labels=STAGE_BACKENDS, keep=("fp32 torch",),
@@ -131,6 +134,9 @@ class StageBackends(Mapping):
         self.held: dict[str, object] = {}  # label -> backend, oldest first
         config = read_folder_config(checkpoint_dir(model, request.get("weights", "auto"), request.get("seed", 0)))
         self.room_needed = estimate(config, "inference", "fp32").resident_bytes
+        self.all_fit = 2 * sum(backend_bytes(config, label) for label in self.labels) <= available_bytes()
+        if max_held is None and not self.all_fit:
+            self.max_held = 1
 
     def __getitem__(self, label: str):
         if label not in self.labels:

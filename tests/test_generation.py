@@ -266,6 +266,7 @@ def test_stage_backends_close_the_oldest_past_max_held_and_reload_it_the_same(tm
 
     backends = StageBackends("tiny-random", labels=("fp32 torch", "fp32 graph", "int8 torch"), max_held=1,
                              workdir=tmp_path / "run")
+    assert backends.all_fit  # tiny: they would all stay, but max_held=1 asks for one besides the reference
     ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
     reference = backends["fp32 torch"]
     graph = backends["fp32 graph"]
