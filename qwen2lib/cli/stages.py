@@ -93,7 +93,7 @@ def register_calibrate(sub) -> None:
 
 def cmd_quantize(args) -> int:
     check_settings(args.scheme, 0.5 if args.alpha is None else args.alpha,
-                  args.group_size or DEFAULT_GROUP_SIZE)  # before any stage is built
+                   args.group_size or DEFAULT_GROUP_SIZE)  # before any stage is built
     calibration = {k: v for k, v in (("dataset", args.dataset), ("data_path", args.data_path),
                                      ("samples", args.samples), ("seq_len", args.seq_len)) if v is not None}
     out = ensure_quantized(args.model, args.weights, workdir_of(args), scheme=args.scheme, alpha=args.alpha,
