@@ -33,7 +33,7 @@ from .artifacts import default_workdir, read_metrics, stage_dir, write_metrics
 from .data import DATASETS, CalibrationDataError, load_calibration_texts, sample_token_blocks
 from .errors import Qwen2LibError
 from .deploy import ensure_patched
-from .deploy.quantizer import STATS_FILE, load_stats  # noqa: F401 (notebooks read statistics through this stage)
+from .deploy.schemes import STATS_FILE, load_stats  # noqa: F401 (notebooks read statistics through this stage)
 from .layerwise import LayerwiseModel
 from .registry import resolve
 from .stages import ensure_stage, recorded_request

@@ -27,9 +27,10 @@ from .artifacts import default_workdir, read_metrics, stage_dir
 from .calibration import describe as describe_calibration, ensure_calibration
 from .deploy import ensure_patched, package_auto_map, package_target, verify_package_code
 from .deploy.quantized_package import INT8_CLASS, INT8_MODELING_FILE, WEIGHTS_FILE, int8_auto_map, int8_code, save_quantized
-from .deploy.quantizer import (DEFAULT_GROUP_SIZE, DEFAULT_SKIP, INT4_SCHEMES, INT8_SCHEMES, QUANT_METHOD, SCHEMES,
-                               Int8Linear, QuantizationError, check_settings, dequantize_weight,
-                               is_int4_linear, is_int8_linear, is_skipped, load_stats, quantize_model)
+from .deploy.quantizer import (DEFAULT_GROUP_SIZE, Int8Linear, QuantizationError, dequantize_weight, is_int4_linear,
+                               is_int8_linear)
+from .deploy.schemes import (DEFAULT_SKIP, INT4_SCHEMES, INT8_SCHEMES, QUANT_METHOD, SCHEMES, check_settings,
+                             is_skipped, load_stats, quantize_model)
 from .fidelity import fidelity_report, heldout_blocks as make_heldout_blocks, sqnr_db
 from .layerwise import LayerwiseModel
 from .stages import ensure_stage, recorded_request

@@ -36,7 +36,8 @@ GRAPH = ("checkpoint", "patched", "calibration", "quantized", "compiled", "expor
 STAGE_CODE = {
     "patched": ("deploy", "longctx.py"),  # a folder: every .py file in it; longctx: config.json overrides
     "calibration": ("calibration.py", "data.py", "layerwise.py", "tensorio.py"),
-    "quantized": ("quantization.py", "deploy/quantizer.py", "deploy/quantized_package.py", "fidelity.py", "corpus.py",
+    "quantized": ("quantization.py", "deploy/quantizer.py", "deploy/schemes.py",
+                  "deploy/quantized_package.py", "fidelity.py", "corpus.py",
                   "layerwise.py", "tensorio.py"),
     "compiled": ("compile.py", "graph", "deploy/quantizer.py", "config_schema.py", "rope.py", "model.py", "fidelity.py",
                  "corpus.py", "dca.py", "layerwise.py", "tensorio.py"),

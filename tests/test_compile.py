@@ -455,13 +455,13 @@ def int4_package(folder, out, scheme):
     from safetensors.torch import save_file
 
     from qwen2lib.calibration import collect_activation_stats
-    from qwen2lib.deploy import quantizer as qz
+    from qwen2lib.deploy import schemes
     from qwen2lib.deploy.quantized_package import state_dict_for_saving
 
     model = hf_model(folder)
     stats = collect_activation_stats(model, torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(1)),
                                      progress=False)
-    qz.quantize_model(model, scheme, stats=stats, group_size=32)
+    schemes.quantize_model(model, scheme, stats=stats, group_size=32)
     out.mkdir()
     save_file(state_dict_for_saving(model), str(out / "model.safetensors"))
     config = json.loads((Path(folder) / "config.json").read_text())

@@ -35,13 +35,14 @@ ALLOWED_MODELING_IMPORTS = {
     "transformers.utils",
     ".configuration_qwen2_onnx",
     ".quantization_onnx",
+    ".schemes_onnx",
     ".quantized_package_onnx",
 }
 # The quantizer the package carries: torch, numpy, safetensors and the standard library (qwen2lib's error base only
 # where it is installed, inside a try).
 ALLOWED_QUANTIZATION_IMPORTS = {"__future__", "copy", "fnmatch", "json", "os", "shutil", "pathlib", "typing", "numpy",
                                 "torch", "torch.nn", "torch.nn.functional", "safetensors", "safetensors.torch",
-                                "qwen2lib.errors", ".quantization_onnx"}
+                                "qwen2lib.errors", ".quantization_onnx", ".schemes_onnx"}
 ALLOWED_CONFIGURATION_IMPORTS = {
     "huggingface_hub.dataclasses",
     "transformers.configuration_utils",
@@ -256,7 +257,7 @@ def test_generated_files_import_only_the_allowed_modules():
     modeling, configuration = imported_modules(sources.modeling), imported_modules(sources.configuration)
     assert modeling <= ALLOWED_MODELING_IMPORTS, modeling - ALLOWED_MODELING_IMPORTS
     assert configuration <= ALLOWED_CONFIGURATION_IMPORTS, configuration - ALLOWED_CONFIGURATION_IMPORTS
-    for text in (sources.quantization, sources.quantized_package):  # torch, numpy, safetensors and each other only
+    for text in (sources.quantization, sources.schemes, sources.quantized_package):  # torch, numpy, safetensors and each other only
         quantization = imported_modules(text)
         assert quantization <= ALLOWED_QUANTIZATION_IMPORTS, quantization - ALLOWED_QUANTIZATION_IMPORTS
     assert "masking_utils" not in sources.modeling and "ALL_ATTENTION_FUNCTIONS" not in sources.modeling
@@ -528,11 +529,12 @@ def test_a_deploy_package_quantizes_and_reloads_without_qwen2lib(package_of, tmp
     from safetensors.torch import save_file
 
     from qwen2lib import quantization as q
-    from qwen2lib.deploy.quantizer import STATS_FILE
+    from qwen2lib.deploy.schemes import STATS_FILE
 
     _, package = package_of("plain")
     assert sorted(p.name for p in package.glob("*.py")) == [
-        "configuration_qwen2_onnx.py", "modeling_qwen2_onnx.py", "quantization_onnx.py", "quantized_package_onnx.py"]
+        "configuration_qwen2_onnx.py", "modeling_qwen2_onnx.py", "quantization_onnx.py", "quantized_package_onnx.py",
+        "schemes_onnx.py"]
     model = deploy.load_deploy_package(package)
     (tmp_path / "stats").mkdir()
     save_file(absmax_stats(model, prompt(32)), str(tmp_path / "stats" / STATS_FILE))

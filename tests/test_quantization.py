@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from conftest import absmax_stats, tiny_hf_config
 from qwen2lib import quantization as q
-from qwen2lib.deploy import quantizer as qz
+from qwen2lib.deploy import quantizer as qz, schemes
 
 
 def seeded_model(seed: int = 0):
@@ -71,7 +71,7 @@ def test_smoothquant_folding_leaves_fp32_outputs_unchanged():
     stats["model.layers.0.self_attn.q_proj.absmax"][3] *= 50  # an outlier channel, as real models have
     with torch.no_grad():
         before = model(ids).logits
-    factors = qz.smooth_model(model, stats, alpha=0.5)
+    factors = schemes.smooth_model(model, stats, alpha=0.5)
     with torch.no_grad():
         after = model(ids).logits
     assert (after - before).abs().max() <= 1e-5
@@ -224,7 +224,7 @@ def test_awq_scaling_and_clipping_beat_round_to_nearest_on_outlier_channels():
     w, x = outlier_layer()
     meansq = x.square().mean(0)
     rtn = qz.dequantize_int4(*qz.quantize_int4(w, 64), 64)
-    s = qz.awq_factors([w], meansq, 64)
+    s = schemes.awq_factors([w], meansq, 64)
     assert float(s[:4].min()) > float(s[4:].max())  # the loud channels are scaled up before rounding
     awq = qz.dequantize_int4(*qz.quantize_int4(w * s, 64, meansq / s.square()), 64) / s
     clipped_only = qz.dequantize_int4(*qz.quantize_int4(w, 64, meansq), 64)
@@ -235,10 +235,10 @@ def test_awq_scaling_and_clipping_beat_round_to_nearest_on_outlier_channels():
 def test_awq_exponent_search_on_a_row_sample_picks_the_full_search_exponent(monkeypatch):
     w, x = outlier_layer(N=4096)
     meansq = x.square().mean(0)
-    assert qz.AWQ_SEARCH_ROWS < 4096
-    sampled = qz.awq_factors([w[:2048], w[2048:]], meansq, 64)  # 4096 rows > AWQ_SEARCH_ROWS: every 4th scores it
-    monkeypatch.setattr(qz, "AWQ_SEARCH_ROWS", 1 << 20)
-    full = qz.awq_factors([w[:2048], w[2048:]], meansq, 64)
+    assert schemes.AWQ_SEARCH_ROWS < 4096
+    sampled = schemes.awq_factors([w[:2048], w[2048:]], meansq, 64)  # 4096 rows > AWQ_SEARCH_ROWS: every 4th scores it
+    monkeypatch.setattr(schemes, "AWQ_SEARCH_ROWS", 1 << 20)
+    full = schemes.awq_factors([w[:2048], w[2048:]], meansq, 64)
     torch.testing.assert_close(sampled, full)
 
 
@@ -250,7 +250,7 @@ def test_awq_folding_leaves_fp32_outputs_unchanged_and_needs_mean_squares():
     stats = collect_activation_stats(model, ids, progress=False)
     with torch.no_grad():
         before = model(ids).logits
-        importance = qz.awq_model(model, stats, 32)
+        importance = schemes.awq_model(model, stats, 32)
         after = model(ids).logits
     assert (after - before).abs().max() <= 1e-4 * before.abs().max()
     assert set(importance) >= {"model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"}

@@ -14,7 +14,8 @@ from ..compile import compile_model, config_path, read_manifest
 from ..config_schema import ConfigError
 from ..data import DATASETS
 from ..deploy import build_deploy_package, prove_package
-from ..deploy.quantizer import DEFAULT_GROUP_SIZE, DEFAULT_SKIP, INT8_SCHEMES, SCHEMES, check_settings
+from ..deploy.quantizer import DEFAULT_GROUP_SIZE
+from ..deploy.schemes import DEFAULT_SKIP, INT8_SCHEMES, SCHEMES, check_settings
 from ..export import FORMATS, check_export_request, ensure_exported
 from ..export_gguf import GGUF_TYPES, ExportError
 from ..fidelity import fidelity_table

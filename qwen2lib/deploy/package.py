@@ -48,6 +48,7 @@ class PatchedSources:
     modeling: str
     configuration: str
     quantization: str
+    schemes: str
     quantized_package: str
     applied: list[AppliedPatch]
 
@@ -59,19 +60,11 @@ class PatchedSources:
     def configuration_filename(self) -> str:
         return f"configuration_qwen2_{self.target}.py"
 
-    @property
-    def quantization_filename(self) -> str:
-        return f"quantization_{self.target}.py"
-
-    @property
-    def quantized_package_filename(self) -> str:
-        return f"quantized_package_{self.target}.py"
-
     def files(self) -> dict[str, str]:
-        """{file name: text} of the package's four Python files."""
+        """{file name: text} of the package's five Python files."""
         return {self.modeling_filename: self.modeling, self.configuration_filename: self.configuration,
-                self.quantization_filename: self.quantization,
-                self.quantized_package_filename: self.quantized_package}
+                f"quantization_{self.target}.py": self.quantization, f"schemes_{self.target}.py": self.schemes,
+                f"quantized_package_{self.target}.py": self.quantized_package}
 
 
 def upstream_source(filename: str) -> str:
@@ -89,22 +82,32 @@ def generated_header(upstream_file: str, applied: Sequence[AppliedPatch]) -> str
     )
 
 
-QUANTIZER_IMPORT = "from .quantizer import ("  # quantized_package.py's one import of qwen2lib's own files
+# The quantizer's files a package carries, in import order: qwen2lib file -> the package's module prefix. Each
+# imports the ones before it as ``from .<stem> import (``, renamed in the copy to the package's module.
+COPIED_FILES = {"quantizer.py": "quantization", "schemes.py": "schemes", "quantized_package.py": "quantized_package"}
 
 
-def quantizer_sources(target: str) -> tuple[str, str]:
-    """The package's ``quantization_<target>.py`` and ``quantized_package_<target>.py``: qwen2lib's quantizer
-    (``quantizer.py``) and package writer (``quantized_package.py``), copied as they are (the writer's import of the
-    quantizer renamed), so the package quantizes and reloads with only torch and transformers installed."""
+def quantizer_sources(target: str) -> dict[str, str]:
+    """{package module prefix: text}: qwen2lib's quantizer (``quantizer.py``), its schemes (``schemes.py``) and the
+    package writer (``quantized_package.py``), copied as they are but their imports of each other renamed to the
+    package's ``<prefix>_<target>`` modules, so the package quantizes and reloads with only torch and transformers
+    installed."""
     folder = Path(__file__).parent
     header = ("# Copied by qwen2lib.deploy from qwen2lib/deploy/{} (imports only torch, numpy, safetensors{}).\n"
               "# Do not edit by hand: change that file and rebuild the package.\n")
-    writer = (folder / "quantized_package.py").read_text(encoding="utf-8")
-    if writer.count(QUANTIZER_IMPORT) != 1:
-        raise RuntimeError(f"quantized_package.py must import the quantizer once, as {QUANTIZER_IMPORT!r}")
-    writer = writer.replace(QUANTIZER_IMPORT, f"from .quantization_{target} import (")
-    return (header.format("quantizer.py", "") + (folder / "quantizer.py").read_text(encoding="utf-8"),
-            header.format("quantized_package.py", f"; its import of .quantization_{target} renamed") + writer)
+    copies = {}
+    for filename, prefix in COPIED_FILES.items():
+        text = (folder / filename).read_text(encoding="utf-8")
+        renamed = []
+        for earlier, earlier_prefix in list(COPIED_FILES.items())[:len(copies)]:
+            line = f"\nfrom .{Path(earlier).stem} import ("
+            if text.count(line) != 1:
+                raise RuntimeError(f"{filename} must import {earlier} once, as {line.strip()!r}")
+            text = text.replace(line, f"\nfrom .{earlier_prefix}_{target} import (")
+            renamed.append(f".{earlier_prefix}_{target}")
+        note = f"; its imports of {' and '.join(renamed)} renamed" if renamed else ""
+        copies[prefix] = header.format(filename, note) + text
+    return copies
 
 
 def patched_sources(
@@ -123,13 +126,14 @@ def patched_sources(
         configuration_patches(target),
     )
     applied = modeling_applied + configuration_applied
-    quantization, quantized_package = quantizer_sources(target)
+    copies = quantizer_sources(target)
     return PatchedSources(
         target=target,
         modeling=generated_header(MODELING_FILE, applied) + modeling,
         configuration=generated_header(CONFIGURATION_FILE, applied) + configuration,
-        quantization=quantization,
-        quantized_package=quantized_package,
+        quantization=copies["quantization"],
+        schemes=copies["schemes"],
+        quantized_package=copies["quantized_package"],
         applied=applied,
     )
 

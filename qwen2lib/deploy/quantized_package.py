@@ -2,7 +2,8 @@
 int8 modeling file, config.json with ``quantization_config``, and the quantized weights.
 
 Every deploy package carries this file as ``quantized_package_<target>.py`` beside ``quantization_<target>.py``
-(``quantizer.py``), byte for byte but the one import line below, which there names ``.quantization_<target>``.
+(``quantizer.py``) and ``schemes_<target>.py`` (``schemes.py``), byte for byte but the two import lines below, which
+there name those copies.
 ``save_quantized`` writes a model quantized in memory (``quantize_model``); ``quantize_checkpoint`` writes the same
 tensors one decoder layer at a time, straight from the deploy package's shards, so a model of any size is quantized
 with one layer in memory.
@@ -21,8 +22,9 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .quantizer import (DEFAULT_GROUP_SIZE, DEFAULT_SKIP, QUANT_METHOD, QuantizationError,
-                        check_request, plan_modules, quantization_config, quantize_layer, replace_linears)
+from .quantizer import (DEFAULT_GROUP_SIZE, QuantizationError)
+from .schemes import (DEFAULT_SKIP, QUANT_METHOD, check_request, plan_modules, quantization_config, quantize_layer,
+                      replace_linears)
 
 INT8_MODELING_FILE = "modeling_qwen2_int8.py"
 INT8_CLASS = "Qwen2ForCausalLMInt8"

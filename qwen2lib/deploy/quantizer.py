@@ -1,58 +1,34 @@
-"""The deploy package's quantizer: the project's one home for int8 weights, used by the torch package (notebook 03)
-and by the graph builder (notebook 04) alike, so a weight quantized by either is the same bytes.
+"""The deploy package's quantizer: the project's one home for int8 and int4 weights, used by the torch package
+(notebook 03) and by the graph builder (notebook 04) alike, so a weight quantized by either is the same bytes.
+The schemes built on it (which Linear gets what, SmoothQuant, AWQ) are in ``schemes.py``.
 
 Every deploy package carries this file as ``quantization_<target>.py`` (byte for byte, under a one-line header),
-and its ``Qwen2ForCausalLM.quantize()`` / ``save_quantized()`` call it, so a package quantizes and reloads where
-only torch and transformers are installed. It therefore imports nothing from qwen2lib (but the optional error
-base class, so that inside qwen2lib a bad request is a one-line error).
+so a package quantizes and reloads where only torch and transformers are installed. It therefore imports nothing
+from qwen2lib (but the optional error base class, so that inside qwen2lib a bad request is a one-line error).
 
-Weights: symmetric, zero point 0, q = round(w / scale) in [-127, 127], scale = max|w| / 127 over the group (a row,
-or a block of a row). -128 is never produced and each weight is off by at most scale / 2; an all-zero group gets
-scale 1.
+int8      symmetric, zero point 0, q = round(w / scale) in [-127, 127], scale = max|w| / 127 over the group (a row,
+          or a block of a row). -128 is never produced and each weight is off by at most scale / 2; an all-zero
+          group gets scale 1. ``Int8Linear`` with bf16 activations (W8A16) runs ``aten._weight_int8pack_mm``, the
+          CPU kernel that reads int8 weights directly (dequantising the whole weight on every call costs more
+          than the fp32 matmul); with int8 activations (W8A8) it quantizes them per token, dynamically, and runs
+          int8 x int8 -> int32 (``torch._int_mm``), rescaled by (token scale x channel scale).
+int4      0..15, asymmetric, one fp32 scale and one zero point per group of ``group_size`` inputs (default 128);
+          optionally each group's range is shrunk (clipped) by the factor that minimises an importance-weighted
+          error. ``Int4Linear`` dequantizes for the matmul (activations stay float).
 
-W8A16     every Linear (but ``skip``) holds int8 weights, one fp32 scale per output channel. Activations stay
-          16-bit: the matmul runs ``aten._weight_int8pack_mm`` on bf16 activations, the CPU kernel that reads int8
-          weights directly (dequantising the whole weight on every call costs more than the fp32 matmul).
-smoothquant  W8A8 for the Linears fed by an RMSNorm (q/k/v after ``input_layernorm``, gate/up after
-          ``post_attention_layernorm``): a per-input-channel factor ``s_j = max|X_j|^a / max|W_j|^(1-a)`` from the
-          calibration absmax moves activation outliers into the weights (X/s, W*s); the 1/s is folded into the
-          norm's weight, so it costs nothing at run time. Activations are quantized per token, dynamically, and
-          the product is int8 x int8 -> int32 (``torch._int_mm``), rescaled by (token scale x channel scale).
-          o_proj and down_proj stay W8A16: no norm precedes them, so there is nowhere free to fold s, and their
-          inputs carry the largest per-channel outliers, which per-token int8 without smoothing would clip.
-
-W4A16     (``w4a16``: round to nearest; ``awq``: calibrated) every Linear (but ``skip``) holds 4-bit weights
-          (0..15), asymmetric, one fp32 scale and one zero point per group of ``group_size`` inputs (default 128),
-          dequantized for the matmul (activations stay float). ``awq`` uses the calibration's per-channel mean
-          square E[X_j^2] (the diagonal of the input's second moment, so ``sum_j E[X_j^2] (W - W_q)_nj^2`` is the
-          expected output error): per input shared by q|k|v, by gate|up and by down_proj, a scale
-          ``s_j = rms(X_j)^a`` (a searched on a grid, a = 0 being round-to-nearest) multiplies W's columns before
-          rounding and divides the input, folded into the RMSNorm before (q|k|v, gate|up) or into up_proj's rows
-          (down_proj), as AWQ does; then each group's range is shrunk (clipped) by the factor that minimises the
-          same weighted error. o_proj (its input is the attention output: with GQA no free place to fold) gets
-          the clipping only.
-
-lm_head (tied to the embeddings in small Qwen2) and the embeddings stay in float by default, as peers do.
-
-The quantized package is the deploy package's code and tokenizer plus its own ``model.safetensors``
-(``X.weight`` int8 (N, K), ``X.weight_scale`` fp32 (N,); int4: ``X.weight`` uint8 (N, ceil(K / 2)) two values per
-byte, low nibble first, ``X.weight_scale`` fp32 and ``X.weight_zero_point`` uint8 (N, groups)), ``quantization_config`` in config.json and
-``modeling_qwen2_int8.py``, whose ``Qwen2ForCausalLMInt8`` (the class ``auto_map`` names) swaps in
-``Int8Linear`` modules before the weights load: ``AutoModelForCausalLM.from_pretrained(pkg,
-trust_remote_code=True)`` returns the int8 model.
+A quantized package stores ``X.weight`` int8 (N, K) and ``X.weight_scale`` fp32 (N,); int4: ``X.weight`` uint8
+(N, ceil(K / 2)) two values per byte, low nibble first, ``X.weight_scale`` fp32 and ``X.weight_zero_point`` uint8
+(N, groups). Its ``modeling_qwen2_int8.py`` calls ``convert_to_int8_modules`` (below) before the weights load, so
+``AutoModelForCausalLM.from_pretrained(pkg, trust_remote_code=True)`` returns the quantized model.
 """
 from __future__ import annotations
 
-import fnmatch
-import os
-from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 try:  # inside qwen2lib a bad request is one of its one-line errors; alone, a plain ValueError
     from qwen2lib.errors import Qwen2LibError as _ErrorBase
@@ -60,29 +36,12 @@ except ImportError:
     class _ErrorBase(Exception):
         pass
 
-INT8_SCHEMES = ("w8a16", "smoothquant")
-INT4_SCHEMES = ("w4a16", "awq")
-SCHEMES = INT8_SCHEMES + INT4_SCHEMES
 DEFAULT_GROUP_SIZE = 128
-AWQ_GRID = 20  # exponents a = 0, 1/20, ..., 1 tried per input
-AWQ_SEARCH_ROWS = 1024  # the exponent is shared by all rows, so a strided sample of rows scores it (7B: 37,888)
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # group range shrink factors tried per (row, group)
-QUANT_METHOD = "qwen2lib-int8"
-DEFAULT_SKIP = ("lm_head",)
-STATS_FILE = "stats.safetensors"  # the calibration stage's statistics (notebook 02)
-# Linears whose input is an RMSNorm's output, by the norm: the ones SmoothQuant can smooth for free.
-SMOOTH_GROUPS = (
-    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-)
 
 
 class QuantizationError(_ErrorBase, ValueError):
     """A quantization request that cannot be carried out (unknown scheme, statistics that do not fit)."""
-
-
-class MissingStatisticsError(_ErrorBase, FileNotFoundError):
-    """No calibration statistics where they were asked for."""
 
 
 # ---- int8 numbers -------------------------------------------------------------------------------
@@ -360,261 +319,7 @@ def is_int8_linear(module: nn.Module) -> bool:
     return type(module).__name__ == "Int8Linear" and hasattr(module, "weight_scale")
 
 
-# ---- SmoothQuant --------------------------------------------------------------------------------
-
-
-def load_stats(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The calibration statistics a calibration folder holds (``stats.safetensors``: ``<linear>.absmax`` ...)."""
-    path = Path(folder) / STATS_FILE
-    if not path.is_file():
-        raise MissingStatisticsError(f"{path} does not exist: run the calibration stage first (`qwen2lib calibrate`, "
-                                "notebook 02)")
-    return load_file(str(path))
-
-
-def stats_absmax(stats: Mapping[str, torch.Tensor], linear_name: str) -> torch.Tensor:
-    """The calibration absmax (K,) of a Linear's input: ``stats["<name>.absmax"]`` or ``stats[name]``."""
-    for key in (f"{linear_name}.absmax", linear_name):
-        if key in stats:
-            return stats[key].float()
-    raise QuantizationError(
-        f"the calibration statistics hold no input absmax for {linear_name!r}: were they collected on this "
-        "model? Run `qwen2lib calibrate --model <this model>` (notebook 02) and pass its statistics."
-    )
-
-
-def smoothing_factors(act_absmax: torch.Tensor, weights: Iterable[torch.Tensor], alpha: float) -> torch.Tensor:
-    """s_j = max|X_j|^alpha / max_over_weights|W_:,j|^(1-alpha), (K,); 1 where either side is 0."""
-    w_absmax = torch.stack([w.detach().float().abs().amax(dim=0) for w in weights]).amax(dim=0)  # (K,)
-    x = act_absmax.float().to(w_absmax.device)
-    s = x.pow(alpha) / w_absmax.pow(1 - alpha)
-    ok = (x > 0) & (w_absmax > 0) & torch.isfinite(s)
-    return torch.where(ok, s, torch.ones_like(s)).clamp(min=1e-5)
-
-
-def check_alpha(alpha: float) -> None:
-    if not 0 <= alpha <= 1:
-        raise QuantizationError(f"alpha={alpha}: the migration strength must lie in [0, 1] (SmoothQuant uses 0.5)")
-
-
-@torch.no_grad()
-def smooth_layer(layer, index: int, stats: Mapping[str, torch.Tensor], alpha: float = 0.5) -> dict[str, torch.Tensor]:
-    """Fold SmoothQuant factors into decoder layer ``index``'s norms and the Linears they feed, in place (still
-    float): the layer computes the same function afterwards (up to fp32 rounding): norm(x) / s then W * s.
-    Returns {"layers.{index}.{norm}": s}."""
-    factors = {}
-    for norm_name, linear_names in SMOOTH_GROUPS:
-        norm = getattr(layer, norm_name)
-        linears = [layer.get_submodule(n) for n in linear_names]
-        act = stats_absmax(stats, f"model.layers.{index}.{linear_names[0]}")
-        for n in linear_names[1:]:  # they read the same tensor; take the max in case stats differ
-            act = torch.maximum(act, stats_absmax(stats, f"model.layers.{index}.{n}"))
-        s = smoothing_factors(act, [lin.weight for lin in linears], alpha)
-        norm.weight.div_(s.to(norm.weight.dtype))
-        for lin in linears:
-            lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
-        factors[f"layers.{index}.{norm_name}"] = s
-    return factors
-
-
-def smooth_model(model, stats: Mapping[str, torch.Tensor], alpha: float = 0.5) -> dict[str, torch.Tensor]:
-    """``smooth_layer`` on every decoder layer of a whole model. Returns {"layers.{i}.{norm}": s}."""
-    check_alpha(alpha)
-    factors = {}
-    for i, layer in enumerate(model.model.layers):
-        factors.update(smooth_layer(layer, i, stats, alpha))
-    return factors
-
-
-# ---- AWQ (activation-aware int4) ----------------------------------------------------------------
-
-
-def stats_meansq(stats: Mapping[str, torch.Tensor], linear_name: str) -> torch.Tensor:
-    """The calibration mean square E[X_j^2] (K,) of a Linear's input (``stats["<name>.meansq"]``)."""
-    if f"{linear_name}.meansq" not in stats:
-        raise QuantizationError(f"the calibration statistics hold no input mean square for {linear_name!r} (statistics "
-                                "from before it was recorded?): recalibrate (`qwen2lib calibrate`, notebook 02)")
-    return stats[f"{linear_name}.meansq"].float()
-
-
-def weighted_int4_error(weight: torch.Tensor, meansq: torch.Tensor, group_size: int, s: torch.Tensor) -> float:
-    """sum_nj E[X_j^2] (W - Q(W s) / s)_nj^2: the expected squared output error of rounding ``weight`` scaled by s."""
-    w = weight.float()
-    q, scale, zero = quantize_int4(w * s, group_size)
-    return float(((w - dequantize_int4(q, scale, zero, group_size) / s).square() * meansq).sum())
-
-
-def awq_factors(weights: Iterable[torch.Tensor], meansq: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Per input channel s (K,) = rms(X_j)^a (normalised to a geometric mean of max and min of 1), a on a grid
-    of ``AWQ_GRID`` + 1 values in [0, 1], the one with the least weighted error (a = 0: s = 1, round to nearest).
-    The error is summed over at most ``AWQ_SEARCH_ROWS`` evenly strided rows: one exponent serves every row."""
-    w = torch.cat([t.detach() for t in weights])  # (N, K): Linears reading the same input
-    w = w[:: -(-w.shape[0] // AWQ_SEARCH_ROWS)].float()  # (<= AWQ_SEARCH_ROWS, K)
-    rms = meansq.sqrt().clamp(min=1e-8)
-    best, best_s = None, torch.ones_like(rms)
-    for i in range(AWQ_GRID + 1):
-        s = rms.pow(i / AWQ_GRID)
-        s = s / (s.max() * s.min()).sqrt()
-        err = weighted_int4_error(w, meansq, group_size, s)
-        if best is None or err < best:
-            best, best_s = err, s
-    return best_s
-
-
-@torch.no_grad()
-def awq_layer(layer, index: int, stats: Mapping[str, torch.Tensor], group_size: int) -> dict[str, torch.Tensor]:
-    """Fold AWQ scales into decoder layer ``index`` in place (still float: it computes the same function up to
-    fp32 rounding) and return, per Linear, the importance E[X_j^2] of its (now scaled) input for the clipping.
-
-    down_proj first (its s divides up_proj's rows), then q|k|v and gate|up (their s divides the norm's weight);
-    o_proj is left unscaled."""
-    importance = {}
-    p, mlp = f"model.layers.{index}", layer.mlp
-    h = stats_meansq(stats, f"{p}.mlp.down_proj")
-    s = awq_factors([mlp.down_proj.weight], h, group_size)
-    mlp.up_proj.weight.div_(s.to(mlp.up_proj.weight.dtype)[:, None])
-    mlp.down_proj.weight.mul_(s.to(mlp.down_proj.weight.dtype)[None, :])
-    importance[f"{p}.mlp.down_proj"] = h / s.square()
-    for norm_name, linear_names in SMOOTH_GROUPS:
-        norm, linears = getattr(layer, norm_name), [layer.get_submodule(n) for n in linear_names]
-        h = stats_meansq(stats, f"{p}.{linear_names[0]}")
-        s = awq_factors([lin.weight for lin in linears], h, group_size)
-        norm.weight.div_(s.to(norm.weight.dtype))
-        for name, lin in zip(linear_names, linears):
-            lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
-            importance[f"{p}.{name}"] = h / s.square()
-    importance[f"{p}.self_attn.o_proj"] = stats_meansq(stats, f"{p}.self_attn.o_proj")
-    return importance
-
-
-def awq_model(model, stats: Mapping[str, torch.Tensor], group_size: int) -> dict[str, torch.Tensor]:
-    """``awq_layer`` on every decoder layer of a whole model: {Linear name: importance of its input}."""
-    importance = {}
-    for i, layer in enumerate(model.model.layers):
-        importance.update(awq_layer(layer, i, stats, group_size))
-    return importance
-
-
-# ---- quantize_model -----------------------------------------------------------------------------
-
-
-def is_skipped(name: str, skip: Iterable[str]) -> bool:
-    """A pattern skips a Linear when it equals (or fnmatch-es) its full name or its last component."""
-    leaf = name.rsplit(".", 1)[-1]
-    return any(name == p or leaf == p or fnmatch.fnmatchcase(name, p) for p in skip)
-
-
-def check_settings(scheme: str, alpha: float = 0.5, group_size: int = DEFAULT_GROUP_SIZE) -> None:
-    """Refuse an unknown scheme, SmoothQuant's alpha outside [0, 1] or an int4 group size MatMulNBits cannot run
-    (the stage and the CLI call it before anything is built)."""
-    if scheme not in SCHEMES:
-        raise QuantizationError(f"scheme={scheme!r}: choose one of {', '.join(SCHEMES)}")
-    if scheme == "smoothquant":
-        check_alpha(alpha)
-    if scheme in INT4_SCHEMES:
-        check_group_size(group_size)
-
-
-def check_request(scheme: str, stats, group_size: int, alpha: float = 0.5):
-    """``check_settings``, then refuse a calibrated scheme without statistics; returns the statistics as tensors."""
-    check_settings(scheme, alpha, group_size)
-    if scheme not in ("smoothquant", "awq"):
-        return stats
-    if stats is None:
-        raise QuantizationError(
-            f"scheme={scheme!r} needs activation statistics: pass stats=<calibration folder> (from "
-            "`qwen2lib calibrate`, notebook 02) or the dict of tensors it saved"
-        )
-    return stats if isinstance(stats, Mapping) else load_stats(stats)
-
-
-def plan_modules(model, scheme: str, skip: Iterable[str]) -> dict[str, str]:
-    """{Linear name: "w8a16" | "w8a8" | "w4a16"}: what ``scheme`` makes of each nn.Linear not skipped (works on a
-    model on the ``meta`` device: names and types only)."""
-    smoothed = {n for _, names in SMOOTH_GROUPS for n in names}
-    plan = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or is_skipped(name, skip):
-            continue
-        in_layer = name.startswith("model.layers.") and name.split(".", 3)[3] in smoothed
-        plan[name] = ("w4a16" if scheme in INT4_SCHEMES else
-                      "w8a8" if scheme == "smoothquant" and in_layer else "w8a16")
-    if not plan:
-        raise QuantizationError(f"no nn.Linear left to quantize (skip={tuple(skip)}): is the model already quantized?")
-    return plan
-
-
-def quantized_module(linear: nn.Linear, kind: str, group_size: int, importance=None) -> nn.Module:
-    if kind == "w4a16":
-        return Int4Linear.from_linear(linear, group_size, importance)
-    return Int8Linear.from_linear(linear, "int8" if kind == "w8a8" else "bf16")
-
-
-def replace_linears(root: nn.Module, prefix: str, plan: Mapping[str, str], group_size: int,
-                    importance: Mapping[str, torch.Tensor] | None = None) -> None:
-    """Swap the Linears of ``root`` (whose name in the model is ``prefix``) that ``plan`` names for their
-    quantized modules, in place."""
-    for name, module in list(root.named_modules()):
-        full = f"{prefix}.{name}" if prefix and name else prefix or name
-        if full in plan and isinstance(module, nn.Linear):
-            new = quantized_module(module, plan[full], group_size, (importance or {}).get(full))
-            parent_name, _, leaf = name.rpartition(".")
-            root.get_submodule(parent_name).__setattr__(leaf, new)
-
-
-@torch.no_grad()
-def quantize_layer(layer, index: int, scheme: str, plan: Mapping[str, str], *, stats=None, alpha: float = 0.5,
-                   group_size: int = DEFAULT_GROUP_SIZE) -> None:
-    """Quantize decoder layer ``index`` in place: fold SmoothQuant / AWQ scales (their schemes), then swap in the
-    ``plan``'s quantized modules. The unit both ``quantize_model`` and ``quantize_checkpoint`` run."""
-    importance = {}
-    if scheme == "smoothquant":
-        smooth_layer(layer, index, stats, alpha)
-    elif scheme == "awq":
-        importance = awq_layer(layer, index, stats, group_size)
-    replace_linears(layer, f"model.layers.{index}", plan, group_size, importance)
-
-
-def quantization_config(scheme: str, plan: Mapping[str, str], *, alpha: float, group_size: int,
-                        skip: Iterable[str]) -> dict:
-    """The ``quantization_config`` a quantized package's config.json carries (what ``convert_to_int8_modules``
-    reads back)."""
-    int4 = scheme in INT4_SCHEMES
-    return {
-        "quant_method": QUANT_METHOD,
-        "scheme": scheme,
-        "weights": (f"int4 asymmetric, one fp32 scale and uint8 zero point per group of {group_size} inputs" if int4
-                    else "int8, symmetric, one fp32 scale per output channel"),
-        "activations": ({"w4a16": "float (weights dequantized)"} if int4 else
-                        {"w8a16": "bf16", "w8a8": "int8, symmetric, dynamic per token"}),
-        "alpha": alpha if scheme == "smoothquant" else None,
-        "group_size": group_size if int4 else None,
-        "skip": list(skip),
-        "modules": dict(plan),
-    }
-
-
-@torch.no_grad()
-def quantize_model(model, scheme: str = "w8a16", *, stats: Mapping[str, torch.Tensor] | str | os.PathLike | None = None,
-                   alpha: float = 0.5, skip: Iterable[str] = DEFAULT_SKIP, group_size: int = DEFAULT_GROUP_SIZE):
-    """Replace the model's nn.Linear layers by ``Int8Linear`` (or ``Int4Linear``) in place and return the model.
-
-    ``scheme``: "w8a16", "smoothquant" (needs ``stats``: a calibration folder or its tensors), "w4a16" (int4,
-    round to nearest, groups of ``group_size`` inputs) or "awq" (int4, needs ``stats``). ``skip``: Linear names
-    or patterns kept in float (default: lm_head). The applied settings are recorded in
-    ``model.config.quantization_config``, which ``save_quantized`` writes to config.json. The whole model is in
-    memory; ``quantize_checkpoint`` does the same one decoder layer at a time.
-    """
-    skip = tuple(skip)
-    stats = check_request(scheme, stats, group_size, alpha)
-    plan = plan_modules(model, scheme, skip)
-    for i, layer in enumerate(model.model.layers):
-        quantize_layer(layer, i, scheme, plan, stats=stats, alpha=alpha, group_size=group_size)
-    replace_linears(model, "", {n: k for n, k in plan.items() if not n.startswith("model.layers.")}, group_size)
-    if getattr(model, "config", None) is not None:
-        model.config.quantization_config = quantization_config(scheme, plan, alpha=alpha, group_size=group_size,
-                                                               skip=skip)
-    return model
+# ---- loading a quantized package ---------------------------------------------------------------
 
 
 def convert_to_int8_modules(model, quantization_config: Mapping) -> None:

@@ -7,7 +7,7 @@
   p4 explicit_kv_cache      ``past_key_values=[(k, v), ...]`` in, ``presents`` out: graph inputs and outputs
   p5 insert_slice           with ``config.insert_slice``, only the last position goes through ``lm_head``
   p6 quantize_entry_point   ``Qwen2ForCausalLM.quantize()`` / ``save_quantized()`` calling the package's own
-                            ``quantization_<target>.py`` (a copy of ``quantizer.py``)
+                            ``schemes_<target>.py`` (copies of ``schemes.py`` and ``quantizer.py``)
   p7 dual_chunk_attention   with ``config.dual_chunk_attention_config``, Dual Chunk Attention (intra / successive /
                             inter-chunk parts) in prefill and cached decode; the configuration gains the field
 """

@@ -5,7 +5,7 @@ from ..patch import MODELING_FILE, Edit, Patch, anchored_patch
 
 
 def quantize_methods_source(target: str) -> str:
-    module = f"quantization_{target}"  # the package's own copy of qwen2lib/deploy/quantizer.py
+    module = f"schemes_{target}"  # the package's own copy of qwen2lib/deploy/schemes.py
     writer = f"quantized_package_{target}"  # and of qwen2lib/deploy/quantized_package.py
     return f'''
     def quantize(self, *args, **kwargs):
@@ -45,8 +45,8 @@ def quantize_entry_point_patch(target: str) -> Patch:
         "quantize_entry_point",
         f"Qwen2ForCausalLM.quantize(*args, **kwargs), .save_quantized(out_dir) and the streamed "
         f".quantize_checkpoint(package, out_dir, scheme): the package's entry points for int8/int4, calling its own "
-        f"quantization_{target}.py and quantized_package_{target}.py (copies of qwen2lib's quantizer, imported "
-        f"when called).",
+        f"quantization_{target}.py, schemes_{target}.py and quantized_package_{target}.py (copies of qwen2lib's "
+        f"quantizer, imported when called).",
         MODELING_FILE,
         (Edit("\n\nclass Qwen2ForSequenceClassification(", quantize_methods_source(target)),),
     )
