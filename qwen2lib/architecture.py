@@ -16,6 +16,7 @@ from transformers.utils import logging as hf_logging
 from . import rope
 from .footprint import release_free_memory
 from .model import Qwen2
+from .model_config import shape_numbers
 from .registry import resolve
 
 COMPONENTS = ("embeddings", "attention", "mlp", "norms", "lm_head")
@@ -46,9 +47,8 @@ def parameter_breakdown(model: torch.nn.Module) -> dict[str, int]:
 
 def parameter_formula(cfg: dict) -> dict[str, int]:
     """The same counts from config.json alone: what each block's shapes imply."""
-    D, I, L, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    H, KV = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    hd = cfg.get("head_dim") or D // H
+    s = shape_numbers(cfg)
+    D, I, L, V, H, KV, hd = s["H"], s["I"], s["L"], s["V"], s["n_h"], s["n_kv"], s["hd"]
     attention = D * H * hd + H * hd + 2 * (D * KV * hd + KV * hd) + H * hd * D  # q,k,v with bias; o without
     return {
         "embeddings": V * D,
@@ -61,9 +61,8 @@ def parameter_formula(cfg: dict) -> dict[str, int]:
 
 def kv_bytes_per_token(cfg: dict, dtype: str = "bfloat16", multi_head: bool = False) -> int:
     """Bytes of K and V cached per token across all layers; ``multi_head`` as if every head had its own KV."""
-    heads = cfg["num_attention_heads"] if multi_head else cfg["num_key_value_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    return 2 * cfg["num_hidden_layers"] * heads * head_dim * DTYPE_BYTES[dtype]
+    s = shape_numbers(cfg)
+    return 2 * s["L"] * (s["n_h"] if multi_head else s["n_kv"]) * s["hd"] * DTYPE_BYTES[dtype]
 
 
 def kv_cache_table(names: list[str], context: int = 32768, batch: int = 1, dtype: str = "bfloat16"):

@@ -47,7 +47,7 @@ from .graph.plan import QUANTIZED
 from .graph.verify import (activation_ranges, check_bounds, decode_parity, fidelity, fp16_plan,
                            load_reference, reference_logits_fn, streamed_reference, verify_tokens)
 from .loading import check_weights_match_config, checkpoint_dir
-from .model import Qwen2Args
+from .model_config import Qwen2Args
 from .deploy.quantizer import unpack_int4
 from .graph.ops import Int4Weight
 from .quantization import ensure_quantized

@@ -36,6 +36,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from .errors import Qwen2LibError
 from .loading import check_safetensors
+from .model_config import shape_numbers
 from .tokenizer import QWEN_PATTERN
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -99,11 +100,12 @@ def add_hyperparameters(writer: gguf.GGUFWriter, config: dict, name: str, gguf_t
         raise ExportError("the config enables sliding-window attention, which llama.cpp's qwen2 graph does not run")
     writer.add_name(name)
     writer.add_context_length(int(config["max_position_embeddings"]))
-    writer.add_embedding_length(int(config["hidden_size"]))
-    writer.add_block_count(int(config["num_hidden_layers"]))
-    writer.add_feed_forward_length(int(config["intermediate_size"]))
-    writer.add_head_count(int(config["num_attention_heads"]))
-    writer.add_head_count_kv(int(config.get("num_key_value_heads") or config["num_attention_heads"]))
+    s = shape_numbers(config)
+    writer.add_embedding_length(s["H"])
+    writer.add_block_count(s["L"])
+    writer.add_feed_forward_length(s["I"])
+    writer.add_head_count(s["n_h"])
+    writer.add_head_count_kv(s["n_kv"])
     writer.add_rope_freq_base(rope_theta(config))
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
     rope = rope_scaling(config)

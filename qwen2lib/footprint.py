@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Mapping
 
 from .errors import InsufficientDiskError, InsufficientMemoryError
+from .model_config import Qwen2Args, as_args, shape_numbers
 from .registry import resolve
 
 GiB = 1 << 30
@@ -45,20 +46,13 @@ SHARD_BYTES = 2 * GiB  # quantized_package.MAX_SHARD_BYTES (the package cannot i
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 
 
-def shape_numbers(config: Mapping) -> dict[str, int]:
-    """H, I, V, L, query heads, KV heads and head_dim of a config.json dict."""
-    H, n_h = config["hidden_size"], config["num_attention_heads"]
-    return {"H": H, "I": config["intermediate_size"], "V": config["vocab_size"], "L": config["num_hidden_layers"],
-            "n_h": n_h, "n_kv": config.get("num_key_value_heads") or n_h, "hd": config.get("head_dim") or H // n_h}
-
-
-def parameter_counts(config: Mapping) -> dict[str, int]:
+def parameter_counts(config: Qwen2Args | Mapping) -> dict[str, int]:
     """{"layer", "linear_per_layer", "embedding", "head", "total", "largest_tensor"}: parameter counts."""
     s = shape_numbers(config)
     H, I, V, L, q, kv = s["H"], s["I"], s["V"], s["L"], s["n_h"] * s["hd"], s["n_kv"] * s["hd"]
     linear = q * H + 2 * kv * H + H * q + 3 * H * I
     layer = linear + q + 2 * kv + 2 * H
-    head = 0 if config.get("tie_word_embeddings", False) else V * H
+    head = 0 if as_args(config).tie_word_embeddings else V * H
     return {"layer": layer, "linear_per_layer": linear, "embedding": V * H, "head": head,
             "total": L * layer + V * H + head + H, "largest_tensor": max(V * H, I * H)}
 

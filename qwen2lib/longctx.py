@@ -30,7 +30,8 @@ from transformers import AutoConfig, Qwen2Config
 
 from .dca import dca_config_from_dict
 from .errors import Qwen2LibError
-from .model import Qwen2, Qwen2Args
+from .model import Qwen2
+from .model_config import Qwen2Args
 
 YARN_BETAS = {"beta_fast": 32.0, "beta_slow": 1.0}
 

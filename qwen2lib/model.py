@@ -1,6 +1,7 @@
 """Qwen2 from scratch, the teaching implementation notebook 00 walks through.
 
-One file, flat: config dataclass -> RMSNorm -> attention (q/k/v bias, grouped-query KV heads,
+One file, flat (its config dataclass, ``Qwen2Args``, is ``model_config.py``, shared with the stages that never load
+a model): RMSNorm -> attention (q/k/v bias, grouped-query KV heads,
 rotary positions) -> SwiGLU MLP -> decoder block -> causal LM with an explicit KV cache.
 Parameter names follow the Hugging Face checkpoints, so a ``state_dict`` loads either way.
 """
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,67 +18,8 @@ from torch import nn
 
 from . import dca, rope
 from .masks import positions_from_mask
-from .registry import resolve
+from .model_config import Qwen2Args
 
-
-@dataclass
-class Qwen2Args:
-    vocab_size: int = 151936
-    hidden_size: int = 896
-    intermediate_size: int = 4864
-    num_hidden_layers: int = 24
-    num_attention_heads: int = 14
-    num_key_value_heads: int = 2
-    head_dim: int | None = None  # None: hidden_size // num_attention_heads
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 1_000_000.0
-    rope_scaling: dict | None = None  # {"rope_type"|"type": linear|dynamic|yarn, "factor": ..., ...}
-    max_position_embeddings: int = 32768
-    tie_word_embeddings: bool = True
-    use_sliding_window: bool = False
-    sliding_window: int | None = None
-    max_window_layers: int = 0
-    dual_chunk_attention_config: dict | None = None  # {"chunk_size", "local_size", "original_max_position_embeddings"}
-
-    def __post_init__(self):
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads}"
-            )
-
-    @property
-    def kv_groups(self) -> int:
-        """Query heads that share one KV head (1 = multi-head attention)."""
-        return self.num_attention_heads // self.num_key_value_heads
-
-    def layer_window(self, layer: int) -> int | None:
-        """Qwen2 applies the sliding window to layers at or above ``max_window_layers``."""
-        if self.use_sliding_window and self.sliding_window and layer >= self.max_window_layers:
-            return self.sliding_window
-        return None
-
-    @classmethod
-    def from_config_dict(cls, cfg: dict) -> "Qwen2Args":
-        """From a config.json dict (old ``rope_theta``/``rope_scaling`` or v5 ``rope_parameters`` form)."""
-        rope_params = dict(cfg.get("rope_parameters") or {})
-        theta = cfg.get("rope_theta", rope_params.pop("rope_theta", 10000.0))
-        scaling = cfg.get("rope_scaling") or (rope_params if rope_params.get("rope_type", "default") != "default" else None)
-        names = {f for f in cls.__dataclass_fields__}
-        kwargs = {k: v for k, v in cfg.items() if k in names and k not in ("rope_theta", "rope_scaling")}
-        return cls(**kwargs, rope_theta=theta, rope_scaling=scaling)
-
-    @classmethod
-    def from_hf(cls, config) -> "Qwen2Args":
-        """From a ``transformers.Qwen2Config``."""
-        return cls.from_config_dict(config.to_dict())
-
-    @classmethod
-    def preset(cls, name: str) -> "Qwen2Args":
-        """The architecture of a registry model (``Qwen2.5-7B``, ``tiny``, ...)."""
-        return cls.from_config_dict(resolve(name).config)
 
 
 class RMSNorm(nn.Module):

@@ -15,6 +15,7 @@ from typing import Iterator
 import torch
 from transformers import GenerationConfig, Qwen2ForCausalLM
 
+from .model_config import shape_numbers
 from .registry import ModelSpec
 from .tensorio import MAX_SHARD_BYTES, write_shards
 
@@ -25,11 +26,10 @@ RANDOM_CHUNK = 1 << 22  # elements drawn at a time: a tensor's values depend on 
 
 def expected_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """{tensor name: shape} of a Qwen2ForCausalLM checkpoint with this config.json (lm_head only when untied)."""
-    H, I, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    n_heads, n_kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
-    hd = config.get("head_dim") or H // n_heads
+    s = shape_numbers(config)
+    H, I, V, n_heads, n_kv, hd = s["H"], s["I"], s["V"], s["n_h"], s["n_kv"], s["hd"]
     shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
-    for i in range(config["num_hidden_layers"]):
+    for i in range(s["L"]):
         p = f"model.layers.{i}."
         shapes.update({
             p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),

@@ -15,7 +15,7 @@ from qwen2lib.compile import (CompileVerificationError, compile_model, config_pa
                               read_manifest, sha256_of)
 from qwen2lib.config_schema import CompileConfig, ConfigError, describe_schema, load_config
 from qwen2lib.errors import NumericalOverflowError, PromptTooLongError
-from qwen2lib.model import Qwen2Args
+from qwen2lib.model_config import Qwen2Args
 from qwen2lib.deploy.quantizer import quantize_per_block, quantize_weight
 from qwen2lib.graph import GraphPlan, OnnxCausalLM, build_graph, check_finite, op_histogram, pack_matmul_nbits
 from qwen2lib.graph.plan import PlanError

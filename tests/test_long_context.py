@@ -13,7 +13,7 @@ from qwen2lib import deploy
 from qwen2lib.compile import compile_model, config_path, load_weights, read_manifest
 from qwen2lib.config_schema import ConfigError
 from qwen2lib.graph import GraphPlan, OnnxCausalLM, build_graph, op_histogram
-from qwen2lib.model import Qwen2Args
+from qwen2lib.model_config import Qwen2Args
 
 DCA = {"chunk_size": 12, "local_size": 4, "original_max_position_embeddings": 12}  # chunks of s = 8 positions
 

@@ -18,7 +18,7 @@ from qwen2lib.errors import InsufficientMemoryError
 from qwen2lib.graph import GraphPlan, OnnxCausalLM, build_graph
 from qwen2lib.graph.verify import reference_logits_fn, streamed_reference
 from qwen2lib.layerwise import LayerwiseModel
-from qwen2lib.model import Qwen2Args
+from qwen2lib.model_config import Qwen2Args
 from qwen2lib.random_weights import build_random_model, random_state_dict, write_random_checkpoint
 from qwen2lib.registry import resolve
 from qwen2lib.tensorio import INDEX_FILE, TensorReader

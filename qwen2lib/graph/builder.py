@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..model import Qwen2Args
+from ..model_config import Qwen2Args
 from .dual_chunk import attention_dual_chunk, dual_chunk_inputs
 from .ops import (Nodes, add_and_norm, attention_bias, attention_plain, int8_matmul, linear, packed, rms_norm,
                   rotary_tables)

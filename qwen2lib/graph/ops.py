@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 
 from .. import rope
 from ..deploy.quantizer import quantize_per_block, quantize_weight
-from ..model import Qwen2Args
+from ..model_config import Qwen2Args
 from .plan import CONTRIB, NP_DTYPE, ONNX_DTYPE, GraphPlan
 
 class Int4Weight(NamedTuple):

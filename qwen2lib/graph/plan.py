@@ -14,7 +14,7 @@ import numpy as np
 from onnx import TensorProto
 
 from ..errors import Qwen2LibError
-from ..model import Qwen2Args
+from ..model_config import Qwen2Args
 
 FP16_MAX = 65504.0
 CONTRIB = "com.microsoft"
