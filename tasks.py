@@ -73,7 +73,7 @@ def main(argv: list[str]) -> int:
     elif argv[0] == "lab":
         cmd = [str(PYTHON), "-m", "qwen2lib.lab", *argv[1:]]
     else:
-        cmd = [str(PYTHON), "-m", "qwen2lib.workbook", *argv[1:]]
+        cmd = [str(PYTHON), "-m", "qwen2lib", "workbook", *argv[1:]]
     try:
         return subprocess.call(cmd, cwd=ROOT, env=env)
     except KeyboardInterrupt:  # Ctrl-C reached the child too (JupyterLab, a test run): no traceback from here

@@ -1,6 +1,6 @@
 """Run the workbook headless: every notebook in order with papermill, executed copies in ``executed/``.
 
-    python -m qwen2lib.workbook [-p NAME VALUE ...] [--only 03] [--output-dir executed]
+    python -m qwen2lib workbook [-p NAME VALUE ...] [--only 03] [--output-dir executed]
 
 The kernel is named explicitly, and on the embedded model every cell has a time limit, so a stuck kernel fails
 the run instead of hanging it (a killed one fails it at once). A real size has none unless ``--cell-timeout`` sets
@@ -8,7 +8,6 @@ one: at 1.5B notebook 03's four quantize stages alone take longer than the embed
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -64,25 +63,11 @@ def run_notebook(path: Path, output: Path, parameters: dict, timeout_s: int | No
     return output
 
 
-def _coerce(value: str):
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(value.lower(), value)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
-    parser.add_argument("--only", action="append", default=[], help="run notebooks whose name starts with this (repeatable)")
-    parser.add_argument("--output-dir", default=str(ROOT / "executed"))
-    parser.add_argument("--cell-timeout", type=int, default=None, metavar="SECONDS",
-                        help=f"time limit per cell, 0 for none (default: {CELL_TIMEOUT_S} on tiny, none on other models)")
-    args = parser.parse_args(argv)
-    parameters = {name: _coerce(value) for name, value in args.parameter}
-    paths = [p for p in notebook_paths() if not args.only or any(p.name.startswith(o) for o in args.only)]
+def run_workbook(parameters: dict, only: tuple[str, ...] = (), output_dir: Path = ROOT / "executed",
+                 cell_timeout_s: int | None = None) -> int:
+    """Run the notebooks (those whose name starts with one of ``only``, else all) in order; 0 when all pass, 1 at
+    the first failure (its executed copy kept), 2 when nothing matched. ``cell_timeout_s`` as ``cell_timeout``'s."""
+    paths = [p for p in notebook_paths() if not only or any(p.name.startswith(o) for o in only)]
     if not paths:
         print("no notebooks matched", file=sys.stderr)
         return 2
@@ -92,17 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[workbook] tiny: {tiny_dir(trained=True)}", flush=True)
     for path in paths:
         start = time.perf_counter()
-        output = Path(args.output_dir) / path.name
+        output = Path(output_dir) / path.name
         print(f"[workbook] {path.name} ...", flush=True)
         try:
-            run_notebook(path, output, parameters, cell_timeout(parameters, args.cell_timeout))
+            run_notebook(path, output, parameters, cell_timeout(parameters, cell_timeout_s))
         except Exception as exc:  # papermill's error names the cell and the traceback
             print(f"[workbook] {path.name} FAILED after {time.perf_counter() - start:.0f} s: {exc}", file=sys.stderr)
             print(f"[workbook] the executed copy with the error is {output}", file=sys.stderr)
             return 1
         print(f"[workbook] {path.name} ok in {time.perf_counter() - start:.0f} s -> {output}", flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

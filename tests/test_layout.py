@@ -148,6 +148,37 @@ def test_the_import_scan_finds_imports_in_methods_and_nested_functions(tmp_path)
     assert function_level_imports(source) == [(".", "g", 6), ("json", "f", 7)]
 
 
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, anywhere in it, as written (``.cli``, ``argparse``)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            names.add("." * node.level + (node.module or ""))
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+def test_argparse_only_in_the_cli_and_the_library_never_imports_it():
+    wrong = []
+    for path in SOURCES:
+        rel = path.relative_to(PACKAGE).as_posix()
+        if rel.startswith("cli/") or rel == "__main__.py":  # __main__.py is `python -m qwen2lib`: the CLI itself
+            continue
+        names = imported_modules(path)
+        if "argparse" in names:
+            wrong.append(f"{rel} imports argparse: parse arguments in qwen2lib/cli/")
+        if any(n.split(".")[-1] == "cli" or ".cli." in n or n.startswith("qwen2lib.cli") for n in names):
+            wrong.append(f"{rel} imports the CLI: the library must not depend on it")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_import_listing_sees_argparse_and_a_relative_cli(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("def f():\n    import argparse\n\nfrom ..cli import main\n")
+    assert imported_modules(source) == {"argparse", "..cli"}
+
 # ---- the README names every module -----------------------------------------------------------------
 
 def layout_section() -> str:

@@ -1,6 +1,6 @@
 """Execute every notebook with papermill on the embedded model; any failing cell or assert fails the test.
 
-Each notebook runs through ``python -m qwen2lib.workbook`` in a child process (the same path as the README's
+Each notebook runs through ``python -m qwen2lib workbook`` in a child process (the same path as the README's
 workbook command), its log in a file: the kernel then never shares pytest's captured streams. Executed copies
 land in ``executed/tests/`` (git-ignored) so a failure can be opened and read.
 """
@@ -30,7 +30,7 @@ def test_notebook_runs_on_the_embedded_model(path: Path, tmp_path_factory):
     workdir = tmp_path_factory.getbasetemp() / "workbook-run"  # shared: later notebooks reuse earlier stages
     output_dir = ROOT / "executed" / "tests"
     log = tmp_path_factory.mktemp("log") / f"{path.stem}.log"
-    cmd = [sys.executable, "-m", "qwen2lib.workbook", "--only", path.stem, "--output-dir", str(output_dir),
+    cmd = [sys.executable, "-m", "qwen2lib", "workbook", "--only", path.stem, "--output-dir", str(output_dir),
            "-p", "model", "tiny", "-p", "workdir", str(workdir), "-p", "seed", "0"]
     with open(log, "w") as fh:
         result = subprocess.run(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,

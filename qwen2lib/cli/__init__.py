@@ -9,12 +9,14 @@ import os
 import sys
 import traceback
 import zipfile
+from pathlib import Path
 
 import pandas as pd
 
 from ..errors import DEBUG_VARIABLE, Qwen2LibError
 from ..loading import checkpoint_dir
 from ..registry import list_models
+from ..workbook import CELL_TIMEOUT_S, ROOT as WORKBOOK_ROOT, __doc__ as workbook_doc, run_workbook
 from . import inference, stages
 from .common import add_model_args
 
@@ -35,6 +37,33 @@ def cmd_models(args) -> int:
     return 0
 
 
+def _parameter_value(value: str):
+    """A ``-p NAME VALUE`` value as papermill's ``-p`` reads it: int, float, true/false, else the string."""
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(value.lower(), value)
+
+
+def cmd_workbook(args) -> int:
+    parameters = {name: _parameter_value(value) for name, value in args.parameter}
+    return run_workbook(parameters, tuple(args.only), Path(args.output_dir), args.cell_timeout)
+
+
+def register_workbook(sub) -> None:
+    p = sub.add_parser("workbook", help="run the notebooks in order, headless (papermill), executed copies in executed/",
+                       description=workbook_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="a notebook parameter, e.g. -p model Qwen2-0.5B (repeatable)")
+    p.add_argument("--only", action="append", default=[], help="run notebooks whose name starts with this (repeatable)")
+    p.add_argument("--output-dir", default=str(WORKBOOK_ROOT / "executed"))
+    p.add_argument("--cell-timeout", type=int, default=None, metavar="SECONDS",
+                   help=f"time limit per cell, 0 for none (default: {CELL_TIMEOUT_S} on tiny, none on other models)")
+    p.set_defaults(func=cmd_workbook)
+
+
 def cmd_checkpoint(args) -> int:
     print(checkpoint_dir(args.model, args.weights, args.seed))
     return 0
@@ -43,7 +72,7 @@ def cmd_checkpoint(args) -> int:
 # The subcommands, in workbook order: the stages (patch .. export), then inference (generate .. eval).
 REGISTER = (stages.register_patch, stages.register_calibrate, stages.register_quantize, stages.register_compile,
             stages.register_export, inference.register_generate, inference.register_chat, inference.register_serve,
-            inference.register_bench, inference.register_eval)
+            inference.register_bench, inference.register_eval, register_workbook)
 
 
 def build_parser() -> argparse.ArgumentParser:
