@@ -5,7 +5,7 @@ ONNX graphs in onnxruntime, and llama.cpp on GGUFs of the same checkpoint.
     python benchmarks/decode_prefill.py --model tiny --prompt 128 --decode 32   # a quick look
 
 Prefill: tokens/s over one ``--prompt``-token prompt (batch 1), logits of the last position only
-(``logits_to_keep=1`` for transformers, ``graph.last_position_logits`` for the graphs). Decode: tokens/s over
+(``logits_to_keep=1`` for transformers, ``graph.insert_slice`` for the graphs). Decode: tokens/s over
 ``--decode`` greedy steps after a ``--context``-token prompt (16: short; 512 shows what copying the KV cache each
 step would cost), for each batch size, timed step by step with the KV cache (the prompt's prefill not counted).
 
@@ -181,7 +181,7 @@ def measure_llamacpp(tool: Path, gguf: Path, args) -> dict:
 def compile_graphs(args, workdir: Path) -> dict[str, Path]:
     # Random weights make quality bounds meaningless (near-flat logits); the graphs' parity is still
     # measured and kept in their manifests. Last-position logits: the prefill a generator runs.
-    overrides = {"graph.last_position_logits": True, "verify.blocks": 2, "verify.max_kld_mean": None,
+    overrides = {"graph.insert_slice": True, "verify.blocks": 2, "verify.max_kld_mean": None,
                  "verify.min_top1_agreement": None, "verify.max_ppl_ratio": None}
     configs = Path(__file__).resolve().parent.parent / "configs"
     variants = {  # label -> (shipped config, extra keys)

@@ -210,7 +210,7 @@ def graph_overrides(config: dict, lengths, decode: int) -> dict:
     power of two past the run when that is larger: ``tiny`` was built for 4,096), loose bounds (random weights)."""
     need = max(lengths) + decode + 8
     positions = max(int(config["max_position_embeddings"]), 1 << (need - 1).bit_length())
-    return {"graph.last_position_logits": True, "graph.max_sequence_length": positions, "verify.blocks": 2,
+    return {"graph.insert_slice": True, "graph.max_sequence_length": positions, "verify.blocks": 2,
             "verify.max_kld_mean": None, "verify.min_top1_agreement": None, "verify.max_ppl_ratio": None}
 
 

@@ -2,7 +2,7 @@
 
     path = compile_model("configs/qwen2_int8.yaml", model="tiny", workdir="runs/tiny")
     path = ensure_compiled("tiny", "auto", "runs/tiny", config="qwen2_int8")   # reuse or build
-    qwen2lib compile configs/qwen2_int8.yaml --model tiny [--set graph.last_position_logits=true]
+    qwen2lib compile configs/qwen2_int8.yaml --model tiny [--set graph.insert_slice=true]
 
 Phases (each printed with its time): config -> source weights -> int8 weights (notebook 03's or
 quantized here) -> fp16 range probe -> graph build -> save + onnx.checker -> verification against
@@ -283,7 +283,7 @@ def per_block_projections(cfg: CompileConfig, int8_folder: Path | None) -> tuple
 def _plan(cfg: CompileConfig, args: Qwen2Args, keep_fp32=frozenset(), hf_config: dict | None = None,
           per_block: list[str] = ()) -> GraphPlan:
     """The graph plan: the YAML's choices, with what the package's config.json decides (insert_slice ->
-    last-position logits, unless graph.last_position_logits says otherwise) and the resolved per-block list."""
+    last-position logits, unless graph.insert_slice says otherwise) and the resolved per-block list."""
     per_block = tuple(per_block) if cfg.quantization.activations == "int8_per_tensor" else ()
     return cfg.graph_plan(max_position_embeddings=args.max_position_embeddings,
                           insert_slice=bool((hf_config or {}).get("insert_slice", False)),
@@ -401,7 +401,7 @@ def _compile_into(tmp: Path, cfg: CompileConfig, folder: Path, int8_folder: Path
     if traced(cfg, folder):
         with phases("graph build", "torch.onnx.export of the deploy package's model (standard ops, fp32)"):
             reference_model = match_plan(load_reference(folder), plan)
-            reference_model.config.insert_slice = plan.last_position_logits  # the graph computes what the plan says
+            reference_model.config.insert_slice = plan.insert_slice  # the graph computes what the plan says
             files = export_package_graph(reference_model, tmp, opset=cfg.graph.opset, external=external,
                                          max_positions=plan.max_sequence_length)
             reference_model.config.insert_slice = False  # as a reference it scores every position
@@ -438,7 +438,7 @@ def _compile_into(tmp: Path, cfg: CompileConfig, folder: Path, int8_folder: Path
     return {"name": cfg.name, "model": model, "weights": weights, "seed": seed, "precision": cfg.precision,
             "operator_set": plan.operator_set, "source": str(folder), "int8_package": str(int8_folder or ""),
             "graph_bytes": sum(f["bytes"] for n, f in manifest["files"].items() if n.startswith("model.onnx")),
-            "last_position_logits": plan.last_position_logits,
+            "insert_slice": plan.insert_slice,
             "per_block_projections": {"projections": list(plan.per_block_projections), "why": per_block_reason},
             "parity": parity, "fidelity": fid, "kept_in_fp32": sorted(keep)}
 
@@ -480,7 +480,7 @@ def _manifest(tmp, cfg, plan, source, files, histogram, precision, probe, parity
                   "opset_imports": {(o.domain or "ai.onnx"): o.version for o in _opsets(tmp)},
                   "nodes": sum(histogram.values())},
         "operator_set": plan.operator_set, "max_sequence_length": plan.max_sequence_length,
-        "last_position_logits": plan.last_position_logits, "dual_chunk_attention": _dual_chunk_record(plan),
+        "insert_slice": plan.insert_slice, "dual_chunk_attention": _dual_chunk_record(plan),
         "rope_scaling": args.rope_scaling,
         "kv_cache": {"layout": "BNSH", "shape": ["batch", args.num_key_value_heads, "sequence", args.head_dim],
                      "dtype": plan.kv_dtype, "num_layers": args.num_hidden_layers},
@@ -512,7 +512,7 @@ def _limits(plan: GraphPlan) -> list[str]:
     if plan.operator_set == "contrib":
         out.append("GroupQueryAttention: continuing a prompt (T > 1) over a non-empty past needs batch 1 "
                    "(OnnxCausalLM.run splits such calls by row)")
-    if plan.last_position_logits:
+    if plan.insert_slice:
         out.append("logits are for the last position only (B, 1, V)")
     if plan.dual_chunk:
         out.append(f"Dual Chunk Attention (chunk_size {plan.dual_chunk[0]}, local_size {plan.dual_chunk[1]}): keys "

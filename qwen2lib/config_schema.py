@@ -128,9 +128,9 @@ class GraphConfig:
                                        "model's max_position_embeddings")
     dynamic_axes: DynamicAxesConfig = section(DynamicAxesConfig)
     kv_cache_layout: str = setting("BNSH", "(B, n_kv, T, hd), the layout GroupQueryAttention uses", ("BNSH",))
-    last_position_logits: bool | None = setting(None, "logits of the last position only (insert_slice): faster "
-                                                "prefill, but no perplexity/scoring over every position; null: as the "
-                                                "package's config.json says (insert_slice)")
+    insert_slice: bool | None = setting(None, "logits of the last position only: faster prefill, but no "
+                                        "perplexity/scoring over every position; null: as the package's config.json "
+                                        "says (insert_slice)")
     dual_chunk_attention: bool | None = setting(None, "Dual Chunk Attention in the graph: null: as the package's "
                                                 "config.json says (dual_chunk_attention_config) | false: plain "
                                                 "attention (contexts up to what the model was trained on) | true: "
@@ -246,7 +246,7 @@ class CompileConfig:
         """The GraphPlan this config asks for, given what the package decides (defaults: nothing yet; ``auto``
         projections then stand for all of them). A rule the plan refuses is a ConfigError at its YAML key."""
         g, q = self.graph, self.quantization
-        last = insert_slice if g.last_position_logits is None else g.last_position_logits
+        last = insert_slice if g.insert_slice is None else g.insert_slice
         if per_block is None:
             per_block = PROJECTIONS if q.per_block_projections == "auto" else q.per_block_projections
         try:
@@ -256,7 +256,7 @@ class CompileConfig:
                 block_size=q.block_size, granularity=q.granularity, activations=q.activations,
                 per_block_projections=tuple(per_block), dual_chunk=dual_chunk,
                 max_sequence_length=g.max_sequence_length or max_position_embeddings or MAX_SEQUENCE_LENGTH,
-                **g.dynamic_axes.plan_axes(), last_position_logits=bool(last), keep_fp32=keep_fp32)
+                **g.dynamic_axes.plan_axes(), insert_slice=bool(last), keep_fp32=keep_fp32)
         except PlanError as exc:
             raise ConfigError(exc.message, PLAN_KEYS.get(exc.field)) from None
 

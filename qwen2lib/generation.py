@@ -142,7 +142,7 @@ class TorchBackend:
         if self.scratch:
             cache = self.model.new_cache()
             mask = None if bool(attention_mask.all()) else attention_mask
-            logits = self.model(ids, cache, attention_mask=mask, last_only=True)
+            logits = self.model(ids, cache, attention_mask=mask, insert_slice=True)
             return logits[:, -1].float(), (cache, attention_mask)
         kwargs = {"logits_to_keep": 1} if self._keep_last else {}
         out = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask),

@@ -225,14 +225,14 @@ class Qwen2(nn.Module):
         input_ids: torch.Tensor,
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
-        last_only: bool = False,
+        insert_slice: bool = False,
     ) -> torch.Tensor:
         """input_ids (B, T); attention_mask (B, T_past + T) of 1/0 for left-padded batches.
 
-        ``last_only`` computes the LM head for the last position only (prefill for generation).
+        ``insert_slice`` computes the LM head for the last position only (prefill for generation).
         """
         x = self.hidden_states(input_ids, cache, attention_mask)
-        if last_only:
+        if insert_slice:
             x = x[:, -1:]
         return self.lm_head(x)  # (B, T, V)
 
@@ -280,7 +280,7 @@ class Qwen2(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:
         """Greedy decoding with the KV cache: prefill once, then one token per step. (B, T + new)"""
         cache = self.new_cache()
-        logits = self(input_ids, cache, last_only=True)
+        logits = self(input_ids, cache, insert_slice=True)
         out = [input_ids]
         for _ in range(max_new_tokens):
             next_id = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)

@@ -81,7 +81,7 @@ def _ensure_graph(model, weights, workdir, seed, precision, config: str | None =
     config = config or f"qwen2_{precision}"
     # Generation reads the last position's logits only: such a graph skips (T - 1) x hidden x vocab of head work
     # per prefill. It is compiled beside the full-logits graph (perplexity and scoring need every position).
-    overrides = {"graph.last_position_logits": True, "name": f"{config}_last"} if last_position_only else {}
+    overrides = {"graph.insert_slice": True, "name": f"{config}_last"} if last_position_only else {}
     if long_context_graph:  # as many positions as the long-context config.json allows
         overrides["graph.max_sequence_length"] = 0
     return Path(ensure_compiled(model, weights, workdir, config=config, seed=seed, overrides=overrides or None))

@@ -77,12 +77,12 @@ def test_unknown_key_is_named_with_its_line(tmp_path):
         precision: int8
         graph:
           opset: 21
-          last_positon_logits: true
+          insert_slcie: true
         """)
     with pytest.raises(ConfigError) as exc:
         load_config(path)
-    assert exc.value.key == "graph.last_positon_logits" and exc.value.line == 4
-    assert f"{path.resolve()}:4:" in str(exc.value) and "last_position_logits" in str(exc.value)  # the suggestion
+    assert exc.value.key == "graph.insert_slcie" and exc.value.line == 4
+    assert f"{path.resolve()}:4:" in str(exc.value) and "insert_slice" in str(exc.value)  # the suggestion
 
 
 def test_wrong_type_is_named_with_its_line(tmp_path):
@@ -140,8 +140,8 @@ def test_rules_between_keys_point_at_the_offending_line(tmp_path):
 
 
 def test_base_inheritance_and_overrides():
-    cfg = load_config(config_path("qwen2_int8"), {"graph.last_position_logits": True})
-    assert cfg.graph.operator_set == "contrib" and cfg.graph.last_position_logits is True
+    cfg = load_config(config_path("qwen2_int8"), {"graph.insert_slice": True})
+    assert cfg.graph.operator_set == "contrib" and cfg.graph.insert_slice is True
     assert cfg.verify.prompt_tokens == load_config(config_path("qwen2_fp32")).verify.prompt_tokens
     keys = {row["key"] for row in describe_schema()}
     assert {"graph.dynamic_axes.batch", "quantization.granularity", "fp16.on_overflow"} <= keys
@@ -299,9 +299,9 @@ def test_positions_past_the_graph_limit_are_refused(make_checkpoint, tmp_path):
         lm.decode([[1]], state)
 
 
-def test_last_position_logits_and_fixed_axes(make_checkpoint, tmp_path):
+def test_insert_slice_and_fixed_axes(make_checkpoint, tmp_path):
     folder = make_checkpoint()
-    lm, built = graph_for(folder, tmp_path, last_position_logits=True, batch=1)
+    lm, built = graph_for(folder, tmp_path, insert_slice=True, batch=1)
     prompt = np.arange(3, 13)[None]
     logits, _ = lm.prefill(prompt)
     assert logits.shape == (1, 1, 320)
@@ -382,11 +382,11 @@ def test_cli_compiles_and_reports_bad_configs_in_one_line(make_checkpoint, tmp_p
 
     folder = make_checkpoint()
     rc = main(["compile", "qwen2_fp32_standard", "--model", str(folder), "--workdir", str(tmp_path / "wd"),
-               "--set", "graph.last_position_logits=true"])
+               "--set", "graph.insert_slice=true"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "(7/8) verify vs torch" in out and '"max_abs_dlogits"' in out
-    assert read_manifest(tmp_path / "wd" / "compiled" / "qwen2_fp32_standard")["last_position_logits"] is True
+    assert read_manifest(tmp_path / "wd" / "compiled" / "qwen2_fp32_standard")["insert_slice"] is True
     bad = small_config(tmp_path, "precision: fp32\nruntime:\n  threads: two\n")
     assert main(["compile", str(bad), "--model", str(folder), "--workdir", str(tmp_path / "wd")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

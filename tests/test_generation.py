@@ -254,7 +254,7 @@ def test_a_last_position_graph_generates_what_the_full_logits_graph_does(tmp_pat
 
     full = stage_backend("fp32 graph", "tiny-random", workdir=tmp_path / "run")
     last = stage_backend("fp32 graph", "tiny-random", workdir=tmp_path / "run", last_position_only=True)
-    assert last.runtime.last_position_logits and not full.runtime.last_position_logits
+    assert last.runtime.insert_slice and not full.runtime.insert_slice
     tokenizer = load_tokenizer("tiny-random")
     params = SamplingParams(max_new_tokens=8)
     assert (generate(last, tokenizer, "def read(self, path):\n", params).token_ids

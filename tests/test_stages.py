@@ -136,7 +136,7 @@ def test_a_package_built_with_insert_slice_compiles_to_last_position_logits(make
     folder, wd = str(make_checkpoint()), tmp_path / "run"
     ensure_patched(folder, "auto", wd, insert_slice=True)
     graph = ensure_compiled(folder, "auto", wd, config="qwen2_fp32", verbose=False)
-    assert read_manifest(graph)["last_position_logits"] is True
+    assert read_manifest(graph)["insert_slice"] is True
     ids = np.random.default_rng(0).integers(2, 320, (2, 7))
     logits, _ = OnnxCausalLM.load(graph).prefill(ids)
     assert logits.shape == (2, 1, 320)
@@ -205,7 +205,7 @@ def test_an_insert_slice_package_quantizes_and_compiles_to_a_last_position_int8_
     ensure_patched(MODEL, "auto", wd, insert_slice=True)
     graph = ensure_compiled(MODEL, "auto", wd, config="qwen2_int8", verbose=False,
                             overrides={"verify.blocks": 1, "verify.block_tokens": 16})
-    assert read_manifest(graph)["last_position_logits"] is True
+    assert read_manifest(graph)["insert_slice"] is True
     package = json.loads((wd / "quantized" / "w8a16" / "config.json").read_text())
     assert package["insert_slice"] is True  # the quantized package keeps the deploy package's setting
     assert read_metrics(wd / "quantized" / "w8a16")["fidelity"]["tokens"] > 1  # scored on every position

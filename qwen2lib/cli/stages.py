@@ -131,7 +131,7 @@ def _parse_set(items: list[str]) -> dict:
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: use KEY=VALUE, e.g. graph.last_position_logits=true")
+            raise ConfigError(f"--set {item!r}: use KEY=VALUE, e.g. graph.insert_slice=true")
         key, value = item.split("=", 1)
         out[key.strip()] = yaml.safe_load(value)
     return out
@@ -155,7 +155,7 @@ def register_compile(sub) -> None:
     add_model_args(p)
     p.set_defaults(model=None, weights=None, func=cmd_compile)  # None: the YAML's source decides
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set graph.last_position_logits=true (repeatable)")
+                   help="override a config key, e.g. --set graph.insert_slice=true (repeatable)")
 
 # ---- export --------------------------------------------------------------------------------------
 

@@ -218,7 +218,7 @@ def _io(args: Qwen2Args, plan: GraphPlan) -> tuple[list, list]:
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [B, total]),
               helper.make_tensor_value_info("position_ids", TensorProto.INT64, [B, T])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
-                                             [B, 1 if plan.last_position_logits else T, args.vocab_size])]
+                                             [B, 1 if plan.insert_slice else T, args.vocab_size])]
     for i in range(args.num_hidden_layers):
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", kv, [B, n_kv, P, hd]))
@@ -320,8 +320,8 @@ def _mlp(g: Nodes, src: _Source, args: Qwen2Args, plan: GraphPlan, i: int, norme
 
 
 def _head(g: Nodes, src: _Source, args: Qwen2Args, plan: GraphPlan, hidden: str, embed: str | None) -> None:
-    """logits = hidden @ W_head^T, for the last position only when ``plan.last_position_logits``."""
-    if plan.last_position_logits:
+    """logits = hidden @ W_head^T, for the last position only when ``plan.insert_slice``."""
+    if plan.insert_slice:
         hidden = g.op("Slice", [hidden, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1])],
                       "/model/last_position/Slice")  # (B, 1, D)
     lm_dt = plan.layer_dtype("lm_head")

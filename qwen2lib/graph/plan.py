@@ -71,7 +71,7 @@ class GraphPlan:
     batch: str | int = "batch"
     sequence: str | int = "sequence"
     past_sequence: str | int = "past_sequence"
-    last_position_logits: bool = False  # insert_slice: logits of the last position only
+    insert_slice: bool = False  # logits of the last position only (the package's insert_slice)
     keep_fp32: frozenset = frozenset()  # fp16 graphs: "residual", "lm_head", "layers.{i}.attention|mlp"
     dual_chunk: tuple[int, int] | None = None  # (chunk_size, local_size): Dual Chunk Attention (graph/dual_chunk.py)
     precision: str | None = None  # the config's fp32 | fp16 | int8 | int4, named in messages (None: int8 when quantized)

@@ -11,7 +11,7 @@ dtype (``state.past``: the filled (B, n_kv, P, hd) part), plus the attention mas
 graphs decode into those buffers in place. ``run()`` is the raw call with the conventional names, for
 callers that keep their own cache. Positions come from the mask (count of real tokens before each
 token), so left-padded batches need no position bookkeeping. Attributes worth knowing:
-``max_positions`` (the graph's rotary table size), ``last_position_logits``, ``kv_dtype``, ``manifest``.
+``max_positions`` (the graph's rotary table size), ``insert_slice``, ``kv_dtype``, ``manifest``.
 """
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ class OnnxCausalLM:
         self.kv_dtype = _NP[first.type]
         logits_shape = session.get_outputs()[0].shape
         self.vocab_size = int(logits_shape[-1])
-        self.last_position_logits = logits_shape[1] == 1
+        self.insert_slice = logits_shape[1] == 1
         self.max_positions = int(self.manifest.get("max_sequence_length", 1 << 62))
         self.operator_set = self.manifest.get("operator_set", "standard")
         # GroupQueryAttention graphs share past/present buffers; a Dual Chunk Attention graph concatenates
@@ -227,7 +227,7 @@ class OnnxCausalLM:
             end = min(start + chunk, ids.shape[1])
             logits, present = self.run(ids[:, start:end], mask[:, :end], past=present)
             pieces.append(logits)
-        return (logits if self.last_position_logits else np.concatenate(pieces, axis=1)), KVState(present, mask)
+        return (logits if self.insert_slice else np.concatenate(pieces, axis=1)), KVState(present, mask)
 
     def decode(self, next_ids, state: KVState, in_place: bool = True) -> tuple[np.ndarray, KVState]:
         """One token per row. Contrib graphs write the cache into ``state``'s buffers (``in_place``); otherwise
@@ -266,7 +266,7 @@ class OnnxCausalLM:
         A last-position graph is walked one token at a time through its cache instead.
         """
         ids = np.asarray(input_ids.cpu() if hasattr(input_ids, "cpu") else input_ids, np.int64)
-        if not self.last_position_logits:
+        if not self.insert_slice:
             logits, _ = self.run(ids)
         else:
             steps, state = [], None
