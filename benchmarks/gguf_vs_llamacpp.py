@@ -3,6 +3,7 @@
 
     PYTHONPATH=/path/to/llamacpp-site python benchmarks/gguf_vs_llamacpp.py --model tiny
     python benchmarks/gguf_vs_llamacpp.py --model tiny --types q8_0 q4_0 f16 --blocks 8 --block-len 128
+    python benchmarks/gguf_vs_llamacpp.py --types q4_0 --schemes w4a16 awq --group-sizes 32 64 128 --blocks 48 --block-len 256
 
 llama-cpp-python is not a dependency of the workbook (building it compiles llama.cpp for minutes):
 ``pip install --target DIR llama-cpp-python`` once and put DIR on PYTHONPATH for this script.
@@ -11,12 +12,17 @@ Rows, each on the same held-out blocks (``qwen2lib.fidelity.heldout_blocks``), c
 ``fidelity_report`` (KLD, top-1 agreement, PPL ratio):
 
     int8 <scheme> (qwen2lib)        notebook 03's packages in torch
+    int4 <scheme> g<N> (qwen2lib)   its int4 packages (``--group-sizes``: inputs per scale and zero point)
     gguf <type> (llama.cpp)         the exported file run by llama.cpp (its own kernels: for q8_0/q4_0 it also
                                     quantizes the activations to 8 bits inside each matmul)
     gguf <type> (dequantized)       the same file's weights dequantized into transformers: the format's own error,
                                     so the gap to the llama.cpp row is llama.cpp's arithmetic
 
-plus whether llama.cpp's tokenizer gives qwen2lib's ids on the held-out text and a chat prompt, and the time each
+Each row's ``bits_per_weight`` is what the decoder layers' matrices take (weights, scales and zero points; biases
+and norms aside): Q4_0's 32-weight blocks with an fp16 scale are 4.5 bits, our int4 with groups of N inputs is
+4 + 40 / N (an fp32 scale and a uint8 zero point per group), so compare int4 rows at similar bits.
+
+Plus whether llama.cpp's tokenizer gives qwen2lib's ids on the held-out text and a chat prompt, and the time each
 takes per block (full-sequence logits, one thread count for all; compare within one run only).
 """
 from __future__ import annotations
@@ -26,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 
@@ -36,6 +43,8 @@ from qwen2lib.export import CHAT_SAMPLE, ensure_exported, gguf_file  # noqa: E40
 from qwen2lib.export_gguf import load_gguf_model  # noqa: E402
 from qwen2lib.fidelity import fidelity_report, heldout_blocks  # noqa: E402
 from qwen2lib.deploy import ensure_patched, load_deploy_package  # noqa: E402
+from qwen2lib.deploy.quantizer import is_int4_linear, is_int8_linear  # noqa: E402
+from qwen2lib.deploy.schemes import INT4_SCHEMES  # noqa: E402
 from qwen2lib.quantization import ensure_quantized, load_quantized, logits_fn  # noqa: E402
 from qwen2lib.tokenizer import load_tokenizer  # noqa: E402
 
@@ -51,6 +60,25 @@ def timed(fn):
 
     run.seconds = 0.0
     return run
+
+
+def layer_bits_per_weight(model) -> float:
+    """Bits per weight of the decoder layers' matrices: weights, scales and zero points over in x out."""
+    bits = weights = 0
+    for name, module in model.named_modules():
+        if name.startswith("model.layers.") and (isinstance(module, torch.nn.Linear) or is_int8_linear(module)
+                                                 or is_int4_linear(module)):
+            tensors = [t for n, t in list(module.named_parameters()) + list(module.named_buffers()) if n != "bias"]
+            bits += 8 * sum(t.numel() * t.element_size() for t in tensors)
+            weights += module.in_features * module.out_features
+    return bits / weights
+
+
+def gguf_bits_per_weight(path: Path) -> float:
+    """The same for a GGUF file: its blk.* matrices' bytes over their elements."""
+    reader = gguf.GGUFReader(str(path))
+    matrices = [t for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+    return 8 * sum(int(t.n_bytes) for t in matrices) / sum(int(t.n_elements) for t in matrices)
 
 
 def llama_cpp_logits(llm):
@@ -80,6 +108,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--types", nargs="+", default=["q8_0", "q4_0"])
     parser.add_argument("--schemes", nargs="+", default=["w8a16", "smoothquant"])
+    parser.add_argument("--group-sizes", nargs="+", type=int, default=[128], help="int4 schemes: one row per size")
     parser.add_argument("--blocks", type=int, default=8)
     parser.add_argument("--block-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
@@ -99,14 +128,18 @@ def main() -> None:
     reference = logits_fn(load_deploy_package(package, torch.float32))
     rows, notes = {}, []
 
-    def add(label, fn):
+    def add(label, fn, bits):
         fn = timed(fn)
-        rows[label] = dict(fidelity_report(reference, fn, blocks, batch_size=1),
+        rows[label] = dict(fidelity_report(reference, fn, blocks, batch_size=1), bits_per_weight=bits,
                            ms_per_block=1e3 * fn.seconds / len(blocks))
 
     for scheme in args.schemes:
-        add(f"int8 {scheme} (qwen2lib)", logits_fn(load_quantized(ensure_quantized(args.model, args.weights, workdir,
-                                                                                   scheme=scheme))))
+        for group_size in args.group_sizes if scheme in INT4_SCHEMES else [None]:
+            model = load_quantized(ensure_quantized(args.model, args.weights, workdir, scheme=scheme,
+                                                    group_size=group_size))
+            label = f"int4 {scheme} g{group_size}" if group_size else f"int8 {scheme}"
+            add(f"{label} (qwen2lib)", logits_fn(model), layer_bits_per_weight(model))
+            del model
     texts = [tokenizer.decode(b.tolist()) for b in blocks]
     texts.append(tokenizer.apply_chat_template(CHAT_SAMPLE, tokenize=False, add_generation_prompt=True))
     for gguf_type in args.types:
@@ -114,10 +147,12 @@ def main() -> None:
         llm = Llama(model_path=str(path), n_ctx=args.block_len + 8, n_batch=args.block_len + 8, logits_all=True,
                     n_threads=args.threads, verbose=False)
         notes.append(f"{gguf_type}: {tokenizer_check(llm, tokenizer, texts)}")
-        add(f"gguf {gguf_type} (llama.cpp)", llama_cpp_logits(llm))
-        add(f"gguf {gguf_type} (dequantized)", logits_fn(load_gguf_model(path)))
+        bits = gguf_bits_per_weight(path)
+        add(f"gguf {gguf_type} (llama.cpp)", llama_cpp_logits(llm), bits)
+        add(f"gguf {gguf_type} (dequantized)", logits_fn(load_gguf_model(path)), bits)
         llm.close()
-    columns = ["kld_mean", "kld_p99", "top1_agreement", "ppl_ratio", "max_abs_dlogits", "ms_per_block"]
+    columns = ["bits_per_weight", "kld_mean", "kld_p99", "top1_agreement", "ppl_ratio", "max_abs_dlogits",
+               "ms_per_block"]
     table = pd.DataFrame.from_dict(rows, orient="index")[columns]
     print(f"{args.model}: {args.blocks} held-out blocks x {args.block_len} tokens vs the fp32 deploy package, "
           f"{args.threads} threads")

@@ -116,34 +116,28 @@ def _left_pad(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
 
 
 class TorchBackend:
-    """Any ``transformers``-style causal LM (reference, deploy package, quantized) or ``qwen2lib.model.Qwen2``.
+    """Any ``transformers``-style causal LM: the reference, a deploy package, a quantized package.
 
-    The transformers path hands the model its own cache object back each step and passes explicit
-    position ids, so left-padded rows get the positions they would have alone.
+    It hands the model its own cache object back each step and passes explicit position ids, so left-padded rows
+    get the positions they would have alone.
     """
 
     name = "torch"
 
     def __init__(self, model, max_positions: int | None = None):
+        if isinstance(model, Qwen2):
+            raise Qwen2LibError("qwen2lib.model.Qwen2 runs through ScratchBackend (or torch_backend(model))")
         self.model = model.eval()
-        self.scratch = isinstance(model, Qwen2)
-        config = model.args if self.scratch else model.config
-        self.max_positions = int(max_positions or config.max_position_embeddings)
-        if not self.scratch:
-            params = inspect.signature(model.forward).parameters
-            self._cache_kw = "cache" if "cache" in params else "past_key_values"
-            self._keep_last = "logits_to_keep" in params
+        self.config = model.config
+        self.max_positions = int(max_positions or self.config.max_position_embeddings)
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._keep_last = "logits_to_keep" in params
         self.device = next(model.parameters()).device
-        self.config = config
 
     @torch.no_grad()
     def prefill(self, ids, attention_mask):
         ids, attention_mask = ids.to(self.device), attention_mask.to(self.device)
-        if self.scratch:
-            cache = self.model.new_cache()
-            mask = None if bool(attention_mask.all()) else attention_mask
-            logits = self.model(ids, cache, attention_mask=mask, insert_slice=True)
-            return logits[:, -1].float(), (cache, attention_mask)
         kwargs = {"logits_to_keep": 1} if self._keep_last else {}
         out = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask),
                          use_cache=True, **kwargs)
@@ -154,9 +148,6 @@ class TorchBackend:
         cache, attention_mask = state
         next_ids = next_ids.to(self.device)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
-        if self.scratch:
-            mask = None if bool(attention_mask.all()) else attention_mask
-            return self.model(next_ids, cache, attention_mask=mask)[:, -1].float(), (cache, attention_mask)
         position_ids = attention_mask.long().sum(-1, keepdim=True) - 1  # (B, 1)
         out = self.model(input_ids=next_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=True, **{self._cache_kw: cache})
@@ -181,7 +172,7 @@ class TorchBackend:
         return DynamicCache(layers), mask[:, first:]
 
     def _layers(self, cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if self.scratch or not hasattr(cache, "layers"):
+        if not hasattr(cache, "layers"):
             raise Qwen2LibError(f"{type(self.model).__name__}'s cache cannot be split into rows: serve a transformers "
                                 "model (load_backend/stage_backend) or a compiled graph")
         return [(layer.keys, layer.values) for layer in cache.layers]
@@ -200,10 +191,46 @@ class TorchBackend:
     @torch.no_grad()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Full-sequence logits (B, T, V) in fp32: the ``ids -> logits`` callable of evaluation and fidelity."""
-        ids = ids.to(self.device)
-        if self.scratch:
-            return self.model(ids).float()
-        return self.model(input_ids=ids, use_cache=False).logits.float()
+        return self.model(input_ids=ids.to(self.device), use_cache=False).logits.float()
+
+
+class ScratchBackend:
+    """``qwen2lib.model.Qwen2``, notebook 00's model, with its own ``KVCache`` (rows cannot be spliced: no serving)."""
+
+    name = "torch"
+
+    def __init__(self, model: Qwen2, max_positions: int | None = None):
+        self.model = model.eval()
+        self.config = model.args
+        self.max_positions = int(max_positions or self.config.max_position_embeddings)
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def prefill(self, ids, attention_mask):
+        ids, attention_mask = ids.to(self.device), attention_mask.to(self.device)
+        cache = self.model.new_cache()
+        mask = None if bool(attention_mask.all()) else attention_mask
+        logits = self.model(ids, cache, attention_mask=mask, insert_slice=True)  # (B, 1, V)
+        return logits[:, -1].float(), (cache, attention_mask)
+
+    @torch.no_grad()
+    def decode(self, next_ids, state):
+        cache, attention_mask = state
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+        mask = None if bool(attention_mask.all()) else attention_mask
+        return self.model(next_ids.to(self.device), cache, attention_mask=mask)[:, -1].float(), (cache, attention_mask)
+
+    def close(self) -> None:
+        self.model = None
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids.to(self.device)).float()
+
+
+def torch_backend(model, max_positions: int | None = None) -> TorchBackend | ScratchBackend:
+    """The backend for a torch model: ``ScratchBackend`` for ``qwen2lib.model.Qwen2``, else ``TorchBackend``."""
+    return (ScratchBackend if isinstance(model, Qwen2) else TorchBackend)(model, max_positions)
 
 
 # ---- ONNX backend -----------------------------------------------------------------------------

@@ -6,13 +6,15 @@ import torch
 from transformers import Qwen2ForCausalLM
 
 from conftest import tiny_hf_config
-from qwen2lib.errors import PromptTooLongError
+from qwen2lib.errors import PromptTooLongError, Qwen2LibError
 from qwen2lib.generation import (
     SamplingParams,
     TextStream,
+    ScratchBackend,
     TorchBackend,
     generate,
     process_logits,
+    torch_backend,
     stop_token_ids,
     stream,
 )
@@ -59,7 +61,7 @@ def test_greedy_equals_transformers_generate_for_32_tokens(hf_model):
     ids = torch.tensor([PROMPT])
     expected = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
                                  eos_token_id=None, pad_token_id=0)[0, len(PROMPT):].tolist()
-    for backend in (TorchBackend(hf_model), TorchBackend(Qwen2.from_hf(hf_model))):
+    for backend in (TorchBackend(hf_model), ScratchBackend(Qwen2.from_hf(hf_model))):
         out = generate(backend, None, PROMPT, SamplingParams(max_new_tokens=32), stop_ids=set())
         assert out.token_ids == expected, type(backend.model).__name__
         assert len(out.token_ids) == 32 and out.finish_reason == "length"
@@ -132,9 +134,15 @@ def test_logit_processing_matches_transformers_processors():
     assert bool(kept.sum(-1).lt(20).all()), "top-p should have cut below top-k here"
 
 
+def test_torch_backend_picks_the_class_for_the_model_and_torchbackend_refuses_the_scratch_model(hf_model):
+    scratch = Qwen2.from_hf(hf_model)
+    assert type(torch_backend(hf_model)) is TorchBackend and type(torch_backend(scratch)) is ScratchBackend
+    with pytest.raises(Qwen2LibError, match="ScratchBackend"):
+        TorchBackend(scratch)
+
 def test_left_padded_batch_equals_single_prompts(hf_model):
     prompts = [PROMPT, [9, 8, 7], [100, 200, 300, 44, 55]]
-    for backend in (TorchBackend(hf_model), TorchBackend(Qwen2.from_hf(hf_model))):
+    for backend in (TorchBackend(hf_model), ScratchBackend(Qwen2.from_hf(hf_model))):
         singles = [generate(backend, None, p, SamplingParams(max_new_tokens=16), stop_ids=set()).token_ids
                    for p in prompts]
         batch = generate(backend, None, prompts, SamplingParams(max_new_tokens=16), stop_ids=set())
