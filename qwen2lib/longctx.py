@@ -190,7 +190,8 @@ def method_overrides(config: dict, train_length: int, max_length: int, chunk_siz
 
 
 def load_variants(folder, overrides: dict) -> dict:
-    """{method: qwen2lib.model.Qwen2} sharing one checkpoint's weights, each with its config.json overrides.
+    """{method: qwen2lib.model.Qwen2} sharing one checkpoint's weight tensors (one model's memory for all), each
+    with its config.json overrides.
 
     The teaching model, not the package: its DCA walks the queries a chunk at a time (memory O(L x chunk)),
     where the package's eager form holds three (L x L) score matrices per layer. Both read the same config and
@@ -200,9 +201,7 @@ def load_variants(folder, overrides: dict) -> dict:
     config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     variants = {}
     for method, extra in overrides.items():
-        model = Qwen2(Qwen2Args.from_config_dict(apply_overrides(config, extra))).eval()
-        model.load_state_dict(base.state_dict())
-        variants[method] = model
+        variants[method] = Qwen2.sharing_weights(base, Qwen2Args.from_config_dict(apply_overrides(config, extra)))
     return variants
 
 

@@ -196,13 +196,25 @@ class Qwen2(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        inv_freq, scale = rope.inv_freq_from_scaling(
-            args.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings
-        )
+        self.set_rope()
+
+    def set_rope(self) -> None:
+        """The rotary frequencies and attention scale of ``args``' rope scaling (default, linear, dynamic, YaRN)."""
+        a = self.args
+        inv_freq, scale = rope.inv_freq_from_scaling(a.head_dim, a.rope_theta, a.rope_scaling, a.max_position_embeddings)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.rope_scale = scale
         for block in self.model.layers:
             block.self_attn.rope_scale = scale
+
+    @classmethod
+    def sharing_weights(cls, base: "Qwen2", args: Qwen2Args) -> "Qwen2":
+        """A model of ``args`` (other rope scaling, DCA) on ``base``'s weight tensors themselves: no copy."""
+        with torch.device("meta"):  # the skeleton allocates nothing
+            model = cls(args)
+        model.load_state_dict(base.state_dict(), assign=True)
+        model.set_rope()  # computed on the meta device above
+        return model.eval()
 
     def new_cache(self) -> KVCache:
         return KVCache(self.args.num_hidden_layers)

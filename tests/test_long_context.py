@@ -193,3 +193,23 @@ def test_cli_refuses_settings_it_cannot_apply_in_one_line(capsys):
                  "--yarn", "4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--stage is built from the checkpoint's own config" in err[0]
+
+
+def test_context_variants_share_one_set_of_weights_and_score_like_separate_models(make_checkpoint):
+    from qwen2lib import longctx
+    from qwen2lib.model import Qwen2
+
+    folder = make_checkpoint()
+    config = json.loads((folder / "config.json").read_text())
+    overrides = longctx.method_overrides(config, 16, 64, 12, 4)
+    variants = longctx.load_variants(folder, overrides)
+    tensors = {t.data_ptr() for m in variants.values() for t in m.parameters()}  # storage, not Parameter objects
+    one = {t.data_ptr() for t in next(iter(variants.values())).parameters()}
+    assert len(variants) == 4 and tensors == one, "each variant copied the weights"
+    ids = torch.randint(0, 300, (48,), generator=torch.Generator().manual_seed(0))
+    base = Qwen2.from_checkpoint(folder).eval()
+    for method, extra in overrides.items():
+        alone = Qwen2(Qwen2Args.from_config_dict(longctx.apply_overrides(config, extra))).eval()
+        alone.load_state_dict(base.state_dict())
+        torch.testing.assert_close(longctx.token_nll(variants[method], ids), longctx.token_nll(alone, ids),
+                                   rtol=0, atol=0, msg=method)
