@@ -81,6 +81,10 @@ def attention_bias(
     return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)[:, None]
 
 
+# Queries scored at once: (B, H, QUERY_BLOCK, Tk) fp32 scores, not (B, H, Tq, Tk) (12 heads x 8k x 8k = 3.2 GB).
+QUERY_BLOCK = 1024
+
+
 def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd) + bias) v without materialising repeated KV heads.
 
@@ -88,6 +92,10 @@ def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
     contiguous group of query heads, the layout transformers' ``repeat_kv`` assumes.
     """
     B, H, Tq, hd = q.shape
+    if Tq > QUERY_BLOCK:  # a long prompt: scores for QUERY_BLOCK queries at a time (each row's softmax is its own)
+        return torch.cat([grouped_query_attention(q[:, :, i : i + QUERY_BLOCK], k, v,
+                                                  None if bias is None else bias[:, :, i : i + QUERY_BLOCK])
+                          for i in range(0, Tq, QUERY_BLOCK)], dim=2)
     n_kv, Tk = k.shape[1], k.shape[2]
     q = q.view(B, n_kv, H // n_kv, Tq, hd)  # (B, n_kv, groups, Tq, hd)
     scores = q @ k[:, :, None].transpose(-1, -2) / math.sqrt(hd)  # (B, n_kv, groups, Tq, Tk)

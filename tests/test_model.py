@@ -98,6 +98,19 @@ def test_gqa_equals_multi_head_with_repeated_kv():
     torch.testing.assert_close(grouped_query_attention(q, k, v, causal), expected, atol=1e-6, rtol=0)
 
 
+def test_long_prompts_are_scored_a_block_of_queries_at_a_time(monkeypatch):
+    from qwen2lib import model as model_module
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(2, 8, 10, 16, generator=g), torch.randn(2, 2, 10, 16, generator=g), torch.randn(2, 2, 10, 16, generator=g)
+    bias = torch.full((10, 10), float("-inf")).triu(1)[None, None].expand(2, 1, 10, 10)  # (B, 1, Tq, Tk)
+    whole = grouped_query_attention(q, k, v, bias)
+    monkeypatch.setattr(model_module, "QUERY_BLOCK", 3)  # 10 queries: blocks of 3, 3, 3, 1
+    torch.testing.assert_close(grouped_query_attention(q, k, v, bias), whole, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grouped_query_attention(q, k, v, None), model_module.grouped_query_attention(
+        q, k, v, torch.zeros(2, 1, 10, 10)), atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize(
     "params",
     [
