@@ -1,8 +1,9 @@
 """Stage 3 (notebook 03): the deploy package's own ``quantize()`` run with notebook 02's statistics, saved as a
 quantized package, and measured against the fp32 package (fidelity report, per-layer SQNR, sizes).
 
-The schemes (W8A16, SmoothQuant W8A8, int4 W4A16 round-to-nearest and AWQ) and the quantized package's format live in the package itself:
-``quantization_<target>.py``, a copy of ``qwen2lib/deploy/quantizer.py`` (read its docstring). This module is the
+The schemes (W8A16, SmoothQuant W8A8, int4 W4A16 round-to-nearest and AWQ) and the quantized package's format live in
+the package itself: ``schemes_<target>.py`` and ``quantization_<target>.py``, copies of ``qwen2lib/deploy/schemes.py``
+and ``qwen2lib/deploy/quantizer.py`` (read their docstrings). This module is the
 stage around them: which statistics to use, when to rebuild, the report, sizes and matmul timings, the CLI.
 ``load_quantized(pkg)`` is ``AutoModelForCausalLM.from_pretrained(pkg, trust_remote_code=True)`` after checking
 the package's code, with transformers' warning about the (to it) unknown ``quant_method`` silenced.

@@ -149,7 +149,7 @@ def test_the_deploy_package_records_the_hash_of_its_generated_files(package):
 
     recorded = json.loads((package / "metrics.json").read_text())["generated_code"]
     on_disk = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in package.glob("*.py")}
-    assert recorded == on_disk and len(on_disk) == 4  # modeling, configuration, quantizer, quantized-package writer
+    assert recorded == on_disk and len(on_disk) == 5  # modeling, configuration, quantizer, schemes, package writer
 
 
 def test_a_tampered_quantized_package_is_refused(package, tmp_path):
