@@ -48,11 +48,12 @@ BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 
 def parameter_counts(config: Qwen2Args | Mapping) -> dict[str, int]:
     """{"layer", "linear_per_layer", "embedding", "head", "total", "largest_tensor"}: parameter counts."""
-    s = shape_numbers(config)
+    args = as_args(config)
+    s = shape_numbers(args)
     H, I, V, L, q, kv = s["H"], s["I"], s["V"], s["L"], s["n_h"] * s["hd"], s["n_kv"] * s["hd"]
     linear = q * H + 2 * kv * H + H * q + 3 * H * I
     layer = linear + q + 2 * kv + 2 * H
-    head = 0 if as_args(config).tie_word_embeddings else V * H
+    head = 0 if args.tie_word_embeddings else V * H
     return {"layer": layer, "linear_per_layer": linear, "embedding": V * H, "head": head,
             "total": L * layer + V * H + head + H, "largest_tensor": max(V * H, I * H)}
 
