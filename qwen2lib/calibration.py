@@ -13,7 +13,8 @@ A forward pre-hook on each ``nn.Linear`` sees its input X (B, T, K) and keeps, p
                column k of the weight costs at the output (what AWQ's int4 search weighs errors by).
 
 Saved with the model id, data set label, sample count and seed as ``stats.safetensors`` (keys
-``<linear>.absmax``, ``<linear>.percentile`` and ``<linear>.meansq``, (K,) fp32) plus ``metrics.json`` (the summary).
+``<linear>.absmax``, ``<linear>.percentile`` and ``<linear>.meansq``, (K,) fp32, and ``calibration.input_ids``, the
+(N, L) token blocks themselves, which GPTQ runs through the model again) plus ``metrics.json`` (the summary).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from .artifacts import default_workdir, read_metrics, stage_dir, write_metrics
 from .data import DATASETS, CalibrationDataError, load_calibration_texts, sample_token_blocks
 from .errors import Qwen2LibError
 from .deploy import ensure_patched
-from .deploy.schemes import STATS_FILE, load_stats  # noqa: F401 (notebooks read statistics through this stage)
+from .deploy.schemes import CALIBRATION_IDS, STATS_FILE, load_stats  # noqa: F401 (notebooks read statistics through this stage)
 from .layerwise import LayerwiseModel
 from .registry import resolve
 from .stages import ensure_stage, recorded_request
@@ -158,7 +159,8 @@ def outlier_summary(stats: Mapping[str, torch.Tensor], top: int = 5) -> dict[str
 def save_stats(folder: str | os.PathLike, stats: Mapping[str, torch.Tensor], metrics: dict) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.float().contiguous().cpu() for k, v in stats.items()}, str(folder / STATS_FILE),
+    save_file({k: (v.float() if v.is_floating_point() else v).contiguous().cpu() for k, v in stats.items()},
+              str(folder / STATS_FILE),
               metadata={k: json.dumps(metrics.get(k)) for k in ("model", "dataset", "samples", "seq_len", "seed")})
     write_metrics(folder, metrics)
     return folder
@@ -224,7 +226,7 @@ def ensure_calibration(model: str = "tiny", weights: str = "auto", workdir: str 
             "percentile_estimator": "mean over batches of the per-batch nearest-rank percentile, token-weighted",
             "linears": len(linear_names(stats)), "outliers": outlier_summary(stats),
         }
-        save_stats(tmp, stats, metrics)
+        save_stats(tmp, {**stats, CALIBRATION_IDS: blocks}, metrics)  # the blocks: GPTQ runs them again
         return metrics
 
     return ensure_stage("calibration", out, request, {"patched": package}, build, force=force, verbose=verbose)

@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from .artifacts import check_component
+from .deploy.schemes import INT4_SCHEMES, INT8_SCHEMES, SCHEMES
 from .errors import Qwen2LibError
 from .graph.plan import (ACTIVATION_SCHEMES, GRANULARITIES, OPERATOR_SETS, PRECISION_DTYPE, PROJECTIONS,
                          QUANTIZABLE_GROUPS, QUANTIZED, GraphPlan, PlanError)
@@ -87,7 +88,7 @@ class QuantizationConfig:
                                        "mlp, lm_head")
     from_scheme: str = setting("w8a16", "which of notebook 03's quantized packages (<workdir>/quantized/<scheme>, "
                                "built if missing) the weights and scales come from: w8a16 | smoothquant (int8), w4a16 "
-                               "| awq (int4)", ("w8a16", "smoothquant", "w4a16", "awq"))
+                               "| awq | gptq (int4)", SCHEMES)
     package: str | None = setting(None, "a quantized package folder to take int8 weights and scales from", file=True)
 
     def __post_init__(self):
@@ -98,7 +99,7 @@ class QuantizationConfig:
 
     @property
     def int4_scheme(self) -> bool:
-        return self.from_scheme in ("w4a16", "awq")
+        return self.from_scheme in INT4_SCHEMES
 
 
 @dataclass(frozen=True)
@@ -216,7 +217,7 @@ class CompileConfig:
         if self.quantized and not q.package and q.int4_scheme != (self.precision == "int4"):
             raise ConfigError(f"{q.from_scheme} is {'an int4' if q.int4_scheme else 'an int8'} package: precision "
                               f"{self.precision} takes "
-                              f"{'w4a16 or awq' if self.precision == 'int4' else 'w8a16 or smoothquant'}",
+                              f"{' or '.join(INT4_SCHEMES if self.precision == 'int4' else INT8_SCHEMES)}",
                               "quantization.from_scheme")
         if self.traced and g.opset < 18:
             raise ConfigError(f"{g.opset}: the standard-ops graph of a deploy package is traced by torch.onnx.export, "

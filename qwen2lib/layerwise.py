@@ -21,6 +21,7 @@ import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .deploy.package import verify_package_code
+from .deploy.schemes import layer_inputs, run_decoder_layer
 from .footprint import release_free_memory
 from .tensorio import TensorReader
 
@@ -67,18 +68,13 @@ class LayerwiseModel:
 
     def _layer_inputs(self, hidden: torch.Tensor) -> dict:
         """What every layer takes besides the hidden states: the causal mask and the rotary cos/sin."""
-        base, T = self.skeleton.model, hidden.shape[1]
-        position_ids = torch.arange(T)[None]  # (1, T)
-        masks = {kind: base.causal_mask_for(kind, None, hidden, 0, None) for kind in dict.fromkeys(self.config.layer_types)}
-        return {"masks": masks, "position_ids": position_ids, "rope": self.rotary(hidden, position_ids)}
+        return layer_inputs(self.skeleton.model, self.config, self.rotary, hidden)
 
     @torch.no_grad()
     def run_layer(self, layer: nn.Module, i: int, hidden: torch.Tensor, extra: dict | None = None) -> torch.Tensor:
         """(B, T, D) -> (B, T, D): decoder layer ``i`` (``layer``: the skeleton's, loaded, or a copy) on hidden
         states that start at position 0."""
-        e = extra or self._layer_inputs(hidden)
-        return layer(hidden, attention_mask=e["masks"][self.config.layer_types[i]], position_embeddings=e["rope"],
-                     position_ids=e["position_ids"], use_cache=False)[0]
+        return run_decoder_layer(layer, self.config.layer_types[i], hidden, extra or self._layer_inputs(hidden))
 
     @torch.no_grad()
     def final_hidden(self, batches: list[torch.Tensor],

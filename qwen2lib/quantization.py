@@ -203,7 +203,7 @@ def ensure_quantized(model: str = "tiny", weights: str = "auto", workdir: str | 
     deploy package on held-out blocks, per-layer SQNR, the sizes and the activation outliers the statistics
     show. Reused when nothing it depends on changed (``qwen2lib.stages``).
 
-    ``group_size``: inputs per int4 scale and zero point (w4a16, awq; default 128).
+    ``group_size``: inputs per int4 scale and zero point (w4a16, awq, gptq; default 128).
     ``calibration``: settings for ``ensure_calibration`` (dataset, data_path, samples, ...); None uses the
     existing calibration as it is. Other settings left None keep the existing package's (``quantize_settings``).
     """

@@ -102,6 +102,15 @@ def test_quantize_model_schemes_skip_and_config():
         q.quantize_model(seeded_model(), "int4")
 
 
+def calibration_stats(model, ids, scheme):
+    """What the calibration stage gives a scheme: the statistics, and the blocks themselves (GPTQ runs them)."""
+    from qwen2lib.calibration import collect_activation_stats
+
+    if scheme not in schemes.CALIBRATED_SCHEMES:
+        return None
+    return {**collect_activation_stats(model, ids, progress=False), schemes.CALIBRATION_IDS: ids}
+
+
 @pytest.fixture(scope="module")
 def deploy_package(tmp_path_factory):
     from qwen2lib.deploy import build_deploy_package
@@ -115,11 +124,9 @@ def deploy_package(tmp_path_factory):
 def test_save_and_reload_through_trust_remote_code_is_identical(deploy_package, tmp_path, scheme):
     from transformers import AutoModelForCausalLM
 
-    from qwen2lib.calibration import collect_activation_stats
-
     model = AutoModelForCausalLM.from_pretrained(deploy_package, trust_remote_code=True).eval()
     ids = torch.randint(0, 320, (1, 10))
-    stats = collect_activation_stats(model, ids, progress=False) if scheme in ("smoothquant", "awq") else None
+    stats = calibration_stats(model, ids, scheme)
     fp32_memory = q.memory_bytes(model)
     int4 = scheme in q.INT4_SCHEMES
     model.quantize(scheme, stats=stats, **({"group_size": 32} if int4 else {}))  # the patched class's entry point
@@ -155,7 +162,6 @@ def test_quantize_checkpoint_streams_the_same_package_as_quantize_then_save(tmp_
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
 
-    from qwen2lib.calibration import collect_activation_stats
     from qwen2lib.deploy import build_deploy_package
 
     torch.manual_seed(3)
@@ -163,7 +169,7 @@ def test_quantize_checkpoint_streams_the_same_package_as_quantize_then_save(tmp_
     package = build_deploy_package(tmp_path / "ckpt", tmp_path / "patched")
     model = AutoModelForCausalLM.from_pretrained(package, trust_remote_code=True, dtype=torch.float32).eval()
     ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
-    stats = collect_activation_stats(model, ids, progress=False) if scheme in ("smoothquant", "awq") else None
+    stats = calibration_stats(model, ids, scheme)
     settings = dict(stats=stats, skip=skip, **({"group_size": 32} if scheme in q.INT4_SCHEMES else {}))
     whole = model.quantize(scheme, **settings).save_quantized(tmp_path / "whole")
     streamed = type(model).quantize_checkpoint(package, tmp_path / "streamed", scheme, max_shard_bytes=40_000,
@@ -256,6 +262,81 @@ def test_awq_folding_leaves_fp32_outputs_unchanged_and_needs_mean_squares():
     assert set(importance) >= {"model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"}
     with pytest.raises(q.QuantizationError, match="recalibrate"):
         q.quantize_model(seeded_model(), "awq", stats=absmax_stats(model, ids), group_size=32)
+
+
+def correlated_layer(seed: int = 0, K: int = 200, N: int = 48):
+    """A weight and inputs whose channels are mixed (as a layer's inputs are): GPTQ's error spreading has
+    something to work with; a few loud channels as well."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * 0.02
+    x = torch.randn(4096, K, generator=g) @ (torch.eye(K) + 0.3 * torch.randn(K, K, generator=g) / K**0.5)
+    x[:, :4] *= 10
+    return w, x
+
+
+def test_gptq_blocked_equals_the_column_by_column_reference():
+    w, x = correlated_layer()  # K = 200: the last group of 32 is partial, the blocks of 64 cut through groups' runs
+    h = x.T @ x / x.shape[0]
+    h[7, :] = h[:, 7] = 0  # an input no calibration token used
+    fast = qz.gptq_int4(w, h, 32, block=64)
+    reference = qz.gptq_int4_reference(w, h, 32)
+    assert fast[0].dtype == torch.uint8 and fast[1].shape == fast[2].shape == (48, 7)
+    assert (fast[0].float() - reference[0].float()).abs().max() <= 1  # float order may flip a tie
+    assert (fast[0] != reference[0]).float().mean() < 1e-3
+    torch.testing.assert_close(fast[1], reference[1])
+    assert torch.all(qz.dequantize_int4(*fast, 32)[:, 7] == 0)  # an unused input's weight rounds to zero
+
+
+def test_gptq_with_uncorrelated_inputs_is_clipped_round_to_nearest():
+    w, _ = correlated_layer()
+    h = torch.diag(torch.rand(200) + 0.5)  # no input predicts another: no error to spread
+    gptq = qz.gptq_int4(w, h, 32)
+    rtn = qz.quantize_int4(w, 32, torch.diagonal(h))
+    assert all(torch.equal(a, b) for a, b in zip(gptq, rtn))
+
+
+def test_gptq_beats_round_to_nearest_and_awq_on_correlated_inputs():
+    w, x = correlated_layer(K=256, N=96)
+    h = x.T @ x / x.shape[0]
+    meansq = torch.diagonal(h)
+    rtn = qz.dequantize_int4(*qz.quantize_int4(w, 64), 64)
+    s = schemes.awq_factors([w], meansq, 64)
+    awq = qz.dequantize_int4(*qz.quantize_int4(w * s, 64, meansq / s.square()), 64) / s
+    gptq = qz.dequantize_int4(*qz.gptq_int4(w, h, 64), 64)
+    errors = {k: output_error(w, v, x) for k, v in (("rtn", rtn), ("awq", awq), ("gptq", gptq))}
+    assert errors["gptq"] < 0.7 * errors["rtn"] and errors["gptq"] < errors["awq"], errors
+
+
+def test_gptq_needs_the_calibration_blocks_and_the_deploy_packages_model(deploy_package):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(deploy_package, trust_remote_code=True).eval()
+    ids = torch.randint(0, 320, (2, 12))
+    stats = calibration_stats(model, ids, "gptq")
+    del stats[schemes.CALIBRATION_IDS]  # statistics saved before the blocks were
+    with pytest.raises(q.QuantizationError, match="recalibrate"):
+        q.quantize_model(model, "gptq", stats=stats, group_size=32)
+    with pytest.raises(q.QuantizationError, match="deploy package"):  # stock transformers: no causal_mask_for
+        q.quantize_model(seeded_model(), "gptq", stats=calibration_stats(model, ids, "gptq"), group_size=32)
+
+
+@torch.no_grad()
+def test_gptq_package_is_closer_to_fp32_than_round_to_nearest(deploy_package):
+    from transformers import AutoModelForCausalLM
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(deploy_package, trust_remote_code=True).eval()
+
+    g = torch.Generator().manual_seed(1)
+    calib, heldout = torch.randint(0, 320, (16, 32), generator=g), torch.randint(0, 320, (4, 32), generator=g)
+    reference = load()(heldout).logits.log_softmax(-1)
+    kld = {}
+    for scheme in ("w4a16", "gptq"):
+        model = load()
+        model.quantize(scheme, stats=calibration_stats(model, calib, scheme), group_size=32)
+        kld[scheme] = float(F.kl_div(model(heldout).logits.log_softmax(-1), reference, log_target=True,
+                                     reduction="none").sum(-1).mean())
+    assert 0 < kld["gptq"] < 0.9 * kld["w4a16"], kld
 
 
 def test_matmul_timings_table_has_every_path():

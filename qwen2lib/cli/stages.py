@@ -109,8 +109,8 @@ def cmd_quantize(args) -> int:
 
 
 def register_quantize(sub) -> None:
-    p = sub.add_parser("quantize", help="int8 weights (w8a16), SmoothQuant W8A8 or int4 (w4a16, awq) for the deploy "
-                       "package, with a fidelity report")
+    p = sub.add_parser("quantize", help="int8 weights (w8a16), SmoothQuant W8A8 or int4 (w4a16, awq, gptq) for the "
+                       "deploy package, with a fidelity report")
     add_model_args(p)
     p.add_argument("--scheme", default="w8a16", choices=SCHEMES)
     p.add_argument("--alpha", type=float, default=None, help="SmoothQuant migration strength in [0, 1] (default "

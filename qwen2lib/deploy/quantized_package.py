@@ -23,8 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .quantizer import (DEFAULT_GROUP_SIZE, QuantizationError)
-from .schemes import (DEFAULT_SKIP, QUANT_METHOD, check_request, plan_modules, quantization_config, quantize_layer,
-                      replace_linears)
+from .schemes import (DEFAULT_SKIP, QUANT_METHOD, CalibrationRun, calibration_ids, check_request, plan_modules,
+                      quantization_config, quantize_layer, replace_linears)
 
 INT8_MODELING_FILE = "modeling_qwen2_int8.py"
 INT8_CLASS = "Qwen2ForCausalLMInt8"
@@ -239,12 +239,13 @@ def quantize_checkpoint(skeleton, deploy_package: str | os.PathLike, out_dir: st
     write_package_files(out, src, config, torch.float32)
     where, writer, narrow = checkpoint_shards(src), ShardWriter(out, max_shard_bytes), checkpoint_dtype(src)
     tied = bool(getattr(skeleton.config, "tie_word_embeddings", False))
+    run = _calibration_run(skeleton, where, stats, narrow) if scheme == "gptq" else None
     for name, module in skeleton.named_children():  # the base model's embeddings, layers and norm, then the head
         if name == "model":
             for child_name, child in module.named_children():
                 if child_name == "layers":
                     for i, layer in enumerate(child):
-                        writer.add(_quantized_layer(layer, i, where, scheme, plan, stats, alpha, group_size))
+                        writer.add(_quantized_layer(layer, i, where, scheme, plan, stats, alpha, group_size, run))
                 else:
                     writer.add(_float_or_quantized(child, f"model.{child_name}", where, plan, group_size,
                                                    narrow=narrow))
@@ -254,14 +255,25 @@ def quantize_checkpoint(skeleton, deploy_package: str | os.PathLike, out_dir: st
     return out
 
 
-def _quantized_layer(layer, index, where, scheme, plan, stats, alpha, group_size) -> dict[str, torch.Tensor]:
+def _calibration_run(skeleton, where, stats, narrow) -> CalibrationRun:
+    """GPTQ's calibration blocks embedded: the token table read as stored (no fp32 copy of it), its rows kept."""
+    ids = calibration_ids(stats)
+    table = read_tensors(where, ["model.embed_tokens.weight"], torch.float32, narrow)["model.embed_tokens.weight"]
+    embedded = table[ids].float()  # (N, L, D)
+    del table
+    base = skeleton.model
+    rotary = type(base.rotary_emb)(config=skeleton.config)  # its inverse frequencies are computed, not loaded
+    return CalibrationRun(base, skeleton.config, rotary, embedded)
+
+
+def _quantized_layer(layer, index, where, scheme, plan, stats, alpha, group_size, run) -> dict[str, torch.Tensor]:
     prefix = f"model.layers.{index}."
     layer = copy.deepcopy(layer)  # a meta copy; the skeleton's own layer stays as it is
     names = [prefix + n for n in layer.state_dict()]
     weights = read_tensors(where, names, torch.float32)
     layer.load_state_dict({n[len(prefix):]: t for n, t in weights.items()}, strict=True, assign=True)
     del weights
-    quantize_layer(layer, index, scheme, plan, stats=stats, alpha=alpha, group_size=group_size)
+    quantize_layer(layer, index, scheme, plan, stats=stats, alpha=alpha, group_size=group_size, run=run)
     return {prefix + n: t for n, t in layer.state_dict().items()}
 
 

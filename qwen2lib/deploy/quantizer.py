@@ -15,6 +15,9 @@ int8      symmetric, zero point 0, q = round(w / scale) in [-127, 127], scale = 
 int4      0..15, asymmetric, one fp32 scale and one zero point per group of ``group_size`` inputs (default 128);
           optionally each group's range is shrunk (clipped) by the factor that minimises an importance-weighted
           error. ``Int4Linear`` dequantizes for the matmul (activations stay float).
+gptq      the same int4 grid, rounded column by column in GPTQ's order: each column's rounding error is spread
+          over the columns not yet rounded, weighted by the inverse of the input's second moment H = E[x x^T]
+          (``gptq_int4``; ``gptq_int4_reference`` is the plain column loop it must equal).
 
 A quantized package stores ``X.weight`` int8 (N, K) and ``X.weight_scale`` fp32 (N,); int4: ``X.weight`` uint8
 (N, ceil(K / 2)) two values per byte, low nibble first, ``X.weight_scale`` fp32 and ``X.weight_zero_point`` uint8
@@ -37,6 +40,8 @@ except ImportError:
         pass
 
 DEFAULT_GROUP_SIZE = 128
+GPTQ_DAMP = 0.01  # added to H's diagonal, as a fraction of its mean: H from few tokens is singular
+GPTQ_BLOCK = 128  # columns rounded before their error reaches the rest of the matrix in one matmul
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # group range shrink factors tried per (row, group)
 
 
@@ -159,6 +164,84 @@ def dequantize_int4(q, scale, zero, group_size: int = DEFAULT_GROUP_SIZE):
     zt = zt.float().repeat_interleave(group_size, dim=1)[:, :K]
     w = (qt.float() - zt) * st
     return w.numpy() if numpy_in else w
+
+
+def gptq_inverse_factor(hessian: torch.Tensor, damp: float = GPTQ_DAMP) -> tuple[torch.Tensor, torch.Tensor]:
+    """H (K, K) -> (U, dead): U the upper Cholesky factor of (H + damp * mean(diag H) * I)^-1 (GPTQ's order of
+    columns; row i of U, divided by U[i, i], is how column i's rounding error moves the columns after it), and the
+    inputs no calibration token ever used (diag 0: their weights cannot matter, so they round to zero)."""
+    h = hessian.double().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    h.diagonal().add_(damp * torch.diagonal(h).mean())
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(inverse, upper=True).float(), dead
+
+
+def _gptq_group(w: torch.Tensor, h_diag: torch.Tensor, group_size: int):
+    """Scale and zero point (N,) of a group's columns (N, g) as they stand, range clipped by H's diagonal."""
+    _, scale, zero = quantize_int4(w, group_size, h_diag)
+    return scale[:, 0], zero[:, 0].float()
+
+
+def _round_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) -> (q (N,) in 0..15 as float, its dequantized value (N,))."""
+    q = (torch.round(w / scale) + zero).clamp(0, 15)
+    return q, (q - zero) * scale
+
+
+@torch.no_grad()
+def gptq_int4(weight, hessian: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE, damp: float = GPTQ_DAMP,
+              block: int = GPTQ_BLOCK):
+    """(N, K) weight, (K, K) input second moment -> (uint8 q (N, K), fp32 scale (N, G), uint8 zero (N, G)): the
+    ``quantize_int4`` format, rounded by GPTQ. Each group's scale and zero point are fixed when its first column
+    is reached (from the columns as already corrected). Columns go ``block`` at a time: within a block the error
+    updates only the block's columns; the rest of the matrix gets the whole block's error in one matmul."""
+    w = torch.as_tensor(weight).detach().float().clone()  # (N, K), corrected as columns are rounded
+    N, K = w.shape
+    u, dead = gptq_inverse_factor(hessian, damp)
+    w[:, dead] = 0
+    h_diag = torch.diagonal(hessian).float()
+    block = max(block, group_size)  # a multiple of the group size: a group never straddles two blocks
+    G = -(-K // group_size)
+    q, scale, zero = torch.zeros(N, K), torch.zeros(N, G), torch.zeros(N, G)
+    for b0 in range(0, K, block):
+        b1 = min(b0 + block, K)
+        wb, err = w[:, b0:b1].clone(), torch.zeros(N, b1 - b0)  # (N, b)
+        ub = u[b0:b1, b0:b1]
+        for j in range(b1 - b0):
+            col = b0 + j
+            if col % group_size == 0:
+                g = col // group_size
+                scale[:, g], zero[:, g] = _gptq_group(wb[:, j : j + group_size], h_diag[col : col + group_size],
+                                                      group_size)
+            g = col // group_size
+            q[:, col], dq = _round_column(wb[:, j], scale[:, g], zero[:, g])
+            err[:, j] = (wb[:, j] - dq) / ub[j, j]
+            wb[:, j:] -= err[:, j : j + 1] * ub[j : j + 1, j:]  # (N, 1) x (1, b - j)
+        w[:, b1:] -= err @ u[b0:b1, b1:]  # (N, b) x (b, K - b1)
+    return q.to(torch.uint8), scale, zero.to(torch.uint8)
+
+
+@torch.no_grad()
+def gptq_int4_reference(weight, hessian: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE,
+                        damp: float = GPTQ_DAMP):
+    """``gptq_int4`` as the paper states it, one column at a time over the whole matrix (slow; the tests' oracle)."""
+    w = torch.as_tensor(weight).detach().float().clone()
+    N, K = w.shape
+    u, dead = gptq_inverse_factor(hessian, damp)
+    w[:, dead] = 0
+    h_diag = torch.diagonal(hessian).float()
+    G = -(-K // group_size)
+    q, scale, zero = torch.zeros(N, K), torch.zeros(N, G), torch.zeros(N, G)
+    for col in range(K):
+        g = col // group_size
+        if col % group_size == 0:
+            scale[:, g], zero[:, g] = _gptq_group(w[:, col : col + group_size], h_diag[col : col + group_size],
+                                                  group_size)
+        q[:, col], dq = _round_column(w[:, col], scale[:, g], zero[:, g])
+        w[:, col:] -= ((w[:, col] - dq) / u[col, col])[:, None] * u[col : col + 1, col:]
+    return q.to(torch.uint8), scale, zero.to(torch.uint8)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -287,9 +370,11 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE, importance=None) -> "Int4Linear":
+    def from_linear(cls, linear: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE, importance=None,
+                    quantized=None) -> "Int4Linear":
+        """``quantized``: (q, scale, zero) already rounded (GPTQ); else ``quantize_int4`` of the weight."""
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size)
-        q, scale, zero = quantize_int4(linear.weight, group_size, importance)
+        q, scale, zero = quantized if quantized is not None else quantize_int4(linear.weight, group_size, importance)
         module.weight.copy_(pack_int4(q))
         module.weight_scale.copy_(scale)
         module.weight_zero_point.copy_(zero)

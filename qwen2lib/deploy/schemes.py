@@ -19,6 +19,12 @@ awq       int4, calibrated. It uses the calibration's per-channel mean square E[
           RMSNorm before (q|k|v, gate|up) or into up_proj's rows (down_proj), as AWQ does; then each group's range
           is shrunk (clipped) by the factor that minimises the same weighted error. o_proj (its input is the
           attention output: with GQA no free place to fold) gets the clipping only.
+gptq      int4, calibrated on activations, not statistics: the calibration blocks (their token ids, saved with the
+          statistics) run through the model one decoder layer at a time, as GPTQ does. Each layer's Linears get
+          their input's second moment H = E[x x^T] from the blocks (inputs computed by the layers already
+          quantized), are rounded by ``quantizer.gptq_int4`` (each column's error spread over the columns not yet
+          rounded, through H^-1), and the blocks then go on through the quantized layer. Storing H from the
+          calibration stage would not scale (at 7B one down_proj's is 18,944^2 floats): it lives one layer long.
 
 lm_head (tied to the embeddings in small Qwen2) and the embeddings stay in float by default, as peers do.
 """
@@ -34,16 +40,19 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from .quantizer import (DEFAULT_GROUP_SIZE, Int4Linear, Int8Linear, QuantizationError, _ErrorBase, check_group_size,
-                        dequantize_int4, quantize_int4)
+                        dequantize_int4, gptq_int4, quantize_int4)
 
 INT8_SCHEMES = ("w8a16", "smoothquant")
-INT4_SCHEMES = ("w4a16", "awq")
+INT4_SCHEMES = ("w4a16", "awq", "gptq")
+CALIBRATED_SCHEMES = ("smoothquant", "awq", "gptq")
 SCHEMES = INT8_SCHEMES + INT4_SCHEMES
 QUANT_METHOD = "qwen2lib-int8"
 DEFAULT_SKIP = ("lm_head",)
 AWQ_GRID = 20  # exponents a = 0, 1/20, ..., 1 tried per input
 AWQ_SEARCH_ROWS = 1024  # the exponent is shared by all rows, so a strided sample of rows scores it (7B: 37,888)
 STATS_FILE = "stats.safetensors"  # the calibration stage's statistics (notebook 02)
+CALIBRATION_IDS = "calibration.input_ids"  # (N, L) token blocks the statistics came from, saved beside them
+GPTQ_BATCH = 8  # calibration blocks run through a layer at a time
 # Linears whose input is an RMSNorm's output, by the norm: the ones SmoothQuant can smooth for free.
 SMOOTH_GROUPS = (
     ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
@@ -193,6 +202,94 @@ def awq_model(model, stats: Mapping[str, torch.Tensor], group_size: int) -> dict
     return importance
 
 
+# ---- GPTQ (int4 rounded against the calibration activations) ------------------------------------
+
+
+def layer_inputs(base, config, rotary, hidden: torch.Tensor) -> dict:
+    """What every decoder layer takes besides (B, T, D) hidden states starting at position 0: the causal mask
+    per layer type (the deploy package's ``causal_mask_for``) and the rotary cos/sin."""
+    position_ids = torch.arange(hidden.shape[1])[None]  # (1, T)
+    masks = {kind: base.causal_mask_for(kind, None, hidden, 0, None) for kind in dict.fromkeys(config.layer_types)}
+    return {"masks": masks, "position_ids": position_ids, "rope": rotary(hidden, position_ids)}
+
+
+def run_decoder_layer(layer, layer_type: str, hidden: torch.Tensor, extra: Mapping) -> torch.Tensor:
+    """(B, T, D) -> (B, T, D): one decoder layer, no cache."""
+    out = layer(hidden, attention_mask=extra["masks"][layer_type], position_embeddings=extra["rope"],
+                position_ids=extra["position_ids"], use_cache=False)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class CalibrationRun:
+    """The calibration blocks' hidden states on their way through the model, one decoder layer at a time."""
+
+    def __init__(self, base, config, rotary, embedded: torch.Tensor):
+        """``embedded``: (N, L, D) embedding rows of the blocks; ``base``: the model's decoder (its mask code)."""
+        if not hasattr(base, "causal_mask_for"):
+            raise QuantizationError("gptq runs the deploy package's model (it needs its causal_mask_for): load the "
+                                    "model from the deploy package (notebook 01, `qwen2lib patch`)")
+        self.config = config
+        self.hidden = list(embedded.float().split(GPTQ_BATCH))  # [(B, L, D)]
+        self.extra = layer_inputs(base, config, rotary, self.hidden[0])  # every block has the same length
+
+    def run(self, layer, index: int, advance: bool) -> None:
+        """Every batch through ``layer``; ``advance``: keep the outputs as the next layer's inputs."""
+        kind = self.config.layer_types[index]
+        outputs = [run_decoder_layer(layer, kind, h, self.extra) for h in self.hidden]
+        if advance:
+            self.hidden = outputs
+
+
+def calibration_ids(stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    if CALIBRATION_IDS not in stats:
+        raise QuantizationError("the calibration statistics hold no token blocks (statistics from before they were "
+                                "saved?): recalibrate (`qwen2lib calibrate`, notebook 02) for gptq")
+    return stats[CALIBRATION_IDS].long()
+
+
+class InputMoments:
+    """Forward pre-hooks summing x x^T (K, K) of the inputs of the named Linears, one per input they share."""
+
+    def __init__(self, layer, names: Mapping[str, str]):
+        """``names``: {Linear name in ``layer``: the Linear whose input it reads (itself, or the first of its
+        group)}."""
+        self.sums, self.tokens, self.names = {}, {}, dict(names)
+        self.hooks = [layer.get_submodule(n).register_forward_pre_hook(self.hook(n))
+                      for n in dict.fromkeys(names.values())]
+
+    def hook(self, name: str):
+        def observe(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (M, K)
+            self.sums[name] = self.sums.get(name, 0) + x.T @ x
+            self.tokens[name] = self.tokens.get(name, 0) + x.shape[0]
+        return observe
+
+    def remove(self) -> dict[str, torch.Tensor]:
+        """Stop observing; {Linear name: E[x x^T] of its input}."""
+        for h in self.hooks:
+            h.remove()
+        return {n: self.sums[src] / self.tokens[src] for n, src in self.names.items()}
+
+
+@torch.no_grad()
+def gptq_layer(layer, index: int, plan: Mapping[str, str], group_size: int, run: CalibrationRun) -> dict:
+    """Round decoder layer ``index``'s planned Linears by GPTQ against the blocks' inputs, give them the rounded
+    weights, and move the blocks on through the layer so rounded. Returns {full name: (q, scale, zero)}."""
+    prefix = f"model.layers.{index}."
+    shared = {n: group[0] for _, group in SMOOTH_GROUPS for n in group}  # q|k|v and gate|up read one input
+    names = {n[len(prefix):]: shared.get(n[len(prefix):], n[len(prefix):]) for n in plan if n.startswith(prefix)}
+    moments = InputMoments(layer, names)
+    run.run(layer, index, advance=False)
+    hessians, rounded = moments.remove(), {}
+    for name, h in hessians.items():
+        linear = layer.get_submodule(name)
+        q, scale, zero = rounded[prefix + name] = gptq_int4(linear.weight, h, group_size)
+        linear.weight.copy_(dequantize_int4(q, scale, zero, group_size).to(linear.weight.dtype))
+    del hessians
+    run.run(layer, index, advance=True)
+    return rounded
+
+
 # ---- quantize_model -----------------------------------------------------------------------------
 
 
@@ -216,7 +313,7 @@ def check_settings(scheme: str, alpha: float = 0.5, group_size: int = DEFAULT_GR
 def check_request(scheme: str, stats, group_size: int, alpha: float = 0.5):
     """``check_settings``, then refuse a calibrated scheme without statistics; returns the statistics as tensors."""
     check_settings(scheme, alpha, group_size)
-    if scheme not in ("smoothquant", "awq"):
+    if scheme not in CALIBRATED_SCHEMES:
         return stats
     if stats is None:
         raise QuantizationError(
@@ -242,35 +339,39 @@ def plan_modules(model, scheme: str, skip: Iterable[str]) -> dict[str, str]:
     return plan
 
 
-def quantized_module(linear: nn.Linear, kind: str, group_size: int, importance=None) -> nn.Module:
+def quantized_module(linear: nn.Linear, kind: str, group_size: int, importance=None, rounded=None) -> nn.Module:
     if kind == "w4a16":
-        return Int4Linear.from_linear(linear, group_size, importance)
+        return Int4Linear.from_linear(linear, group_size, importance, rounded)
     return Int8Linear.from_linear(linear, "int8" if kind == "w8a8" else "bf16")
 
 
 def replace_linears(root: nn.Module, prefix: str, plan: Mapping[str, str], group_size: int,
-                    importance: Mapping[str, torch.Tensor] | None = None) -> None:
+                    importance: Mapping[str, torch.Tensor] | None = None, rounded: Mapping | None = None) -> None:
     """Swap the Linears of ``root`` (whose name in the model is ``prefix``) that ``plan`` names for their
-    quantized modules, in place."""
+    quantized modules, in place (``rounded``: int4 numbers already computed, by GPTQ)."""
     for name, module in list(root.named_modules()):
         full = f"{prefix}.{name}" if prefix and name else prefix or name
         if full in plan and isinstance(module, nn.Linear):
-            new = quantized_module(module, plan[full], group_size, (importance or {}).get(full))
+            new = quantized_module(module, plan[full], group_size, (importance or {}).get(full),
+                                   (rounded or {}).get(full))
             parent_name, _, leaf = name.rpartition(".")
             root.get_submodule(parent_name).__setattr__(leaf, new)
 
 
 @torch.no_grad()
 def quantize_layer(layer, index: int, scheme: str, plan: Mapping[str, str], *, stats=None, alpha: float = 0.5,
-                   group_size: int = DEFAULT_GROUP_SIZE) -> None:
-    """Quantize decoder layer ``index`` in place: fold SmoothQuant / AWQ scales (their schemes), then swap in the
-    ``plan``'s quantized modules. The unit both ``quantize_model`` and ``quantize_checkpoint`` run."""
-    importance = {}
+                   group_size: int = DEFAULT_GROUP_SIZE, run: CalibrationRun | None = None) -> None:
+    """Quantize decoder layer ``index`` in place: fold SmoothQuant / AWQ scales or round by GPTQ (``run``: the
+    calibration blocks, at this layer's input), then swap in the ``plan``'s quantized modules. The unit both
+    ``quantize_model`` and ``quantize_checkpoint`` run."""
+    importance, rounded = {}, {}
     if scheme == "smoothquant":
         smooth_layer(layer, index, stats, alpha)
     elif scheme == "awq":
         importance = awq_layer(layer, index, stats, group_size)
-    replace_linears(layer, f"model.layers.{index}", plan, group_size, importance)
+    elif scheme == "gptq":
+        rounded = gptq_layer(layer, index, plan, group_size, run)
+    replace_linears(layer, f"model.layers.{index}", plan, group_size, importance, rounded)
 
 
 def quantization_config(scheme: str, plan: Mapping[str, str], *, alpha: float, group_size: int,
@@ -298,7 +399,7 @@ def quantize_model(model, scheme: str = "w8a16", *, stats: Mapping[str, torch.Te
     """Replace the model's nn.Linear layers by ``Int8Linear`` (or ``Int4Linear``) in place and return the model.
 
     ``scheme``: "w8a16", "smoothquant" (needs ``stats``: a calibration folder or its tensors), "w4a16" (int4,
-    round to nearest, groups of ``group_size`` inputs) or "awq" (int4, needs ``stats``). ``skip``: Linear names
+    round to nearest, groups of ``group_size`` inputs), "awq" or "gptq" (int4, need ``stats``). ``skip``: Linear names
     or patterns kept in float (default: lm_head). The applied settings are recorded in
     ``model.config.quantization_config``, which ``save_quantized`` writes to config.json. The whole model is in
     memory; ``quantize_checkpoint`` does the same one decoder layer at a time.
@@ -306,8 +407,12 @@ def quantize_model(model, scheme: str = "w8a16", *, stats: Mapping[str, torch.Te
     skip = tuple(skip)
     stats = check_request(scheme, stats, group_size, alpha)
     plan = plan_modules(model, scheme, skip)
+    run = None
+    if scheme == "gptq":
+        base = model.model
+        run = CalibrationRun(base, model.config, base.rotary_emb, base.embed_tokens(calibration_ids(stats)))
     for i, layer in enumerate(model.model.layers):
-        quantize_layer(layer, i, scheme, plan, stats=stats, alpha=alpha, group_size=group_size)
+        quantize_layer(layer, i, scheme, plan, stats=stats, alpha=alpha, group_size=group_size, run=run)
     replace_linears(model, "", {n: k for n, k in plan.items() if not n.startswith("model.layers.")}, group_size)
     if getattr(model, "config", None) is not None:
         model.config.quantization_config = quantization_config(scheme, plan, alpha=alpha, group_size=group_size,
