@@ -170,12 +170,12 @@ def gptq_inverse_factor(hessian: torch.Tensor, damp: float = GPTQ_DAMP) -> tuple
     """H (K, K) -> (U, dead): U the upper Cholesky factor of (H + damp * mean(diag H) * I)^-1 (GPTQ's order of
     columns; row i of U, divided by U[i, i], is how column i's rounding error moves the columns after it), and the
     inputs no calibration token ever used (diag 0: their weights cannot matter, so they round to zero)."""
-    h = hessian.double().clone()
+    h = hessian.float().clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1
     h.diagonal().add_(damp * torch.diagonal(h).mean())
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(inverse, upper=True).float(), dead
+    return torch.linalg.cholesky(inverse, upper=True), dead
 
 
 def _gptq_group(w: torch.Tensor, h_diag: torch.Tensor, group_size: int):

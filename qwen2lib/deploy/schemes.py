@@ -248,14 +248,11 @@ def calibration_ids(stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 
 class InputMoments:
-    """Forward pre-hooks summing x x^T (K, K) of the inputs of the named Linears, one per input they share."""
+    """Forward pre-hooks summing x x^T (K, K) of the inputs of the named Linears of a layer."""
 
-    def __init__(self, layer, names: Mapping[str, str]):
-        """``names``: {Linear name in ``layer``: the Linear whose input it reads (itself, or the first of its
-        group)}."""
-        self.sums, self.tokens, self.names = {}, {}, dict(names)
-        self.hooks = [layer.get_submodule(n).register_forward_pre_hook(self.hook(n))
-                      for n in dict.fromkeys(names.values())]
+    def __init__(self, layer, names: Iterable[str]):
+        self.sums, self.tokens = {}, {}
+        self.hooks = [layer.get_submodule(n).register_forward_pre_hook(self.hook(n)) for n in names]
 
     def hook(self, name: str):
         def observe(module, args):
@@ -265,10 +262,10 @@ class InputMoments:
         return observe
 
     def remove(self) -> dict[str, torch.Tensor]:
-        """Stop observing; {Linear name: E[x x^T] of its input}."""
+        """Stop observing; {observed Linear: E[x x^T] of its input}."""
         for h in self.hooks:
             h.remove()
-        return {n: self.sums[src] / self.tokens[src] for n, src in self.names.items()}
+        return {src: self.sums[src] / self.tokens[src] for src in self.sums}
 
 
 @torch.no_grad()
@@ -278,13 +275,16 @@ def gptq_layer(layer, index: int, plan: Mapping[str, str], group_size: int, run:
     prefix = f"model.layers.{index}."
     shared = {n: group[0] for _, group in SMOOTH_GROUPS for n in group}  # q|k|v and gate|up read one input
     names = {n[len(prefix):]: shared.get(n[len(prefix):], n[len(prefix):]) for n in plan if n.startswith(prefix)}
-    moments = InputMoments(layer, names)
+    moments = InputMoments(layer, dict.fromkeys(names.values()))
     run.run(layer, index, advance=False)
     hessians, rounded = moments.remove(), {}
-    for name, h in hessians.items():
-        linear = layer.get_submodule(name)
-        q, scale, zero = rounded[prefix + name] = gptq_int4(linear.weight, h, group_size)
-        linear.weight.copy_(dequantize_int4(q, scale, zero, group_size).to(linear.weight.dtype))
+    for source in dict.fromkeys(names.values()):  # Linears reading one input: their rows rounded in one pass
+        linears = {n: layer.get_submodule(n) for n, src in names.items() if src == source}
+        q, scale, zero = gptq_int4(torch.cat([m.weight for m in linears.values()]), hessians[source], group_size)
+        rows = [m.out_features for m in linears.values()]  # GPTQ treats rows apart: the split is exact
+        for (name, linear), q_, s_, z_ in zip(linears.items(), q.split(rows), scale.split(rows), zero.split(rows)):
+            rounded[prefix + name] = (q_, s_, z_)
+            linear.weight.copy_(dequantize_int4(q_, s_, z_, group_size).to(linear.weight.dtype))
     del hessians
     run.run(layer, index, advance=True)
     return rounded
