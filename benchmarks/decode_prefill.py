@@ -190,7 +190,7 @@ def compile_graphs(args, workdir: Path) -> dict[str, Path]:
         "graph int8 per-block act": ("qwen2_int8", {"quantization": {"activations": "int8_per_block",
                                                                      "per_block_projections": []}}),
         "graph int8 per-tensor act": ("qwen2_int8", {"quantization": {"per_block_projections": []}}),
-        "graph int4": ("qwen2_int4", {}),  # AWQ int4 layers (notebook 03's awq package), int8 head
+        "graph int4": ("qwen2_int4", {}),  # GPTQ int4 layers (notebook 03's gptq package), int8 head
     }
     graphs = {}
     for label, (base, extra) in variants.items():
