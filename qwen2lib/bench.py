@@ -292,7 +292,10 @@ async def _load(url, requests, model, chat, tokenizer, delays, max_concurrency, 
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     bar = tqdm(total=len(requests), desc="bench --url", unit="req", disable=not progress, file=sys.stderr)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+    # a connection per request, as vLLM's client opens a session per request: a kept-alive connection the server
+    # has just closed (llama-server closes idle ones) would fail the request that reuses it
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         async def one(request):
             body = _request_body(request, model, chat, tokenizer)
             if limit is None:
