@@ -32,7 +32,10 @@ from .dual_chunk import uses_dual_chunk
 _ORT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
                "all": "ORT_ENABLE_ALL"}
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-PREFILL_CHUNK = 1024  # prompt tokens per graph call in prefill (OnnxCausalLM.prefill_chunk; 0: the whole prompt)
+# prompt tokens per graph call in prefill (OnnxCausalLM.prefill_chunk; 0: the whole prompt). GroupQueryAttention
+# scores a call's queries against every key, masked ones included, so cost grows with the call's square: pieces of
+# 256 prefilled 512-2048-token prompts fastest (benchmarks/README.md, "Long context")
+PREFILL_CHUNK = 256
 
 
 class GraphLoadError(Qwen2LibError, RuntimeError):
