@@ -104,16 +104,23 @@ def stage_estimates(config: Mapping, *, calibration: tuple[int, int, int] = CALI
     R = RUNTIME_BYTES
     blocks, tokens = VERIFY_TOKENS
     verify = 4 * blocks * tokens * s["V"] * 4 + 5 * tokens * s["V"] * 8 + 6 * layer
+    quantized = R + DATA_BYTES + 12 * layer + min(SHARD_BYTES, P) + 2 * big + verify
+    # GPTQ: the blocks' hidden states and a batch's activations, H = E[x x^T] of the widest input (down_proj's),
+    # its Cholesky factors (4 K x K fp32 at the peak) and gate|up's stacked rows being rounded
+    gptq = hidden + acts + 16 * s["I"] ** 2 + 12 * 2 * s["I"] * s["H"]
     return {
         "checkpoint": Estimate("checkpoint", R + int(0.3 * GiB), "runtime + 0.3 GiB (tokenizer, draw chunks)", 2 * P),
         "patched": Estimate("patched", R, "runtime (links, no weights loaded)"),
         "calibration": Estimate("calibration", R + DATA_BYTES + 6 * layer + hidden + acts,
                                 "runtime + text + 6 B x layer params (fp32 + bf16 read) + hidden states + batch "
                                 "activations"),
-        "quantized": Estimate("quantized", R + DATA_BYTES + 12 * layer + min(SHARD_BYTES, P) + 2 * big + verify,
+        "quantized": Estimate("quantized", quantized,
                               "runtime + text + 12 B x layer params (one fp32 layer, its scaling and rounding) + one "
                               "shard being written (2 GiB at most) + the largest table in 16 bits + fidelity logits",
                               P),
+        "quantized gptq": Estimate("quantized gptq", quantized + gptq,
+                                   "the quantize stage's + calibration hidden states and activations + 16 B x "
+                                   "intermediate^2 (down_proj's H and its factors) + gate|up's rows being rounded", P),
         "compiled fp32": Estimate("compiled fp32", R + fp32 + verify,
                                   "runtime + fp32 graph (onnxruntime) + verification logits (36 B x blocks x tokens "
                                   "x V) + 6 B x layer params", fp32),
@@ -176,7 +183,8 @@ def gb(n: int) -> str:
     return f"{n / 1e9:.0f} GB" if n >= 10e9 else f"{n / 1e9:.1f} GB"
 
 
-WHAT = {"checkpoint": "random checkpoint build", "quantized": "quantize", "exported": "export",
+WHAT = {"checkpoint": "random checkpoint build", "quantized": "quantize", "quantized gptq": "GPTQ quantize",
+        "exported": "export",
         "compiled fp32": "fp32 graph compile", "compiled int8": "int8 graph compile",
         "compiled unverified": "graph compile (unverified)", "exported unverified": "export (unverified)", "inference int8": "int8 graph",
         "inference fp32": "fp32 graph"}
@@ -240,6 +248,8 @@ def check_stage(stage: str, request: Mapping, inputs: Mapping[str, str | os.Path
         stage = "compiled unverified"
     if stage == "exported" and not request.get("verify_blocks"):
         stage = "exported unverified"
+    if stage == "quantized" and request.get("scheme") == "gptq":
+        stage = "quantized gptq"
     check_fits(config, stage, model, precision)
 
 
