@@ -34,7 +34,8 @@ from .artifacts import default_workdir, read_metrics, stage_dir, write_metrics
 from .data import DATASETS, CalibrationDataError, load_calibration_texts, sample_token_blocks
 from .errors import Qwen2LibError
 from .deploy import ensure_patched
-from .deploy.schemes import CALIBRATION_IDS, STATS_FILE, load_stats  # noqa: F401 (notebooks read statistics through this stage)
+# STATS_FILE, load_stats: notebooks read the statistics through this stage
+from .deploy.schemes import CALIBRATION_IDS, STATS_FILE, load_stats  # noqa: F401
 from .layerwise import LayerwiseModel
 from .registry import resolve
 from .stages import ensure_stage, recorded_request

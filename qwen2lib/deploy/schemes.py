@@ -257,7 +257,10 @@ class InputMoments:
     def hook(self, name: str):
         def observe(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (M, K)
-            self.sums[name] = self.sums.get(name, 0) + x.T @ x
+            if name in self.sums:
+                self.sums[name].addmm_(x.T, x)  # in place: at 7B down_proj's sum is 1.4 GB
+            else:
+                self.sums[name] = x.T @ x
             self.tokens[name] = self.tokens.get(name, 0) + x.shape[0]
         return observe
 
