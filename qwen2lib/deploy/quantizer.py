@@ -190,6 +190,17 @@ def _round_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> t
     return q, (q - zero) * scale
 
 
+def _gptq_start(weight, hessian: torch.Tensor, group_size: int, damp: float):
+    """What both GPTQ loops start from: the weight (N, K) as an fp32 copy to correct (unused inputs zeroed), the
+    factor U, H's diagonal (the groups' clipping weights) and the empty q (N, K), scale and zero (N, G)."""
+    w = torch.as_tensor(weight).detach().float().clone()
+    N, K = w.shape
+    u, dead = gptq_inverse_factor(hessian, damp)
+    w[:, dead] = 0
+    G = -(-K // group_size)
+    return w, u, torch.diagonal(hessian).float(), (torch.zeros(N, K), torch.zeros(N, G), torch.zeros(N, G))
+
+
 @torch.no_grad()
 def gptq_int4(weight, hessian: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE, damp: float = GPTQ_DAMP,
               block: int = GPTQ_BLOCK):
@@ -197,25 +208,18 @@ def gptq_int4(weight, hessian: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZ
     ``quantize_int4`` format, rounded by GPTQ. Each group's scale and zero point are fixed when its first column
     is reached (from the columns as already corrected). Columns go ``block`` at a time: within a block the error
     updates only the block's columns; the rest of the matrix gets the whole block's error in one matmul."""
-    w = torch.as_tensor(weight).detach().float().clone()  # (N, K), corrected as columns are rounded
+    w, u, h_diag, (q, scale, zero) = _gptq_start(weight, hessian, group_size, damp)
     N, K = w.shape
-    u, dead = gptq_inverse_factor(hessian, damp)
-    w[:, dead] = 0
-    h_diag = torch.diagonal(hessian).float()
     block = max(block, group_size)  # a multiple of the group size: a group never straddles two blocks
-    G = -(-K // group_size)
-    q, scale, zero = torch.zeros(N, K), torch.zeros(N, G), torch.zeros(N, G)
     for b0 in range(0, K, block):
         b1 = min(b0 + block, K)
         wb, err = w[:, b0:b1].clone(), torch.zeros(N, b1 - b0)  # (N, b)
         ub = u[b0:b1, b0:b1]
         for j in range(b1 - b0):
-            col = b0 + j
+            col, g = b0 + j, (b0 + j) // group_size
             if col % group_size == 0:
-                g = col // group_size
                 scale[:, g], zero[:, g] = _gptq_group(wb[:, j : j + group_size], h_diag[col : col + group_size],
                                                       group_size)
-            g = col // group_size
             q[:, col], dq = _round_column(wb[:, j], scale[:, g], zero[:, g])
             err[:, j] = (wb[:, j] - dq) / ub[j, j]
             wb[:, j:] -= err[:, j : j + 1] * ub[j : j + 1, j:]  # (N, 1) x (1, b - j)
@@ -227,14 +231,8 @@ def gptq_int4(weight, hessian: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZ
 def gptq_int4_reference(weight, hessian: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE,
                         damp: float = GPTQ_DAMP):
     """``gptq_int4`` as the paper states it, one column at a time over the whole matrix (slow; the tests' oracle)."""
-    w = torch.as_tensor(weight).detach().float().clone()
-    N, K = w.shape
-    u, dead = gptq_inverse_factor(hessian, damp)
-    w[:, dead] = 0
-    h_diag = torch.diagonal(hessian).float()
-    G = -(-K // group_size)
-    q, scale, zero = torch.zeros(N, K), torch.zeros(N, G), torch.zeros(N, G)
-    for col in range(K):
+    w, u, h_diag, (q, scale, zero) = _gptq_start(weight, hessian, group_size, damp)
+    for col in range(w.shape[1]):
         g = col // group_size
         if col % group_size == 0:
             scale[:, g], zero[:, g] = _gptq_group(w[:, col : col + group_size], h_diag[col : col + group_size],
