@@ -45,6 +45,7 @@ from llamacpp import BUILD_HINT, batched_bench, find_tool, gguf_matmul_bytes  # 
 from qwen2lib import load_model  # noqa: E402
 from qwen2lib.artifacts import default_workdir  # noqa: E402
 from qwen2lib.compile import ensure_compiled  # noqa: E402
+from qwen2lib.deploy.schemes import INT4_SCHEMES  # noqa: E402
 from qwen2lib.export import ensure_exported, gguf_file  # noqa: E402
 from qwen2lib.graph import OnnxCausalLM  # noqa: E402
 
@@ -190,7 +191,9 @@ def compile_graphs(args, workdir: Path) -> dict[str, Path]:
         "graph int8 per-block act": ("qwen2_int8", {"quantization": {"activations": "int8_per_block",
                                                                      "per_block_projections": []}}),
         "graph int8 per-tensor act": ("qwen2_int8", {"quantization": {"per_block_projections": []}}),
-        "graph int4": ("qwen2_int4", {}),  # GPTQ int4 layers (notebook 03's gptq package), int8 head
+        # notebook 03's int4 package (the shipped config's GPTQ unless --int4-scheme), int8 head
+        "graph int4": ("qwen2_int4", {} if args.int4_scheme == "gptq"
+                       else {"quantization": {"from_scheme": args.int4_scheme}}),
     }
     graphs = {}
     for label, (base, extra) in variants.items():
@@ -232,7 +235,8 @@ def backends(args, workdir: Path) -> tuple[list, list[str]]:
             notes.append(f"{label}: not built (llama-batched-bench not found in --llama-cpp, $LLAMA_CPP_DIR or "
                          f"PATH): {BUILD_HINT.format(tool='llama-batched-bench')}")
             continue
-        path = gguf_file(ensure_exported(args.model, args.weights, workdir, format="gguf", variant=gguf_type))
+        path = gguf_file(ensure_exported(args.model, args.weights, workdir, format="gguf", variant=gguf_type,
+                                         verify_blocks=args.gguf_verify_blocks))
         rows.append((label, lambda p=path: measure_llamacpp(tool, p, args)))
     return rows, notes
 
@@ -255,6 +259,12 @@ def parse_args(argv=None):
                    help="add the int8 graph decoding with a KV cache copied each step (what writing it in place saves)")
     p.add_argument("--llama-cpp", default=None, help="llama.cpp build folder holding bin/llama-batched-bench")
     p.add_argument("--gguf-types", nargs="*", default=["f32", "q8_0", "q4_0"], help="llama.cpp rows (GGUF types)")
+    p.add_argument("--gguf-verify-blocks", type=int, default=2,
+                   help="held-out blocks each GGUF export is checked on (0: unverified; its check loads two fp32 "
+                        "models, past this machine's memory at 7B)")
+    p.add_argument("--int4-scheme", default="gptq", choices=INT4_SCHEMES,
+                   help="the int4 package the int4 graph is compiled from (the packed format, hence the speed, is "
+                        "the same for all; w4a16 quantizes a 7B in minutes where GPTQ takes over an hour here)")
     return p.parse_args(argv)
 
 
