@@ -353,13 +353,33 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Drop a token once the more likely ones already reach top_p (the most likely is always kept).
-        drop_sorted = (probs.cumsum(-1) - probs) >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        probs, order = top_probabilities(logits.softmax(-1), params.top_p)  # (B, k) descending, their ids
+        # Keep a token while the more likely ones have not yet reached top_p (the most likely is always kept).
+        keep_sorted = (probs.cumsum(-1) - probs) < params.top_p
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, keep_sorted)
+        logits = logits.masked_fill(~keep, float("-inf"))
     return logits
+
+
+def top_probabilities(probs: torch.Tensor, mass: float, first: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The most likely entries of each row of ``probs`` (B, V), in descending order with their ids, enough of them
+    that every row's running sum reaches ``mass`` (all V at worst). The same prefix a full sort gives (ties aside):
+    over Qwen's 151,936 tokens a sort costs milliseconds per row, ``topk`` of a few hundred a tenth of one."""
+    k = min(first, probs.shape[-1])
+    while True:
+        top, order = probs.topk(k, dim=-1)  # (B, k), sorted
+        if k == probs.shape[-1] or bool((top.cumsum(-1)[:, -1] >= mass).all()):
+            return top, order
+        k = min(8 * k, probs.shape[-1])
+
+
+def sample_rows(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row of ``probs`` (B, V), by inverting the cumulative distribution at a uniform number.
+    Token i is drawn with probability p_i, as ``torch.multinomial`` draws it, in a tenth of its time at V = 151,936
+    (the draws for a given generator state differ from multinomial's)."""
+    cdf = probs.cumsum(-1)  # (B, V)
+    u = torch.rand((probs.shape[0], 1), generator=generator, dtype=cdf.dtype) * cdf[:, -1:]  # (B, 1) in [0, total)
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)  # (B,)
 
 
 def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
@@ -368,7 +388,7 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     logits = process_logits(logits, params, seen)
     if params.greedy:
         return logits.argmax(-1)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    return sample_rows(logits.softmax(-1), generator)
 
 
 # ---- incremental detokenisation ---------------------------------------------------------------

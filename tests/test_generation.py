@@ -14,6 +14,8 @@ from qwen2lib.generation import (
     TorchBackend,
     generate,
     process_logits,
+    sample_rows,
+    top_probabilities,
     torch_backend,
     stop_token_ids,
     stream,
@@ -132,6 +134,33 @@ def test_logit_processing_matches_transformers_processors():
     kept = ~torch.isinf(ours)
     torch.testing.assert_close(ours[kept], expected[kept])
     assert bool(kept.sum(-1).lt(20).all()), "top-p should have cut below top-k here"
+
+
+def test_top_p_over_a_real_vocabulary_keeps_what_a_full_sort_keeps():
+    # the reference: HF's rule over a full descending sort; ours reads only as many top entries as each row needs
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 151936, generator=g) * torch.tensor([[6.0], [3.0], [1.0], [0.01]])  # peaked .. near flat
+    for top_p in (0.5, 0.9):
+        ours = process_logits(logits, SamplingParams(temperature=1.0, top_p=top_p))
+        probs, order = logits.softmax(-1).sort(dim=-1, descending=True)
+        drop = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, (probs.cumsum(-1) - probs) >= top_p)
+        assert torch.equal(torch.isinf(ours), drop), f"top_p={top_p}: a different set of tokens survives"
+    kept = (~torch.isinf(ours)).sum(-1)
+    assert kept[0] < 256 < kept[3], "the rows should need from a few hundred entries to most of the vocabulary"
+    top, ids = top_probabilities(torch.tensor([[0.1, 0.6, 0.0, 0.3]]), 0.65, first=1)
+    assert ids.tolist() == [[1, 3, 0, 2]] and torch.allclose(top, torch.tensor([[0.6, 0.3, 0.1, 0.0]]))
+
+
+def test_sample_rows_draws_each_token_with_its_probability():
+    p = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_rows(p, g) for _ in range(20000)])  # (N, 2)
+    freq = torch.bincount(draws[:, 0], minlength=5).float() / len(draws)
+    torch.testing.assert_close(freq, p[0], atol=0.015, rtol=0)  # ~4 standard errors at N = 20000
+    assert freq[1] == 0 and freq[4] == 0, "a token of probability 0 was drawn"
+    assert bool((draws[:, 1] == 4).all())
+    again = torch.stack([sample_rows(p, torch.Generator().manual_seed(0)) for _ in range(3)])
+    assert again[:, 0].tolist() == [draws[0, 0].item()] * 3, "the same generator state draws the same token"
 
 
 def test_torch_backend_picks_the_class_for_the_model_and_torchbackend_refuses_the_scratch_model(hf_model):
