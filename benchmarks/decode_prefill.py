@@ -260,8 +260,7 @@ def parse_args(argv=None):
     p.add_argument("--llama-cpp", default=None, help="llama.cpp build folder holding bin/llama-batched-bench")
     p.add_argument("--gguf-types", nargs="*", default=["f32", "q8_0", "q4_0"], help="llama.cpp rows (GGUF types)")
     p.add_argument("--gguf-verify-blocks", type=int, default=2,
-                   help="held-out blocks each GGUF export is checked on (0: unverified; its check loads two fp32 "
-                        "models, past this machine's memory at 7B)")
+                   help="held-out blocks each GGUF export is checked on (0: unverified, for a quicker first run)")
     p.add_argument("--int4-scheme", default="gptq", choices=INT4_SCHEMES,
                    help="the int4 package the int4 graph is compiled from (the packed format, hence the speed, is "
                         "the same for all; w4a16 quantizes a 7B in minutes where GPTQ takes over an hour here)")

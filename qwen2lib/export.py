@@ -8,13 +8,14 @@
 Each is a stage (``qwen2lib.stages``): written into a temp folder that replaces the old one in one rename, its
 ``metrics.json`` records the source package's identity, and it is reused while nothing it depends on changed.
 
-Verification, before the folder is published (``verify_blocks`` held-out blocks; 0 skips it, e.g. for a
-72B model that will not fit in fp32 here):
+Verification, before the folder is published (``verify_blocks`` held-out blocks; 0 skips it):
 
-    gguf                the file is read back with gguf's reader, a transformers Qwen2 is rebuilt from its
-                        metadata and dequantized tensors alone, and its logits are compared with the fp32 deploy
-                        package's (KLD, top-1, PPL ratio); the tokenizer is rebuilt from the file's tokens and
-                        merges and must give the package tokenizer's ids on the held-out text and a chat prompt
+    gguf                the file is read back with gguf's reader; its metadata must describe the package's model
+                        (the config llama.cpp reads from it alone); the model is run with the file's dequantized
+                        tensors and its logits compared with the fp32 deploy package's (KLD, top-1, PPL ratio, and
+                        each decoder layer's SQNR), both streamed a layer at a time, so any size verifies in the
+                        memory of one layer; the tokenizer is rebuilt from the file's tokens and merges and must
+                        give the package tokenizer's ids on the held-out text and a chat prompt
     compressed-tensors  transformers loads the folder through the compressed-tensors package (the code path
                         vLLM's format shares) and its logits are compared with the int8 package's and the fp32
                         reference's
@@ -33,10 +34,11 @@ from transformers import AutoModelForCausalLM
 
 from .artifacts import default_workdir, stage_dir
 from .export_ct import FLOAT_DTYPES, write_compressed_tensors
-from .export_gguf import GGUF_TYPES, ExportError, as_reader, gguf_tokenizer, load_gguf_model, write_gguf
+from .export_gguf import GGUF_TYPES, ExportError, GGUFTensors, as_reader, gguf_tokenizer, write_gguf
 from .fidelity import fidelity_report, heldout_blocks as make_heldout_blocks
 from .deploy import ensure_patched, load_deploy_package
-from .quantization import INT8_SCHEMES, ensure_quantized, load_quantized, logits_fn
+from .layerwise import LayerwiseModel
+from .quantization import INT8_SCHEMES, ensure_quantized, load_quantized, logits_fn, streamed_fidelity
 from .stages import ensure_stage
 from .tokenizer import load_tokenizer
 
@@ -93,16 +95,19 @@ def verification_texts(tokenizer, blocks: torch.Tensor) -> list[str]:
 
 
 def verify_gguf(package: Path, path: Path, blocks: torch.Tensor, tokenizer) -> dict:
+    """The GGUF's logits against the fp32 package's on held-out blocks, both streamed a decoder layer at a time
+    (the file's tensors dequantized as their layer is reached: any size fits), after its metadata is checked to
+    describe the package's model; and its tokenizer, rebuilt from the file alone, against the package's."""
     reader = as_reader(path)  # parsed once for both checks
-    reference = load_deploy_package(package, torch.float32)
-    candidate = load_gguf_model(reader)
-    report = fidelity_report(logits_fn(reference), logits_fn(candidate), blocks, batch_size=1)
+    reference = LayerwiseModel(package)
+    candidate = LayerwiseModel(package, weights=GGUFTensors(reader, reference.config))
+    report, layers = streamed_fidelity(reference, candidate, blocks)
     agreement = tokenizer_agreement(tokenizer, gguf_tokenizer(reader), verification_texts(tokenizer, blocks))
     if not agreement["all_identical"]:
         differ = agreement["samples"] - agreement["identical"]
         raise ExportError(f"{path.name}: the tokenizer rebuilt from the GGUF splits {differ} of "
                           f"{agreement['samples']} texts differently from the package's")
-    return {"fidelity": {"gguf vs fp32": report}, "tokenizer": agreement}
+    return {"fidelity": {"gguf vs fp32": report}, "layer_sqnr_db": layers, "tokenizer": agreement}
 
 
 def load_compressed_tensors(folder: str | os.PathLike, dtype: torch.dtype = torch.float32):

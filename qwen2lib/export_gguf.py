@@ -23,9 +23,10 @@ check that the file says what llama.cpp needs; ``gguf_tokenizer`` rebuilds the t
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Mapping
 
 import gguf
 import numpy as np
@@ -302,30 +303,84 @@ def dequantized(tensor) -> torch.Tensor:
     return torch.from_numpy(np.array(data, dtype=np.float32))  # a copy: F32/F16 data is the file's read-only map
 
 
+CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings")
+
+
+class GGUFTensors(Mapping):
+    """{HF tensor name: fp32 tensor} of a GGUF file, dequantized one tensor (or some rows of one) at a time: the
+    ``tensorio.TensorReader`` interface, so ``LayerwiseModel`` streams the file's model a layer at a time.
+
+    ``config`` is the package's: the file's metadata must describe the same model (read from the metadata alone,
+    as llama.cpp reads it) and hold every tensor the model has, or ExportError says what differs."""
+
+    def __init__(self, gguf_file, config):
+        self.reader = as_reader(gguf_file)
+        self.path = path = self.reader.data.filename if hasattr(self.reader.data, "filename") else "the GGUF file"
+        ours = config_from_gguf(self.reader)
+        fields = {f: (getattr(ours, f), getattr(config, f)) for f in CONFIG_FIELDS}
+        fields["rope_theta"] = ((ours.rope_parameters or {}).get("rope_theta"),
+                                (config.rope_parameters or {}).get("rope_theta"))
+        # GGUF stores its floats in 32 bits: 1e-6 reads back as 9.99999997e-07
+        show = lambda v: f"{v:g}" if isinstance(v, float) else v  # noqa: E731
+        differ = [f"{f} {show(a)} (package: {show(b)})" for f, (a, b) in fields.items()
+                  if not (a == b or isinstance(a, float) and isinstance(b, float) and math.isclose(a, b, rel_tol=1e-6))]
+        if differ:
+            raise ExportError(f"{path}: its metadata describes another model: {', '.join(differ)}")
+        names = hf_names(config.num_hidden_layers)
+        unknown = [t.name for t in self.reader.tensors if t.name not in names]
+        if unknown:
+            raise ExportError(f"{path}: tensor {unknown[0]!r} is not part of a qwen2 model")
+        self.tensors = {names[t.name]: t for t in self.reader.tensors}
+        expected = set(names.values()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+        missing = sorted(expected - set(self.tensors))
+        if missing:
+            raise ExportError(f"{path}: no tensor for {', '.join(missing[:3])}")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return dequantized(self.tensors[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def group(self, names: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        return {n: self[n] if dtype is None else self[n].to(dtype) for n in names}
+
+    def _rows(self, name: str, index) -> torch.Tensor:
+        """Rows of a table, dequantized from those rows' blocks alone (a row holds whole blocks)."""
+        tensor = self.tensors[name]
+        data = gguf.quants.dequantize(np.asarray(tensor.data)[index], tensor.tensor_type)
+        return torch.from_numpy(np.array(data, dtype=np.float32))
+
+    def rows(self, name: str, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """table[ids] (ids of any shape) -> (*ids.shape, D), dequantizing only the rows asked for."""
+        unique, inverse = torch.unique(ids.flatten(), return_inverse=True)
+        return self._rows(name, unique.numpy())[inverse].reshape(*ids.shape, -1).to(dtype)
+
+    def row_blocks(self, name: str, block: int, dtype: torch.dtype = torch.float32) -> Iterator[tuple[int, torch.Tensor]]:
+        n = np.asarray(self.tensors[name].data).shape[0]
+        for start in range(0, n, block):
+            yield start, self._rows(name, slice(start, start + block)).to(dtype)
+
+
 @torch.no_grad()
 def load_gguf_model(gguf_file, dtype: torch.dtype = torch.float32):
     """A transformers ``Qwen2ForCausalLM`` (eval) built from the GGUF file (a path or a ``GGUFReader``) alone:
     config from its metadata, weights dequantized one tensor at a time."""
     reader = as_reader(gguf_file)
-    path = reader.data.filename if hasattr(reader.data, "filename") else "the GGUF file"
     config = config_from_gguf(reader)
+    tensors = GGUFTensors(reader, config)  # every tensor named and present
     model = Qwen2ForCausalLM(config).to(dtype).eval()
-    names = hf_names(config.num_hidden_layers)
     state = model.state_dict()
-    seen = set()
-    for tensor in reader.tensors:
-        hf = names.get(tensor.name)
-        if hf is None or hf not in state:
-            raise ExportError(f"{path}: tensor {tensor.name!r} is not part of a qwen2 model")
-        value = dequantized(tensor)
-        if tuple(value.shape) != tuple(state[hf].shape):
-            raise ExportError(f"{path}: {tensor.name} has shape {tuple(value.shape)}, the config implies "
-                              f"{tuple(state[hf].shape)}")
-        state[hf].copy_(value)
-        seen.add(hf)
-    missing = [n for n in state if n not in seen and not (config.tie_word_embeddings and n == "lm_head.weight")]
-    if missing:
-        raise ExportError(f"{path}: no tensor for {', '.join(missing[:3])}")
+    for name in tensors:
+        value = tensors[name]
+        if tuple(value.shape) != tuple(state[name].shape):
+            raise ExportError(f"{tensors.path}: {tensors.tensors[name].name} has shape {tuple(value.shape)}, the "
+                              f"config implies {tuple(state[name].shape)}")
+        state[name].copy_(value)
     return model
 
 

@@ -147,13 +147,16 @@ def estimate(config: Mapping, stage: str, precision: str | None = None) -> Estim
             extra = 4 * parameter_counts(config)["total"] - int8_graph_bytes(config)
             return Estimate(label, e.resident_bytes + extra, e.formula.replace("int8", "fp32"))
         return estimates[label]
-    if stage == "exported":  # the writers stream; the verification loads the package and the export whole
-        fp32 = 4 * parameter_counts(config)["total"]
-        return Estimate("exported", RUNTIME_BYTES + 2 * fp32, "runtime + 2 fp32 models for the verification "
-                        "(--verify-blocks 0 writes it unverified, one tensor at a time)")
-    if stage == "exported unverified":
-        return Estimate(stage, RUNTIME_BYTES + 5 * parameter_counts(config)["largest_tensor"],
-                        "runtime + the largest tensor, read and converted")
+    if stage in ("exported", "exported unverified"):  # the writers stream, and so does the verification
+        p, V = parameter_counts(config), shape_numbers(config)["V"]
+        write = RUNTIME_BYTES + 5 * p["largest_tensor"]
+        if stage == "exported unverified":
+            return Estimate(stage, write, "runtime + the largest tensor, read and converted")
+        blocks, tokens = VERIFY_TOKENS
+        verify = RUNTIME_BYTES + DATA_BYTES + 12 * p["layer"] + 4 * blocks * tokens * V * 4 + 5 * tokens * V * 8
+        return Estimate(stage, max(write, verify), "the writer's (runtime + the largest tensor, read and converted) or "
+                        "the verification's (runtime + text + 12 B x layer params: a package layer and an export layer "
+                        "in fp32, one being dequantized + fidelity logits), the larger")
     return estimates[stage]
 
 

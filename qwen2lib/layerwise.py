@@ -32,8 +32,10 @@ class LayerwiseModel:
     """The package at ``folder`` as a skeleton whose modules get their weights one layer at a time."""
 
     def __init__(self, folder: str | Path, dtype: torch.dtype = torch.float32,
-                 verify: Callable[[Path], Mapping] = verify_package_code):
-        """``verify``: the check of the folder's code before it is imported (a quantized package has its own)."""
+                 verify: Callable[[Path], Mapping] = verify_package_code, weights: Mapping | None = None):
+        """``verify``: the check of the folder's code before it is imported (a quantized package has its own).
+        ``weights``: where the tensors come from instead of the folder's safetensors (``TensorReader``'s
+        ``group``/``rows``/``row_blocks``; a GGUF file's, ``export_gguf.GGUFTensors``)."""
         self.folder, self.dtype = Path(folder), dtype
         verify(self.folder)
         self.config = AutoConfig.from_pretrained(str(self.folder), trust_remote_code=True, local_files_only=True)
@@ -41,7 +43,7 @@ class LayerwiseModel:
             self.skeleton = AutoModelForCausalLM.from_config(self.config, trust_remote_code=True, dtype=dtype).eval()
         base = self.skeleton.model
         self.rotary = type(base.rotary_emb)(config=self.config)  # its inverse frequencies are computed, not loaded
-        self.reader = TensorReader(self.folder)
+        self.reader = weights if weights is not None else TensorReader(self.folder)
         self.head_name = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
 
     @property

@@ -102,6 +102,30 @@ def test_gguf_logits_match_the_package_within_each_types_tolerance(gguf_reports,
     assert sizes["q4_0"] < sizes["q8_0"] < sizes["f16"]
 
 
+def test_gguf_verification_streams_both_models_and_matches_the_whole_model_report(gguf_reports, package, blocks):
+    # export's check runs the package and the file's dequantized tensors a layer at a time (any size fits); its
+    # figures must be those of the two whole models (the fixture: transformers built from the GGUF alone)
+    from qwen2lib.tokenizer import load_tokenizer
+
+    _, whole, reader = gguf_reports["q4_0"]
+    streamed = export.verify_gguf(package, reader.data.filename, blocks, load_tokenizer(str(package)))
+    report = streamed["fidelity"]["gguf vs fp32"]
+    for key in ("kld_mean", "top1_agreement", "ppl_ratio", "max_abs_dlogits"):
+        torch.testing.assert_close(report[key], whole[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert len(streamed["layer_sqnr_db"]) == 2 and all(5 < db < 60 for db in streamed["layer_sqnr_db"].values())
+    assert streamed["tokenizer"]["all_identical"]
+
+
+def test_a_gguf_of_another_model_is_refused_before_it_is_run(gguf_reports, package):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(package))
+    config.num_key_value_heads, config.rms_norm_eps = 1, 1e-5
+    with pytest.raises(export_gguf.ExportError, match=r"describes another model: num_key_value_heads 2 \(package: "
+                                                      r"1\), rms_norm_eps 1e-06 \(package: 1e-05\)"):
+        export_gguf.GGUFTensors(gguf_reports["q8_0"][2], config)
+
+
 def test_gguf_metadata_and_tensor_types_are_what_llama_cpp_reads(gguf_reports, package):
     import gguf
 
