@@ -1,8 +1,14 @@
 """Our server (int8 graph, continuous batching) against llama.cpp's ``llama-server`` on the same checkpoint, one run.
 
-    python benchmarks/serve_vs_llamacpp.py --model tiny --llama-server /path/to/llama-server \\
+    python benchmarks/serve_vs_llamacpp.py --llama-server /path/to/llama-server \\
         --convert /path/to/llama.cpp/convert_hf_to_gguf.py          # or --gguf model-q8_0.gguf
-    python benchmarks/serve_vs_llamacpp.py --model tiny --dataset ShareGPT_V3_unfiltered_cleaned_split.json
+    python benchmarks/serve_vs_llamacpp.py --model tiny --weights auto --gguf tiny-q8_0.gguf   # a quick look
+    python benchmarks/serve_vs_llamacpp.py --dataset ShareGPT_V3_unfiltered_cleaned_split.json
+
+The default model is the Qwen2-0.5B shape with the project's random checkpoint, as in ``decode_prefill.py``: the
+smallest size people deploy, where a prompt's prefill is matrix products as it is at every real size. On ``tiny``
+(hidden size 128) attention is most of a prefill and the comparison says more about attention kernels than
+about serving.
 
 ``llama-server`` is built from the llama.cpp sources vendored in the llama-cpp-python source package
 (``pip download llama-cpp-python --no-binary :all:``, then ``cmake -B build && cmake --build build --target
@@ -19,7 +25,8 @@ rounds are pooled (percentiles over every request, throughput over the summed ti
 ratios are printed too. Prints one table (with the 1-minute load average seen) and the issue's targets (output
 throughput at saturation >= 1.3x llama.cpp's, TTFT p99 no worse at each rate) as PASS / FAIL, and writes the
 runs as JSON plus a plot of TTFT and TPOT (median and p99) against the rate. Compare rows of one run only.
-A Q8_0 GGUF can also come from the workbook itself: ``qwen2lib export --model tiny --format gguf --type q8_0``.
+A Q8_0 GGUF can also come from the workbook itself: ``qwen2lib export --model Qwen2-0.5B --weights random --format gguf
+--type q8_0``.
 """
 from __future__ import annotations
 
@@ -236,8 +243,8 @@ def report(rounds: dict, runs: dict, args) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--weights", default="auto")
+    p.add_argument("--model", default="Qwen2-0.5B")
+    p.add_argument("--weights", default="random", choices=("auto", "random"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="run folder (default runs/<model>); results go to <workdir>/serve_vs_llamacpp")
     p.add_argument("--llama-server", default=None, help="the llama-server binary (default: found as "
