@@ -13,6 +13,8 @@ Rows, each on the same held-out blocks (``qwen2lib.fidelity.heldout_blocks``), c
 
     int8 <scheme> (qwen2lib)        notebook 03's packages in torch
     int4 <scheme> g<N> (qwen2lib)   its int4 packages (``--group-sizes``: inputs per scale and zero point)
+    graph <config> (onnxruntime)    notebook 04's compiled graphs (``--graphs``: shipped configs, e.g. qwen2_int8,
+                                    which also quantizes activations to 8 bits at run time, as llama.cpp does)
     gguf <type> (llama.cpp)         the exported file run by llama.cpp (its own kernels: for q8_0/q4_0 it also
                                     quantizes the activations to 8 bits inside each matmul)
     gguf <type> (dequantized)       the same file's weights dequantized into transformers: the format's own error,
@@ -39,9 +41,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qwen2lib.artifacts import default_workdir  # noqa: E402
+from qwen2lib.compile import ensure_compiled  # noqa: E402
 from qwen2lib.export import CHAT_SAMPLE, ensure_exported, gguf_file  # noqa: E402
 from qwen2lib.export_gguf import load_gguf_model  # noqa: E402
 from qwen2lib.fidelity import fidelity_report, heldout_blocks  # noqa: E402
+from qwen2lib.graph import OnnxCausalLM  # noqa: E402
 from qwen2lib.deploy import ensure_patched, load_deploy_package  # noqa: E402
 from qwen2lib.deploy.quantizer import is_int4_linear, is_int8_linear  # noqa: E402
 from qwen2lib.deploy.schemes import INT4_SCHEMES  # noqa: E402
@@ -112,6 +116,8 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=8)
     parser.add_argument("--block-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--graphs", nargs="*", default=[], help="shipped configs whose compiled graphs get a row each "
+                        "(qwen2_int8 qwen2_int4); bits per weight as the package each is compiled from")
     args = parser.parse_args()
     try:
         from llama_cpp import Llama
@@ -140,6 +146,9 @@ def main() -> None:
             label = f"int4 {scheme} g{group_size}" if group_size else f"int8 {scheme}"
             add(f"{label} (qwen2lib)", logits_fn(model), layer_bits_per_weight(model))
             del model
+    for name in args.graphs:
+        folder = ensure_compiled(args.model, args.weights, workdir, config=name)
+        add(f"graph {name} (onnxruntime)", OnnxCausalLM.load(folder, threads=args.threads), float("nan"))
     texts = [tokenizer.decode(b.tolist()) for b in blocks]
     texts.append(tokenizer.apply_chat_template(CHAT_SAMPLE, tokenize=False, add_generation_prompt=True))
     for gguf_type in args.types:
