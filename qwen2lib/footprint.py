@@ -91,6 +91,12 @@ def kv_cache_bytes(config: Mapping, context: int, batch: int = 1, dtype_bytes: i
     return 2 * s["L"] * s["n_kv"] * s["hd"] * context * batch * dtype_bytes
 
 
+def fidelity_logits_bytes(vocab: int) -> int:
+    """A verification's logits: reference and candidate over its blocks (fp32), and the report's working copies."""
+    blocks, tokens = VERIFY_TOKENS
+    return 4 * blocks * tokens * vocab * 4 + 5 * tokens * vocab * 8
+
+
 def stage_estimates(config: Mapping, *, calibration: tuple[int, int, int] = CALIBRATION_BATCH,
                     context: int = 4096, batch: int = 1) -> dict[str, Estimate]:
     """{stage label: Estimate} for checkpoint, patched, calibration, quantized, compiled fp32/int8, inference int8."""
@@ -102,8 +108,7 @@ def stage_estimates(config: Mapping, *, calibration: tuple[int, int, int] = CALI
     int8 = int8_graph_bytes(config)
     fp32 = 4 * P
     R = RUNTIME_BYTES
-    blocks, tokens = VERIFY_TOKENS
-    verify = 4 * blocks * tokens * s["V"] * 4 + 5 * tokens * s["V"] * 8 + 6 * layer
+    verify = fidelity_logits_bytes(s["V"]) + 6 * layer
     quantized = R + DATA_BYTES + 12 * layer + min(SHARD_BYTES, P) + 2 * big + verify
     # GPTQ: the blocks' hidden states and a batch's activations, H = E[x x^T] of the widest input (down_proj's),
     # its Cholesky factors (4 K x K fp32 at the peak) and gate|up's stacked rows being rounded
@@ -148,12 +153,11 @@ def estimate(config: Mapping, stage: str, precision: str | None = None) -> Estim
             return Estimate(label, e.resident_bytes + extra, e.formula.replace("int8", "fp32"))
         return estimates[label]
     if stage in ("exported", "exported unverified"):  # the writers stream, and so does the verification
-        p, V = parameter_counts(config), shape_numbers(config)["V"]
+        p = parameter_counts(config)
         write = RUNTIME_BYTES + 5 * p["largest_tensor"]
         if stage == "exported unverified":
             return Estimate(stage, write, "runtime + the largest tensor, read and converted")
-        blocks, tokens = VERIFY_TOKENS
-        verify = RUNTIME_BYTES + DATA_BYTES + 12 * p["layer"] + 4 * blocks * tokens * V * 4 + 5 * tokens * V * 8
+        verify = RUNTIME_BYTES + DATA_BYTES + 12 * p["layer"] + fidelity_logits_bytes(shape_numbers(config)["V"])
         return Estimate(stage, max(write, verify), "the writer's (runtime + the largest tensor, read and converted) or "
                         "the verification's (runtime + text + 12 B x layer params: a package layer and an export layer "
                         "in fp32, one being dequantized + fidelity logits), the larger")
