@@ -237,13 +237,14 @@ def _group_size(folder: Path, K: int, groups: int) -> int:
 def _int8_folder(cfg, model, weights, seed, workdir, verbose) -> Path | None:
     """The quantized package int8 weights come from: ``quantization.package`` when named, else notebook 03's
     ``quantized/<quantization.from_scheme>`` (built when missing) for a graph of the deploy package; None
-    when compiling the raw checkpoint, whose weights the shared quantizer (``qwen2lib.deploy.quantizer``) rounds here."""
+    when compiling the raw checkpoint or with ``from_scheme: null``: the shared quantizer
+    (``qwen2lib.deploy.quantizer``) then rounds the source's fp32 weights here at the config's granularity."""
     q = cfg.quantization
     if not cfg.quantized:
         return None
     if q.package:
         return Path(q.package)
-    if cfg.source.package == "patched":
+    if cfg.source.package == "patched" and q.from_scheme:
         return Path(ensure_quantized(model, weights, workdir, seed=seed, scheme=q.from_scheme, verbose=verbose))
     return None
 
@@ -254,7 +255,8 @@ def _int8_weights(cfg, folder: Path | None, source: Source) -> tuple[dict, str]:
         raise ConfigError("precision int4 takes its weights from notebook 03's int4 package: use source.package: "
                           "patched (or name one in quantization.package)", "precision")
     if folder is None:
-        return {}, (f"quantized here (source.package: checkpoint) by qwen2lib.deploy.quantizer: "
+        why = "source.package: checkpoint" if cfg.source.package == "checkpoint" else "from_scheme: null"
+        return {}, (f"quantized here ({why}) by qwen2lib.deploy.quantizer: "
                     f"{cfg.quantization.granularity.replace('_', '-')} symmetric int8")
     floats, quantized = read_quantized_package(folder)
     source.weights = FloatWeights(source.weights.reader, floats)  # its float tensors replace the checkpoint's

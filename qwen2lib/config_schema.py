@@ -86,9 +86,11 @@ class QuantizationConfig:
         "(notebook 02, recorded by notebook 03's package) show outlier channels")
     modules: tuple[str, ...] = setting(QUANTIZABLE_GROUPS, "weight groups stored as int8: embed_tokens, attention, "
                                        "mlp, lm_head")
-    from_scheme: str = setting("w8a16", "which of notebook 03's quantized packages (<workdir>/quantized/<scheme>, "
-                               "built if missing) the weights and scales come from: w8a16 | smoothquant (int8), w4a16 "
-                               "| awq | gptq (int4)", SCHEMES)
+    from_scheme: str | None = setting("w8a16", "which of notebook 03's quantized packages (<workdir>/quantized/"
+                                      "<scheme>, built if missing) the weights and scales come from: w8a16 | "
+                                      "smoothquant (int8), w4a16 | awq | gptq (int4); null: int8 rounded here from the "
+                                      "deploy package's fp32 weights at this section's granularity",
+                                      SCHEMES + (None,))
     package: str | None = setting(None, "a quantized package folder to take int8 weights and scales from", file=True)
 
     def __post_init__(self):
@@ -214,6 +216,9 @@ class CompileConfig:
     def __post_init__(self):
         self.graph_plan()  # the graph rules, checked where they live
         q, g = self.quantization, self.graph
+        if self.precision == "int4" and not q.package and q.from_scheme is None:
+            raise ConfigError(f"precision int4 takes notebook 03's int4 package: name one of "
+                              f"{', '.join(INT4_SCHEMES)}", "quantization.from_scheme")
         if self.quantized and not q.package and q.int4_scheme != (self.precision == "int4"):
             raise ConfigError(f"{q.from_scheme} is {'an int4' if q.int4_scheme else 'an int8'} package: precision "
                               f"{self.precision} takes "
@@ -222,9 +227,11 @@ class CompileConfig:
         if self.traced and g.opset < 18:
             raise ConfigError(f"{g.opset}: the standard-ops graph of a deploy package is traced by torch.onnx.export, "
                               "which emits opset 18 or later", "graph.opset")
-        if q.per_block_projections == "auto" and self.source.package == "checkpoint" and not q.package:
+        if q.per_block_projections == "auto" and not q.package and (self.source.package == "checkpoint"
+                                                                    or q.from_scheme is None):
             raise ConfigError("auto reads the calibration statistics of notebook 03's package: use source.package: "
-                              "patched, or list the projections", "quantization.per_block_projections")
+                              "patched with a from_scheme, or list the projections",
+                              "quantization.per_block_projections")
         if self.name is not None:
             try:  # the name becomes <workdir>/compiled/<name>: one folder name, never a path
                 check_component(self.name, "name")

@@ -21,7 +21,7 @@ from qwen2lib.graph import GraphPlan, OnnxCausalLM, build_graph, check_finite, o
 from qwen2lib.graph.plan import PlanError
 from qwen2lib.graph.verify import activation_ranges, fp16_plan
 
-SHIPPED = ("qwen2_fp32", "qwen2_fp16", "qwen2_int8", "qwen2_int4", "qwen2_fp32_standard")
+SHIPPED = ("qwen2_fp32", "qwen2_fp16", "qwen2_int8", "qwen2_int8_block32", "qwen2_int4", "qwen2_fp32_standard")
 
 
 # ---- helpers ----------------------------------------------------------------------------------
