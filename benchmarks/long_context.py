@@ -1,5 +1,6 @@
 """Long-context speed and memory in one run: prefill of long prompts and decode deep into the context, for the int8
-graph with and without Dual Chunk Attention, the fp32 graph, transformers fp32 and llama.cpp Q8_0.
+graph with and without Dual Chunk Attention, the accurate int8 graph (qwen2_int8_block32.yaml), the fp32 graph,
+transformers fp32 and llama.cpp Q8_0.
 
     python benchmarks/long_context.py                                   # Qwen2-0.5B shape, random weights, 2k/4k/8k
     python benchmarks/long_context.py --model tiny --rounds 1 --decode 16   # a quick look
@@ -58,8 +59,9 @@ from qwen2lib.quantization import ensure_quantized  # noqa: E402
 from qwen2lib.registry import resolve  # noqa: E402
 
 REFERENCE = "llama.cpp Q8_0"
-TARGETS = [("graph int8", "prefill", 4096), ("graph int8", "decode", 2048), ("graph int8", "decode", 8192)]  # >= 1.0x
-KV_DTYPES = {"graph int8": "float32", "graph int8 DCA": "float32", "graph fp32": "float32",
+TARGETS = [(graph, kind, L) for graph in ("graph int8", "graph int8 block32")  # each >= 1.0x
+           for kind, L in (("prefill", 4096), ("decode", 2048), ("decode", 8192))]
+KV_DTYPES = {"graph int8": "float32", "graph int8 block32": "float32", "graph int8 DCA": "float32", "graph fp32": "float32",
              "transformers fp32": "float32", REFERENCE: "float16"}  # llama.cpp's default cache type is f16
 
 
@@ -218,7 +220,8 @@ def compile_graphs(args, workdir: Path, config: dict) -> dict[str, Path]:
     configs = Path(__file__).resolve().parent.parent / "configs"
     base = graph_overrides(config, args.lengths, args.decode)
     graphs = {}
-    for label, name in (("graph int8", "qwen2_int8"), ("graph fp32", "qwen2_fp32")):
+    for label, name in (("graph int8", "qwen2_int8"), ("graph int8 block32", "qwen2_int8_block32"),
+                        ("graph fp32", "qwen2_fp32")):
         if label not in args.skip:
             print(f"[long] compiling '{label}' (reused when already built) ...", flush=True)
             graphs[label] = ensure_compiled(args.model, args.weights, workdir, config=str(configs / f"{name}.yaml"),
