@@ -62,7 +62,8 @@ REFERENCE = "llama.cpp Q8_0"
 TARGETS = [(graph, kind, L) for graph in ("graph int8", "graph int8 block32")  # each >= 1.0x
            for kind, L in (("prefill", 4096), ("decode", 2048), ("decode", 8192))]
 KV_DTYPES = {"graph int8": "float32", "graph int8 block32": "float32", "graph int8 DCA": "float32",
-             "graph fp32": "float32", "transformers fp32": "float32", REFERENCE: "float16"}  # llama.cpp's default cache type is f16
+             "graph fp32": "float32", "transformers fp32": "float32",
+             REFERENCE: "float16"}  # llama.cpp's default cache type is f16
 
 
 # ---- resident memory -------------------------------------------------------------------------------
