@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
         ensure_browser()
         cmd = [str(PYTHON), "-m", "pytest", *argv[1:]]
     elif argv[0] == "lab":
-        cmd = [str(PYTHON), "-m", "qwen2lib.lab", *argv[1:]]
+        cmd = [str(PYTHON), "-m", "qwen2lib.cli.lab", *argv[1:]]
     else:
         cmd = [str(PYTHON), "-m", "qwen2lib", "workbook", *argv[1:]]
     try:

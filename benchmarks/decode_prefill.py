@@ -44,10 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llamacpp import BUILD_HINT, batched_bench, find_tool, gguf_matmul_bytes  # noqa: E402
 from qwen2lib import load_model  # noqa: E402
 from qwen2lib.artifacts import default_workdir  # noqa: E402
-from qwen2lib.compile import ensure_compiled  # noqa: E402
+from qwen2lib.compile.stage import ensure_compiled  # noqa: E402
 from qwen2lib.deploy.schemes import INT4_SCHEMES  # noqa: E402
-from qwen2lib.export import ensure_exported, gguf_file  # noqa: E402
-from qwen2lib.graph import OnnxCausalLM  # noqa: E402
+from qwen2lib.export.stage import ensure_exported, gguf_file  # noqa: E402
+from qwen2lib.compile.runtime import OnnxCausalLM  # noqa: E402
 
 GATHER_OPS = {"Gather", "GatherBlockQuantized"}
 TARGETS = [  # (row, column, reference row, at least): the issue's targets, printed PASS / FAIL
@@ -209,7 +209,7 @@ def compile_graphs(args, workdir: Path) -> dict[str, Path]:
 
 def backends(args, workdir: Path) -> tuple[list, list[str]]:
     """[(label, measure() -> row)] in round order, and notes on rows that cannot run."""
-    from qwen2lib.registry import resolve
+    from qwen2lib.model.registry import resolve
 
     vocab = resolve(args.model).config["vocab_size"]
     graphs = compile_graphs(args, workdir)

@@ -8,7 +8,7 @@
 llama-cpp-python is not a dependency of the workbook (building it compiles llama.cpp for minutes):
 ``pip install --target DIR llama-cpp-python`` once and put DIR on PYTHONPATH for this script.
 
-Rows, each on the same held-out blocks (``qwen2lib.fidelity.heldout_blocks``), compared with the fp32 reference by
+Rows, each on the same held-out blocks (``qwen2lib.evaluation.fidelity.heldout_blocks``), compared with the fp32 reference by
 ``fidelity_report`` (KLD, top-1 agreement, PPL ratio):
 
     int8 <scheme> (qwen2lib)        notebook 03's packages in torch
@@ -41,16 +41,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qwen2lib.artifacts import default_workdir  # noqa: E402
-from qwen2lib.compile import ensure_compiled  # noqa: E402
-from qwen2lib.export import CHAT_SAMPLE, ensure_exported, gguf_file  # noqa: E402
-from qwen2lib.export_gguf import load_gguf_model  # noqa: E402
-from qwen2lib.fidelity import fidelity_report, heldout_blocks  # noqa: E402
-from qwen2lib.graph import OnnxCausalLM  # noqa: E402
+from qwen2lib.compile.stage import ensure_compiled  # noqa: E402
+from qwen2lib.export.stage import CHAT_SAMPLE, ensure_exported, gguf_file  # noqa: E402
+from qwen2lib.export.gguf import load_gguf_model  # noqa: E402
+from qwen2lib.evaluation.fidelity import fidelity_report, heldout_blocks  # noqa: E402
+from qwen2lib.compile.runtime import OnnxCausalLM  # noqa: E402
 from qwen2lib.deploy import ensure_patched, load_deploy_package  # noqa: E402
 from qwen2lib.deploy.quantizer import is_int4_linear, is_int8_linear  # noqa: E402
 from qwen2lib.deploy.schemes import INT4_SCHEMES  # noqa: E402
-from qwen2lib.quantization import ensure_quantized, load_quantized, logits_fn  # noqa: E402
-from qwen2lib.tokenizer import load_tokenizer  # noqa: E402
+from qwen2lib.quantize.stage import ensure_quantized, load_quantized, logits_fn  # noqa: E402
+from qwen2lib.model.tokenizer import load_tokenizer  # noqa: E402
 
 
 def timed(fn):

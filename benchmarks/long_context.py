@@ -11,13 +11,13 @@ warm-up steps first, not timed). llama.cpp runs the same through ``llama-batched
 tokens, then ``--decode`` steps; see ``benchmarks/llamacpp.py`` for where the tool is looked for and how to build
 it) on a ``qwen2lib export --format gguf --type q8_0`` file of the same checkpoint; without the tool its row says
 how to build it. The graphs are notebook 04's configs with the positions raised to cover the longest run; the DCA
-graph is compiled from a deploy package whose config.json carries ``--dca CHUNK,LOCAL`` (``qwen2lib.longctx``,
+graph is compiled from a deploy package whose config.json carries ``--dca CHUNK,LOCAL`` (``qwen2lib.model.long_context``,
 ``<workdir>/long_context/<settings>/``), with the plain int8 graph's int8 weights.
 
 Memory, per backend and length: the peak resident set during that length's prefill and decode (the process's
 high-water mark, reset before each length; llama.cpp: its child process's), the resident growth still held
 afterwards with the cache alive, and the bytes of the KV cache object itself. The KV check compares the growth
-from the shortest to the longest length with notebook 00's formula (``qwen2lib.architecture.kv_bytes_per_token``
+from the shortest to the longest length with notebook 00's formula (``qwen2lib.scratch.architecture.kv_bytes_per_token``
 in the backend's KV dtype): a backend that holds more than its cache (spare capacity, an allocator that keeps
 attention scratch) shows it there.
 
@@ -48,15 +48,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_prefill import TorchRunner  # noqa: E402
 from llamacpp import BUILD_HINT, find_tool  # noqa: E402
 from qwen2lib import load_model  # noqa: E402
-from qwen2lib.architecture import kv_bytes_per_token  # noqa: E402
+from qwen2lib.scratch.architecture import kv_bytes_per_token  # noqa: E402
 from qwen2lib.artifacts import default_workdir  # noqa: E402
-from qwen2lib.compile import ensure_compiled  # noqa: E402
+from qwen2lib.compile.stage import ensure_compiled  # noqa: E402
 from qwen2lib.deploy import ensure_patched  # noqa: E402
-from qwen2lib.export import ensure_exported, gguf_file  # noqa: E402
-from qwen2lib.graph import OnnxCausalLM  # noqa: E402
-from qwen2lib.longctx import long_context_overrides, workdir_tag  # noqa: E402
-from qwen2lib.quantization import ensure_quantized  # noqa: E402
-from qwen2lib.registry import resolve  # noqa: E402
+from qwen2lib.export.stage import ensure_exported, gguf_file  # noqa: E402
+from qwen2lib.compile.runtime import OnnxCausalLM  # noqa: E402
+from qwen2lib.model.long_context import long_context_overrides, workdir_tag  # noqa: E402
+from qwen2lib.quantize.stage import ensure_quantized  # noqa: E402
+from qwen2lib.model.registry import resolve  # noqa: E402
 
 REFERENCE = "llama.cpp Q8_0"
 TARGETS = [(graph, kind, L) for graph in ("graph int8", "graph int8 block32")  # each >= 1.0x

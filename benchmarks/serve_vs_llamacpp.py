@@ -18,7 +18,7 @@ that importable, e.g. on PYTHONPATH) unless ``--gguf`` names one.
 
 Both servers run as child processes on 127.0.0.1 (free ports) for the whole run, with the same slot count
 (our ``--max-batch``, llama.cpp's ``-np``, continuous batching in both) and the same thread count; the same
-client (``qwen2lib.bench.benchmark_server``, vLLM ``benchmark_serving`` semantics) sends the same requests at
+client (``qwen2lib.serve.bench.benchmark_server``, vLLM ``benchmark_serving`` semantics) sends the same requests at
 each ``--rates`` rate (Poisson arrivals; inf: all at once). ``--rounds`` rounds interleave the servers (each rate
 on both, back to back, the order alternating), so load from other work on the machine falls on both; each rate's
 rounds are pooled (percentiles over every request, throughput over the summed time) and the per-round throughput
@@ -51,9 +51,9 @@ from llamacpp import BUILD_HINT, find_tool  # noqa: E402
 
 from qwen2lib import load_tokenizer  # noqa: E402
 from qwen2lib.artifacts import default_workdir  # noqa: E402
-from qwen2lib.bench import (RequestResult, benchmark_server, compute_metrics, load_requests, metrics_table,  # noqa: E402
-                            plot_latency_vs_rate)
-from qwen2lib.loading import checkpoint_dir  # noqa: E402
+from qwen2lib.serve.bench import (RequestResult, benchmark_server, compute_metrics, load_requests, metrics_table,
+                                  plot_latency_vs_rate)
+from qwen2lib.model.loading import checkpoint_dir  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
 OURS, PEER = "qwen2lib int8 graph", "llama.cpp Q8_0"

@@ -1,4 +1,4 @@
-"""Each stage's wall time and peak resident memory at real shapes, against what ``qwen2lib.footprint`` predicts.
+"""Each stage's wall time and peak resident memory at real shapes, against what ``qwen2lib.model.footprint`` predicts.
 
     python benchmarks/stage_memory.py                                   # tiny, Qwen2-0.5B, Qwen2.5-1.5B
     python benchmarks/stage_memory.py --models Qwen2.5-3B Qwen2.5-7B    # bigger (needs the memory they need)
@@ -8,7 +8,7 @@ Every stage runs in its own process (``python -m qwen2lib.cli <stage> --weights 
 the figures are the stage record of its ``metrics.json`` (``wall_s``, ``peak_rss_bytes``), or for the random
 checkpoint (no stage folder) the process's own wall time and ``ru_maxrss`` (``os.wait4``). Each model gets a fresh
 cache and run folder under ``--root`` (deleted at the end unless ``--keep``), so the random checkpoint is built
-by the stage under test. The table then shows the prediction of ``qwen2lib.footprint`` for the same config, and
+by the stage under test. The table then shows the prediction of ``qwen2lib.model.footprint`` for the same config, and
 the predictions for the sizes not run (14B, 32B, 72B by default).
 
 Time has no formula in the library: the benchmark fits seconds per billion parameters per stage on the models it
@@ -28,9 +28,9 @@ from pathlib import Path
 CHECKOUT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(CHECKOUT))
 
-from qwen2lib.footprint import parameter_counts, stage_estimates  # noqa: E402
+from qwen2lib.model.footprint import parameter_counts, stage_estimates  # noqa: E402
 from qwen2lib.paths import cache_root  # noqa: E402
-from qwen2lib.registry import resolve  # noqa: E402
+from qwen2lib.model.registry import resolve  # noqa: E402
 
 GiB = 1 << 30
 # stage -> the qwen2lib command that builds it, and the stage folder holding its metrics.json
@@ -113,7 +113,7 @@ def print_table(measured: dict[str, dict[str, dict]], predict: list[str], slopes
                   f"{seconds} |")
     print("\nseconds per billion parameters (fitted on the models run, this machine):",
           ", ".join(f"{s} {v:.0f}" for s, v in slopes.items()) or "-")
-    print("memory formulas (qwen2lib.footprint):")
+    print("memory formulas (qwen2lib.model.footprint):")
     for name, est in stage_estimates(resolve(predict[0] if predict else "tiny").config).items():
         print(f"  {name:13s} {est.formula}")
 

@@ -5,20 +5,12 @@ measured graph. The notebooks are narrative; everything they compute lives here.
 """
 import sys
 
-from .errors import (
-    ModelNotFoundError,
-    NumericalOverflowError,
-    PromptTooLongError,
-    Qwen2LibError,
-    UnsupportedDtypeError,
-    WeightsError,
-    WeightsUnavailableError,
-    WrongModelTypeError,
-    show_short_errors,
-)
-from .loading import checkpoint_dir, load_model, parse_dtype
-from .registry import ModelSpec, list_models, resolve
-from .tokenizer import load_tokenizer
+from .errors import (ModelNotFoundError, NumericalOverflowError, PromptTooLongError, Qwen2LibError,
+                     UnsupportedDtypeError, WeightsError, WeightsUnavailableError, WrongModelTypeError,
+                     show_short_errors)
+from .model.loading import checkpoint_dir, load_model, parse_dtype
+from .model.registry import ModelSpec, list_models, resolve
+from .model.tokenizer import load_tokenizer
 
 __all__ = [
     "ModelNotFoundError",

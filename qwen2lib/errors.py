@@ -37,7 +37,7 @@ class NumericalOverflowError(Qwen2LibError, FloatingPointError):
 
 
 class InsufficientMemoryError(Qwen2LibError, MemoryError):
-    """A stage's estimated resident memory (``qwen2lib.footprint``) exceeds what the machine has available."""
+    """A stage's estimated resident memory (``qwen2lib.model.footprint``) exceeds what the machine has available."""
 
 
 class InsufficientDiskError(Qwen2LibError, OSError):

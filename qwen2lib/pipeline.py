@@ -10,17 +10,17 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .artifacts import default_workdir
-from .calibration import ensure_calibration
-from .compile import ensure_compiled
+from .calibrate.stage import ensure_calibration
+from .compile.stage import ensure_compiled
 from .deploy import ensure_patched, load_deploy_package
-from .export import ensure_exported
-from .footprint import available_bytes, backend_bytes, estimate, release_free_memory
-from .generation import OnnxBackend, TorchBackend
-from .loading import checkpoint_dir, load_model
-from .longctx import LongContextError, announce, announce_graph, apply_overrides, workdir_tag
-from .quantization import ensure_quantized, load_quantized
-from .registry import read_folder_config
-from .stages import GRAPH
+from .export.stage import ensure_exported
+from .model.footprint import available_bytes, backend_bytes, estimate, release_free_memory
+from .serve.generation import OnnxBackend, TorchBackend
+from .model.loading import checkpoint_dir, load_model
+from .model.long_context import LongContextError, announce, announce_graph, apply_overrides, workdir_tag
+from .quantize.stage import ensure_quantized, load_quantized
+from .model.registry import read_folder_config
+from .stages.reuse import GRAPH
 
 BUILDERS = {"patched": ensure_patched, "calibration": ensure_calibration, "quantized": ensure_quantized,
             "compiled": ensure_compiled, "exported": ensure_exported}
@@ -45,7 +45,7 @@ def load_backend(model: str = "tiny", backend: str = "torch", *, weights: str = 
 
     The onnx backend reads ``compiled`` if given, else builds or reuses ``<workdir>/compiled``. The checkpoint's
     long-context settings (Dual Chunk Attention, rope scaling), changed by ``long_context`` (config.json overrides
-    from ``qwen2lib.longctx``), are honoured by both and named on stderr: a torch run with DCA uses the deploy
+    from ``qwen2lib.model.long_context``), are honoured by both and named on stderr: a torch run with DCA uses the deploy
     package (transformers' own Qwen2 ignores it); onnx with overrides compiles its own package and graph in
     ``<workdir>/long_context/<settings>/``. ``spinning``: see ``graph.runtime.session_options``.
     """

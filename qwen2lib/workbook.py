@@ -15,7 +15,7 @@ from pathlib import Path
 import papermill
 from papermill.clientwrap import PapermillNotebookClient
 
-from .tiny import tiny_dir
+from .model.tiny import tiny_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"

@@ -7,15 +7,8 @@ import random
 import pytest
 import torch
 
-from qwen2lib.bench import (
-    RequestResult,
-    benchmark,
-    compute_metrics,
-    load_requests,
-    run_requests,
-    sample_sharegpt_requests,
-    synthetic_requests,
-)
+from qwen2lib.serve.bench import (RequestResult, benchmark, compute_metrics, load_requests, run_requests,
+                                  sample_sharegpt_requests, synthetic_requests)
 
 
 @pytest.fixture(scope="module")

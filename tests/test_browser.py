@@ -16,8 +16,8 @@ import urllib.request
 
 import pytest
 
-from qwen2lib import lab
-from qwen2lib.tiny import tiny_dir
+from qwen2lib.cli import lab
+from qwen2lib.model.tiny import tiny_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = "00_architecture.ipynb"

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from conftest import tiny_hf_config
-from qwen2lib import calibration as cal
+from qwen2lib.calibrate import stage as cal
 
 matplotlib.use("Agg")
 

@@ -4,11 +4,11 @@ import sys
 
 import pytest
 
-from qwen2lib.chat import ChatBox, ChatSession, NoChatTemplateError, use_chat_template
+from qwen2lib.serve.chat import ChatBox, ChatSession, NoChatTemplateError, use_chat_template
 from qwen2lib.errors import PromptTooLongError
-from qwen2lib.generation import SamplingParams, TorchBackend, encode_prompt, generate
+from qwen2lib.serve.generation import SamplingParams, TorchBackend, encode_prompt, generate
 from qwen2lib.pipeline import load_backend
-from qwen2lib.tokenizer import load_tokenizer
+from qwen2lib.model.tokenizer import load_tokenizer
 
 QWEN25_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 

@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-from qwen2lib.tiny import TINY_RECIPE
+from qwen2lib.model.tiny import TINY_RECIPE
 
 
 def run(*args):

@@ -11,15 +11,18 @@ import onnx
 import pytest
 import torch
 
-from qwen2lib.compile import (CompileVerificationError, compile_model, config_path, ensure_compiled, load_weights,
-                              read_manifest, sha256_of)
-from qwen2lib.config_schema import CompileConfig, ConfigError, describe_schema, load_config
+from qwen2lib.compile.stage import (CompileVerificationError, compile_model, config_path, ensure_compiled,
+                                    load_weights, read_manifest, sha256_of)
+from qwen2lib.compile.config_schema import CompileConfig, ConfigError, describe_schema, load_config
 from qwen2lib.errors import NumericalOverflowError, PromptTooLongError
-from qwen2lib.model_config import Qwen2Args
+from qwen2lib.model.model_config import Qwen2Args
 from qwen2lib.deploy.quantizer import quantize_per_block, quantize_weight
-from qwen2lib.graph import GraphPlan, OnnxCausalLM, build_graph, check_finite, op_histogram, pack_matmul_nbits
-from qwen2lib.graph.plan import PlanError
-from qwen2lib.graph.verify import activation_ranges, fp16_plan
+from qwen2lib.compile.plan import GraphPlan
+from qwen2lib.compile.runtime import OnnxCausalLM, check_finite
+from qwen2lib.compile.builder import build_graph, op_histogram
+from qwen2lib.compile.ops import pack_matmul_nbits
+from qwen2lib.compile.plan import PlanError
+from qwen2lib.compile.verify import activation_ranges, fp16_plan
 
 SHIPPED = ("qwen2_fp32", "qwen2_fp16", "qwen2_int8", "qwen2_int8_block32", "qwen2_int4", "qwen2_fp32_standard")
 
@@ -454,7 +457,7 @@ def int4_package(folder, out, scheme):
     """A quantized int4 package of a checkpoint (the quantizer's tensors and config) and its torch model."""
     from safetensors.torch import save_file
 
-    from qwen2lib.calibration import collect_activation_stats
+    from qwen2lib.calibrate.stage import collect_activation_stats
     from qwen2lib.deploy import schemes
     from qwen2lib.deploy.quantized_package import state_dict_for_saving
 
@@ -583,7 +586,7 @@ def test_int8_per_tensor_activations_use_dynamic_quantize_matmul(make_checkpoint
 
 
 def test_random_weights_keep_only_the_parity_bound():
-    from qwen2lib.graph.verify import check_bounds
+    from qwen2lib.compile.verify import check_bounds
 
     bounds = load_config(config_path("qwen2_int8")).verify
     parity = {"max_abs_dlogits": 0.1}
@@ -602,7 +605,7 @@ def test_random_weights_keep_only_the_parity_bound():
 
 
 def test_fidelity_refuses_non_finite_candidate_logits():
-    from qwen2lib.graph.verify import fidelity
+    from qwen2lib.compile.verify import fidelity
 
     blocks = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
     reference = lambda ids: torch.randn(*ids.shape, 50, generator=torch.Generator().manual_seed(1))  # noqa: E731

@@ -6,7 +6,7 @@ import zipfile
 import pytest
 import torch
 
-from qwen2lib import data
+from qwen2lib.calibrate import data
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_offline_without_files_falls_back_to_builtin_and_says_so(monkeypatch, ca
     texts = data.load_calibration_texts("c4", fallback=True)
     assert texts.fallback and texts.dataset == "builtin" and "offline fallback" in texts.label
     assert "standing in for unavailable c4" in texts.label and "Falling back" in capsys.readouterr().out
-    from qwen2lib.corpus import stdlib_corpus
+    from qwen2lib.model.corpus import stdlib_corpus
 
     corpus = stdlib_corpus()
     train = [corpus.read(f) for f in corpus.train_files]

@@ -4,18 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwen2lib.dca import (
-    NOT_THIS_KIND,
-    attention_with_lse,
-    dca_config_from_dict,
-    dca_masks,
-    dual_chunk_attention,
-    dual_chunk_attention_decode,
-    merge_attention_outputs,
-    naive_dual_chunk_attention,
-    relative_position_matrices,
-)
-from qwen2lib.rope import apply_rotary, default_inv_freq, rope_cos_sin
+from qwen2lib.model.long_context import dca_config_from_dict
+from qwen2lib.scratch.dca import (NOT_THIS_KIND, attention_with_lse, dca_masks, dual_chunk_attention, dual_chunk_attention_decode, merge_attention_outputs,
+                                  naive_dual_chunk_attention, relative_position_matrices)
+from qwen2lib.scratch.rope import apply_rotary, default_inv_freq, rope_cos_sin
 
 HD = 16
 INV_FREQ = default_inv_freq(HD, 10000.0)

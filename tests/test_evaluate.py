@@ -18,18 +18,9 @@ import torch.nn.functional as F
 from transformers import Qwen2ForCausalLM
 
 from conftest import tiny_hf_config
-from qwen2lib.evaluate import (
-    EvalDataError,
-    accuracy_table,
-    build_prompt,
-    continuation_ce,
-    evaluate_benchmark,
-    evaluate_ceval,
-    open_benchmark,
-    score_ppl,
-    strided_perplexity,
-    write_builtin_mc_set,
-)
+from qwen2lib.evaluation.accuracy import (EvalDataError, accuracy_table, build_prompt, continuation_ce,
+                                          evaluate_benchmark, evaluate_ceval, open_benchmark, score_ppl,
+                                          strided_perplexity, write_builtin_mc_set)
 
 VOCAB = 151936
 GOLD: dict[str, str] = {}  # question text -> answer, for every row the writers below produce

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import absmax_stats, tiny_hf_config
-from qwen2lib import export, export_ct, export_gguf
+from qwen2lib.export import stage as export, compressed_tensors as export_ct, gguf as export_gguf
 from qwen2lib.artifacts import read_metrics
-from qwen2lib.fidelity import fidelity_report
-from qwen2lib.quantization import dequantize_weight, is_int8_linear, load_quantized, logits_fn, quantize_model
-from qwen2lib.tokenizer import cached_family_tokenizer_dir
+from qwen2lib.evaluation.fidelity import fidelity_report
+from qwen2lib.quantize.stage import dequantize_weight, is_int8_linear, load_quantized, logits_fn, quantize_model
+from qwen2lib.model.tokenizer import cached_family_tokenizer_dir
 
 VOCAB = 320
 CONTROL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -105,7 +105,7 @@ def test_gguf_logits_match_the_package_within_each_types_tolerance(gguf_reports,
 def test_gguf_verification_streams_both_models_and_matches_the_whole_model_report(gguf_reports, package, blocks):
     # export's check runs the package and the file's dequantized tensors a layer at a time (any size fits); its
     # figures must be those of the two whole models (the fixture: transformers built from the GGUF alone)
-    from qwen2lib.tokenizer import load_tokenizer
+    from qwen2lib.model.tokenizer import load_tokenizer
 
     _, whole, reader = gguf_reports["q4_0"]
     streamed = export.verify_gguf(package, reader.data.filename, blocks, load_tokenizer(str(package)))
@@ -149,7 +149,7 @@ def test_gguf_metadata_and_tensor_types_are_what_llama_cpp_reads(gguf_reports, p
 def test_gguf_tokenizer_rebuilt_from_the_file_gives_the_packages_ids(gguf_reports, package):
     import gguf
 
-    from qwen2lib.tokenizer import load_tokenizer
+    from qwen2lib.model.tokenizer import load_tokenizer
 
     reader = gguf_reports["q8_0"][2]
     value = lambda key: reader.get_field(key).contents()  # noqa: E731
@@ -280,7 +280,7 @@ def test_compressed_tensors_refuses_a_float_package(package, tmp_path):
 
 
 def test_export_stage_records_its_source_and_reuses(tmp_path, capsys):
-    from qwen2lib.stages import identity
+    from qwen2lib.stages.reuse import identity
 
     wd = tmp_path / "run"
     out = export.ensure_exported("tiny-random", "auto", wd, format="gguf", variant="q8_0", verify_blocks=1,
@@ -299,7 +299,7 @@ def test_export_stage_records_its_source_and_reuses(tmp_path, capsys):
 
 def test_cli_export_compressed_tensors_and_bad_requests(tmp_path, capsys):
     from qwen2lib.cli import main
-    from qwen2lib.stages import identity
+    from qwen2lib.stages.reuse import identity
 
     wd = tmp_path / "run"
     assert main(["export", "--model", "tiny-random", "--workdir", str(wd), "--format", "compressed-tensors",

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen2lib.errors import NumericalOverflowError
-from qwen2lib.fidelity import REPORT_KEYS, fidelity_report, fidelity_table, per_layer_sqnr, sqnr_db
+from qwen2lib.evaluation.fidelity import REPORT_KEYS, fidelity_report, fidelity_table, per_layer_sqnr, sqnr_db
 
 g = torch.Generator().manual_seed(0)
 LOGITS = torch.randn(3, 6, 11, generator=g, dtype=torch.float64)

@@ -7,20 +7,10 @@ from transformers import Qwen2ForCausalLM
 
 from conftest import tiny_hf_config
 from qwen2lib.errors import PromptTooLongError, Qwen2LibError
-from qwen2lib.generation import (
-    SamplingParams,
-    TextStream,
-    ScratchBackend,
-    TorchBackend,
-    generate,
-    process_logits,
-    sample_rows,
-    top_probabilities,
-    torch_backend,
-    stop_token_ids,
-    stream,
-)
-from qwen2lib.model import Qwen2
+from qwen2lib.serve.generation import (SamplingParams, TextStream, ScratchBackend, TorchBackend, generate,
+                                       process_logits, sample_rows, top_probabilities, torch_backend, stop_token_ids,
+                                       stream)
+from qwen2lib.scratch.model import Qwen2
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 61]
 
@@ -255,7 +245,7 @@ def test_cli_generate_streams_to_the_terminal(capsys, tmp_path):
 @pytest.fixture(scope="module", params=["qwen2_fp32", "qwen2_fp32_standard"])
 def onnx_backend(request, hf_model, tmp_path_factory):
     """The fp32 graph (onnxruntime contrib ops, and plain ONNX ops) compiled from the same weights."""
-    from qwen2lib.compile import compile_model
+    from qwen2lib.compile.stage import compile_model
     from qwen2lib.pipeline import load_backend
 
     root = tmp_path_factory.mktemp(request.param)
@@ -287,7 +277,7 @@ def test_onnx_graph_left_padded_batch_and_full_logits_match_torch(hf_model, onnx
 
 def test_a_last_position_graph_generates_what_the_full_logits_graph_does(tmp_path):
     from qwen2lib.pipeline import stage_backend
-    from qwen2lib.tokenizer import load_tokenizer
+    from qwen2lib.model.tokenizer import load_tokenizer
 
     full = stage_backend("fp32 graph", "tiny-random", workdir=tmp_path / "run")
     last = stage_backend("fp32 graph", "tiny-random", workdir=tmp_path / "run", last_position_only=True)

@@ -8,8 +8,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from qwen2lib.compile import config_path, ensure_compiled, load_weights, read_manifest
-from qwen2lib.config_schema import ConfigError, load_config
+from qwen2lib.compile.stage import config_path, ensure_compiled, load_weights, read_manifest
+from qwen2lib.compile.config_schema import ConfigError, load_config
 from qwen2lib.deploy.quantizer import quantize_per_block
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen2lib import lab
+from qwen2lib.cli import lab
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))

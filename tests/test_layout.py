@@ -179,7 +179,70 @@ def test_the_import_listing_sees_argparse_and_a_relative_cli(tmp_path):
     source.write_text("def f():\n    import argparse\n\nfrom ..cli import main\n")
     assert imported_modules(source) == {"argparse", "..cli"}
 
-# ---- the README names every module -----------------------------------------------------------------
+# ---- the tree is the stage graph ---------------------------------------------------------------------
+
+# Packages in the order of the flow: each may import from itself and the ones before it, never a later one.
+PACKAGE_ORDER = ["model", "scratch", "evaluation", "stages", "deploy", "calibrate", "quantize", "compile", "export",
+                 "serve", "cli"]
+FOUNDATION = {"errors", "paths", "artifacts"}  # top-level modules every package may use; they import no package
+FACADES = {"pipeline", "workbook"}  # top-level modules over every stage; only the CLI imports them
+MAX_TOP_LEVEL_MODULES = 5
+
+
+def qwen2lib_imports(path: Path) -> set[str]:
+    """The qwen2lib modules ``path`` imports, absolute (``qwen2lib.model.loading``)."""
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - max(node.level - 1, 0)] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            if target.split(".")[0] == "qwen2lib":
+                found.update(f"{target}.{a.name}" if (PACKAGE / Path(*f"{target}.{a.name}".split(".")[1:])).with_suffix(
+                    ".py").is_file() else target for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "qwen2lib")
+    return found
+
+
+def top_of(module: str) -> str:
+    """``qwen2lib.model.loading`` -> ``model``; ``qwen2lib`` -> ``""``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_no_package_imports_a_later_stage():
+    wrong = []
+    for path in SOURCES:
+        here = top_of(module_name(path))
+        if here not in PACKAGE_ORDER and here not in FOUNDATION:
+            continue  # the facades and qwen2lib/__init__ may import any stage
+        for target in qwen2lib_imports(path):
+            there = top_of(target)
+            if here in FOUNDATION:
+                if there not in FOUNDATION and there != "":
+                    wrong.append(f"{path.relative_to(PACKAGE)} (foundation) imports {target}")
+            elif there in FACADES:
+                if here != "cli":
+                    wrong.append(f"{path.relative_to(PACKAGE)} imports the facade {target}")
+            elif there in PACKAGE_ORDER and PACKAGE_ORDER.index(there) > PACKAGE_ORDER.index(here):
+                wrong.append(f"{path.relative_to(PACKAGE)} imports {target}, a later stage than {here}/")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_order_check_sees_a_backward_import(tmp_path):
+    assert PACKAGE_ORDER.index(top_of("qwen2lib.serve.generation")) > PACKAGE_ORDER.index("model")
+    source = PACKAGE / "model" / "loading.py"
+    assert "qwen2lib.model.footprint" in qwen2lib_imports(source)
+
+
+def test_few_modules_stay_at_the_top_and_every_module_lives_in_a_known_place():
+    top = sorted(p.stem for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", "__main__.py"))
+    assert len(top) <= MAX_TOP_LEVEL_MODULES, f"{len(top)} modules at the top of qwen2lib/: {top}"
+    assert set(top) == FOUNDATION | FACADES, f"top-level modules {top}: name each in FOUNDATION or FACADES"
+    packages = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
+    assert packages == sorted(PACKAGE_ORDER), f"packages {packages} != PACKAGE_ORDER"
+
 
 def layout_section() -> str:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -188,11 +251,10 @@ def layout_section() -> str:
     return readme[start : end if end != -1 else len(readme)]
 
 
-def test_the_readme_layout_names_every_module_on_a_line_of_its_own():
+def test_the_readme_layout_names_every_package_and_top_level_module():
     section = layout_section()
-    modules = [p.relative_to(PACKAGE).as_posix() for p in SOURCES if p.name not in ("__init__.py", "__main__.py")]
-    lines = {line.split("`")[1] for line in section.splitlines() if line.startswith("- `")}
-    missing = [m for m in modules if m not in lines]
-    assert not missing, f"README's Layout section has no line for {missing}"
-    stale = sorted(name for name in lines if name.endswith(".py") and name not in modules)
-    assert not stale, f"README's Layout section names modules that do not exist: {stale}"
+    named = {part.split("`")[0] for part in section.split("- `")[1:]}
+    named |= {word.strip("`:;,") for word in section.split() if word.startswith("`")}
+    missing = [f"{p}/" for p in PACKAGE_ORDER if f"{p}/" not in named]
+    missing += [f"{m}.py" for m in sorted(FOUNDATION | FACADES) if f"{m}.py" not in named]
+    assert not missing, f"README's Layout section does not name {missing}"

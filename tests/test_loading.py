@@ -9,7 +9,7 @@ from transformers import Qwen2ForCausalLM
 
 import qwen2lib
 from qwen2lib import errors
-from qwen2lib.loading import check_safetensors, parse_dtype
+from qwen2lib.model.loading import check_safetensors, parse_dtype
 
 
 def test_folder_checkpoint_loads_with_its_weights(make_checkpoint):

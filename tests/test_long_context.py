@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from qwen2lib import deploy
-from qwen2lib.compile import compile_model, config_path, load_weights, read_manifest
-from qwen2lib.config_schema import ConfigError
-from qwen2lib.graph import GraphPlan, OnnxCausalLM, build_graph, op_histogram
-from qwen2lib.model_config import Qwen2Args
+from qwen2lib.compile.stage import compile_model, config_path, load_weights, read_manifest
+from qwen2lib.compile.config_schema import ConfigError
+from qwen2lib.compile.plan import GraphPlan
+from qwen2lib.compile.runtime import OnnxCausalLM
+from qwen2lib.compile.builder import build_graph, op_histogram
+from qwen2lib.model.model_config import Qwen2Args
 
 DCA = {"chunk_size": 12, "local_size": 4, "original_max_position_embeddings": 12}  # chunks of s = 8 positions
 
@@ -139,7 +141,7 @@ def test_compile_refuses_dual_chunk_it_cannot_verify(make_checkpoint, tmp_path):
 # ---- settings: --dca / --yarn, honoured by every backend ---------------------------------------------
 
 def test_parse_settings_and_refuse_what_cannot_run():
-    from qwen2lib.longctx import LongContextError, apply_overrides, long_context_overrides
+    from qwen2lib.model.long_context import LongContextError, apply_overrides, long_context_overrides
 
     config = {"max_position_embeddings": 256, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}
     ov = long_context_overrides("12,4", "4,64", config)
@@ -163,8 +165,8 @@ def test_parse_settings_and_refuse_what_cannot_run():
 
 def test_torch_backend_runs_dca_through_the_package_and_yarn_as_configured(make_checkpoint, tmp_path, capsys):
     from qwen2lib.pipeline import load_backend
-    from qwen2lib.longctx import long_context_overrides
-    from qwen2lib.model import Qwen2
+    from qwen2lib.model.long_context import long_context_overrides
+    from qwen2lib.scratch.model import Qwen2
 
     folder = make_checkpoint()
     config = json.loads((folder / "config.json").read_text())
@@ -196,20 +198,21 @@ def test_cli_refuses_settings_it_cannot_apply_in_one_line(capsys):
 
 
 def test_context_variants_share_one_set_of_weights_and_score_like_separate_models(make_checkpoint):
-    from qwen2lib import longctx
-    from qwen2lib.model import Qwen2
+    from qwen2lib.model.long_context import apply_overrides
+    from qwen2lib.scratch import context_study
+    from qwen2lib.scratch.model import Qwen2
 
     folder = make_checkpoint()
     config = json.loads((folder / "config.json").read_text())
-    overrides = longctx.method_overrides(config, 16, 64, 12, 4)
-    variants = longctx.load_variants(folder, overrides)
+    overrides = context_study.method_overrides(config, 16, 64, 12, 4)
+    variants = context_study.load_variants(folder, overrides)
     tensors = {t.data_ptr() for m in variants.values() for t in m.parameters()}  # storage, not Parameter objects
     one = {t.data_ptr() for t in next(iter(variants.values())).parameters()}
     assert len(variants) == 4 and tensors == one, "each variant copied the weights"
     ids = torch.randint(0, 300, (48,), generator=torch.Generator().manual_seed(0))
     base = Qwen2.from_checkpoint(folder).eval()
     for method, extra in overrides.items():
-        alone = Qwen2(Qwen2Args.from_config_dict(longctx.apply_overrides(config, extra))).eval()
+        alone = Qwen2(Qwen2Args.from_config_dict(apply_overrides(config, extra))).eval()
         alone.load_state_dict(base.state_dict())
-        torch.testing.assert_close(longctx.token_nll(variants[method], ids), longctx.token_nll(alone, ids),
+        torch.testing.assert_close(context_study.token_nll(variants[method], ids), context_study.token_nll(alone, ids),
                                    rtol=0, atol=0, msg=method)

@@ -5,8 +5,8 @@ from transformers import Qwen2ForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from conftest import tiny_hf_config
-from qwen2lib import rope
-from qwen2lib.model import Qwen2, Qwen2Args, grouped_query_attention
+from qwen2lib.scratch import rope
+from qwen2lib.scratch.model import Qwen2, Qwen2Args, grouped_query_attention
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 1_000_000.0}
 
@@ -99,7 +99,7 @@ def test_gqa_equals_multi_head_with_repeated_kv():
 
 
 def test_long_prompts_are_scored_a_block_of_queries_at_a_time(monkeypatch):
-    from qwen2lib import model as model_module
+    from qwen2lib.scratch import model as model_module
 
     g = torch.Generator().manual_seed(3)
     q, k, v = torch.randn(2, 8, 10, 16, generator=g), torch.randn(2, 2, 10, 16, generator=g), torch.randn(2, 2, 10, 16, generator=g)

@@ -19,7 +19,7 @@ NOTEBOOK_TIMEOUT_S = 3600  # whole notebook, generous for a busy machine; each c
 def embedded_model_built():
     """Build (or find) `tiny` before any notebook runs, with no time limit: on a busy machine its one-time
     training is slow, and no notebook cell should be what waits for it."""
-    from qwen2lib.tiny import tiny_dir
+    from qwen2lib.model.tiny import tiny_dir
 
     tiny_dir(trained=True)
 

@@ -299,8 +299,8 @@ DCA = {"chunk_size": 12, "local_size": 4, "original_max_position_embeddings": 12
 
 def naive_dca_logits(checkpoint: Path, ids: torch.Tensor, monkeypatch) -> torch.Tensor:
     """Logits of qwen2lib's teaching model with its attention swapped for dca.naive_dual_chunk_attention."""
-    from qwen2lib import dca
-    from qwen2lib.model import Qwen2
+    from qwen2lib.scratch import dca
+    from qwen2lib.scratch.model import Qwen2
 
     monkeypatch.setattr(dca, "dual_chunk_attention", dca.naive_dual_chunk_attention)
     with torch.no_grad():
@@ -528,7 +528,7 @@ def test_a_deploy_package_quantizes_and_reloads_without_qwen2lib(package_of, tmp
     from conftest import absmax_stats
     from safetensors.torch import save_file
 
-    from qwen2lib import quantization as q
+    from qwen2lib.quantize import stage as q
     from qwen2lib.deploy.schemes import STATS_FILE
 
     _, package = package_of("plain")

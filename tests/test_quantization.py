@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import absmax_stats, tiny_hf_config
-from qwen2lib import quantization as q
+from qwen2lib.quantize import stage as q
 from qwen2lib.deploy import quantizer as qz, schemes
 
 
@@ -104,7 +104,7 @@ def test_quantize_model_schemes_skip_and_config():
 
 def calibration_stats(model, ids, scheme):
     """What the calibration stage gives a scheme: the statistics, and the blocks themselves (GPTQ runs them)."""
-    from qwen2lib.calibration import collect_activation_stats
+    from qwen2lib.calibrate.stage import collect_activation_stats
 
     if scheme not in schemes.CALIBRATED_SCHEMES:
         return None
@@ -249,7 +249,7 @@ def test_awq_exponent_search_on_a_row_sample_picks_the_full_search_exponent(monk
 
 
 def test_awq_folding_leaves_fp32_outputs_unchanged_and_needs_mean_squares():
-    from qwen2lib.calibration import collect_activation_stats
+    from qwen2lib.calibrate.stage import collect_activation_stats
 
     model = seeded_model()
     ids = torch.randint(0, 320, (2, 12))
@@ -346,7 +346,7 @@ def test_matmul_timings_table_has_every_path():
 
 def test_ensure_quantized_writes_package_and_fidelity_metrics_then_reuses(tmp_path):
     from qwen2lib.artifacts import read_metrics
-    from qwen2lib.fidelity import REPORT_KEYS
+    from qwen2lib.evaluation.fidelity import REPORT_KEYS
 
     kwargs = dict(seed=0, heldout_blocks=2, heldout_len=16, calibration={"samples": 2, "seq_len": 16, "progress": False})
     out = q.ensure_quantized("tiny-random", "auto", tmp_path, scheme="smoothquant", alpha=0.6, **kwargs)

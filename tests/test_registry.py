@@ -3,7 +3,7 @@ import torch
 from transformers import Qwen2ForCausalLM
 
 import qwen2lib
-from qwen2lib.registry import FAMILY_CONFIGS, resolve
+from qwen2lib.model.registry import FAMILY_CONFIGS, resolve
 
 SIZES = {"Qwen2": ["0.5B", "1.5B", "7B", "72B"], "Qwen2.5": ["0.5B", "1.5B", "3B", "7B", "14B", "32B", "72B"]}
 # Parameter counts the model cards publish, in billions (rounded as published).

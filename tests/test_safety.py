@@ -11,11 +11,11 @@ import pytest
 
 from qwen2lib import cli
 from qwen2lib.artifacts import MARKER, ForeignFolderError, atomic_dir, check_component, sweep_leftovers
-from qwen2lib.config_schema import ConfigError, load_config
+from qwen2lib.compile.config_schema import ConfigError, load_config
 from qwen2lib.errors import WeightsError, WeightsUnavailableError
-from qwen2lib.loading import check_weights_match_config, load_model
+from qwen2lib.model.loading import check_weights_match_config, load_model
 from qwen2lib.deploy import PackageCodeError, build_deploy_package, load_deploy_package
-from qwen2lib import quantization as q
+from qwen2lib.quantize import stage as q
 
 
 # ---- no stage replaces a folder it did not create --------------------------------------------------
@@ -71,7 +71,7 @@ def test_atomic_dir_replaces_its_own_folder(tmp_path):
 
 
 def test_compile_refuses_a_foreign_output_folder_before_building(make_checkpoint, tmp_path):
-    from qwen2lib.compile import compile_model
+    from qwen2lib.compile.stage import compile_model
 
     victim = tmp_path / "mine"
     victim.mkdir()
@@ -240,7 +240,7 @@ def test_the_checkpoint_is_never_touched_by_a_rejected_compile(make_checkpoint, 
     folder = make_checkpoint()
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     with pytest.raises(ForeignFolderError):
-        from qwen2lib.compile import compile_model
+        from qwen2lib.compile.stage import compile_model
 
         compile_model("qwen2_fp32", str(folder), out_dir=folder, verbose=False)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
@@ -270,7 +270,7 @@ def _mismatched_checkpoint(make_checkpoint) -> str:
 
 
 def _damaged_graph(make_checkpoint, tmp_path) -> str:
-    from qwen2lib.compile import compile_model
+    from qwen2lib.compile.stage import compile_model
 
     out = compile_model("qwen2_fp32_standard", str(make_checkpoint("g")), workdir=tmp_path / "g-run", verbose=False)
     graph = out / "model.onnx"

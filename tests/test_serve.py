@@ -9,8 +9,8 @@ import torch
 from transformers import Qwen2ForCausalLM
 
 from conftest import tiny_hf_config
-from qwen2lib.generation import SamplingParams, TorchBackend, generate
-from qwen2lib.serving import Engine, EngineConfig, Event, ServeRequest, peak_kv_slots
+from qwen2lib.serve.generation import SamplingParams, TorchBackend, generate
+from qwen2lib.serve.engine import Engine, EngineConfig, Event, ServeRequest, peak_kv_slots
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7, 61], [9, 8, 7], [100, 200, 300, 44, 55], [12] * 11, [77, 78]]
 TIMEOUT = 120  # seconds; generous, a busy machine must not fail a test
@@ -109,7 +109,7 @@ def test_sampled_rows_draw_from_their_own_seeded_generator(hf_model):
 
 
 def test_kv_budget_queues_requests_and_refuses_one_that_never_fits(hf_model):
-    from qwen2lib.serving import RequestTooLargeError
+    from qwen2lib.serve.engine import RequestTooLargeError
 
     engine = Engine(TorchBackend(hf_model), stop_ids=set(), config=EngineConfig(max_batch=8, kv_budget_tokens=40))
     with pytest.raises(RequestTooLargeError, match="KV budget of 40"):
@@ -161,7 +161,7 @@ def test_a_step_is_one_burst_of_events_for_every_row(hf_model):
 
 
 def test_the_event_relay_wakes_the_loop_once_for_everything_posted_since_the_last_wake_up():
-    from qwen2lib.server import EventRelay
+    from qwen2lib.serve.server import EventRelay
 
     loop, wakeups = asyncio.new_event_loop(), []
     schedule = loop.call_soon_threadsafe
@@ -192,7 +192,7 @@ import json  # noqa: E402
 
 import aiohttp  # noqa: E402
 
-from qwen2lib.server import ServerThread, build_app, rss_mb  # noqa: E402
+from qwen2lib.serve.server import ServerThread, build_app, rss_mb  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -380,7 +380,7 @@ def test_soak_every_request_is_answered_or_refused_and_the_server_drains(tiny_ra
 
 # ---- bench --url: the load client -----------------------------------------------------------
 
-from qwen2lib.bench import arrival_delays, benchmark_server, synthetic_requests  # noqa: E402
+from qwen2lib.serve.bench import arrival_delays, benchmark_server, synthetic_requests  # noqa: E402
 
 
 def test_arrivals_are_poisson_at_the_rate_or_all_at_once():
@@ -441,7 +441,7 @@ def test_cli_bench_url_writes_the_run(tiny_random, tmp_path, capsys):
 
 def test_a_compiled_graph_serves_joining_requests_as_it_generates_them_alone(hf_model, tmp_path):
     """The onnx backend's KVState rows join and leave too (contrib graph: the cache is decoded in place)."""
-    from qwen2lib.compile import compile_model
+    from qwen2lib.compile.stage import compile_model
     from qwen2lib.pipeline import load_backend
 
     hf_model.save_pretrained(tmp_path / "ckpt")
@@ -462,7 +462,7 @@ def test_the_load_client_runs_inside_a_running_event_loop_too():
     """Notebook 05 calls it from a Jupyter kernel, whose event loop is already running."""
     import asyncio
 
-    from qwen2lib.bench import run_coroutine
+    from qwen2lib.serve.bench import run_coroutine
 
     async def answer():
         return 42

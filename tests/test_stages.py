@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from qwen2lib import pipeline, stages
+from qwen2lib import pipeline
+from qwen2lib.stages import reuse as stages
 from qwen2lib.artifacts import read_metrics
-from qwen2lib.calibration import ensure_calibration
-from qwen2lib.compile import ensure_compiled, read_manifest
-from qwen2lib.graph import OnnxCausalLM
+from qwen2lib.calibrate.stage import ensure_calibration
+from qwen2lib.compile.stage import ensure_compiled, read_manifest
+from qwen2lib.compile.runtime import OnnxCausalLM
 from qwen2lib.deploy import ensure_patched
-from qwen2lib.quantization import ensure_quantized
+from qwen2lib.quantize.stage import ensure_quantized
 
 MODEL = "tiny-random"  # the real tokenizer, so every calibration set reads; seconds per stage
 SMALL = {"samples": 4, "seq_len": 32}
@@ -124,11 +125,11 @@ def test_a_changed_graph_builder_rebuilds_the_graph_only(make_checkpoint, tmp_pa
     folder, wd = str(make_checkpoint()), tmp_path / "run"
     graph = ensure_compiled(folder, "auto", wd, config="qwen2_fp32", verbose=False)
     patched, before = identity(wd / "patched"), identity(graph)
-    monkeypatch.setattr(stages, "PACKAGE_DIR", _copy_of_the_library_with(tmp_path, "graph/builder.py", "# edited\n"))
+    monkeypatch.setattr(stages, "PACKAGE_DIR", _copy_of_the_library_with(tmp_path, "compile/builder.py", "# edited\n"))
     capsys.readouterr()
     ensure_compiled(folder, "auto", wd, config="qwen2_fp32", verbose=True)
     err = capsys.readouterr().err
-    assert "[patched] reusing" in err and "[compiled] rebuilding, code changed: graph/builder.py" in err, err
+    assert "[patched] reusing" in err and "[compiled] rebuilding, code changed: compile/builder.py" in err, err
     assert identity(wd / "patched") == patched and identity(graph) != before
 
 

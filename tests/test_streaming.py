@@ -10,18 +10,20 @@ import pytest
 import torch
 
 from conftest import tiny_hf_config
-from qwen2lib import footprint
-from qwen2lib.compile import load_weights
+from qwen2lib.model import footprint
+from qwen2lib.compile.stage import load_weights
 from qwen2lib.deploy import build_deploy_package, load_deploy_package
 from qwen2lib.deploy.quantized_package import MAX_SHARD_BYTES
 from qwen2lib.errors import InsufficientMemoryError
-from qwen2lib.graph import GraphPlan, OnnxCausalLM, build_graph
-from qwen2lib.graph.verify import reference_logits_fn, streamed_reference
-from qwen2lib.layerwise import LayerwiseModel
-from qwen2lib.model_config import Qwen2Args
-from qwen2lib.random_weights import build_random_model, random_state_dict, write_random_checkpoint
-from qwen2lib.registry import resolve
-from qwen2lib.tensorio import INDEX_FILE, TensorReader
+from qwen2lib.compile.plan import GraphPlan
+from qwen2lib.compile.runtime import OnnxCausalLM
+from qwen2lib.compile.builder import build_graph
+from qwen2lib.compile.verify import reference_logits_fn, streamed_reference
+from qwen2lib.deploy.layerwise import LayerwiseModel
+from qwen2lib.model.model_config import Qwen2Args
+from qwen2lib.model.random_weights import build_random_model, random_state_dict, write_random_checkpoint
+from qwen2lib.model.registry import resolve
+from qwen2lib.model.tensorio import INDEX_FILE, TensorReader
 
 
 @pytest.mark.parametrize("name", ["Qwen2-0.5B", "Qwen2.5-3B", "Qwen2-7B", "Qwen2.5-72B"])
@@ -78,8 +80,8 @@ def test_a_quantized_compile_past_memory_is_built_unverified_and_says_so():
 
 
 def test_compile_skips_only_the_verification_that_cannot_fit(tmp_path, monkeypatch):
-    from qwen2lib import compile as compile_module
-    from qwen2lib.compile import ensure_compiled
+    from qwen2lib.compile import stage as compile_module
+    from qwen2lib.compile.stage import ensure_compiled
 
     why = "verification skipped: loading the graph needs ~99 GB resident and this machine has 1 GB available"
     monkeypatch.setattr(compile_module, "verification_fits", lambda config, precision: (False, why))
@@ -94,7 +96,7 @@ def test_compile_skips_only_the_verification_that_cannot_fit(tmp_path, monkeypat
 
 
 def test_ensure_stage_refuses_before_building(tmp_path, monkeypatch):
-    from qwen2lib.calibration import ensure_calibration
+    from qwen2lib.calibrate.stage import ensure_calibration
 
     monkeypatch.setattr(footprint, "available_bytes", lambda: 100 << 20)  # a machine with 100 MB free
     with pytest.raises(InsufficientMemoryError, match="calibration needs ~.* resident; this machine has 0.1 GB"):
@@ -142,8 +144,8 @@ def test_streamed_reference_equals_the_whole_model(package):
 
 def test_streamed_fidelity_equals_the_whole_models_report(package, tmp_path):
     """Notebook 03's report, both sides streamed layer by layer, is the report of the two whole models."""
-    from qwen2lib import quantization as q
-    from qwen2lib.fidelity import fidelity_report, per_layer_sqnr
+    from qwen2lib.quantize import stage as q
+    from qwen2lib.evaluation.fidelity import fidelity_report, per_layer_sqnr
 
     reference = load_deploy_package(package, torch.float32)
     type(reference).quantize_checkpoint(package, tmp_path / "int8", "w8a16")

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qwen2lib.corpus import heldout_token_blocks, stdlib_corpus
-from qwen2lib.tokenizer import load_tokenizer
-from qwen2lib.train_tiny import (expand_to_vocabulary, slot_cross_entropy, slot_log_multiplicity, surface_class,
-                                 surface_classes, train_tiny, vocabulary_slots)
+from qwen2lib.model.corpus import heldout_token_blocks, stdlib_corpus
+from qwen2lib.model.tokenizer import load_tokenizer
+from qwen2lib.model.train_tiny import (expand_to_vocabulary, slot_cross_entropy, slot_log_multiplicity, surface_class,
+                                       surface_classes, train_tiny, vocabulary_slots)
 
 
 def test_corpus_split_is_deterministic_disjoint_and_hashed():

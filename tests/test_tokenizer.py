@@ -2,8 +2,8 @@ import unicodedata
 
 import pytest
 
-from qwen2lib import tokenizer as tk
-from qwen2lib.tokenizer import load_tokenizer
+from qwen2lib.model import tokenizer as tk
+from qwen2lib.model.tokenizer import load_tokenizer
 
 TEXTS = [
     "Hello, world! The year 2024 has 366 days.",

@@ -14,8 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import DEBUG_VARIABLE, Qwen2LibError
-from ..loading import checkpoint_dir
-from ..registry import list_models
+from ..model.loading import checkpoint_dir
+from ..model.registry import list_models
 from ..workbook import CELL_TIMEOUT_S, ROOT as WORKBOOK_ROOT, __doc__ as workbook_doc, run_workbook
 from . import inference, stages
 from .common import add_model_args

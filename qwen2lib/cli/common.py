@@ -6,9 +6,9 @@ import argparse
 from pathlib import Path
 
 from ..artifacts import default_workdir
-from ..loading import checkpoint_dir
-from ..longctx import LongContextError, long_context_overrides
-from ..registry import read_folder_config
+from ..model.loading import checkpoint_dir
+from ..model.long_context import LongContextError, long_context_overrides
+from ..model.registry import read_folder_config
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

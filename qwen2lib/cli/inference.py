@@ -14,19 +14,19 @@ matplotlib.use("Agg")  # the command line saves its plots to files; no window
 import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
 
 from ..artifacts import atomic_write_text, stage_dir
-from ..bench import (SYNTHETIC, base_url, benchmark, benchmark_server, load_requests, metrics_table, plot_latency_cdf,
-                     save_run)
-from ..chat import COMMANDS, ChatSession, repl, use_chat_template
+from ..serve.bench import (SYNTHETIC, base_url, benchmark, benchmark_server, load_requests, metrics_table,
+                           plot_latency_cdf, save_run)
+from ..serve.chat import COMMANDS, ChatSession, repl, use_chat_template
 from ..errors import Qwen2LibError
-from ..evaluate import download_ceval, text_perplexity
+from ..evaluation.accuracy import download_ceval, text_perplexity
 from ..evaluation.datasets import DATASETS, TITLES, EvalDataError, open_benchmark
 from ..evaluation.runner import MODES, accuracy_table, evaluate_benchmark, plan
-from ..generation import SamplingParams, generate, stop_token_ids
-from ..longctx import workdir_tag
+from ..serve.generation import SamplingParams, generate, stop_token_ids
+from ..model.long_context import workdir_tag
 from ..pipeline import ACCURACY_STAGES, STAGE_BACKENDS, load_backend, stage_backend
-from ..server import LOOPBACK, build_app
-from ..serving import EngineConfig
-from ..tokenizer import load_tokenizer
+from ..serve.server import LOOPBACK, build_app
+from ..serve.engine import EngineConfig
+from ..model.tokenizer import load_tokenizer
 from .common import add_long_context_args, add_model_args, long_context_of, workdir_of
 
 
@@ -65,7 +65,7 @@ def sampling_params_of(args) -> SamplingParams:
 
 def add_backend_args(p) -> None:
     """--backend/--compiled/--precision: which runtime, and which compiled graph for onnx (generate, bench, eval);
-    --dca/--yarn: long-context settings (qwen2lib.longctx)."""
+    --dca/--yarn: long-context settings (qwen2lib.model.long_context)."""
 
     p.add_argument("--backend", default="torch", choices=("torch", "onnx"))
     p.add_argument("--compiled", default=None, help="compiled graph folder (default: <workdir>/compiled, built if missing)")

@@ -9,18 +9,18 @@ import torch
 import yaml
 
 from ..artifacts import read_metrics, stage_dir
-from ..calibration import DEFAULT_PERCENTILE, DEFAULT_REQUEST, ensure_calibration
-from ..compile import compile_model, config_path, read_manifest
-from ..config_schema import ConfigError
-from ..data import DATASETS
+from ..calibrate.stage import DEFAULT_PERCENTILE, DEFAULT_REQUEST, ensure_calibration
+from ..compile.stage import compile_model, config_path, read_manifest
+from ..compile.config_schema import ConfigError
+from ..calibrate.data import DATASETS
 from ..deploy import build_deploy_package, prove_package
 from ..deploy.quantizer import DEFAULT_GROUP_SIZE
 from ..deploy.schemes import DEFAULT_SKIP, INT8_SCHEMES, SCHEMES, check_settings
-from ..export import FORMATS, check_export_request, ensure_exported
-from ..export_gguf import GGUF_TYPES, ExportError
-from ..fidelity import fidelity_table
-from ..loading import checkpoint_dir
-from ..quantization import ensure_quantized, size_table
+from ..export.stage import FORMATS, check_export_request, ensure_exported
+from ..export.gguf import GGUF_TYPES, ExportError
+from ..evaluation.fidelity import fidelity_table
+from ..model.loading import checkpoint_dir
+from ..quantize.stage import ensure_quantized, size_table
 from .common import add_model_args, workdir_of
 
 

@@ -9,9 +9,8 @@ anything imports it; ``proof.py`` checks its logits against upstream; ``report.p
 
 The names below are the package's public face, the ones notebook 01 and the later stages use.
 """
-from .package import (PackageCodeError, build_deploy_package, ensure_patched, load_deploy_package,
-                      package_auto_map, package_target, patched_sources, record_metrics, upstream_source,
-                      verify_package_code)
+from .package import (PackageCodeError, build_deploy_package, ensure_patched, load_deploy_package, package_auto_map,
+                      package_target, patched_sources, record_metrics, upstream_source, verify_package_code)
 from .patch import (CONFIGURATION_FILE, MODELING_FILE, PATCHES_WRITTEN_FOR, AppliedPatch, Edit, Patch,
                     PatchAnchorError, apply_patches)
 from .patches import configuration_patches, modeling_patches

@@ -22,9 +22,9 @@ from transformers import AutoModelForCausalLM
 
 from ..artifacts import default_workdir, read_metrics, stage_dir, write_metrics
 from ..errors import ModelNotFoundError, Qwen2LibError, WeightsError, WrongModelTypeError
-from ..loading import checkpoint_dir, parse_dtype
-from ..longctx import apply_overrides, hf_config_with
-from ..stages import ensure_stage, recorded_request
+from ..model.loading import checkpoint_dir, parse_dtype
+from ..model.long_context import apply_overrides, hf_config_with
+from ..stages.reuse import ensure_stage, recorded_request
 from .patch import (CONFIGURATION_FILE, MODELING_FILE, PATCHES_WRITTEN_FOR, AppliedPatch, apply_patches,
                     installed_transformers_version)
 from .patches import check_target, configuration_patches, modeling_patches
@@ -179,7 +179,7 @@ def package_auto_map(target: str) -> dict[str, str]:
 
 
 def package_config(checkpoint_config: dict, target: str, insert_slice: bool, overrides: dict | None = None) -> dict:
-    config = apply_overrides(checkpoint_config, overrides)  # --dca / --yarn (qwen2lib.longctx)
+    config = apply_overrides(checkpoint_config, overrides)  # --dca / --yarn (qwen2lib.model.long_context)
     config["architectures"] = ["Qwen2ForCausalLM"]
     config["auto_map"] = package_auto_map(target)
     config["_attn_implementation"] = "eager"
@@ -247,8 +247,8 @@ def build_deploy_package(
     It holds the patched ``modeling_qwen2_<target>.py`` / ``configuration_qwen2_<target>.py``, a
     ``config.json`` whose ``auto_map`` points at them, the tokenizer files (copied), the weights
     (absolute symlinks into ``checkpoint_dir``), ``patches.json`` and ``metrics.json`` (with the stage
-    record of ``qwen2lib.stages``). ``config_overrides`` changes config.json keys (long-context settings,
-    ``qwen2lib.longctx``). Load it with ``load_deploy_package`` (code checked, then
+    record of ``qwen2lib.stages.reuse``). ``config_overrides`` changes config.json keys (long-context settings,
+    ``qwen2lib.model.long_context``). Load it with ``load_deploy_package`` (code checked, then
     ``AutoModelForCausalLM.from_pretrained(package, trust_remote_code=True)``). ``force=False`` reuses a
     package built from the same checkpoint, settings and patch code.
     """
@@ -291,7 +291,7 @@ def ensure_patched(
     verbose: bool = True,
 ) -> Path:
     """The deploy package in ``<workdir>/patched/``, reused when built from this checkpoint with these settings
-    and this checkout's patches, else (re)built (``qwen2lib.stages`` says why).
+    and this checkout's patches, else (re)built (``qwen2lib.stages.reuse`` says why).
 
     Later stages call this so they run without notebook 01 having run first. ``insert_slice=None`` keeps
     whatever an existing package has (False for a new one), ``config_overrides=None`` likewise. No proof is run here: see ``prove_package``.
@@ -383,7 +383,7 @@ def load_deploy_package(package_dir: str | os.PathLike, dtype: str | torch.dtype
                         config_overrides: dict | None = None):
     """The patched model from a package folder: remote code from the folder (checked first against what this
     checkout generates: ``verify_package_code``), nothing downloaded. ``config_overrides``: config.json keys
-    changed for this load only (``qwen2lib.longctx``)."""
+    changed for this load only (``qwen2lib.model.long_context``)."""
     verify_package_code(package_dir)
     config = hf_config_with(package_dir, config_overrides, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(

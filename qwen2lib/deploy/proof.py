@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 from transformers import DynamicCache, Qwen2ForCausalLM
 
-from ..loading import parse_dtype
+from ..model.loading import parse_dtype
 from .package import load_deploy_package, record_metrics
 
 

@@ -22,7 +22,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .quantizer import (DEFAULT_GROUP_SIZE, QuantizationError)
+from .quantizer import DEFAULT_GROUP_SIZE, QuantizationError
 from .schemes import (DEFAULT_SKIP, QUANT_METHOD, CalibrationRun, calibration_ids, check_request, plan_modules,
                       quantization_config, quantize_layer, replace_linears)
 

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 try:  # inside qwen2lib a bad request is one of its one-line errors; alone, a plain ValueError
-    from qwen2lib.errors import Qwen2LibError as _ErrorBase
+    from ..errors import Qwen2LibError as _ErrorBase
 except ImportError:
     class _ErrorBase(Exception):
         pass

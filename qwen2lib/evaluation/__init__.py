@@ -2,7 +2,7 @@
 
 ``datasets``: which set a path holds and its rows; ``subjects``: subject tables and category averages;
 ``scoring``: the configs' prompts, PPL and gen answering; ``runner``: resumable scoring and the stage table.
-``qwen2lib.evaluate`` holds the command line, perplexity and the offline stand-in.
+``qwen2lib.evaluation.accuracy`` holds the command line, perplexity and the offline stand-in.
 """
 from .datasets import DATASETS, EvalDataError, open_benchmark
 from .runner import accuracy_table, evaluate_benchmark

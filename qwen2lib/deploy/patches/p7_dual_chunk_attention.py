@@ -1,7 +1,7 @@
 """Patch 7: Dual Chunk Attention, switched on by ``config.dual_chunk_attention_config``.
 
 The patched file must run with torch and transformers only, so the DCA code is written into it here rather than
-imported from ``qwen2lib.dca`` (which stays the reference the tests compare against). The formulation suits an
+imported from ``qwen2lib.scratch.dca`` (which stays the reference the tests compare against). The formulation suits an
 eager, exportable model: keys are rotated once at ``p mod s`` (s = chunk_size - local_size) and cached that way;
 the query is rotated three times (intra: ``p mod s``, successive: ``min(p mod s + s, chunk_size)``, inter:
 ``chunk_size``), giving three score matrices; each (query, key) pair takes the score of its part, chosen by the

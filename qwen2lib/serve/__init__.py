@@ -1,0 +1,2 @@
+"""Inference (notebook 05): one generation loop for every backend, chat in the model's template, continuous
+batching, the OpenAI-compatible server and its benchmark client."""
