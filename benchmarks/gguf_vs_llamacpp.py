@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qwen2lib.artifacts import default_workdir  # noqa: E402
 from qwen2lib.compile.stage import ensure_compiled  # noqa: E402
 from qwen2lib.export.stage import CHAT_SAMPLE, ensure_exported, gguf_file  # noqa: E402
-from qwen2lib.export.gguf import load_gguf_model  # noqa: E402
+from qwen2lib.model.gguf import load_gguf_model  # noqa: E402
 from qwen2lib.evaluation.fidelity import fidelity_report, heldout_blocks  # noqa: E402
 from qwen2lib.compile.runtime import OnnxCausalLM  # noqa: E402
 from qwen2lib.deploy import ensure_patched, load_deploy_package  # noqa: E402

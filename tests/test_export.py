@@ -11,6 +11,7 @@ import torch
 
 from conftest import absmax_stats, tiny_hf_config
 from qwen2lib.export import stage as export, compressed_tensors as export_ct, gguf as export_gguf
+from qwen2lib.model import gguf as gguf_reader
 from qwen2lib.artifacts import read_metrics
 from qwen2lib.evaluation.fidelity import fidelity_report
 from qwen2lib.quantize.stage import dequantize_weight, is_int8_linear, load_quantized, logits_fn, quantize_model
@@ -81,7 +82,7 @@ def gguf_reports(package, reference, blocks, tmp_path_factory):
     for gguf_type in export_gguf.GGUF_TYPES:
         summary = export_gguf.write_gguf(package, out / f"m-{gguf_type}.gguf", gguf_type)
         reader = gguf.GGUFReader(str(out / f"m-{gguf_type}.gguf"))
-        model = export_gguf.load_gguf_model(reader)
+        model = gguf_reader.load_gguf_model(reader)
         reports[gguf_type] = (summary, fidelity_report(logits_fn(reference), logits_fn(model), blocks), reader)
     return reports
 
@@ -121,9 +122,9 @@ def test_a_gguf_of_another_model_is_refused_before_it_is_run(gguf_reports, packa
 
     config = AutoConfig.from_pretrained(str(package))
     config.num_key_value_heads, config.rms_norm_eps = 1, 1e-5
-    with pytest.raises(export_gguf.ExportError, match=r"describes another model: num_key_value_heads 2 \(package: "
+    with pytest.raises(gguf_reader.GGUFError, match=r"describes another model: num_key_value_heads 2 \(package: "
                                                       r"1\), rms_norm_eps 1e-06 \(package: 1e-05\)"):
-        export_gguf.GGUFTensors(gguf_reports["q8_0"][2], config)
+        gguf_reader.GGUFTensors(gguf_reports["q8_0"][2], config)
 
 
 def test_gguf_metadata_and_tensor_types_are_what_llama_cpp_reads(gguf_reports, package):
@@ -131,7 +132,7 @@ def test_gguf_metadata_and_tensor_types_are_what_llama_cpp_reads(gguf_reports, p
 
     source = json.loads((package / "config.json").read_text())
     summary, _, reader = gguf_reports["q4_0"]
-    config = export_gguf.config_from_gguf(reader)
+    config = gguf_reader.config_from_gguf(reader)
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "max_position_embeddings", "rms_norm_eps", "vocab_size"):
         assert getattr(config, key) == pytest.approx(source[key]), key
@@ -161,7 +162,7 @@ def test_gguf_tokenizer_rebuilt_from_the_file_gives_the_packages_ids(gguf_report
     assert value("tokenizer.ggml.eos_token_id") == VOCAB - 1 and value("tokenizer.ggml.add_bos_token") is False
     assert "<|im_start|>" in value("tokenizer.chat_template")
     reference = load_tokenizer(str(package))
-    rebuilt = export_gguf.gguf_tokenizer(reader)
+    rebuilt = gguf_reader.gguf_tokenizer(reader)
     for text in SAMPLES:
         ids = reference(text, add_special_tokens=False)["input_ids"]
         assert rebuilt.encode(text, add_special_tokens=False).ids == ids, text
@@ -340,6 +341,6 @@ def test_yarn_scaling_is_written_and_read_back(tmp_path):
     write_small_qwen_tokenizer(tmp_path / "ckpt")
     package = build_deploy_package(tmp_path / "ckpt", tmp_path / "patched")
     export_gguf.write_gguf(package, tmp_path / "y.gguf", "f16")
-    rope = export_gguf.config_from_gguf(export_gguf.as_reader(tmp_path / "y.gguf")).rope_parameters
+    rope = gguf_reader.config_from_gguf(gguf_reader.as_reader(tmp_path / "y.gguf")).rope_parameters
     assert (rope["rope_type"], rope["factor"], rope["original_max_position_embeddings"]) == ("yarn", 4.0, 64)
     assert rope["rope_theta"] == 1_000_000.0

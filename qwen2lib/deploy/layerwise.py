@@ -35,7 +35,7 @@ class LayerwiseModel:
                  verify: Callable[[Path], Mapping] = verify_package_code, weights: Mapping | None = None):
         """``verify``: the check of the folder's code before it is imported (a quantized package has its own).
         ``weights``: where the tensors come from instead of the folder's safetensors (``TensorReader``'s
-        ``group``/``rows``/``row_blocks``; a GGUF file's, ``export_gguf.GGUFTensors``)."""
+        ``group``/``rows``/``row_blocks``; a GGUF file's, ``model.gguf.GGUFTensors``)."""
         self.folder, self.dtype = Path(folder), dtype
         verify(self.folder)
         self.config = AutoConfig.from_pretrained(str(self.folder), trust_remote_code=True, local_files_only=True)

@@ -16,39 +16,33 @@ llama.cpp's own quantizer keeps it at a higher precision (Q6_K there; gguf-py ha
 Matrices whose rows are not a whole number of 32-value blocks fall back to F16.
 
 Tensors stream one at a time: the header is written from the weight files' metadata, then each tensor is read,
-converted and appended, so memory holds one tensor, never the model. ``load_gguf_model`` goes the other way:
-a transformers ``Qwen2ForCausalLM`` rebuilt from the file alone (its metadata and dequantized tensors), the
-check that the file says what llama.cpp needs; ``gguf_tokenizer`` rebuilds the tokenizer from the file's vocab.
+converted and appended, so memory holds one tensor, never the model. Reading a GGUF (the check that the file says
+what llama.cpp needs, and a GGUF as a model source) is ``qwen2lib.model.gguf``.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Iterator
 
 import gguf
 import numpy as np
 import torch
 from safetensors import safe_open
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from ..errors import Qwen2LibError
 from ..model.loading import check_safetensors
 from ..model.model_config import shape_numbers
-from ..model.tokenizer import QWEN_PATTERN
+from ..model.bpe import QWEN_PATTERN
+from ..model.gguf import ARCH, ARCH_NAME, TENSOR_SUFFIXES
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
-ARCH = gguf.MODEL_ARCH.QWEN2
-ARCH_NAME = gguf.MODEL_ARCH_NAMES[ARCH]
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
               "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
 MATRIX_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
                 "q4_0": gguf.GGMLQuantizationType.Q4_0}
 OUTPUT_TYPE_FOR_Q4_0 = gguf.GGMLQuantizationType.Q8_0
-TENSOR_SUFFIXES = (".weight", ".bias")
 
 
 class ExportError(Qwen2LibError, ValueError):
@@ -247,162 +241,3 @@ def write_gguf(package: str | os.PathLike, path: str | os.PathLike, gguf_type: s
 
 
 # ---- reading back --------------------------------------------------------------------------------
-
-
-def as_reader(gguf_file) -> gguf.GGUFReader:
-    """A path or an open reader (parsing a 150k-token vocabulary takes seconds: read a file once)."""
-    return gguf_file if isinstance(gguf_file, gguf.GGUFReader) else gguf.GGUFReader(str(gguf_file))
-
-
-def field_value(reader: gguf.GGUFReader, key: str, default=None):
-    field = reader.get_field(key)
-    return default if field is None else field.contents()
-
-
-def config_from_gguf(reader: gguf.GGUFReader):
-    """A transformers Qwen2Config from the GGUF's metadata alone."""
-    arch = field_value(reader, "general.architecture")
-    if arch != ARCH_NAME:
-        raise ExportError(f"general.architecture is {arch!r}, not {ARCH_NAME!r}")
-    key = lambda k: f"{ARCH_NAME}.{k}"  # noqa: E731
-    names = {t.name for t in reader.tensors}
-    rope = {"rope_type": "default", "rope_theta": float(field_value(reader, key("rope.freq_base")))}
-    scaling = field_value(reader, key("rope.scaling.type"))
-    if scaling in ("yarn", "linear"):
-        rope.update(rope_type=scaling, factor=float(field_value(reader, key("rope.scaling.factor"))))
-        if scaling == "yarn":
-            original = field_value(reader, key("rope.scaling.original_context_length"))
-            rope["original_max_position_embeddings"] = int(original)
-    return Qwen2Config(
-        vocab_size=len(field_value(reader, "tokenizer.ggml.tokens")),
-        hidden_size=int(field_value(reader, key("embedding_length"))),
-        intermediate_size=int(field_value(reader, key("feed_forward_length"))),
-        num_hidden_layers=int(field_value(reader, key("block_count"))),
-        num_attention_heads=int(field_value(reader, key("attention.head_count"))),
-        num_key_value_heads=int(field_value(reader, key("attention.head_count_kv"))),
-        max_position_embeddings=int(field_value(reader, key("context_length"))),
-        rms_norm_eps=float(field_value(reader, key("attention.layer_norm_rms_epsilon"))),
-        rope_parameters=rope, tie_word_embeddings="output.weight" not in names,
-        bos_token_id=field_value(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=field_value(reader, "tokenizer.ggml.eos_token_id"),
-    )
-
-
-def hf_names(num_layers: int) -> dict[str, str]:
-    """{gguf tensor name: HF name} for a Qwen2ForCausalLM with ``num_layers`` layers."""
-    name_map = gguf.get_tensor_name_map(ARCH, num_layers)
-    tiny = Qwen2ForCausalLM(Qwen2Config(vocab_size=8, hidden_size=8, intermediate_size=8, num_attention_heads=2,
-                                        num_key_value_heads=1, num_hidden_layers=num_layers,
-                                        tie_word_embeddings=False))
-    return {name_map.get_name(n, try_suffixes=TENSOR_SUFFIXES): n for n in tiny.state_dict()}
-
-
-def dequantized(tensor) -> torch.Tensor:
-    """A reader tensor as fp32 torch, in the HF (rows, columns) order."""
-    data = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
-    return torch.from_numpy(np.array(data, dtype=np.float32))  # a copy: F32/F16 data is the file's read-only map
-
-
-CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings")
-
-
-class GGUFTensors(Mapping):
-    """{HF tensor name: fp32 tensor} of a GGUF file, dequantized one tensor (or some rows of one) at a time: the
-    ``tensorio.TensorReader`` interface, so ``LayerwiseModel`` streams the file's model a layer at a time.
-
-    ``config`` is the package's: the file's metadata must describe the same model (read from the metadata alone,
-    as llama.cpp reads it) and hold every tensor the model has, or ExportError says what differs."""
-
-    def __init__(self, gguf_file, config):
-        self.reader = as_reader(gguf_file)
-        self.path = path = self.reader.data.filename if hasattr(self.reader.data, "filename") else "the GGUF file"
-        ours = config_from_gguf(self.reader)
-        fields = {f: (getattr(ours, f), getattr(config, f)) for f in CONFIG_FIELDS}
-        fields["rope_theta"] = ((ours.rope_parameters or {}).get("rope_theta"),
-                                (config.rope_parameters or {}).get("rope_theta"))
-        # GGUF stores its floats in 32 bits: 1e-6 reads back as 9.99999997e-07
-        show = lambda v: f"{v:g}" if isinstance(v, float) else v  # noqa: E731
-        differ = [f"{f} {show(a)} (package: {show(b)})" for f, (a, b) in fields.items()
-                  if not (a == b or isinstance(a, float) and isinstance(b, float) and math.isclose(a, b, rel_tol=1e-6))]
-        if differ:
-            raise ExportError(f"{path}: its metadata describes another model: {', '.join(differ)}")
-        names = hf_names(config.num_hidden_layers)
-        unknown = [t.name for t in self.reader.tensors if t.name not in names]
-        if unknown:
-            raise ExportError(f"{path}: tensor {unknown[0]!r} is not part of a qwen2 model")
-        self.tensors = {names[t.name]: t for t in self.reader.tensors}
-        expected = set(names.values()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
-        missing = sorted(expected - set(self.tensors))
-        if missing:
-            raise ExportError(f"{path}: no tensor for {', '.join(missing[:3])}")
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return dequantized(self.tensors[name])
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.tensors)
-
-    def __len__(self) -> int:
-        return len(self.tensors)
-
-    def group(self, names: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        return {n: self[n] if dtype is None else self[n].to(dtype) for n in names}
-
-    def _rows(self, name: str, index) -> torch.Tensor:
-        """Rows of a table, dequantized from those rows' blocks alone (a row holds whole blocks)."""
-        tensor = self.tensors[name]
-        data = gguf.quants.dequantize(np.asarray(tensor.data)[index], tensor.tensor_type)
-        return torch.from_numpy(np.array(data, dtype=np.float32))
-
-    def rows(self, name: str, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """table[ids] (ids of any shape) -> (*ids.shape, D), dequantizing only the rows asked for."""
-        unique, inverse = torch.unique(ids.flatten(), return_inverse=True)
-        return self._rows(name, unique.numpy())[inverse].reshape(*ids.shape, -1).to(dtype)
-
-    def row_blocks(self, name: str, block: int, dtype: torch.dtype = torch.float32) -> Iterator[tuple[int, torch.Tensor]]:
-        n = np.asarray(self.tensors[name].data).shape[0]
-        for start in range(0, n, block):
-            yield start, self._rows(name, slice(start, start + block)).to(dtype)
-
-
-@torch.no_grad()
-def load_gguf_model(gguf_file, dtype: torch.dtype = torch.float32):
-    """A transformers ``Qwen2ForCausalLM`` (eval) built from the GGUF file (a path or a ``GGUFReader``) alone:
-    config from its metadata, weights dequantized one tensor at a time."""
-    reader = as_reader(gguf_file)
-    config = config_from_gguf(reader)
-    tensors = GGUFTensors(reader, config)  # every tensor named and present
-    model = Qwen2ForCausalLM(config).to(dtype).eval()
-    state = model.state_dict()
-    for name in tensors:
-        value = tensors[name]
-        if tuple(value.shape) != tuple(state[name].shape):
-            raise ExportError(f"{tensors.path}: {tensors.tensors[name].name} has shape {tuple(value.shape)}, the "
-                              f"config implies {tuple(state[name].shape)}")
-        state[name].copy_(value)
-    return model
-
-
-def gguf_tokenizer(gguf_file):
-    """A ``tokenizers.Tokenizer`` rebuilt from the GGUF's vocab alone (tokens, types, merges) with Qwen2's
-    pre-tokenizer: what llama.cpp's ``gpt2``/``qwen2`` tokenizer has to work from."""
-    reader = as_reader(gguf_file)
-    path = reader.data.filename if hasattr(reader.data, "filename") else "the GGUF file"
-    tokens = field_value(reader, "tokenizer.ggml.tokens")
-    types = field_value(reader, "tokenizer.ggml.token_type")
-    merges = [tuple(m.split(" ", 1)) for m in field_value(reader, "tokenizer.ggml.merges")]
-    normal = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == int(gguf.TokenType.NORMAL)}
-    tokenizer = Tokenizer(models.BPE(vocab=normal, merges=merges, ignore_merges=False))
-    tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tokenizer.decoder = decoders.ByteLevel()
-    added = [(i, t, kind) for i, (t, kind) in enumerate(zip(tokens, types))
-             if kind in (int(gguf.TokenType.CONTROL), int(gguf.TokenType.USER_DEFINED))]
-    for i, token, kind in added:
-        if tokenizer.add_tokens([AddedToken(token, special=kind == int(gguf.TokenType.CONTROL), normalized=False)]) \
-                and tokenizer.token_to_id(token) != i:
-            raise ExportError(f"{path}: added token {token!r} would take id {tokenizer.token_to_id(token)}, not {i}")
-    return tokenizer

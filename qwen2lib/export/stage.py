@@ -34,7 +34,8 @@ from transformers import AutoModelForCausalLM
 
 from ..artifacts import default_workdir, stage_dir
 from .compressed_tensors import FLOAT_DTYPES, write_compressed_tensors
-from .gguf import GGUF_TYPES, ExportError, GGUFTensors, as_reader, gguf_tokenizer, write_gguf
+from ..model.gguf import GGUFTensors, as_reader, gguf_tokenizer
+from .gguf import GGUF_TYPES, ExportError, write_gguf
 from ..evaluation.fidelity import fidelity_report, heldout_blocks as make_heldout_blocks
 from ..deploy import ensure_patched, load_deploy_package
 from ..deploy.layerwise import LayerwiseModel

@@ -14,6 +14,7 @@ from transformers import Qwen2Config
 
 from ..errors import ModelNotFoundError, WrongModelTypeError
 from .family import FAMILY_CONFIGS
+from .gguf import gguf_checkpoint, gguf_source
 
 # Config fields every spec carries, in the order the family table shows them.
 ARCH_FIELDS = (
@@ -147,12 +148,16 @@ def _family_of_folder(folder: Path, config: dict) -> str:
 
 
 def resolve(model: str | Path) -> ModelSpec:
-    """Registry name, hub id (any case) or checkpoint folder -> ``ModelSpec``."""
+    """Registry name, hub id (any case), checkpoint folder or GGUF file -> ``ModelSpec``. A GGUF is converted once
+    into a checkpoint folder in the cache (``qwen2lib.model.gguf``), which the spec then names."""
     text = str(model).strip()
     folder = Path(text).expanduser()
+    source = gguf_source(text)
+    if source is not None:
+        folder = gguf_checkpoint(source)
     if folder.is_dir():
         config = read_folder_config(folder)
-        name = folder.resolve().name
+        name = source.stem if source is not None else folder.resolve().name
         return ModelSpec(
             name=name,
             hub_id=None,

@@ -19,12 +19,9 @@ from transformers.convert_slow_tokenizer import TikTokenConverter
 
 from ..artifacts import atomic_dir
 from ..paths import cache_root
+from .bpe import QWEN_PATTERN
 from .registry import resolve
 
-# Qwen's pre-tokenizer: like GPT-4's, except digits split one by one (\p{N}, not \p{N}{1,3}).
-QWEN_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 FIRST_CONTROL_ID = 151643
 NUM_RANKS = 151643
 
