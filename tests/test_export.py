@@ -344,3 +344,38 @@ def test_yarn_scaling_is_written_and_read_back(tmp_path):
     rope = gguf_reader.config_from_gguf(gguf_reader.as_reader(tmp_path / "y.gguf")).rope_parameters
     assert (rope["rope_type"], rope["factor"], rope["original_max_position_embeddings"]) == ("yarn", 4.0, 64)
     assert rope["rope_theta"] == 1_000_000.0
+
+
+def as_vocab_and_merges(folder) -> None:
+    """The other Hugging Face tokenizer layout: vocab.json + merges.txt, the added tokens in tokenizer_config.json,
+    no tokenizer.json (as many fine-tunes ship)."""
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    (folder / "vocab.json").write_text(json.dumps(data["model"]["vocab"], ensure_ascii=False), encoding="utf-8")
+    merges = [" ".join(m) if isinstance(m, list) else m for m in data["model"]["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "Qwen2Tokenizer"
+    config["added_tokens_decoder"] = {str(a["id"]): {k: a[k] for k in ("content", "special", "normalized", "lstrip",
+                                                                         "rstrip", "single_word")}
+                                      for a in data["added_tokens"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    (folder / "tokenizer.json").unlink()
+
+
+def test_a_checkpoint_with_vocab_and_merges_exports_and_its_tokenizer_files_are_its_identity(package, tmp_path):
+    from qwen2lib.model.tokenizer import load_tokenizer
+    from qwen2lib.stages.reuse import checkpoint_identity
+
+    folder = tmp_path / "vocab-merges"
+    shutil.copytree(package, folder)
+    as_vocab_and_merges(folder)
+    reference, ours = load_tokenizer(str(package)), load_tokenizer(str(folder))
+    for text in SAMPLES:
+        assert ours(text)["input_ids"] == reference(text)["input_ids"], text
+    export_gguf.write_gguf(folder, tmp_path / "vm.gguf", "f16")
+    rebuilt = gguf_reader.gguf_tokenizer(tmp_path / "vm.gguf")
+    for text in SAMPLES:
+        assert rebuilt.encode(text, add_special_tokens=False).ids == reference(text)["input_ids"], text
+    before = checkpoint_identity(folder)
+    shutil.copy(package / "tokenizer.json", folder / "tokenizer.json")
+    assert checkpoint_identity(folder) != before  # a tokenizer file added: another checkpoint to every stage

@@ -140,3 +140,14 @@ def test_random_weights_at_real_shape(capfd):
     assert "RANDOM WEIGHTS" in capfd.readouterr().err
     assert model.dtype == torch.bfloat16
     assert sum(p.numel() for p in model.parameters()) == 494_032_768
+
+
+def test_a_random_checkpoint_names_its_architecture(tmp_path):
+    """llama.cpp's convert_hf_to_gguf.py finds the model class by config.json's ``architectures``."""
+    import json
+
+    from qwen2lib.model.random_weights import write_random_checkpoint
+    from conftest import tiny_hf_config
+
+    write_random_checkpoint(tiny_hf_config(), tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]

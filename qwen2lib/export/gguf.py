@@ -30,11 +30,13 @@ import gguf
 import numpy as np
 import torch
 from safetensors import safe_open
+from transformers import AutoTokenizer
 
 from ..errors import Qwen2LibError
 from ..model.loading import check_safetensors
 from ..model.model_config import shape_numbers
 from ..model.bpe import QWEN_PATTERN
+from ..model.tokenizer import has_tokenizer_files
 from ..model.gguf import ARCH, ARCH_NAME, TENSOR_SUFFIXES
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -120,11 +122,7 @@ def add_hyperparameters(writer: gguf.GGUFWriter, config: dict, name: str, gguf_t
 
 def vocab_entries(package: Path, vocab_size: int) -> tuple[list[str], list[int]]:
     """(token of each id, its gguf TokenType) for ids 0 .. vocab_size - 1, from the package's tokenizer.json."""
-    path = package / "tokenizer.json"
-    if not path.is_file():
-        raise ExportError(f"{package} has no tokenizer.json: a GGUF carries its tokenizer; build the package from "
-                          "a checkpoint with tokenizer files")
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data, path = tokenizer_json(package)
     check_qwen_pretokenizer(data, path)
     tokens: list[str | None] = [None] * vocab_size
     types = [int(gguf.TokenType.UNUSED)] * vocab_size
@@ -137,6 +135,20 @@ def vocab_entries(package: Path, vocab_size: int) -> tuple[list[str], list[int]]
         tokens[i] = added["content"]
         types[i] = int(gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED)
     return [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)], types
+
+
+def tokenizer_json(package: Path) -> tuple[dict, Path]:
+    """The package's tokenizer as tokenizer.json data: the file itself, or the fast tokenizer transformers builds from
+    vocab.json + merges.txt (the other Hugging Face layout)."""
+    path = package / "tokenizer.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8")), path
+    if not (has_tokenizer_files(package) and (package / "tokenizer_config.json").is_file()):
+        raise ExportError(f"{package} has no tokenizer (tokenizer.json, or vocab.json + merges.txt with "
+                          "tokenizer_config.json): a GGUF carries its tokenizer; build the package from a checkpoint "
+                          "with tokenizer files")
+    fast = AutoTokenizer.from_pretrained(package)
+    return json.loads(fast.backend_tokenizer.to_str()), package / "vocab.json"
 
 
 def check_qwen_pretokenizer(data: dict, path: Path) -> None:

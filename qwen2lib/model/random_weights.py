@@ -20,7 +20,7 @@ from .registry import ModelSpec
 from .tensorio import MAX_SHARD_BYTES, write_shards
 
 # Bump when the recipe of random weights changes: cached random checkpoints of the old recipe are then rebuilt.
-RANDOM_RECIPE = "r2"
+RANDOM_RECIPE = "r3"
 RANDOM_CHUNK = 1 << 22  # elements drawn at a time: a tensor's values depend on this, so it is part of the recipe
 
 
@@ -78,6 +78,7 @@ def write_random_checkpoint(config, folder: Path, seed: int = 0, dtype: torch.dt
     """config.json, generation_config.json and the seeded random weights of ``config`` (a Qwen2Config), written
     tensor by tensor: memory holds one chunk of one tensor, whatever the model's size."""
     config.qwen2lib_random_weights = True
+    config.architectures = ["Qwen2ForCausalLM"]  # what llama.cpp's convert_hf_to_gguf.py detects the model by
     config.dtype = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}[dtype]
     config.save_pretrained(folder)
     GenerationConfig.from_model_config(config).save_pretrained(folder)

@@ -60,7 +60,10 @@ DEFAULT_SYSTEM_PROMPT = {
     "qwen2.5": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
 }
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# The files that make a checkpoint's tokenizer (either layout: tokenizer.json, or vocab.json + merges.txt) and its
+# generation settings: copied into every package and part of the checkpoint's identity.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "generation_config.json")
 
 
 def chat_template(family: str) -> str:
