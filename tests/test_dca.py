@@ -1,11 +1,12 @@
-"""Dual Chunk Attention: fast chunked path vs the naive per-pair reference, decode vs prefill, and
-DCA vs plain causal RoPE attention when the sequence fits in one chunk."""
+"""Dual Chunk Attention: the fast path (the deploy package's formulation, ``scratch/dual_chunk.py``, run on blocks of
+queries) vs the naive per-pair reference, decode vs prefill, and DCA vs plain causal RoPE attention when the sequence
+fits in one chunk."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from qwen2lib.model.long_context import dca_config_from_dict
-from qwen2lib.scratch.dca import (NOT_THIS_KIND, attention_with_lse, dca_masks, dual_chunk_attention, dual_chunk_attention_decode, merge_attention_outputs,
+from qwen2lib.scratch.dca import (NOT_THIS_KIND, dca_masks, dual_chunk_attention, dual_chunk_attention_decode,
                                   naive_dual_chunk_attention, relative_position_matrices)
 from qwen2lib.scratch.rope import apply_rotary, default_inv_freq, rope_cos_sin
 
@@ -85,32 +86,6 @@ def test_relative_positions_properties(chunk_size, local_size):
     # successive keeps the true distance until the query position hits chunk_size, then caps there
     succ = torch.minimum(i - j, chunk_size - j % (chunk_size - local_size))
     assert torch.equal(rel["successive"][masks["successive"]], succ[masks["successive"]])
-
-
-# ----------------------------------------------------------------------------- lse merge
-
-
-def test_lse_merge_equals_single_softmax():
-    g = torch.Generator().manual_seed(1)
-    q = torch.randn(2, 3, 5, HD, generator=g)
-    k = torch.randn(2, 3, 21, HD, generator=g)
-    v = torch.randn(2, 3, 21, HD, generator=g)
-    full, _ = attention_with_lse(q, k, v, 0.25)
-    parts = [attention_with_lse(q, k[..., a:b, :], v[..., a:b, :], 0.25) for a, b in [(0, 4), (4, 13), (13, 21)]]
-    merged = merge_attention_outputs([o for o, _ in parts], [lse for _, lse in parts])
-    torch.testing.assert_close(merged, full, atol=1e-5, rtol=0)
-    torch.testing.assert_close(full, F.scaled_dot_product_attention(q, k, v, scale=0.25), atol=1e-5, rtol=0)
-
-
-def test_lse_merge_ignores_a_part_with_no_keys_for_a_row():
-    g = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(1, 2, 3, HD, generator=g) for _ in range(3))
-    blocked = torch.tensor([[True, True, True], [False, False, False], [True, False, False]])
-    out, lse = attention_with_lse(q, k, v, 0.25, blocked)
-    assert torch.isneginf(lse[..., 1]).all() and (out[..., 1, :] == 0).all()  # no NaN leaks into the merge
-    other, other_lse = attention_with_lse(q, k, v, 0.25)
-    merged = merge_attention_outputs([out, other], [lse, other_lse])
-    torch.testing.assert_close(merged[..., 1, :], other[..., 1, :], atol=1e-6, rtol=0)
 
 
 # ----------------------------------------------------------------------------- attention

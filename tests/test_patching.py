@@ -18,11 +18,10 @@ TOLERANCE = 1e-5  # fp32, same algorithm: anything above this is a patch bug, no
 VOCAB = 1000
 
 # What the generated files may import: torch, the public-ish transformers modules they really use, and the
-# package's own configuration file. masking_utils, integrations (hub kernels), flash-attention utils,
-# output capturing and the deprecation helpers must be gone.
+# package's own configuration file and copied modules. masking_utils, integrations (hub kernels), flash-attention
+# utils, output capturing and the deprecation helpers must be gone.
 ALLOWED_MODELING_IMPORTS = {
     "collections.abc",
-    "dataclasses",
     "torch",
     "transformers.activations",
     "transformers.cache_utils",
@@ -34,6 +33,9 @@ ALLOWED_MODELING_IMPORTS = {
     "transformers.processing_utils",
     "transformers.utils",
     ".configuration_qwen2_onnx",
+    ".causal_mask_onnx",
+    ".kv_cache_onnx",
+    ".dual_chunk_onnx",
     ".quantization_onnx",
     ".schemes_onnx",
     ".quantized_package_onnx",
@@ -285,11 +287,13 @@ def test_every_patch_changes_something_and_records_its_diff():
 def test_report_helpers_show_diffs_and_the_summary_table():
     applied = deploy.patched_sources("onnx").applied
     table = deploy.patch_table(applied)
-    assert list(table.columns) == ["patch", "file", "description", "+lines", "-lines"]
+    assert list(table.columns) == ["patch", "file", "description", "+lines", "-lines", "copies"]
+    assert table["copies"].tolist()[2:4] == ["causal_mask_onnx.py", "kv_cache_onnx.py"]
     assert table["+lines"].tolist() == [a.lines_added for a in applied]
     html = deploy.patch_html(applied[2])
     assert "eager_attention" in html and "background:#dafbe1" in html and "&lt;" not in html[:50]
     assert "## quantize_entry_point" in deploy.patch_report(applied)
+    assert "qwen2lib/deploy/inserted/causal_mask.py as causal_mask_onnx.py" in html  # the note beside the import line
 
 
 # ---- dual chunk attention (patch 7) ------------------------------------------------------------
@@ -533,8 +537,8 @@ def test_a_deploy_package_quantizes_and_reloads_without_qwen2lib(package_of, tmp
 
     _, package = package_of("plain")
     assert sorted(p.name for p in package.glob("*.py")) == [
-        "configuration_qwen2_onnx.py", "modeling_qwen2_onnx.py", "quantization_onnx.py", "quantized_package_onnx.py",
-        "schemes_onnx.py"]
+        "causal_mask_onnx.py", "configuration_qwen2_onnx.py", "dual_chunk_onnx.py", "kv_cache_onnx.py",
+        "modeling_qwen2_onnx.py", "quantization_onnx.py", "quantized_package_onnx.py", "schemes_onnx.py"]
     model = deploy.load_deploy_package(package)
     (tmp_path / "stats").mkdir()
     save_file(absmax_stats(model, prompt(32)), str(tmp_path / "stats" / STATS_FILE))

@@ -3,9 +3,10 @@ hand-edited copy.
 
 The deployment guide this workbook follows edits ``modeling_qwen2.py`` before compiling. Here each edit is a
 named ``Patch`` (``patch.py``: the machinery; ``patches/``: one file per patch, in order) applied to the source
-text of the installed transformers. ``package.py`` writes the deploy package and checks its generated code before
-anything imports it; ``proof.py`` checks its logits against upstream; ``report.py`` shows the diffs
-(``qwen2lib patch`` is in ``qwen2lib/cli/stages.py``).
+text of the installed transformers; the code the patches call is real modules (``inserted/``, and
+``scratch/dual_chunk.py`` for Dual Chunk Attention) that the package carries as copies. ``package.py`` writes the
+deploy package and checks its generated code before anything imports it; ``proof.py`` checks its logits against
+upstream; ``report.py`` shows the diffs (``qwen2lib patch`` is in ``qwen2lib/cli/stages.py``).
 
 The names below are the package's public face, the ones notebook 01 and the later stages use.
 """

@@ -23,23 +23,15 @@ from transformers import AutoModelForCausalLM
 from ..artifacts import default_workdir, read_metrics, stage_dir, write_metrics
 from ..errors import ModelNotFoundError, Qwen2LibError, WeightsError, WrongModelTypeError
 from ..model.loading import checkpoint_dir, parse_dtype
+from ..model.tokenizer import TOKENIZER_FILES
 from ..model.long_context import apply_overrides, hf_config_with
 from ..stages.reuse import ensure_stage, recorded_request
 from .patch import (CONFIGURATION_FILE, MODELING_FILE, PATCHES_WRITTEN_FOR, AppliedPatch, apply_patches,
                     installed_transformers_version)
 from .patches import check_target, configuration_patches, modeling_patches
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
 WEIGHT_INDEX_FILE = "model.safetensors.index.json"
+QWEN2LIB_DIR = Path(__file__).resolve().parents[1]  # the copied modules' paths are relative to it
 
 
 @dataclass(frozen=True)
@@ -51,6 +43,7 @@ class PatchedSources:
     schemes: str
     quantized_package: str
     applied: list[AppliedPatch]
+    copied: dict[str, str]  # {package file: text} of the modules the patched code imports (``copied_modules``)
 
     @property
     def modeling_filename(self) -> str:
@@ -61,10 +54,11 @@ class PatchedSources:
         return f"configuration_qwen2_{self.target}.py"
 
     def files(self) -> dict[str, str]:
-        """{file name: text} of the package's five Python files."""
+        """{file name: text} of every Python file of the package: the two patched files, the quantizer's three and
+        the modules the patches' code imports."""
         return {self.modeling_filename: self.modeling, self.configuration_filename: self.configuration,
                 f"quantization_{self.target}.py": self.quantization, f"schemes_{self.target}.py": self.schemes,
-                f"quantized_package_{self.target}.py": self.quantized_package}
+                f"quantized_package_{self.target}.py": self.quantized_package, **self.copied}
 
 
 def upstream_source(filename: str) -> str:
@@ -87,6 +81,28 @@ def generated_header(upstream_file: str, applied: Sequence[AppliedPatch]) -> str
 COPIED_FILES = {"quantizer.py": "quantization", "schemes.py": "schemes", "quantized_package.py": "quantized_package"}
 
 
+# A copied file sits alone in the package folder: a relative import there names a package file (transformers copies
+# each one it finds), and qwen2lib itself may not be installed.
+FOREIGN_IMPORT = re.compile(r"^\s*(from\s+\.|import\s+\.|from\s+qwen2lib\b|import\s+qwen2lib\b)", re.MULTILINE)
+
+
+def copied_modules(applied: Sequence[AppliedPatch]) -> dict[str, str]:
+    """{package file: text}: each module a patch's code imports (``Patch.copies``), byte for byte as it is in
+    qwen2lib under a two-line header. They must import only torch and transformers."""
+    header = ("# Copied by qwen2lib.deploy from qwen2lib/{} (patch {}; imports only torch and transformers).\n"
+              "# Do not edit by hand: change that file and rebuild the package.\n")
+    copies = {}
+    for a in applied:
+        for filename, source in a.patch.copies:
+            text = (QWEN2LIB_DIR / source).read_text(encoding="utf-8")
+            foreign = FOREIGN_IMPORT.search(text)
+            if foreign:
+                raise RuntimeError(f"qwen2lib/{source} is copied into deploy packages, where it stands alone: it may "
+                                   f"import torch and transformers, not {foreign.group(0).strip()!r}")
+            copies[filename] = header.format(source, a.patch.name) + text
+    return copies
+
+
 def quantizer_sources(target: str) -> dict[str, str]:
     """{package module prefix: text}: qwen2lib's quantizer (``quantizer.py``), its schemes (``schemes.py``) and the
     package writer (``quantized_package.py``), copied as they are but their imports of each other renamed to the
@@ -100,10 +116,10 @@ def quantizer_sources(target: str) -> dict[str, str]:
         text = (folder / filename).read_text(encoding="utf-8")
         renamed = []
         for earlier, earlier_prefix in list(COPIED_FILES.items())[:len(copies)]:
-            line = f"\nfrom .{Path(earlier).stem} import ("
+            line = f"\nfrom .{Path(earlier).stem} import "
             if text.count(line) != 1:
                 raise RuntimeError(f"{filename} must import {earlier} once, as {line.strip()!r}")
-            text = text.replace(line, f"\nfrom .{earlier_prefix}_{target} import (")
+            text = text.replace(line, f"\nfrom .{earlier_prefix}_{target} import ")
             renamed.append(f".{earlier_prefix}_{target}")
         note = f"; its imports of {' and '.join(renamed)} renamed" if renamed else ""
         copies[prefix] = header.format(filename, note) + text
@@ -135,6 +151,7 @@ def patched_sources(
         schemes=copies["schemes"],
         quantized_package=copies["quantized_package"],
         applied=applied,
+        copied=copied_modules(applied),
     )
 
 
@@ -219,6 +236,7 @@ def patches_summary(sources: PatchedSources) -> dict:
                 "description": a.patch.description,
                 "lines_added": a.lines_added,
                 "lines_removed": a.lines_removed,
+                "copies": {filename: f"qwen2lib/{source}" for filename, source in a.patch.copies},
             }
             for a in sources.applied
         ],

@@ -33,8 +33,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # inside qwen2lib a bad request is one of its one-line errors; alone, a plain ValueError
-    from ..errors import Qwen2LibError as _ErrorBase
+# Inside qwen2lib a bad request is one of its one-line errors; alone, a plain ValueError. Absolute on purpose: the
+# package's copy of this file must hold no ``from ..`` line, which transformers would look for as a package file.
+try:
+    from qwen2lib.errors import Qwen2LibError as _ErrorBase
 except ImportError:
     class _ErrorBase(Exception):
         pass

@@ -33,9 +33,9 @@ def load_variants(folder, overrides: dict) -> dict:
     """{method: qwen2lib.scratch.model.Qwen2} sharing one checkpoint's weight tensors (one model's memory for all), each
     with its config.json overrides.
 
-    The teaching model, not the package: its DCA walks the queries a chunk at a time (memory O(L x chunk)),
-    where the package's eager form holds three (L x L) score matrices per layer. Both read the same config and
-    are tested equal (tests/test_long_context.py).
+    The teaching model, not the package: its DCA runs the package's own code (``dual_chunk.py``) on blocks of
+    queries (memory O(L x chunk)), where the package holds three (L x L) score matrices per layer at once. Both
+    read the same config and are tested equal (tests/test_long_context.py).
     """
     base = Qwen2.from_checkpoint(folder).eval()
     config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))

@@ -12,8 +12,10 @@ chunk the key sits in, so that the distance the model sees never passes ``chunk_
 
 The successive rule keeps nearby tokens in order across the chunk boundary (distance i - j while
 that is at most ``chunk_size``), which is what ``local_size`` buys. Softmax still runs over every
-key j <= i: the three parts are attended separately and merged with their log-sum-exp, which is
-exactly one softmax over the concatenated scores (the trick flash attention uses across tiles).
+key j <= i, one softmax over all three parts. The fast path (``dual_chunk_attention``) is the deploy
+package's own code, ``dual_chunk.py``: every pair scored once per query rotation, the score of the
+pair's part kept, one softmax; here it runs on blocks of queries so memory grows as L x s, not L x L.
+The reference (``naive_dual_chunk_attention``) rotates a separate copy of the query for every key.
 
 Functions here are pure and take plain tensors (q (B, H, T, hd), k/v (B, KVH, T, hd), unrotated),
 so notebooks can plot them and tests can compare the fast path with ``naive_dual_chunk_attention``.
@@ -32,6 +34,7 @@ import math
 
 import torch
 
+from . import dual_chunk
 from .rope import apply_rotary, rope_cos_sin
 
 PART_KINDS = ("intra", "successive", "inter")
@@ -85,51 +88,21 @@ def relative_position_matrices(T: int, chunk_size: int, local_size: int) -> dict
     return {kind: torch.where(masks[kind], query_pos[kind] - key_pos, NOT_THIS_KIND) for kind in PART_KINDS}
 
 
-# ----------------------------------------------------------------------------- attention pieces
+# ----------------------------------------------------------------------------- the fast path
 
 
-def attention_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention that also returns the log-sum-exp of each query's scores.
-
-    q (..., Tq, hd), k/v (..., Tk, hd) broadcastable, mask (Tq, Tk) bool (True = attend) or None.
-    Returns out (..., Tq, hd) and lse (..., Tq). A row with no allowed key gives out 0, lse -inf,
-    so it drops out of merge_attention_outputs instead of turning into NaN.
-    """
-    scores = (q @ k.transpose(-2, -1)) * scale  # (..., Tq, Tk)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    # one exp pass gives both the output and the lse (the flash-attention bookkeeping)
-    row_max = scores.amax(dim=-1, keepdim=True)  # (..., Tq, 1)
-    row_max = row_max.masked_fill(torch.isinf(row_max), 0.0)  # all-masked row: exp(-inf - 0) = 0, not NaN
-    weights = torch.exp(scores - row_max)  # (..., Tq, Tk), largest entry 1
-    total = weights.sum(dim=-1, keepdim=True)  # >= 1 unless the row is all masked
-    out = (weights @ v) / torch.where(total > 0, total, 1.0)
-    lse = (row_max + torch.log(total)).squeeze(-1)  # (..., Tq); -inf for an all-masked row
-    return out, lse
-
-
-def merge_attention_outputs(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
-    """Combine attentions over disjoint key sets into the attention over their union.
-
-    Part p's softmax was normalised by exp(lse_p); the union's by exp(lse) = sum_p exp(lse_p).
-    So reweighting each part by exp(lse_p - lse) and summing gives the single-softmax output.
-    """
-    lse = torch.logsumexp(torch.stack(lses), dim=0)  # (..., Tq)
-    return sum(out * torch.exp(part_lse - lse)[..., None] for out, part_lse in zip(outs, lses))
-
-
-def _rotate(x: torch.Tensor, inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    cos, sin = rope_cos_sin(inv_freq, positions)  # (T, hd) each
-    return apply_rotary(x, cos, sin)  # plain broadcasting, so x may carry a GQA group dim
+def _rotate_rows(x: torch.Tensor, inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x (B, heads, T, hd) rotated at positions (T,), through the package's rotation (``dual_chunk.rotate_by``)."""
+    cos, sin = rope_cos_sin(inv_freq, positions)  # (T, hd) float32 each
+    return dual_chunk.rotate_by(x, cos[None].to(x.dtype), sin[None].to(x.dtype))
 
 
 def _dca_attention(q, k, v, inv_freq, position_start, chunk_size, local_size, scale):
     """Queries at absolute positions position_start.., keys/values at 0..L-1 (L = position_start + Tq).
 
-    Walks the queries one chunk at a time, so the biggest score block is (s, L): peak memory
-    O(L * s) per head instead of O(L^2).
+    The deploy package's formulation (``dual_chunk.attend_by_part``: a score matrix per part, one softmax) run on
+    blocks of s queries against the keys up to the block's last one, so the biggest score block is (s, L): peak
+    memory O(L * s) per head instead of O(L^2).
     """
     B, H, Tq, hd = q.shape
     _, KVH, L, _ = k.shape
@@ -139,55 +112,29 @@ def _dca_attention(q, k, v, inv_freq, position_start, chunk_size, local_size, sc
         raise ValueError(f"need {position_start + Tq} cached keys (position_start + Tq), got {L}")
     s = chunk_length(chunk_size, local_size)
     scale = 1.0 / math.sqrt(hd) if scale is None else scale
-    G = H // KVH
-    dtype = torch.promote_types(q.dtype, torch.float32)  # scores and lse in at least fp32
+    dtype = torch.promote_types(q.dtype, torch.float32)  # scores and softmax in at least fp32
     inv_freq = inv_freq.to(q.device)
 
-    # query head h reads kv head h // G: group the heads so k/v broadcast instead of being copied
-    qg = q.to(dtype).reshape(B, KVH, G, Tq, hd)  # (B, KVH, G, Tq, hd)
-    # a key's rotation (p mod s) is the same whichever part it lands in, so rotate each key once
-    k_rot = _rotate(k.to(dtype), inv_freq, torch.arange(L, device=q.device) % s)[:, :, None]  # (B, KVH, 1, L, hd)
-    vg = v.to(dtype)[:, :, None]  # (B, KVH, 1, L, hd)
+    positions = torch.arange(L, device=q.device)  # (L,) key positions; the queries are the last Tq of them
+    key_rotary, _ = dual_chunk.rotary_positions(positions, chunk_size, local_size)
+    k_rot = dual_chunk.repeat_kv(_rotate_rows(k.to(dtype), inv_freq, key_rotary), H // KVH)  # (B, H, L, hd)
+    v_rep = dual_chunk.repeat_kv(v.to(dtype), H // KVH)  # (B, H, L, hd), once, not per block
 
-    out = torch.empty_like(qg)
-    start = position_start
-    while start < L:
-        c = start // s  # chunk of this block of queries
-        chunk_start = c * s
-        end = min(chunk_start + s, L)
-        qpos = torch.arange(start, end, device=q.device)  # (n,) absolute query positions
-        qb = qg[..., start - position_start : end - position_start, :]  # (B, KVH, G, n, hd)
-        outs, lses = [], []
-
-        # intra: the query's own chunk, causal, true relative distances
-        kpos = torch.arange(chunk_start, end, device=q.device)
-        causal = kpos[None, :] <= qpos[:, None]  # (n, end - chunk_start)
-        o, lse = attention_with_lse(
-            _rotate(qb, inv_freq, qpos % s), k_rot[..., chunk_start:end, :], vg[..., chunk_start:end, :], scale, causal
+    out = torch.empty(B, H, Tq, hd, dtype=dtype, device=q.device)
+    for start in range(0, Tq, s):
+        n = min(s, Tq - start)
+        end = position_start + start + n  # keys past the block's last query are masked for all of it: left out
+        qpos = positions[end - n : end]  # (n,) absolute query positions
+        _, query_rotary = dual_chunk.rotary_positions(qpos, chunk_size, local_size)
+        qb = q[:, :, start : start + n].to(dtype)  # (B, H, n, hd)
+        queries = [_rotate_rows(qb, inv_freq, p) for p in query_rotary]
+        intra, successive = dual_chunk.chunk_parts(qpos[None], positions[None, :end], s)  # (1, 1, n, end)
+        causal = torch.zeros(n, end, dtype=dtype, device=q.device)  # (n, end) additive
+        causal = causal.masked_fill(positions[None, :end] > qpos[:, None], torch.finfo(dtype).min)
+        out[:, :, start : start + n], _ = dual_chunk.attend_by_part(
+            queries, k_rot[:, :, :end], v_rep[:, :, :end], intra, successive, causal, scale, groups=1
         )
-        outs.append(o)
-        lses.append(lse)
-
-        if c >= 1:  # successive: the whole previous chunk, all keys before every query, no mask
-            succ_pos = torch.clamp(qpos % s + s, max=chunk_size)
-            o, lse = attention_with_lse(
-                _rotate(qb, inv_freq, succ_pos), k_rot[..., chunk_start - s : chunk_start, :],
-                vg[..., chunk_start - s : chunk_start, :], scale,
-            )
-            outs.append(o)
-            lses.append(lse)
-
-        if c >= 2:  # inter: everything older, seen from the farthest position the model knows
-            inter_pos = torch.full_like(qpos, chunk_size)
-            o, lse = attention_with_lse(
-                _rotate(qb, inv_freq, inter_pos), k_rot[..., : chunk_start - s, :], vg[..., : chunk_start - s, :], scale
-            )
-            outs.append(o)
-            lses.append(lse)
-
-        out[..., start - position_start : end - position_start, :] = merge_attention_outputs(outs, lses)
-        start = end
-    return out.view(B, H, Tq, hd).to(q.dtype)
+    return out.to(q.dtype)
 
 
 # ----------------------------------------------------------------------------- public attention
@@ -234,6 +181,12 @@ def dual_chunk_attention_decode(
     return _dca_attention(q, k_cache, v_cache, inv_freq, position_start, chunk_size, local_size, scale)
 
 
+def _rotate(x: torch.Tensor, inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The reference's rotation, rope.apply_rotary: no code shared with the fast path's."""
+    cos, sin = rope_cos_sin(inv_freq, positions)  # (T, hd) each
+    return apply_rotary(x, cos, sin)
+
+
 def naive_dual_chunk_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -247,7 +200,7 @@ def naive_dual_chunk_attention(
     """Reference DCA, slow on purpose: one query at a time, a separately rotated copy of it per key.
 
     The query rotary position for pair (i, j) is read back from relative_position_matrices
-    (distance + key position), so this shares no code path with the chunked fast version.
+    (distance + key position), so this shares no code path with the fast one (``dual_chunk.py``).
     """
     B, H, T, hd = q.shape
     KVH = k.shape[1]

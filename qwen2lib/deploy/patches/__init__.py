@@ -4,12 +4,17 @@
                             own ``configuration_qwen2_<target>.py`` (so it runs as ``trust_remote_code`` code)
   p2 no_runtime_dispatch    no hub kernels swapped in, no output-capture hooks: what you read is what runs
   p3 eager_attention        eager attention only, causal / sliding-window mask from arange and comparisons
+                            (``deploy/inserted/causal_mask.py``, copied as ``causal_mask_<target>.py``)
   p4 explicit_kv_cache      ``past_key_values=[(k, v), ...]`` in, ``presents`` out: graph inputs and outputs
+                            (``deploy/inserted/kv_cache.py``, copied as ``kv_cache_<target>.py``)
   p5 insert_slice           with ``config.insert_slice``, only the last position goes through ``lm_head``
   p6 quantize_entry_point   ``Qwen2ForCausalLM.quantize()`` / ``save_quantized()`` calling the package's own
                             ``schemes_<target>.py`` (copies of ``schemes.py`` and ``quantizer.py``)
   p7 dual_chunk_attention   with ``config.dual_chunk_attention_config``, Dual Chunk Attention (intra / successive /
                             inter-chunk parts) in prefill and cached decode; the configuration gains the field
+                            (``scratch/dual_chunk.py``, copied as ``dual_chunk_<target>.py``)
+
+The code these patches add beyond call sites lives in those modules; each patch adds one import line for its own.
 """
 from __future__ import annotations
 
@@ -37,17 +42,17 @@ def modeling_patches(target: str = "onnx") -> list[Patch]:
     return [
         relative_imports_patch(MODELING_FILE, target),
         no_runtime_dispatch_patch(),
-        eager_attention_patch(),
-        explicit_kv_cache_patch(),
+        eager_attention_patch(target),
+        explicit_kv_cache_patch(target),
         insert_slice_patches()[0],
         quantize_entry_point_patch(target),
-        dual_chunk_attention_patches()[0],
+        dual_chunk_attention_patches(target)[0],
     ]
 
 
 def configuration_patches(target: str = "onnx") -> list[Patch]:
     check_target(target)
     return [relative_imports_patch(CONFIGURATION_FILE, target), insert_slice_patches()[1],
-            dual_chunk_attention_patches()[1]]
+            dual_chunk_attention_patches(target)[1]]
 
 

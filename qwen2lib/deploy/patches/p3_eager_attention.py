@@ -1,68 +1,15 @@
 """Patch 3: eager attention, explicit mask."""
 from __future__ import annotations
 
-from ..patch import MODELING_FILE, Edit, Patch, anchored_patch
+from ..patch import MODELING_FILE, CopiedModule, Edit, Patch, patch_with_module
 
+CAUSAL_MASK = CopiedModule("deploy/inserted/causal_mask.py", ("layer_causal_mask",))
 
-BUILD_CAUSAL_MASK_SOURCE = '''\
-def build_causal_mask(
-    attention_mask: torch.Tensor | None,
-    past_length: int,
-    query_length: int,
-    key_length: int,
-    key_offset: int,
-    sliding_window: int | None,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> torch.Tensor:
-    """Additive mask of shape (batch or 1, 1, query_length, key_length): 0 where a query may look, dtype min elsewhere.
-
-    Query i sits at position past_length + i and key j at key_offset + j (a sliding-window cache may have
-    dropped the oldest keys). A query sees the keys at or before its own position, with a sliding window
-    only the last `sliding_window` of them, and never a key whose 2D `attention_mask` entry is 0 (padding).
-    Built from arange and comparisons so that an exported graph shows the mask, not a library call.
-    """
-    query_positions = torch.arange(query_length, device=device) + past_length
-    key_positions = torch.arange(key_length, device=device) + key_offset
-    visible = key_positions[None, :] <= query_positions[:, None]
-    if sliding_window is not None:
-        visible = visible & (key_positions[None, :] > query_positions[:, None] - sliding_window)
-    visible = visible[None, None, :, :]
-    if attention_mask is not None:
-        key_is_token = attention_mask[:, key_offset : key_offset + key_length].to(torch.bool)
-        visible = visible & key_is_token[:, None, None, :]
-    return torch.where(visible, torch.zeros((), dtype=dtype, device=device), torch.finfo(dtype).min)
-
-
-'''
-
+# Qwen2Model keeps a causal_mask_for method: the package's GPTQ calibration (schemes.py) builds its masks with it
 CAUSAL_MASK_FOR_SOURCE = '''
-    def causal_mask_for(
-        self,
-        layer_type: str,
-        attention_mask: torch.Tensor | None,
-        inputs_embeds: torch.Tensor,
-        past_length: int,
-        cache: Cache | None,
-    ) -> torch.Tensor:
+    def causal_mask_for(self, layer_type, attention_mask, inputs_embeds, past_length, cache) -> torch.Tensor:
         """The additive mask every layer of `layer_type` ("full_attention" or "sliding_attention") uses."""
-        query_length = inputs_embeds.shape[1]
-        if cache is not None:
-            # A sliding-window Cache returns only its last keys: ask it which positions they are
-            key_length, key_offset = cache.get_mask_sizes(query_length, self.config.layer_types.index(layer_type))
-        else:
-            key_length, key_offset = past_length + query_length, 0
-        sliding_window = self.config.sliding_window if layer_type == "sliding_attention" else None
-        return build_causal_mask(
-            attention_mask,
-            past_length,
-            query_length,
-            key_length,
-            key_offset,
-            sliding_window,
-            dtype=inputs_embeds.dtype,
-            device=inputs_embeds.device,
-        )
+        return layer_causal_mask(self.config, layer_type, attention_mask, inputs_embeds, past_length, cache)
 '''
 
 EAGER_ATTENTION_EDITS = (
@@ -72,7 +19,6 @@ EAGER_ATTENTION_EDITS = (
         "from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep\n",
         "from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep\n",
     ),
-    Edit("def eager_attention_forward(\n", BUILD_CAUSAL_MASK_SOURCE + "def eager_attention_forward(\n"),
     Edit("        **kwargs: Unpack[FlashAttentionKwargs],\n", "        **kwargs: Unpack[TransformersKwargs],\n"),
     Edit(
         """\
@@ -94,7 +40,7 @@ EAGER_ATTENTION_EDITS = (
 """,
         """\
         # Eager only, whatever config._attn_implementation says: matmul, add mask, softmax, matmul.
-        # The sliding window is part of the mask (build_causal_mask), not an argument of a kernel.
+        # The sliding window is part of the mask (layer_causal_mask), not an argument of a kernel.
         attn_output, attn_weights = eager_attention_forward(
             self,
             query_states,
@@ -152,7 +98,7 @@ EAGER_ATTENTION_EDITS = (
                 causal_mask_mapping["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
 """,
         """\
-        # One additive mask per layer type, built once from plain tensor ops (see build_causal_mask)
+        # One additive mask per layer type, built once from plain tensor ops (layer_causal_mask)
         causal_mask_mapping = {
             layer_type: self.causal_mask_for(layer_type, attention_mask, inputs_embeds, past_seen_tokens, cache)
             for layer_type in dict.fromkeys(self.config.layer_types)
@@ -162,13 +108,15 @@ EAGER_ATTENTION_EDITS = (
 )
 
 
-def eager_attention_patch() -> Patch:
-    return anchored_patch(
+def eager_attention_patch(target: str) -> Patch:
+    return patch_with_module(
         "eager_attention",
         "Eager attention only (no ALL_ATTENTION_FUNCTIONS dispatch, no sdpa/flash/flex), and the causal and "
-        "sliding-window masks built in the file by build_causal_mask from arange and comparisons instead of "
+        "sliding-window masks built by layer_causal_mask from arange and comparisons instead of "
         "transformers.masking_utils, so an exporter sees plain tensor ops.",
         MODELING_FILE,
+        CAUSAL_MASK,
+        target,
         EAGER_ATTENTION_EDITS,
     )
 

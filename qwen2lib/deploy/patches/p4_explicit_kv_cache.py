@@ -1,33 +1,13 @@
 """Patch 4: explicit KV cache."""
 from __future__ import annotations
 
-from ..patch import MODELING_FILE, Edit, Patch, anchored_patch
+from ..patch import MODELING_FILE, CopiedModule, Edit, Patch, patch_with_module
 
-
-PRESENTS_OUTPUT_SOURCE = '''\
-@dataclass
-class Qwen2ModelOutputWithPresents(BaseModelOutputWithPast):
-    r"""
-    presents (`list[tuple[torch.Tensor, torch.Tensor]]`, *optional*):
-        Returned when `past_key_values` is given: per layer, the (key, value) of every position so far, each of
-        shape (batch, num_key_value_heads, past + new tokens, head_dim). Feed them back as `past_key_values`.
-    """
-
-    presents: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-
-
-@dataclass
-class Qwen2CausalLMOutputWithPresents(CausalLMOutputWithPast):
-    r"""
-    presents (`list[tuple[torch.Tensor, torch.Tensor]]`, *optional*):
-        See `Qwen2ModelOutputWithPresents`.
-    """
-
-    presents: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-
-
-class Qwen2MLP(nn.Module):
-'''
+KV_CACHE = CopiedModule(
+    "deploy/inserted/kv_cache.py",
+    ("Qwen2CausalLMOutputWithPresents", "Qwen2ModelOutputWithPresents", "append_past", "cache_convention",
+     "past_length"),
+)
 
 PAST_KEY_VALUES_ARGUMENT = (
     "        past_key_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None,\n"
@@ -45,11 +25,6 @@ EXPLICIT_KV_CACHE_EDITS = (
     # The decorator renames past_key_values to cache; here past_key_values gets its own meaning.
     Edit("from transformers.utils.deprecation import deprecate_kwarg\n", ""),
     Edit('    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")\n', "", count=4),
-    Edit(
-        "from collections.abc import Callable\n",
-        "from collections.abc import Callable\nfrom dataclasses import dataclass\n",
-    ),
-    Edit("class Qwen2MLP(nn.Module):\n", PRESENTS_OUTPUT_SOURCE),
     # attention: concatenate the past explicitly and hand the result back
     Edit(
         """\
@@ -75,8 +50,7 @@ EXPLICIT_KV_CACHE_EDITS = (
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
         elif past_key_value is not None:
-            key_states = torch.cat([past_key_value[0], key_states], dim=-2)
-            value_states = torch.cat([past_key_value[1], value_states], dim=-2)
+            key_states, value_states = append_past(past_key_value, key_states, value_states)
         present = (key_states, value_states)
 """,
     ),
@@ -142,31 +116,15 @@ EXPLICIT_KV_CACHE_EDITS = (
             cache = DynamicCache(config=self.config)
 """,
         """\
-        if isinstance(past_key_values, Cache):
-            # Before transformers 5 the Cache object was called past_key_values: keep those callers working
-            cache, past_key_values = past_key_values, None
-        if cache is not None and past_key_values is not None:
-            raise ValueError(
-                "pass either cache= (a transformers Cache) or past_key_values= (a list of (key, value) tensors "
-                "per layer; [] for the first call), not both"
-            )
-        if past_key_values and len(past_key_values) != self.config.num_hidden_layers:
-            raise ValueError(
-                f"past_key_values has {len(past_key_values)} (key, value) pairs; the model has "
-                f"{self.config.num_hidden_layers} layers"
-            )
+        # a Cache object passed as past_key_values (the pre-5 spelling) becomes cache; both conventions: refused
+        cache, past_key_values = cache_convention(cache, past_key_values, self.config.num_hidden_layers)
         if use_cache and cache is None and past_key_values is None:
             cache = DynamicCache(config=self.config)
 """,
     ),
     Edit(
         "        past_seen_tokens = cache.get_seq_length() if cache is not None else 0\n",
-        """\
-        if past_key_values is not None:
-            past_seen_tokens = past_key_values[0][0].shape[-2] if past_key_values else 0
-        else:
-            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
-""",
+        "        past_seen_tokens = past_length(past_key_values, cache)\n",
     ),
     Edit(
         """\
@@ -270,14 +228,16 @@ EXPLICIT_KV_CACHE_EDITS = (
 )
 
 
-def explicit_kv_cache_patch() -> Patch:
-    return anchored_patch(
+def explicit_kv_cache_patch(target: str) -> Patch:
+    return patch_with_module(
         "explicit_kv_cache",
         "The KV cache as plain tensors: forward(..., past_key_values=[(k, v) per layer]) with k, v of shape "
         "(batch, kv_heads, past, head_dim) ([] for the first call) returns `presents`, the same list one step "
         "longer, so an exported graph has clear inputs and outputs. cache= (a DynamicCache, what generate uses) "
         "keeps working; the past_key_values -> cache renaming decorator is removed.",
         MODELING_FILE,
+        KV_CACHE,
+        target,
         EXPLICIT_KV_CACHE_EDITS,
     )
 

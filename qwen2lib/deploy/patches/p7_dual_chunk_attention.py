@@ -1,126 +1,23 @@
 """Patch 7: Dual Chunk Attention, switched on by ``config.dual_chunk_attention_config``.
 
-The patched file must run with torch and transformers only, so the DCA code is written into it here rather than
-imported from ``qwen2lib.scratch.dca`` (which stays the reference the tests compare against). The formulation suits an
-eager, exportable model: keys are rotated once at ``p mod s`` (s = chunk_size - local_size) and cached that way;
-the query is rotated three times (intra: ``p mod s``, successive: ``min(p mod s + s, chunk_size)``, inter:
-``chunk_size``), giving three score matrices; each (query, key) pair takes the score of its part, chosen by the
-chunk indices of the two positions, and one softmax runs over the result with the usual causal/padding mask.
-That is exactly the single softmax over the three parts that the reference merges by log-sum-exp. Inside one
-chunk every pair is intra and the query rotation equals the plain one, so the output equals plain attention.
+The code is ``qwen2lib/scratch/dual_chunk.py``, the one torch formulation of DCA (also the fast path of the teaching
+``scratch/dca.py``, tested against its naive reference): the package carries it as ``dual_chunk_<target>.py`` and
+the edits here are its import line and call sites. Keys are rotated once at ``p mod s`` (s = chunk_size -
+local_size) and cached that way; the query is rotated three times (intra, successive, inter), each (query, key)
+pair takes the score of its part and one softmax runs over the result with the usual causal/padding mask. Inside
+one chunk every pair is intra and the query rotation equals the plain one, so the output equals plain attention.
 """
 from __future__ import annotations
 
-from ..patch import CONFIGURATION_FILE, MODELING_FILE, Edit, Patch, anchored_patch
+from ..patch import CONFIGURATION_FILE, MODELING_FILE, CopiedModule, Edit, Patch, anchored_patch, patch_with_module
 
-DUAL_CHUNK_SOURCE = '''\
-@dataclass
-class DualChunkRotary:
-    """What Dual Chunk Attention needs in every layer, computed once per forward by Qwen2Model.
-
-    key: cos/sin of the new tokens at p mod s, the rotation their keys are cached with.
-    queries: cos/sin of the new tokens for the intra, successive and inter parts.
-    intra, successive: (batch or 1, 1, query_length, key_length) bool, which part each (query, key) pair is in
-    (neither: inter). Causality and padding stay in the additive attention mask.
-    """
-
-    key: tuple[torch.Tensor, torch.Tensor]
-    queries: tuple[tuple[torch.Tensor, torch.Tensor], ...]
-    intra: torch.Tensor
-    successive: torch.Tensor
-
-
-def dual_chunk_settings(config) -> tuple[int, int] | None:
-    """(chunk_size, local_size) from config.dual_chunk_attention_config, or None when DCA is off."""
-    settings = getattr(config, "dual_chunk_attention_config", None)
-    if not settings:
-        return None
-    missing = [key for key in ("chunk_size", "local_size") if key not in settings]
-    if missing:
-        raise ValueError(f"dual_chunk_attention_config lacks {missing}: give chunk_size and local_size")
-    chunk_size, local_size = int(settings["chunk_size"]), int(settings["local_size"])
-    if not 0 <= local_size < chunk_size:
-        raise ValueError(f"dual_chunk_attention_config: need 0 <= local_size ({local_size}) < chunk_size ({chunk_size})")
-    if getattr(config, "sliding_window", None) is not None:
-        raise ValueError("dual_chunk_attention_config and a sliding window cannot be combined: switch one off")
-    return chunk_size, local_size
-
-
-def rotate_by(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, heads, T, hd) rotated by cos/sin (B, T, hd): one half of apply_rotary_pos_emb."""
-    return (x * cos.unsqueeze(1)) + (rotate_half(x) * sin.unsqueeze(1))
-
-
-def dual_chunk_attention_forward(
-    module: nn.Module,
-    queries: list[torch.Tensor],
-    key: torch.Tensor,
-    value: torch.Tensor,
-    dual_chunk: DualChunkRotary,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs: Unpack[TransformersKwargs],
-):
-    """eager_attention_forward with one score matrix per DCA part, each pair reading its own part's score."""
-    key_states = repeat_kv(key, module.num_key_value_groups).transpose(2, 3)
-    value_states = repeat_kv(value, module.num_key_value_groups)
-
-    intra, successive, inter = (torch.matmul(q, key_states) for q in queries)  # (B, H, T, L) each
-    attn_weights = torch.where(dual_chunk.intra, intra, torch.where(dual_chunk.successive, successive, inter))
-    attn_weights = attn_weights * scaling
-    if attention_mask is not None:
-        attn_weights = attn_weights + attention_mask
-
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(queries[0].dtype)
-    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
-    attn_output = torch.matmul(attn_weights, value_states)
-    attn_output = attn_output.transpose(1, 2).contiguous()
-
-    return attn_output, attn_weights
-
-
-class Qwen2Attention(nn.Module):'''
-
-DUAL_CHUNK_ROTARY_METHOD = '''\
-    def dual_chunk_rotary(
-        self,
-        hidden_states: torch.Tensor,
-        position_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        key_length: int,
-    ) -> DualChunkRotary:
-        """Rotations and part masks of Dual Chunk Attention for this forward.
-
-        Key j's position is the count of real tokens before it (from the 2D attention_mask, as position_ids
-        are), else j. Chunks are s = chunk_size - local_size positions long; a pair is intra when query and
-        key share a chunk, successive when the key's chunk is the one before, inter otherwise.
-        """
-        chunk_size, local_size = dual_chunk_settings(self.config)
-        chunk = chunk_size - local_size
-        if attention_mask is not None and attention_mask.dim() == 2:
-            key_positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -key_length:]  # (B, L)
-        else:
-            key_positions = torch.arange(key_length, device=position_ids.device)[None, :]  # (1, L)
-        in_chunk = position_ids % chunk  # (B or 1, T)
-        query_positions = (
-            in_chunk,
-            torch.clamp(in_chunk + chunk, max=chunk_size),
-            torch.full_like(position_ids, chunk_size),
-        )
-        distance = (position_ids // chunk)[:, None, :, None] - (key_positions // chunk)[:, None, None, :]
-        return DualChunkRotary(
-            key=self.rotary_emb(hidden_states, in_chunk),
-            queries=tuple(self.rotary_emb(hidden_states, p) for p in query_positions),
-            intra=distance == 0,
-            successive=distance == 1,
-        )
-
-    def causal_mask_for(
-'''
+DUAL_CHUNK = CopiedModule(
+    "scratch/dual_chunk.py",
+    ("DualChunkRotary", "dual_chunk_attention_forward", "dual_chunk_rotary", "dual_chunk_settings",
+     "rotate_dual_chunk"),
+)
 
 DUAL_CHUNK_MODELING_EDITS = (
-    Edit("\n\nclass Qwen2Attention(nn.Module):", "\n\n" + DUAL_CHUNK_SOURCE),
     Edit(
         "        self.has_sliding_layers = \"sliding_attention\" in self.config.layer_types\n",
         "        self.has_sliding_layers = \"sliding_attention\" in self.config.layer_types\n"
@@ -136,8 +33,7 @@ DUAL_CHUNK_MODELING_EDITS = (
         if dual_chunk is not None:
             # Dual Chunk Attention (the model's config decides): keys rotated and cached at p mod s, the query
             # once per part
-            queries = [rotate_by(query_states, cos, sin) for cos, sin in dual_chunk.queries]
-            key_states = rotate_by(key_states, *dual_chunk.key)
+            queries, key_states = rotate_dual_chunk(query_states, key_states, dual_chunk)
         else:
             cos, sin = position_embeddings
             query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
@@ -182,13 +78,13 @@ DUAL_CHUNK_MODELING_EDITS = (
             )
 """,
     ),
-    Edit("    def causal_mask_for(\n", DUAL_CHUNK_ROTARY_METHOD),
     Edit(
         "        position_embeddings = self.rotary_emb(hidden_states, position_ids)\n",
         """\
         if dual_chunk_settings(self.config) is not None:
-            position_embeddings = self.dual_chunk_rotary(
-                hidden_states, position_ids, attention_mask, past_seen_tokens + inputs_embeds.shape[1]
+            position_embeddings = dual_chunk_rotary(
+                self.rotary_emb, self.config, hidden_states, position_ids, attention_mask,
+                past_seen_tokens + inputs_embeds.shape[1],
             )
         else:
             position_embeddings = self.rotary_emb(hidden_states, position_ids)
@@ -215,7 +111,7 @@ DUAL_CHUNK_CONFIGURATION_EDITS = (
 )
 
 
-def dual_chunk_attention_patches() -> tuple[Patch, Patch]:
+def dual_chunk_attention_patches(target: str) -> tuple[Patch, Patch]:
     description = (
         "With config.dual_chunk_attention_config ({chunk_size, local_size, original_max_position_embeddings}), "
         "attention is Dual Chunk Attention: keys rotated and cached at p mod (chunk_size - local_size), the query "
@@ -223,6 +119,7 @@ def dual_chunk_attention_patches() -> tuple[Patch, Patch]:
         "softmax; in prefill and cached decode alike. Without it, nothing changes. The configuration gains the field."
     )
     return (
-        anchored_patch("dual_chunk_attention", description, MODELING_FILE, DUAL_CHUNK_MODELING_EDITS),
+        patch_with_module("dual_chunk_attention", description, MODELING_FILE, DUAL_CHUNK, target,
+                          DUAL_CHUNK_MODELING_EDITS),
         anchored_patch("dual_chunk_attention", description, CONFIGURATION_FILE, DUAL_CHUNK_CONFIGURATION_EDITS),
     )
