@@ -10,6 +10,7 @@ from .errors import (ModelNotFoundError, NumericalOverflowError, PromptTooLongEr
                      show_short_errors)
 from .model.loading import checkpoint_dir, load_model, parse_dtype
 from .model.registry import ModelSpec, list_models, resolve
+from .model.threads import apply_workbook_threads
 from .model.tokenizer import load_tokenizer
 
 __all__ = [
@@ -41,3 +42,6 @@ def _short_errors_in_notebooks() -> None:
 
 
 _short_errors_in_notebooks()
+# Every notebook, stage, test and CLI call computes on the cores that are free now (or $QWEN2LIB_THREADS), decided
+# here, before anything runs: torch's one thread per core crawls when another process holds a core (model/threads.py).
+apply_workbook_threads()

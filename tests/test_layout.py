@@ -258,3 +258,13 @@ def test_the_readme_layout_names_every_package_and_top_level_module():
     missing = [f"{p}/" for p in PACKAGE_ORDER if f"{p}/" not in named]
     missing += [f"{m}.py" for m in sorted(FOUNDATION | FACADES) if f"{m}.py" not in named]
     assert not missing, f"README's Layout section does not name {missing}"
+
+
+def test_import_qwen2lib_loads_neither_the_trainer_nor_a_later_stage():
+    code = "import sys, qwen2lib; print(' '.join(sorted(m for m in sys.modules if m.startswith('qwen2lib'))))"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    modules = loaded.stdout.split()
+    assert "qwen2lib.model.tiny" in modules, "the check must see the modules import qwen2lib loads"
+    heavy = [m for m in modules if m.endswith(("train_tiny", "tiny_shipping", "corpus"))
+             or m.split(".")[1:2] in (["scratch"], ["compile"], ["serve"], ["deploy"])]
+    assert not heavy, f"import qwen2lib loads {heavy}: the trainer and later stages load only when used"

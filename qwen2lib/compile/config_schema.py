@@ -26,7 +26,7 @@ import yaml
 
 from ..artifacts import check_component
 from ..deploy.schemes import INT4_SCHEMES, INT8_SCHEMES, SCHEMES
-from ..errors import Qwen2LibError
+from ..errors import MissingInputError, Qwen2LibError
 from .plan import (ACTIVATION_SCHEMES, GRANULARITIES, OPERATOR_SETS, PRECISION_DTYPE, PROJECTIONS, QUANTIZABLE_GROUPS,
                    QUANTIZED, GraphPlan, PlanError)
 
@@ -164,7 +164,7 @@ class FP16Config:
 class RuntimeConfig:
     optimization_level: str = setting("all", "onnxruntime graph optimisation: disable | basic | extended | all",
                                       ("disable", "basic", "extended", "all"))
-    threads: int = setting(0, "intra-op threads (0: onnxruntime's default)")
+    threads: int = setting(0, "intra-op threads (0: the workbook's, the free cores or $QWEN2LIB_THREADS)")
 
     def __post_init__(self):
         if self.threads < 0:
@@ -333,7 +333,7 @@ def _key_lines(node: yaml.Node, path: str) -> dict[str, int]:
 
 def _read_yaml(path: Path) -> tuple[dict, dict]:
     if not path.is_file():
-        raise FileNotFoundError(f"compile config {path} does not exist: pass one of the YAML files in configs/ "
+        raise MissingInputError(f"compile config {path} does not exist: pass one of the YAML files in configs/ "
                                 "(qwen2_fp32.yaml, qwen2_fp16.yaml, qwen2_int8.yaml) or your own")
     loader = yaml.SafeLoader(path.read_text(encoding="utf-8"))
     try:

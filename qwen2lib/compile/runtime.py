@@ -25,7 +25,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from ..errors import NumericalOverflowError, PromptTooLongError, Qwen2LibError
+from ..errors import MissingInputError, NumericalOverflowError, PromptTooLongError, Qwen2LibError
+from ..model.threads import workbook_threads
 from ..scratch.masks import positions_from_mask
 from .dual_chunk import uses_dual_chunk
 
@@ -105,9 +106,10 @@ def session_options(threads: int | None = None, optimization_level: str = "all",
     which leaves the cores to other threads of the process (a server's event loop) or of the machine."""
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _ORT_LEVELS[optimization_level])
-    if threads:
-        options.intra_op_num_threads = int(threads)
-        options.inter_op_num_threads = 1
+    # no count given: the workbook's (the free cores, or $QWEN2LIB_THREADS), not onnxruntime's one per core, whose
+    # pool waits at every barrier for a thread another process has descheduled
+    options.intra_op_num_threads = int(threads or workbook_threads())
+    options.inter_op_num_threads = 1
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
@@ -147,11 +149,11 @@ class OnnxCausalLM:
         if folder.is_dir():
             if manifest is None:
                 if not (folder / "manifest.json").is_file():
-                    raise FileNotFoundError(f"{folder} has no manifest.json: compile it first (`qwen2lib compile CONFIG`)")
+                    raise MissingInputError(f"{folder} has no manifest.json: compile it first (`qwen2lib compile CONFIG`)")
                 manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
             graph = folder / manifest.get("graph", {}).get("file", "model.onnx")
         elif not folder.is_file():
-            raise FileNotFoundError(f"{folder} does not exist: compile a graph first (`qwen2lib compile CONFIG`)")
+            raise MissingInputError(f"{folder} does not exist: compile a graph first (`qwen2lib compile CONFIG`)")
         manifest = dict(manifest or {})
         if "operator_set" not in manifest:  # a bare graph: read its opsets (not its weights) to tell
 

@@ -1,5 +1,10 @@
 """Train the embedded ``tiny`` model once, offline, on the Python standard library's sources.
 
+This is the recipe that produced the weights shipped in ``qwen2lib/model/tiny_shipped/`` (``qwen2lib.model.tiny``
+expands them on first use; nothing trains then). ``qwen2lib train-tiny --write-shipped`` reruns it in full and
+rewrites that file; ``recipe_hash`` (the recipe, the architecture and this module's source) is recorded with it, and
+a test fails when they no longer match, so a changed recipe cannot leave the old model in place unnoticed.
+
 Why the loss is cheap and still exact
 -------------------------------------
 At this size the cost is the LM head: 151,936 vocabulary rows against a 128-wide body. Training
@@ -22,6 +27,7 @@ random draw comes from seeded generators, so two builds on one machine write the
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import platform
@@ -61,6 +67,24 @@ RECIPE = dict(
     heldout_block_len=256,
     threads=2,  # fixed: the reduction order, and so the exact weights, depend on the thread count
 )
+# The card records this many first losses exactly: a short rerun of the recipe must reproduce them (the tests rerun
+# the first few; all 25 make the card's first loss-curve point, a check of the record itself).
+EARLY_LOSS_STEPS = 25
+
+
+def recipe_hash(recipe: dict | None = None) -> str:
+    """sha256 of what decides the weights besides the corpus text (the card records its sha256 apart): the recipe,
+    the architecture and this module's source, so any edit here asks for a retrain of the shipped model."""
+    recipe = RECIPE if recipe is None else recipe
+    source = Path(__file__).read_text(encoding="utf-8")  # universal newlines: a CRLF checkout hashes the same
+    text = json.dumps({"recipe": jsonable(recipe), "config": dict(TINY_CONFIG), "train_tiny.py": source},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def jsonable(recipe: dict) -> dict:
+    """The recipe as JSON writes it (tuples as lists), for the card and the hash alike."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()}
 
 
 def lr_at(step: int, recipe: dict) -> float:
@@ -207,8 +231,10 @@ def bf16_is_fast() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 def train_slots(body, slot_table: torch.Tensor, train_slot_blocks: torch.Tensor, log_multiplicity: torch.Tensor,
-                recipe: dict, *, seed: int, progress: bool, max_minutes: float, on_step=None) -> dict:
-    """AdamW on the body and the slot table; batches drawn from a seeded permutation of the blocks."""
+                recipe: dict, *, seed: int, progress: bool, max_minutes: float, on_step=None,
+                stop_after: int | None = None) -> dict:
+    """AdamW on the body and the slot table; batches drawn from a seeded permutation of the blocks.
+    ``stop_after``: end after that many steps, the schedule unchanged (the first steps of the full run, exactly)."""
     params = dict(body.named_parameters())
     decay = [p for n, p in params.items() if p.dim() >= 2]  # matrices and the table; not norms or biases
     no_decay = [p for n, p in params.items() if p.dim() < 2]
@@ -228,6 +254,8 @@ def train_slots(body, slot_table: torch.Tensor, train_slot_blocks: torch.Tensor,
         raise ValueError(f"autocast={recipe['autocast']!r}: 'bfloat16' or 'float32'")
     body.train()
     for step in bar:
+        if stop_after is not None and step >= stop_after:
+            break
         if position + recipe["batch_size"] > order.numel():  # a new epoch: a fresh seeded permutation
             order, position = torch.randperm(train_slot_blocks.shape[0], generator=generator), 0
         batch = train_slot_blocks[order[position : position + recipe["batch_size"]]]  # (B, T + 1)
@@ -252,7 +280,7 @@ def train_slots(body, slot_table: torch.Tensor, train_slot_blocks: torch.Tensor,
             # a busy machine only makes it slower: say how long, never give up (the steps, not the clock, end it)
             left = elapsed / (step + 1) * (recipe["steps"] - step - 1) / 60
             print(f"[qwen2lib] training tiny: about {left:.0f} more minutes at this machine's current speed "
-                  f"(sized for {max_minutes:g} on 2 idle cores); it runs once, then the cache serves it",
+                  f"(sized for {max_minutes:g} on 2 idle cores); the step count, not the clock, ends it",
                   file=sys.stderr, flush=True)
     body.eval()
     return {"losses": losses, "tokens_seen": tokens_seen, "train_seconds": time.perf_counter() - start,
@@ -268,11 +296,8 @@ def train_tiny(out_dir: Path, *, seed: int = 0, max_minutes: float = 7.0, progre
     """
     recipe = recipe_with(overrides)
     out_dir = Path(out_dir)
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(recipe["threads"])
-    torch.use_deterministic_algorithms(True)
     wall_start = time.perf_counter()
-    try:
+    with training_threads(recipe):
         tokenizer = load_tokenizer("tiny")
         data = training_data(tokenizer, recipe, seed)
         config = resolve("tiny").hf_config()
@@ -288,6 +313,30 @@ def train_tiny(out_dir: Path, *, seed: int = 0, max_minutes: float = 7.0, progre
                           build_seconds=round(time.perf_counter() - wall_start, 1))
         (out_dir / "model_card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
         return card
+
+
+def early_losses(count: int = EARLY_LOSS_STEPS, *, seed: int = 0, **overrides) -> list[float]:
+    """The recipe's first ``count`` training losses, as the full run has them: the same corpus, slots and
+    batches, stopped early (nothing evaluated or saved). Compared with the card's ``early_train_losses``."""
+    recipe = recipe_with(overrides)
+    with training_threads(recipe):
+        tokenizer = load_tokenizer("tiny")
+        data = training_data(tokenizer, recipe, seed, heldout=False)
+        slot_of, n_own, band_sizes = slots_of(tokenizer, data["train_stream"], resolve("tiny").hf_config().vocab_size,
+                                              recipe)
+        run = train_slot_model(slot_of, n_own, band_sizes, data["train_blocks"], recipe, seed=seed, progress=False,
+                               max_minutes=float("inf"), stop_after=count)[2]
+    return run["losses"]
+
+
+@contextlib.contextmanager
+def training_threads(recipe: dict):
+    """The recipe's fixed thread count and deterministic kernels for the duration, then the caller's settings."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(recipe["threads"])
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
@@ -304,8 +353,9 @@ def recipe_with(overrides: dict) -> dict:
     return recipe
 
 
-def training_data(tokenizer, recipe: dict, seed: int) -> dict:
-    """The corpus, its training tokens as a stream and as (M, T + 1) blocks, and the (H, T) held-out blocks."""
+def training_data(tokenizer, recipe: dict, seed: int, heldout: bool = True) -> dict:
+    """The corpus, its training tokens as a stream and as (M, T + 1) blocks, and the (H, T) held-out blocks
+    (None when ``heldout`` is false)."""
     corpus = stdlib_corpus(seed=0)
     train_files = corpus.train_files[: recipe["max_train_files"]]
     needed = recipe["steps"] * recipe["batch_size"] * (recipe["block_len"] + 1)
@@ -313,7 +363,8 @@ def training_data(tokenizer, recipe: dict, seed: int) -> dict:
     train_blocks = blocks(train_stream, recipe["block_len"] + 1)  # (M, T + 1): inputs and shifted targets
     if train_blocks.shape[0] < recipe["batch_size"]:
         raise ValueError(f"{train_stream.numel()} training tokens make fewer than one batch of blocks")
-    heldout = heldout_token_blocks(tokenizer, recipe["heldout_blocks"], recipe["heldout_block_len"])  # (H, T)
+    heldout = heldout_token_blocks(tokenizer, recipe["heldout_blocks"], recipe["heldout_block_len"]) if heldout \
+        else None  # (H, T)
     return {"corpus": corpus, "train_stream": train_stream, "train_blocks": train_blocks, "heldout": heldout}
 
 
@@ -325,7 +376,7 @@ def slots_of(tokenizer, train_stream: torch.Tensor, vocab_size: int, recipe: dic
 
 
 def train_slot_model(slot_of: torch.Tensor, n_own: int, band_sizes: torch.Tensor, train_blocks: torch.Tensor,
-                     recipe: dict, *, seed: int, progress: bool, max_minutes: float):
+                     recipe: dict, *, seed: int, progress: bool, max_minutes: float, stop_after: int | None = None):
     """The same network with a small table, one row per slot instead of one per vocabulary id, trained.
     Returns the body, its (P + K, D) table (input embedding and LM head at once: tied) and ``train_slots``' record."""
     torch.manual_seed(seed)
@@ -335,7 +386,7 @@ def train_slot_model(slot_of: torch.Tensor, n_own: int, band_sizes: torch.Tensor
     body = Qwen2Model(slot_config)
     slot_table = body.embed_tokens.weight  # (P + K, D)
     run = train_slots(body, slot_table, slot_of[train_blocks], slot_log_multiplicity(n_own, band_sizes), recipe,
-                      seed=seed, progress=progress, max_minutes=max_minutes)
+                      seed=seed, progress=progress, max_minutes=max_minutes, stop_after=stop_after)
     return body, slot_table, run
 
 
@@ -359,7 +410,8 @@ def model_card(recipe: dict, seed: int, data: dict, run: dict, n_own: int, band_
         "name": "tiny",
         "config": dict(TINY_CONFIG),
         "corpus": corpus.summary(),
-        "recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()},
+        "recipe": jsonable(recipe),
+        "recipe_hash": recipe_hash(recipe),
         "seed": seed,
         "steps": recipe["steps"],
         "tokens_seen": run["tokens_seen"],
@@ -368,6 +420,7 @@ def model_card(recipe: dict, seed: int, data: dict, run: dict, n_own: int, band_
         "own_vocabulary_rows": n_own,
         "shared_row_bands": band_sizes.tolist(),
         "first_train_loss": losses[0],
+        "early_train_losses": losses[:EARLY_LOSS_STEPS],  # exact: what a short rerun must reproduce
         "final_train_loss": sum(tail) / len(tail),
         "train_loss_curve": [round(sum(losses[i : i + 25]) / len(losses[i : i + 25]), 4) for i in range(0, len(losses), 25)],
         "heldout_perplexity": perplexity,
