@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from llamacpp import BUILD_HINT, batched_bench, find_tool, gguf_matmul_bytes  # noqa: E402
+from tables import markdown  # noqa: E402
 from qwen2lib import load_model  # noqa: E402
 from qwen2lib.artifacts import default_workdir  # noqa: E402
 from qwen2lib.compile.stage import ensure_compiled  # noqa: E402
@@ -334,21 +335,14 @@ def main(argv=None) -> int:
           f"rounds; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; memory bandwidth (best probe) "
           + ", ".join(f"{k} {v:.1f}" for k, v in bandwidth.items())
           + f"; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
-    print(_markdown(table.round(1)))
+    print(markdown(table.round(1)))
     ratios = ratio_table(table, ["llama.cpp Q8_0", "llama.cpp Q4_0", "torch dynamic int8"])
     if len(ratios.columns):
         print("\nRatios (each speed column over the reference row's, same run):")
-        print(_markdown(ratios.round(2)))
+        print(markdown(ratios.round(2)))
     for line in check_targets(table) + notes:
         print(line)
     return 0
-
-
-def _markdown(table) -> str:
-    try:
-        return table.to_markdown()
-    except ImportError:  # tabulate absent
-        return table.to_string()
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from decode_prefill import TorchRunner  # noqa: E402
 from llamacpp import BUILD_HINT, find_tool  # noqa: E402
+from tables import markdown  # noqa: E402
 from qwen2lib import load_model  # noqa: E402
 from qwen2lib.scratch.architecture import kv_bytes_per_token  # noqa: E402
 from qwen2lib.artifacts import default_workdir  # noqa: E402
@@ -321,13 +322,6 @@ def check_targets(table) -> list[str]:
     return lines
 
 
-def _markdown(table) -> str:
-    try:
-        return table.to_markdown()
-    except ImportError:  # tabulate absent
-        return table.to_string()
-
-
 # ---- main ------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -379,13 +373,13 @@ def main(argv=None) -> int:
           f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; load average {load_before:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after\n")
     table = speed_table(best, args.lengths)
-    print(_markdown(table.round(2)))
+    print(markdown(table.round(2)))
     print("\nResident memory (MB; peak during each length, held = growth kept with the cache alive, KV = the cache "
           "object's bytes), last round:\n")
-    print(_markdown(memory_table(last, args.lengths).round(0)))
+    print(markdown(memory_table(last, args.lengths).round(0)))
     if len(args.lengths) > 1:
         print(f"\nKV cache growth {min(args.lengths)} -> {max(args.lengths)} tokens against notebook 00's formula:\n")
-        print(_markdown(kv_check(last, args.lengths, config).round(2)))
+        print(markdown(kv_check(last, args.lengths, config).round(2)))
     print()
     for line in check_targets(table) + notes:
         print(line)

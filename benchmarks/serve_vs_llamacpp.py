@@ -27,10 +27,20 @@ throughput at saturation >= 1.3x llama.cpp's, TTFT p99 no worse at each rate) as
 runs as JSON plus a plot of TTFT and TPOT (median and p99) against the rate. Compare rows of one run only.
 A Q8_0 GGUF can also come from the workbook itself: ``qwen2lib export --model Qwen2-0.5B --weights random --format gguf
 --type q8_0``.
+
+``--mixed`` runs the mixed-load case instead of the rate sweep: ``--mixed-short`` short chats (64-token prompts,
+``--mixed-output`` tokens each) stream while ``--mixed-long`` prompts of 2k-3.8k tokens arrive (Poisson at
+``--mixed-long-rate``, from ``--mixed-after`` seconds on). It reports the short streams' ITL p50/p99 (what a newcomer's
+prefill costs the running streams) and the long prompts' TTFT (what chunking costs the newcomer), for our server with
+chunked prefill (``--prefill-chunk``'s default), ours without (one chunk as long as any prompt), and llama-server
+when its binary is found. Every server gets 4096 positions a slot (the compiled graph's limit).
+
+    python benchmarks/serve_vs_llamacpp.py --mixed --gguf model-q8_0.gguf
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import json
 import math
@@ -43,6 +53,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,13 +63,16 @@ from llamacpp import BUILD_HINT, find_tool  # noqa: E402
 
 from qwen2lib import load_tokenizer  # noqa: E402
 from qwen2lib.artifacts import default_workdir  # noqa: E402
-from qwen2lib.serve.bench import (RequestResult, benchmark_server, compute_metrics, load_requests, metrics_table,
-                                  plot_latency_vs_rate)
+from qwen2lib.serve.bench import (Request, RequestResult, benchmark_server, compute_metrics,  # noqa: E402
+                                  load_requests, metrics_table, plot_latency_vs_rate)
 from qwen2lib.model.loading import checkpoint_dir  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
 OURS, PEER = "qwen2lib int8 graph", "llama.cpp Q8_0"
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, never via a proxy
+# the mixed case: positions a slot needs (the compiled graph's default limit), long prompts' lengths and output
+MIXED_CONTEXT, MIXED_LONG_PROMPT, MIXED_LONG_OUTPUT, MIXED_SHORT_PROMPT = 4096, (2048, 3840), 16, 64
+NO_CHUNKING = ["--prefill-chunk", str(MIXED_CONTEXT)]  # one chunk holds any prompt the graph accepts: chunking off
 
 
 def free_port() -> int:
@@ -188,22 +203,31 @@ def server_commands(args, workdir: Path, out: Path) -> dict:
     servers = {}
     variants = ([] if args.skip_ours else [(ROOT, [])]) + [(Path(t).resolve(), []) for t in args.also_tree]
     variants += [(ROOT, shlex.split(extra)) for extra in args.also_args]
+    if args.mixed and not args.skip_ours:
+        variants.insert(1, (ROOT, NO_CHUNKING))
+    slot_context = MIXED_CONTEXT if args.mixed else 2048  # 2048: the rate sweep's longest request
+    # the mixed case's KV budget as llama.cpp's -c: every slot at its longest request (the default holds 8 x 2048)
+    budget = ["--kv-budget", str(args.slots * MIXED_CONTEXT)] if args.mixed else []
     for tree, extra in variants:
         port = free_port()
         # ``python -m`` from the tree's root imports that tree's qwen2lib; one run folder, so one compiled graph
         command = [sys.executable, "-m", "qwen2lib.cli", "serve", "--model", args.model, "--weights", args.weights,
                    "--seed", str(args.seed), "--port", str(port), "--max-batch", str(args.slots),
-                   "--served-model-name", args.model, "--workdir", str(workdir), *extra]
-        tag = " ".join(([] if tree == ROOT else [tree.name]) + extra)
+                   "--served-model-name", args.model, "--workdir", str(workdir), *budget, *extra]
+        tag = "no chunking" if extra == NO_CHUNKING else " ".join(([] if tree == ROOT else [tree.name]) + extra)
         label = OURS + (f" ({tag})" if tag else "")
         servers[label] = (command, "/v1/models", port, out / f"qwen2lib-server-{len(servers)}.log", tree)
     if not args.skip_llama:
         server = args.llama_server or find_tool("llama-server", args.llama_cpp)
+        if server is None and args.mixed:  # chunked against unchunked stands without the peer
+            print("[mixed] llama-server not found, measuring ours only: " + BUILD_HINT.format(tool="llama-server"),
+                  file=sys.stderr)
+            return servers
         if server is None:
             raise SystemExit("llama-server not found: " + BUILD_HINT.format(tool="llama-server"))
         args.llama_server = str(server)
         gguf = ensure_gguf(args, out)
-        context = args.slots * 2048  # llama.cpp splits -c between its slots: 2048 each, the bench's longest request
+        context = args.slots * slot_context  # llama.cpp splits -c between its slots
         for extra in args.llama_variant:
             port = free_port()
             command = [args.llama_server, "-m", str(gguf), "--host", LOOPBACK, "--port", str(port), "-np",
@@ -241,6 +265,72 @@ def report(rounds: dict, runs: dict, args) -> None:
             print(line)
 
 
+def mixed_requests(args, vocab_size: int = 151643) -> tuple[list[Request], list[Request]]:
+    """(short chats, long prompts), seeded random ids from the ordinary vocabulary: only the lengths matter."""
+    rng = np.random.default_rng(args.seed)
+    shorts = [Request(rng.integers(0, vocab_size, MIXED_SHORT_PROMPT).tolist(), args.mixed_output)
+              for _ in range(args.mixed_short)]
+    longs = [Request(rng.integers(0, vocab_size, int(rng.integers(*MIXED_LONG_PROMPT))).tolist(), MIXED_LONG_OUTPUT)
+             for _ in range(args.mixed_long)]
+    return shorts, longs
+
+
+def mixed_run(url: str, shorts, longs, args, label: str, seed: int) -> tuple[dict, dict]:
+    """The short chats all at once and, ``--mixed-after`` seconds later, the long prompts at their rate; two clients
+    on two threads (each its own event loop), so the long prompts arrive while the short ones stream."""
+    def long_prompts():
+        time.sleep(args.mixed_after)
+        return benchmark_server(url, longs, request_rate=args.mixed_long_rate, seed=seed, dataset="mixed-long",
+                                label=label, progress=False)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        late = pool.submit(long_prompts)
+        short = benchmark_server(url, shorts, seed=seed, dataset="mixed-short", label=label, progress=False)
+        return short, late.result()
+
+
+def measure_mixed(urls: dict, shorts, longs, args) -> dict[str, dict[str, list[dict]]]:
+    """label -> {"short": runs, "long": runs}, one per round, the servers' order alternating between rounds."""
+    runs = {label: {"short": [], "long": []} for label in urls}
+    for round_ in range(args.rounds):
+        for label in (list(urls) if round_ % 2 == 0 else list(reversed(urls))):
+            print(f"[mixed round {round_ + 1}/{args.rounds}] {label} ...", file=sys.stderr, flush=True)
+            short, long_ = mixed_run(urls[label], shorts, longs, args, label, args.seed + round_)
+            for kind, run in (("short", short), ("long", long_)):
+                run["load_avg_1min"] = os.getloadavg()[0]
+                runs[label][kind].append(run)
+    return runs
+
+
+def mixed_report(rounds: dict) -> dict:
+    """Print one row per server (short streams' ITL, long prompts' TTFT, pooled over rounds); the pooled runs."""
+    pooled_runs = {label: {kind: pooled(runs) for kind, runs in kinds.items()} for label, kinds in rounds.items()}
+    print(f"{'server':48s} {'short ITL p50':>14s} {'short ITL p99':>14s} {'short TPOT p99':>15s} "
+          f"{'long TTFT p50':>14s} {'long TTFT p99':>14s} {'failed':>7s}")
+    for label, run in pooled_runs.items():
+        short, long_ = run["short"], run["long"]
+        print(f"{label:48s} {short['itl_ms']['median']:11.1f} ms {short['itl_ms']['p99']:11.1f} ms "
+              f"{short['tpot_ms']['p99']:12.1f} ms {long_['ttft_ms']['median']:11.1f} ms "
+              f"{long_['ttft_ms']['p99']:11.1f} ms {short['failed'] + long_['failed']:7d}")
+    chunked, whole = pooled_runs.get(OURS), pooled_runs.get(f"{OURS} (no chunking)")
+    if chunked and whole:
+        a, b = chunked["short"]["itl_ms"]["p99"], whole["short"]["itl_ms"]["p99"]
+        print(f"chunked prefill: short streams' ITL p99 {a:.1f} ms against {b:.1f} ms without ({b / a:.2f}x lower); "
+              f"long prompts' TTFT p99 {chunked['long']['ttft_ms']['p99']:.1f} ms against "
+              f"{whole['long']['ttft_ms']['p99']:.1f} ms")
+    return pooled_runs
+
+
+def main_mixed(args, servers: dict, out: Path) -> int:
+    shorts, longs = mixed_requests(args)
+    with running(servers, args) as urls:
+        rounds = measure_mixed(urls, shorts, longs, args)
+    runs = mixed_report(rounds)
+    (out / "mixed.json").write_text(json.dumps({"pooled": runs, "rounds": rounds}, indent=2) + "\n")
+    print(f"wrote {out / 'mixed.json'}", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="Qwen2-0.5B")
@@ -270,13 +360,26 @@ def main(argv=None) -> int:
                    help="also serve from another checkout (e.g. a worktree of main: before and after a change, same run)")
     p.add_argument("--also-args", action="append", default=[], metavar="ARGS",
                    help="also serve from this checkout with these extra `qwen2lib serve` arguments (an A/B in one run)")
+    p.add_argument("--mixed", action="store_true", help="the mixed-load case instead of the rate sweep: short streams' "
+                   "ITL while long prompts arrive, ours with and without chunked prefill (synthetic requests)")
+    p.add_argument("--mixed-short", type=int, default=6, help="--mixed: short chats, all sent at once")
+    p.add_argument("--mixed-output", type=int, default=256, help="--mixed: tokens each short chat streams")
+    p.add_argument("--mixed-long", type=int, default=4,
+                   help=f"--mixed: long prompts ({MIXED_LONG_PROMPT[0]}-{MIXED_LONG_PROMPT[1]} tokens)")
+    p.add_argument("--mixed-long-rate", type=float, default=0.5, help="--mixed: long prompts' Poisson rate, req/s")
+    p.add_argument("--mixed-after", type=float, default=1.0,
+                   help="--mixed: seconds after the short chats before the long prompts start arriving")
     args = p.parse_args(argv)
     args.rates = [float(r) for r in args.rates.split(",")]
     args.llama_variant = args.llama_variant if args.llama_variant is not None else ["", "--poll 0"]
+    # our servers (children, which inherit it) on llama.cpp's fixed count, not on the cores free when they start
+    os.environ["QWEN2LIB_THREADS"] = str(args.threads)
     workdir = Path(args.workdir or default_workdir(args.model)).resolve()
     out = workdir / "serve_vs_llamacpp"
     out.mkdir(parents=True, exist_ok=True)
 
+    if args.mixed:
+        return main_mixed(args, server_commands(args, workdir, out), out)
     tokenizer = load_tokenizer(args.model)
     requests, dataset = load_requests(args.dataset, tokenizer, args.num_requests, args.seed, mean_prompt=128, mean_output=64)
     servers = server_commands(args, workdir, out)

@@ -70,7 +70,9 @@ def measure(model: str, stages: list[str], tree: Path, python: str, root: Path, 
     for shared in ("tokenizers", "models"):  # the family tokenizers and the embedded models are built once, elsewhere
         if (cache_root() / shared).is_dir() and not (cache / shared).exists():
             (cache / shared).symlink_to(cache_root() / shared)
-    env = dict(os.environ, QWEN2LIB_CACHE=str(cache), HF_HUB_OFFLINE="1", PYTHONPATH=str(tree))
+    # one thread per core, fixed (as torch's default was before the workbook picked the free cores): comparable runs
+    env = dict(os.environ, QWEN2LIB_CACHE=str(cache), HF_HUB_OFFLINE="1", PYTHONPATH=str(tree),
+               QWEN2LIB_THREADS=os.environ.get("QWEN2LIB_THREADS") or str(len(os.sched_getaffinity(0))))
     rows = {}
     for stage in stages:
         rows[stage] = run_stage(tree, python, stage, model, workdir, env, base / "log.txt")

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .errors import Qwen2LibError
+from .errors import BadInputError, MissingInputError, Qwen2LibError
 
 STAGES = ("patched", "calibration", "quantized", "compiled", "exported", "inference")
 MARKER = ".qwen2lib-folder"
@@ -55,8 +55,8 @@ def check_component(name: str, what: str = "name") -> str:
     text = str(name)
     if (not text or text in (".", "..") or text.startswith(".") or "/" in text or "\\" in text
             or not text.isprintable() or len(text) > 128):
-        raise ValueError(f"{what} {text!r} must be one plain folder name (letters, digits, '-', '_', '.'; "
-                         "no '/', no leading '.'), e.g. qwen2_int8")
+        raise BadInputError(f"{what} {text!r} must be one plain folder name (letters, digits, '-', '_', '.'; "
+                            "no '/', no leading '.'), e.g. qwen2_int8")
     return text
 
 
@@ -166,5 +166,5 @@ def write_metrics(folder: str | os.PathLike, metrics: dict) -> Path:
 def read_metrics(folder: str | os.PathLike) -> dict:
     path = Path(folder) / "metrics.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: run the stage that writes {Path(folder).name}/ first")
+        raise MissingInputError(f"{path} does not exist: run the stage that writes {Path(folder).name}/ first")
     return json.loads(path.read_text(encoding="utf-8"))

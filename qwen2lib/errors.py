@@ -1,5 +1,9 @@
 """Errors that say what went wrong and what to do; the CLI prints them as one line and exits 2, and in a notebook
 (``show_short_errors``) a failing cell ends with that one line too.
+
+Only these (and an OSError naming a path) are the user's: the CLI reports any other exception as an internal error,
+exit 1, with its traceback written to a file. So a check of the user's input raises one of these kinds, never a plain
+ValueError or FileNotFoundError.
 """
 import os
 
@@ -42,6 +46,15 @@ class InsufficientMemoryError(Qwen2LibError, MemoryError):
 
 class InsufficientDiskError(Qwen2LibError, OSError):
     """A stage would write more than the file system has free."""
+
+
+class BadInputError(Qwen2LibError, ValueError):
+    """An argument, or the content of a file the user named, outside what the library accepts (a sampling option,
+    a ShareGPT file of another shape, a folder name that is a path). A plain ValueError is a bug, not this."""
+
+
+class MissingInputError(Qwen2LibError, FileNotFoundError):
+    """A file or folder the user named, or the output of a stage that has to run first, is not there."""
 
 
 DEBUG_VARIABLE = "QWEN2LIB_DEBUG"

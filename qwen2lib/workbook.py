@@ -72,7 +72,7 @@ def run_workbook(parameters: dict, only: tuple[str, ...] = (), output_dir: Path 
         print("no notebooks matched", file=sys.stderr)
         return 2
     if str(parameters.get("model", "tiny")) == "tiny":
-        # the embedded model trains once on first use: do it here, with progress and no cell time limit
+        # the embedded model is expanded from the shipped file on first use (seconds): here, before any cell's limit
         print("[workbook] the embedded model 'tiny' ...", flush=True)
         print(f"[workbook] tiny: {tiny_dir(trained=True)}", flush=True)
     for path in paths:

@@ -131,3 +131,42 @@ def test_sampling_is_deterministic_n_by_l(tokenizer):
     assert not torch.equal(a, data.sample_token_blocks(texts, tokenizer, 4, 16, seed=1))
     with pytest.raises(data.CalibrationDataError, match="fewer than"):
         data.sample_token_blocks(texts[:1], tokenizer, 64, 64)
+
+
+def test_the_prose_corpus_is_the_installed_packages_readmes_split_by_package():
+    from qwen2lib.model.corpus import prose_corpus
+
+    corpus = prose_corpus()
+    assert len(corpus.train_files) > 3 * len(corpus.heldout_files) > 0
+    package = lambda f: f.split("-")[0]  # noqa: E731
+    assert not {package(f) for f in corpus.train_files} & {package(f) for f in corpus.heldout_files}
+    assert not any(f.startswith("qwen2lib-") for f in corpus.files)  # our own README changes with every edit
+    text = corpus.read(corpus.heldout_files[0])
+    assert len(text) >= 2000 and "Metadata-Version" not in text  # the README, not the headers
+    assert prose_corpus().sha256 == corpus.sha256
+
+
+def test_a_trained_checkpoint_calibrates_and_verifies_on_prose_and_tiny_on_code(make_checkpoint):
+    from qwen2lib.calibrate.stage import default_request
+    from qwen2lib.quantize.stage import default_settings
+
+    folder = str(make_checkpoint())
+    assert default_request("tiny", "auto")["dataset"] == "builtin"
+    assert default_request(folder, "random")["dataset"] == "builtin"  # random weights learned nothing
+    trained = default_request(folder, "auto")
+    assert trained["dataset"] == "prose" and trained["samples"] * trained["seq_len"] > 16 * 128
+    assert default_settings("tiny", "auto")["heldout_text"] == "code"
+    assert default_settings(folder, "auto")["heldout_text"] == "prose"
+
+
+def test_prose_calibration_texts_and_held_out_blocks_never_overlap(tokenizer):
+    from qwen2lib.model.corpus import heldout_token_blocks, prose_corpus
+
+    texts = data.load_calibration_texts("prose")
+    assert texts.dataset == "prose" and not texts.fallback and "READMEs" in texts.label
+    corpus = prose_corpus()
+    held_out = {corpus.read(f) for f in corpus.heldout_files}
+    assert not held_out & set(texts.texts)
+    assert heldout_token_blocks(tokenizer, 4, 32, text="prose").shape == (4, 32)
+    with pytest.raises(ValueError, match="held-out text is one of"):
+        heldout_token_blocks(tokenizer, 4, 32, text="poetry")

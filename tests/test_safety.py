@@ -338,14 +338,15 @@ def test_the_readme_lists_every_bad_input_row():
     assert not missing, f"README's bad-input table lacks: {missing}"
 
 
-def test_an_unexpected_error_is_one_line_with_the_traceback_on_request(monkeypatch, capsys):
+def test_an_unexpected_error_is_one_line_naming_its_traceback_file(monkeypatch, capsys, tmp_path):
     def broken(args):
         raise KeyError("internal")
 
+    monkeypatch.setenv("QWEN2LIB_CACHE", str(tmp_path))
     monkeypatch.setattr(cli, "cmd_models", broken)
     assert cli.main(["models"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "internal error: KeyError" in err[0] and "QWEN2LIB_DEBUG=1" in err[0]
+    assert len(err) == 1 and "internal error: KeyError" in err[0] and f"traceback written to {tmp_path}" in err[0]
     monkeypatch.setenv("QWEN2LIB_DEBUG", "1")
     assert cli.main(["models"]) == 1
     assert "Traceback" in capsys.readouterr().err

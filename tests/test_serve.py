@@ -71,6 +71,10 @@ def test_peak_kv_slots_counts_padding_and_rows_leaving():
     # two rows: at step 2 both alive, longest 10 + 2 -> 24; at step 8 only the short one, 3 + 8 = 11
     assert peak_kv_slots([(10, 2), (3, 8)]) == 24
     assert peak_kv_slots([(10, 1), (3, 20)]) == 23  # 2 x 11 at step 1, then the long row alone
+    # a prompt joining after 3 steps counts at its whole length from now and lives 3 steps longer:
+    # at step 5 both rows, 2 x (20 + 2); at step 8 the joined row alone, 20 + 5
+    assert peak_kv_slots([(10, 5), (20, 5, 3)]) == 44
+    assert peak_kv_slots([(20, 5, 3)]) == 25  # alone: its prompt and outputs, as if it joined at once
 
 
 def test_requests_joining_mid_decode_get_the_tokens_they_get_alone(hf_model):
@@ -108,10 +112,12 @@ def test_sampled_rows_draw_from_their_own_seeded_generator(hf_model):
         engine.stop()
 
 
-def test_kv_budget_queues_requests_and_refuses_one_that_never_fits(hf_model):
+@pytest.mark.parametrize("chunk", [256, 2])  # prompts whole, or in chunks over several steps
+def test_kv_budget_queues_requests_and_refuses_one_that_never_fits(hf_model, chunk):
     from qwen2lib.serve.engine import RequestTooLargeError
 
-    engine = Engine(TorchBackend(hf_model), stop_ids=set(), config=EngineConfig(max_batch=8, kv_budget_tokens=40))
+    engine = Engine(TorchBackend(hf_model), stop_ids=set(),
+                    config=EngineConfig(max_batch=8, kv_budget_tokens=40, prefill_chunk=chunk))
     with pytest.raises(RequestTooLargeError, match="KV budget of 40"):
         engine.submit(ServeRequest([1] * 30, SamplingParams(max_new_tokens=20), lambda e: None))
     peaks = []
@@ -158,6 +164,101 @@ def test_a_step_is_one_burst_of_events_for_every_row(hf_model):
     assert log.count("burst") == 3 + len(decodes) and max(decodes) == 3  # 3 prefills, then one burst a step
     bursts = "".join("e" if x == "event" else "|" for x in log).split("|")[:-1]
     assert [len(b) for b in bursts] == [1, 1, 1] + decodes  # each burst carries one event per row decoded
+
+
+def traced(backend, log: list) -> None:
+    """Log every backend call as (method, tokens per row or rows): the order of chunks and decode steps."""
+    for name in ("prefill", "extend", "decode"):
+        def call(ids, *rest, original=getattr(backend, name), name=name):
+            log.append((name, ids.shape[0] if name == "decode" else ids.shape[1]))
+            return original(ids, *rest)
+
+        setattr(backend, name, call)
+
+
+def test_a_prompt_prefilled_in_chunks_continues_its_own_cache_to_the_same_logits_and_tokens(hf_model):
+    backend = TorchBackend(hf_model)
+    ids = torch.tensor([PROMPTS[3] + PROMPTS[0]])  # 19 tokens
+    whole, _ = backend.prefill(ids, torch.ones_like(ids))
+    logits, state = backend.prefill(ids[:, :5], torch.ones_like(ids[:, :5]))
+    for start in range(5, 19, 5):
+        logits, state = backend.extend(ids[:, start:start + 5], state)
+    torch.testing.assert_close(logits, whole, rtol=1e-4, atol=1e-5)
+    assert state[1].shape == (1, 19) and backend.decode(torch.tensor([[3]]), state)[0].shape == whole.shape
+    # the engine: every prompt in chunks of 2 (the last one shorter), rows joining mid-decode as before
+    lengths = [12, 9, 15, 6, 10]
+    params = [SamplingParams(max_new_tokens=n) for n in lengths]
+    alone = [generate(backend, None, p, q, stop_ids=set()).token_ids for p, q in zip(PROMPTS, params)]
+    engine = Engine(backend, stop_ids=set(), config=EngineConfig(max_batch=3, prefill_chunk=2)).start()
+    try:
+        assert submit_joining_chain(Collector(engine), params) == alone
+        assert engine.stats()["prefilling"] == 0 and not engine.stats()["kv_state"]
+    finally:
+        engine.stop()
+
+
+def test_running_rows_get_a_token_between_the_chunks_of_a_long_prompt(hf_model):
+    """No step waits for a whole prompt: each runs one chunk of the newcomer, then a decode step for the running row."""
+    backend, log = TorchBackend(hf_model), []
+    traced(backend, log)
+    long_prompt = [(7 * i) % 300 + 1 for i in range(40)]
+    engine = Engine(backend, stop_ids=set(), config=EngineConfig(max_batch=2, prefill_chunk=4))
+    done = threading.Event()
+    newcomer = ServeRequest(long_prompt, SamplingParams(max_new_tokens=3),
+                            lambda e: (log.append(("newcomer", e.token)), e.finish_reason and done.set()))
+
+    def on_running(event):  # the newcomer arrives once the running row has streamed two tokens
+        log.append(("running", event.token))
+        if len(running.output) == 2 and event.token is not None:
+            engine.submit(newcomer)
+
+    running = ServeRequest(PROMPTS[1], SamplingParams(max_new_tokens=30), on_running)
+    engine.submit(running)
+    engine.start()
+    try:
+        assert done.wait(TIMEOUT)
+    finally:
+        engine.stop()
+    first = log.index(("prefill", 4))  # the newcomer's first chunk (the running row's prompt has 3 tokens)
+    last = max(i for i, call in enumerate(log) if call == ("extend", 4))
+    between = log[first:last + 1]
+    assert [c for c in between if c[0] in ("prefill", "extend")] == [("prefill", 4)] + [("extend", 4)] * 9
+    # after each of the first nine chunks: one decode step of the running row alone and its token
+    chunks = [i for i, c in enumerate(between) if c[0] in ("prefill", "extend")]
+    for a, b in zip(chunks, chunks[1:]):
+        assert [c[0] for c in between[a + 1:b]] == ["decode", "running"] and between[a + 1] == ("decode", 1)
+    assert not any(c[0] == "newcomer" for c in log[:last])  # its first token only after its last chunk
+    assert log[last + 1][0] == "newcomer" and log[last + 2] == ("decode", 2)  # then it joins the batch
+    assert newcomer.output == generate(TorchBackend(hf_model), None, long_prompt, SamplingParams(max_new_tokens=3),
+                                       stop_ids=set()).token_ids
+
+
+def test_a_request_cancelled_mid_prefill_frees_its_row_and_kv_budget_at_the_next_chunk(hf_model):
+    backend, log = TorchBackend(hf_model), []
+    traced(backend, log)
+    # one row and a budget for one of the two: the second request can only start once the first is gone
+    engine = Engine(backend, stop_ids=set(), config=EngineConfig(max_batch=1, kv_budget_tokens=60, prefill_chunk=4))
+    jobs = Collector(engine)
+    long_request = jobs.submit([(5 * i) % 300 + 1 for i in range(40)], SamplingParams(max_new_tokens=10))
+    jobs.submit(PROMPTS[0], SamplingParams(max_new_tokens=10))
+    extend = backend.extend
+
+    def cancelled_in_its_second_chunk(ids, state):
+        engine.cancel(long_request)
+        return extend(ids, state)
+
+    backend.extend = cancelled_in_its_second_chunk
+    engine.start()
+    try:
+        jobs.wait(2)
+        stats = engine.stats()
+    finally:
+        engine.stop()
+    assert long_request.finish_reason == "cancelled" and long_request.output == []
+    assert log[:3] == [("prefill", 4), ("extend", 4), ("prefill", 4)]  # no chunk after the cancellation
+    assert len(jobs.requests[1].output) == 10 and jobs.requests[1].finish_reason == "length"
+    assert stats["active"] == stats["prefilling"] == stats["kv_slots"] == 0 and not stats["kv_state"]
+    assert stats["cancelled"] == 1 and stats["completed"] == 1
 
 
 def test_the_event_relay_wakes_the_loop_once_for_everything_posted_since_the_last_wake_up():
@@ -419,11 +520,14 @@ def test_cli_bench_url_and_serve_reject_bad_arguments_in_one_line(capsys):
     from qwen2lib.cli import main
 
     for argv in (["serve", "--port", "70000"], ["serve", "--max-batch", "0"], ["serve", "--stage", "fp8 graph"],
+                 ["serve", "--prefill-chunk", "0"],
                  ["bench", "--url", "ftp://127.0.0.1:1"], ["bench", "--url", "http://127.0.0.1:1", "--max-concurrency", "0"],
                  ["bench", "--url", "http://127.0.0.1:1", "--request-rate", "0"]):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith(f"qwen2lib {argv[0]}: error:"), err
+        if "--prefill-chunk" in argv:
+            assert "--prefill-chunk=0: must be at least 1" in err, err
 
 
 def test_cli_bench_url_writes_the_run(tiny_random, tmp_path, capsys):
@@ -440,7 +544,8 @@ def test_cli_bench_url_writes_the_run(tiny_random, tmp_path, capsys):
 
 
 def test_a_compiled_graph_serves_joining_requests_as_it_generates_them_alone(hf_model, tmp_path):
-    """The onnx backend's KVState rows join and leave too (contrib graph: the cache is decoded in place)."""
+    """The onnx backend's KVState rows join and leave too (contrib graph: the cache is decoded in place), and a
+    prompt prefilled in chunks continues its own cache to the same tokens."""
     from qwen2lib.compile.stage import compile_model
     from qwen2lib.pipeline import load_backend
 
@@ -449,13 +554,18 @@ def test_a_compiled_graph_serves_joining_requests_as_it_generates_them_alone(hf_
     backend = load_backend(str(tmp_path / "ckpt"), "onnx", compiled=compiled)
     params = [SamplingParams(max_new_tokens=n) for n in (12, 9, 15, 6, 10)]
     alone = [generate(backend, None, p, q, stop_ids=set()).token_ids for p, q in zip(PROMPTS, params)]
-    engine = Engine(backend, stop_ids=set(), config=EngineConfig(max_batch=3)).start()
-    try:
-        jobs = Collector(engine)
-        assert submit_joining_chain(jobs, params) == alone
-        assert engine.stats()["peak_batch"] == 3
-    finally:
-        engine.stop()
+    for chunk in (256, 2):  # prompts whole, then in chunks of 2 continuing the graph's cache
+        engine = Engine(backend, stop_ids=set(), config=EngineConfig(max_batch=3, prefill_chunk=chunk)).start()
+        try:
+            jobs = Collector(engine)
+            assert submit_joining_chain(jobs, params) == alone, chunk
+            assert engine.stats()["peak_batch"] == 3
+        finally:
+            engine.stop()
+    ids = torch.tensor([PROMPTS[3] + PROMPTS[0]])
+    logits, state = backend.prefill(ids[:, :7], torch.ones_like(ids[:, :7]))
+    logits, state = backend.extend(ids[:, 7:], state)
+    torch.testing.assert_close(logits, backend.prefill(ids, torch.ones_like(ids))[0], rtol=1e-4, atol=1e-5)
 
 
 def test_the_load_client_runs_inside_a_running_event_loop_too():

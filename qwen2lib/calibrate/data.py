@@ -7,7 +7,10 @@
            csv); the dev and test splits only, since ``eval ceval`` scores val
   alpaca   yahma/alpaca-cleaned: ``alpaca_data_cleaned.json``, a list of {instruction, input, output}
   builtin  no download at all: the CPython standard library's own sources (the *train* files of
-           ``qwen2lib.model.corpus``), labelled as an offline fallback wherever it is used
+           ``qwen2lib.model.corpus``), labelled as an offline fallback wherever it is used; the default for the
+           embedded models, which learned that code
+  prose    no download at all: the READMEs of the installed Python packages (the *train* packages of
+           ``qwen2lib.model.corpus.prose_corpus``), English technical prose; the default for every other model
 
 Files are read with ``datasets`` (its json / csv builders) from a local path; with no path the hub is
 used only when online (``HF_HUB_OFFLINE`` is not 1). Instruct models see every sample rendered with
@@ -24,12 +27,13 @@ import torch
 from datasets import load_dataset
 from huggingface_hub import hf_hub_download
 
-from ..model.corpus import stdlib_corpus
-from ..errors import Qwen2LibError
+from ..model.corpus import prose_corpus, stdlib_corpus
+from ..errors import BadInputError, Qwen2LibError
 from ..evaluation.datasets import SCORED_SPLIT, EvalDataError, open_benchmark
 from ..evaluation.scoring import build_prompt
 
-DATASETS = ("c4", "ceval", "alpaca", "builtin")
+DATASETS = ("c4", "ceval", "alpaca", "builtin", "prose")
+OFFLINE = ("builtin", "prose")  # sets every install has: nothing to download, no path to give
 HUB = {  # repo id and the one file of it the guide calibrates on
     "c4": ("allenai/c4", "en/c4-train.00000-of-01024.json.gz"),
     "ceval": ("ceval/ceval-exam", "ceval-exam.zip"),
@@ -37,6 +41,8 @@ HUB = {  # repo id and the one file of it the guide calibrates on
 }
 CEVAL_SPLITS = ("dev", "test")  # never val: `eval ceval` scores it
 BUILTIN_LABEL = "builtin: CPython standard library sources (train files), offline fallback, nothing downloaded"
+PROSE_LABEL = ("prose: the READMEs of the installed Python packages (train packages), English technical prose, "
+               "offline, nothing downloaded")
 
 
 class CalibrationDataError(Qwen2LibError, FileNotFoundError):
@@ -139,8 +145,9 @@ def render(dataset: str, record: dict, tokenizer=None, chat: bool = False) -> st
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not answer)
 
 
-def builtin_records(seed: int = 0) -> tuple[str, list[dict]]:
-    corpus = stdlib_corpus(seed=0)
+def builtin_records(dataset: str = "builtin") -> tuple[str, list[dict]]:
+    """An offline set's source and records: the stdlib's train files ("builtin"), or the train packages' READMEs."""
+    corpus = prose_corpus(seed=0) if dataset == "prose" else stdlib_corpus(seed=0)
     return str(corpus.root), [{"text": corpus.read(f)} for f in corpus.train_files]
 
 
@@ -157,9 +164,9 @@ def load_calibration_texts(dataset: str = "builtin", data_path: str | os.PathLik
     if chat and tokenizer is None:
         raise ValueError("chat=True needs the tokenizer (its chat template renders the samples)")
     is_fallback, label = False, dataset
-    if dataset == "builtin":
-        source, records = builtin_records()
-        label = BUILTIN_LABEL
+    if dataset in OFFLINE:
+        source, records = builtin_records(dataset)
+        label = BUILTIN_LABEL if dataset == "builtin" else PROSE_LABEL
     elif data_path is not None:
         path = Path(data_path).expanduser()
         if not path.exists():
@@ -197,7 +204,7 @@ def sample_token_blocks(texts: list[str], tokenizer, n_samples: int, seq_len: in
     """N x L token ids, deterministic in ``seed``: texts in seeded order, tokenized, joined by <|endoftext|>,
     cut into consecutive rows; raises when the texts hold fewer than N * L tokens."""
     if n_samples < 1 or seq_len < 2:
-        raise ValueError(f"samples={n_samples}, seq_len={seq_len}: need at least 1 sample of 2 tokens")
+        raise BadInputError(f"samples={n_samples}, seq_len={seq_len}: need at least 1 sample of 2 tokens")
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")

@@ -1,23 +1,31 @@
 """The ``qwen2lib`` command line. argparse lives here only: this module builds the parser and turns errors into one
 line; ``stages.py`` (patch .. export) and ``inference.py`` (generate .. eval) read each subcommand's arguments and
 call the library, which never imports this package.
+
+Exit codes: 0 done; 2 the user's input refused (argparse's errors, ``Qwen2LibError`` and its kinds, an OSError
+naming a path), one line; 1 an internal error (anything else: a bug), one line naming the file that holds its
+traceback; 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
+import tempfile
+import time
 import traceback
-import zipfile
 from pathlib import Path
 
 import pandas as pd
 
+from ..artifacts import default_workdir
 from ..errors import DEBUG_VARIABLE, Qwen2LibError
+from ..paths import cache_root
 from ..model.loading import checkpoint_dir
 from ..model.registry import list_models
 from ..workbook import CELL_TIMEOUT_S, ROOT as WORKBOOK_ROOT, __doc__ as workbook_doc, run_workbook
-from . import inference, stages
+from . import inference, stages, tiny
 from .common import add_model_args
 
 
@@ -72,12 +80,38 @@ def cmd_checkpoint(args) -> int:
 # The subcommands, in workbook order: the stages (patch .. export), then inference (generate .. eval).
 REGISTER = (stages.register_patch, stages.register_calibrate, stages.register_quantize, stages.register_compile,
             stages.register_export, inference.register_generate, inference.register_chat, inference.register_serve,
-            inference.register_bench, inference.register_eval, register_workbook)
+            inference.register_bench, inference.register_eval, register_workbook, tiny.register_train_tiny)
+
+
+_PARSER = "_qwen2lib_parser"  # the namespace attribute naming the innermost parser that read the command line
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's errors in the one-line form every other error has (``qwen2lib compile: error: ... (see
+    --help)``, exit 2), where argparse prints its usage block first; subcommand parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        # a subcommand's parser returns before its parent's: the first to record itself is the innermost, the one
+        # whose --help lists what the leftover arguments should have been
+        if not hasattr(namespace, _PARSER):
+            setattr(namespace, _PARSER, self)
+        return namespace, extras
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        parser = vars(namespace).pop(_PARSER, self)
+        if extras:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwen2lib", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="qwen2lib", description=DESCRIPTION,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list the model registry")
@@ -104,8 +138,47 @@ def one_line_reason(exc: BaseException) -> str:
     return line.encode("utf-8", "backslashreplace").decode("utf-8")  # a non-UTF-8 argument must not break the print
 
 
-# What bad input raises: refused in one line, exit 2 (ValueError covers JSON and Unicode errors).
-BAD_INPUT = (Qwen2LibError, OSError, ValueError, zipfile.BadZipFile)
+# An OSError without a path that is still the machine's state, not a bug: a full disk or quota.
+USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+
+
+def is_users(exc: BaseException) -> bool:
+    """Whether ``exc`` is the user's to fix (exit 2): a ``Qwen2LibError``, or an OSError naming a path (the user's
+    folder or file, or one under the run folder they chose) or a full disk. Anything else is a bug (exit 1):
+    a plain ValueError or KeyError from inside the library must not read like bad input."""
+    if isinstance(exc, Qwen2LibError):
+        return True
+    return isinstance(exc, OSError) and (exc.filename is not None or exc.errno in USER_ERRNOS)
+
+
+def error_folder(args) -> Path:
+    """Where an internal error's traceback goes: ``<run folder>/errors`` when the command has a run folder that
+    exists, else ``<cache>/errors`` (``qwen2lib.paths.cache_root``)."""
+    if getattr(args, "workdir", None) or getattr(args, "model", None):
+        try:
+            run = Path(args.workdir) if getattr(args, "workdir", None) else default_workdir(args.model)
+            if run.is_dir():
+                return run / "errors"
+        except (OSError, ValueError):  # an unusable --workdir / --model: the cache still takes the report
+            pass
+    return cache_root() / "errors"
+
+
+def write_traceback(args, argv: list[str] | None) -> Path | None:
+    """Write the current exception's traceback, with the command line, to a new file; its path (the system's temp
+    folder when the chosen one cannot be written; None when neither can)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+    text = (f"qwen2lib {' '.join(sys.argv[1:] if argv is None else argv)}\n"
+            f"python {sys.version.split()[0]}, cwd {os.getcwd()}\n\n{traceback.format_exc()}")
+    for folder in (error_folder(args), Path(tempfile.gettempdir()) / "qwen2lib-errors"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{stamp}-{args.command}.txt"
+            path.write_text(text, encoding="utf-8", errors="backslashreplace")
+            return path
+        except OSError:
+            continue
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,14 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"qwen2lib {args.command}: interrupted", file=sys.stderr)
         return 130
-    except BAD_INPUT as exc:
+    except Exception as exc:
         if os.environ.get(DEBUG_VARIABLE):
             traceback.print_exc()
-        print(f"qwen2lib {args.command}: error: {one_line_reason(exc)}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # a bug, not bad input: still one line, the traceback on request
-        if os.environ.get(DEBUG_VARIABLE):
-            traceback.print_exc()
+        if is_users(exc):
+            print(f"qwen2lib {args.command}: error: {one_line_reason(exc)}", file=sys.stderr)
+            return 2
+        # a bug, not bad input: one line still, and the traceback kept where it can be attached to a report
+        path = write_traceback(args, argv)
+        where = f"traceback written to {path}" if path else f"no folder took the traceback: rerun with {DEBUG_VARIABLE}=1"
         print(f"qwen2lib {args.command}: internal error: {type(exc).__name__}: {one_line_reason(exc)} "
-              f"(rerun with {DEBUG_VARIABLE}=1 for the traceback, and please report it)", file=sys.stderr)
+              f"({where}; please report it)", file=sys.stderr)
         return 1

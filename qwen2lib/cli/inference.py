@@ -1,6 +1,7 @@
 """The inference subcommands: ``generate``, ``chat``, ``serve``, ``bench`` and ``eval``, on any stage's backend."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import sys
@@ -17,11 +18,11 @@ from ..artifacts import atomic_write_text, stage_dir
 from ..serve.bench import (SYNTHETIC, base_url, benchmark, benchmark_server, load_requests, metrics_table,
                            plot_latency_cdf, save_run)
 from ..serve.chat import COMMANDS, ChatSession, repl, use_chat_template
-from ..errors import Qwen2LibError
+from ..errors import BadInputError, Qwen2LibError
 from ..evaluation.accuracy import download_ceval, text_perplexity
 from ..evaluation.datasets import DATASETS, TITLES, EvalDataError, open_benchmark
 from ..evaluation.runner import MODES, accuracy_table, evaluate_benchmark, plan
-from ..serve.generation import SamplingParams, generate, stop_token_ids
+from ..serve.generation import SamplingParams, encode_prompt, generate, stop_token_ids
 from ..model.long_context import workdir_tag
 from ..pipeline import ACCURACY_STAGES, STAGE_BACKENDS, load_backend, stage_backend
 from ..serve.server import LOOPBACK, build_app
@@ -33,12 +34,20 @@ from .common import add_long_context_args, add_model_args, long_context_of, work
 # ---- generation ----------------------------------------------------------------------------------
 
 
+def say_runs(command: str, backend) -> None:
+    """The one line every inference command prints once: the stage folder or graph it runs, and its precision."""
+    print(f"[{command}] runs {backend.runs}", file=sys.stderr, flush=True)
+
+
 def cmd_generate(args) -> int:
     params = sampling_params_of(args)  # before loading: bad sampling input is refused in a second, not a minute
+    tokenizer = load_tokenizer(args.model)
+    prompt_tokens = len(encode_prompt(tokenizer, args.prompt, chat=args.chat))  # the KV cache the run will fill
+    shape = {"context": prompt_tokens + params.max_new_tokens, "prompt_tokens": prompt_tokens}
     backend = load_backend(args.model, args.backend, weights=args.weights, dtype=args.dtype, seed=args.seed,
                            compiled=args.compiled, workdir=workdir_of(args), precision=args.precision,
-                           long_context=long_context_of(args))
-    tokenizer = load_tokenizer(args.model)
+                           long_context=long_context_of(args), shape=shape)
+    say_runs("generate", backend)
     print(args.prompt if not args.chat else "", end="", flush=True)
     result = generate(backend, tokenizer, args.prompt, params, chat=args.chat, truncate=args.truncate,
                       on_text=lambda _, delta: print(delta, end="", flush=True))
@@ -90,12 +99,13 @@ def register_generate(sub) -> None:
 def cmd_chat(args) -> int:
     params = sampling_params_of(args)  # bad sampling input is refused before a model loads
     tokenizer = use_chat_template(load_tokenizer(args.model), args.chat_template)
+    # a conversation grows turn by turn: the memory check assumes footprint's default context (4096 positions)
     backend = load_backend(args.model, args.backend, weights=args.weights, dtype=args.dtype, seed=args.seed,
                            compiled=args.compiled, workdir=workdir_of(args), precision=args.precision,
                            long_context=long_context_of(args))
     session = ChatSession(backend, tokenizer, system=args.system, params=params)
-    print(f"[chat] {args.model} on {args.backend}; " + "; ".join(f"{c}: {h}" for c, h in COMMANDS.items()),
-          file=sys.stderr, flush=True)
+    say_runs("chat", backend)
+    print("[chat] " + "; ".join(f"{c}: {h}" for c, h in COMMANDS.items()), file=sys.stderr, flush=True)
     return repl(session)
 
 
@@ -120,25 +130,38 @@ def _check_serve_args(args) -> EngineConfig:
     if not 0 <= args.port <= 65535:
         raise Qwen2LibError(f"--port {args.port}: use 0..65535 (0 picks a free port)")
     try:
-        return EngineConfig(max_batch=args.max_batch, kv_budget_tokens=args.kv_budget, max_queue=args.max_queue)
+        return EngineConfig(max_batch=args.max_batch, kv_budget_tokens=args.kv_budget, max_queue=args.max_queue,
+                            prefill_chunk=args.prefill_chunk)
     except ValueError as exc:
-        raise Qwen2LibError(f"{exc}".replace("max_batch", "--max-batch").replace("kv_budget_tokens", "--kv-budget")
-                            .replace("max_queue", "--max-queue")) from exc
+        raise BadInputError(f"{exc}".replace("max_batch", "--max-batch").replace("kv_budget_tokens", "--kv-budget")
+                            .replace("max_queue", "--max-queue").replace("prefill_chunk", "--prefill-chunk")) from exc
 
 
 def cmd_serve(args) -> int:
     config = _check_serve_args(args)
     if args.host != LOOPBACK:
         print(f"[serve] WARNING: listening on {args.host}, not only loopback: other machines can reach it", file=sys.stderr)
+    # the KV budget is slots in all (rows x padded length); requests are prefilled one at a time, a chunk at a time
+    rows = config.max_batch
+    shape = {"context": -(-config.kv_budget_tokens // rows), "batch": rows, "prefill_rows": 1,
+             "prompt_tokens": config.prefill_chunk}
     backend = stage_backend(args.stage, args.model, weights=args.weights, workdir=workdir_of(args), seed=args.seed,
                             dtype=args.dtype, last_position_only=True,  # serving reads the last position only
-                            spinning=args.ort_spinning == "on")
+                            spinning=args.ort_spinning == "on", shape=shape)
+    say_runs("serve", backend)
     tokenizer = load_tokenizer(args.model)
     name = args.served_model_name or args.model
     app = build_app(backend, tokenizer, name, config)
     print(f"[serve] {name} ({args.stage}) on http://{args.host}:{args.port}/v1  max batch {config.max_batch}, "
-          f"KV budget {config.kv_budget_tokens} tokens, queue {config.max_queue}", file=sys.stderr)
-    web.run_app(app, host=args.host, port=args.port, handler_cancellation=True, access_log=None, print=None)
+          f"KV budget {config.kv_budget_tokens} tokens, queue {config.max_queue}, prefill chunk {config.prefill_chunk}",
+          file=sys.stderr)
+    try:
+        web.run_app(app, host=args.host, port=args.port, handler_cancellation=True, access_log=None, print=None)
+    except OSError as exc:  # the bind: the address the user chose is taken, absent or privileged
+        if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            raise
+        raise Qwen2LibError(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}): pick another --port "
+                            "(0 picks a free one) or --host") from exc
     return 0
 
 
@@ -153,6 +176,12 @@ def register_serve(sub) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="rows decoded together (llama.cpp's --parallel)")
     p.add_argument("--kv-budget", type=int, default=16384, help="KV cache slots (rows x padded length) at most")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    p.add_argument("--prefill-chunk", type=int, default=256, metavar="N",
+                   help="prompt tokens prefilled per decode step (default 256): a long prompt joins in chunks, so "
+                        "running streams keep getting a token every step instead of waiting for its whole prefill; "
+                        "256 is what a compiled graph runs per call anyway, so chunks add no graph calls (a larger N: "
+                        "fewer steps for the newcomer, longer stalls for the others; above the longest prompt: no "
+                        "chunking)")
     p.add_argument("--ort-spinning", choices=("on", "off"), default="off",
                    help="graph stages: onnxruntime's workers busy-wait between parallel sections (on) or sleep (off, "
                         "the default: the server's event loop and the machine's other work keep the cores)")
@@ -170,9 +199,12 @@ def cmd_bench(args) -> int:
               file=sys.stderr)
     if url is not None:
         return _bench_url(args, url, requests, dataset, tokenizer)
+    shape = {"context": max(len(r.prompt_ids) + r.output_len for r in requests), "batch": args.batch_size,
+             "prompt_tokens": max(len(r.prompt_ids) for r in requests)}  # fixed batches: rows prefill together
     backend = load_backend(args.model, args.backend, weights=args.weights, dtype=args.dtype, seed=args.seed,
                            compiled=args.compiled, workdir=workdir_of(args), precision=args.precision,
-                           long_context=long_context_of(args))
+                           long_context=long_context_of(args), shape=shape)
+    say_runs("bench", backend)
     tag = workdir_tag(long_context_of(args))
     label = f"{args.backend}" + (f"-{args.precision}" if args.backend == "onnx" else f"-{args.dtype}") + (f"-{tag}" if tag else "")
     run = benchmark(backend, requests, args.batch_size, dataset=dataset, label=label)
@@ -191,18 +223,19 @@ def cmd_bench(args) -> int:
 def _check_bench_args(args) -> str | None:
     """Validate before any model or tokenizer loads; the server's base URL when --url is given."""
     if args.num_requests < 1 or args.batch_size < 1:
-        raise ValueError(f"--num-requests {args.num_requests} --batch-size {args.batch_size}: both must be at least 1")
+        raise BadInputError(f"--num-requests {args.num_requests} --batch-size {args.batch_size}: both must be at least 1")
     if args.url is None:
         return None
     if args.max_concurrency is not None and args.max_concurrency < 1:
-        raise ValueError(f"--max-concurrency {args.max_concurrency}: use 1 or more (omit it for no limit)")
+        raise BadInputError(f"--max-concurrency {args.max_concurrency}: use 1 or more (omit it for no limit)")
     if not args.request_rate > 0 or not args.burstiness > 0:
-        raise ValueError(f"--request-rate {args.request_rate} --burstiness {args.burstiness}: both must be > 0 "
-                         "(--request-rate inf sends everything at once)")
+        raise BadInputError(f"--request-rate {args.request_rate} --burstiness {args.burstiness}: both must be > 0 "
+                            "(--request-rate inf sends everything at once)")
     return base_url(args.url)
 
 
 def _bench_url(args, url, requests, dataset, tokenizer) -> int:
+    print(f"[bench] measures the server at {url} (its own model and precision)", file=sys.stderr, flush=True)
     run = benchmark_server(url, requests, request_rate=args.request_rate, max_concurrency=args.max_concurrency,
                            model=args.served_model, chat=args.endpoint == "chat", tokenizer=tokenizer,
                            burstiness=args.burstiness, seed=args.seed, dataset=dataset, label=args.label or "")
@@ -249,14 +282,18 @@ def _label(args) -> str:
     return args.backend + (f"-{args.precision}" if args.backend == "onnx" else f"-{args.dtype}") + (f"-{tag}" if tag else "")
 
 
-def _backend(args):
+def _backend(args, shape: dict):
+    """The backend eval scores, checked to fit with ``shape`` (every position's logits) and named once."""
     long_context = long_context_of(args)  # refuses --dca/--yarn with --stage
     if getattr(args, "stage", None):
-        return stage_backend(args.stage, args.model, weights=args.weights, workdir=_workdir(args), seed=args.seed,
-                             dtype=args.dtype)
-    return load_backend(args.model, args.backend, weights=args.weights, dtype=args.dtype, seed=args.seed,
-                        compiled=args.compiled, workdir=_workdir(args), precision=args.precision,
-                        long_context=long_context)
+        backend = stage_backend(args.stage, args.model, weights=args.weights, workdir=_workdir(args), seed=args.seed,
+                                dtype=args.dtype, shape=shape)
+    else:
+        backend = load_backend(args.model, args.backend, weights=args.weights, dtype=args.dtype, seed=args.seed,
+                               compiled=args.compiled, workdir=_workdir(args), precision=args.precision,
+                               long_context=long_context, shape=shape)
+    say_runs("eval", backend)
+    return backend
 
 
 def _result_path(args, name: str, suffix: str = ".json") -> Path:
@@ -292,7 +329,7 @@ def cmd_eval_mc(args) -> int:
     journal = Path(args.results) if args.results else _result_path(args, name, ".jsonl")
     if args.restart:
         journal.unlink(missing_ok=True)
-    backend = _backend(args)
+    backend = _backend(args, {"all_logits": True})  # a few-shot question: footprint's default context
     tokenizer = load_tokenizer(args.model)
     result = evaluate_benchmark(backend.logits, tokenizer, args.eval_command, bench, subjects=args.subjects,
                                 shots=args.shots, limit=args.limit, mode=args.mode, results_path=journal,
@@ -328,11 +365,14 @@ def cmd_eval_ppl(args) -> int:
     text_path = Path(args.text)
     if not text_path.is_file():
         raise EvalDataError(f"{text_path} does not exist: pass a UTF-8 text file")
-    backend = _backend(args)
+    try:
+        text = text_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise EvalDataError(f"{text_path} is not UTF-8 text ({exc.reason} at byte {exc.start}): pass a UTF-8 file") from exc
+    backend = _backend(args, {"context": args.max_length, "prompt_tokens": args.max_length, "all_logits": True})
     max_length = min(args.max_length, backend.max_positions)
     stride = args.stride or max_length // 2
-    result = text_perplexity(backend.logits, load_tokenizer(args.model), text_path.read_text(encoding="utf-8"),
-                             max_length, stride)
+    result = text_perplexity(backend.logits, load_tokenizer(args.model), text, max_length, stride)
     result["text"] = str(text_path)
     print(f"perplexity {result['ppl']:.4f} over {result['tokens_scored']} tokens of {text_path.name} "
           f"({result['windows']} windows of {max_length}, stride {stride}, {_label(args)})")

@@ -40,7 +40,7 @@ ONNX_DTYPE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 NP_DTYPE = {"float32": np.float32, "float16": np.float16}
 
 
-class GraphBuildError(ValueError):
+class GraphBuildError(Qwen2LibError, ValueError):
     """The checkpoint uses a feature the compiled graphs do not implement."""
 
 

@@ -39,7 +39,7 @@ from ..artifacts import check_replaceable, default_workdir, read_metrics, stage_
 from .config_schema import CompileConfig, ConfigError, load_config
 from ..model.long_context import dca_config_from_dict
 from ..deploy import ensure_patched
-from ..errors import Qwen2LibError
+from ..errors import MissingInputError, Qwen2LibError
 from .plan import GraphPlan, weight_precision
 from .runtime import OnnxCausalLM
 from .builder import build_graph, io_signature, op_histogram
@@ -50,16 +50,15 @@ from .verify import (activation_ranges, check_bounds, decode_parity, fidelity, f
                      reference_logits_fn, streamed_reference, verify_tokens)
 from ..model.loading import check_weights_match_config, checkpoint_dir
 from ..model.model_config import Qwen2Args
+from ..model.tokenizer import TOKENIZER_FILES
 from ..deploy.quantizer import unpack_int4
 from .ops import Int4Weight
-from ..quantize.stage import ensure_quantized
+from ..quantize.stage import default_settings, ensure_quantized
 from ..stages.reuse import ensure_stage
 from ..model.tensorio import TensorReader
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 MANIFEST_FORMAT = "qwen2lib-compiled/1"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                   "added_tokens.json", "generation_config.json", "chat_template.jinja")
 
 
 class CompileVerificationError(Qwen2LibError, RuntimeError):
@@ -75,7 +74,7 @@ def config_path(config: str | os.PathLike) -> Path:
         if candidate.is_file():
             return candidate
     shipped = ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
-    raise FileNotFoundError(f"compile config {config} does not exist; shipped configs: {shipped}")
+    raise MissingInputError(f"compile config {config} does not exist; shipped configs: {shipped}")
 
 
 class _Phases:
@@ -390,7 +389,8 @@ def _compile_into(tmp: Path, cfg: CompileConfig, folder: Path, int8_folder: Path
         pass
     source, quantized, quant_label = _load_source(cfg, folder, int8_folder, model, phases)
     v = cfg.verify
-    blocks, text_label = verify_tokens(folder, source.args.vocab_size, v.blocks, v.block_tokens, seed)
+    text = default_settings(model, weights)["heldout_text"]  # the text the model is for, as notebook 03 measures
+    blocks, text_label = verify_tokens(folder, source.args.vocab_size, v.blocks, v.block_tokens, seed, text)
     reference_model, keep, probe = None, frozenset(), None  # at 7B+ weights, graph and reference do not all fit
     with phases("fp16 range probe", "yes" if cfg.precision == "fp16" else "not needed"):
         if cfg.precision == "fp16":
@@ -533,7 +533,7 @@ def _versions() -> dict:
 def read_manifest(folder: str | os.PathLike) -> dict:
     path = Path(folder) / "manifest.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: compile first (`qwen2lib compile CONFIG`)")
+        raise MissingInputError(f"{path} does not exist: compile first (`qwen2lib compile CONFIG`)")
     return json.loads(path.read_text(encoding="utf-8"))
 
 

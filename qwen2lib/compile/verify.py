@@ -24,14 +24,16 @@ from .plan import FP16_MAX
 from .runtime import OnnxCausalLM, check_finite
 
 
-def verify_tokens(folder: Path, vocab_size: int, n_blocks: int, block_tokens: int, seed: int) -> tuple[torch.Tensor, str]:
+def verify_tokens(folder: Path, vocab_size: int, n_blocks: int, block_tokens: int, seed: int,
+                  text: str = "code") -> tuple[torch.Tensor, str]:
     """(n_blocks, block_tokens) token ids and what they are: held-out text (``qwen2lib.model.corpus``: standard
-    library files the tiny model never trained on) when the folder has a tokenizer that fits the
-    vocabulary, else seeded random ids (test checkpoints with a toy vocabulary)."""
+    library files the tiny model never trained on, or held-out package READMEs for a general model) when the folder
+    has a tokenizer that fits the vocabulary, else seeded random ids (test checkpoints with a toy vocabulary)."""
     if (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file():
-        ids = heldout_token_blocks(load_tokenizer(str(folder)), n_blocks, block_tokens, seed=seed)
+        ids = heldout_token_blocks(load_tokenizer(str(folder)), n_blocks, block_tokens, seed=seed, text=text)
         if int(ids.max()) < vocab_size:
-            return ids, "held-out Python stdlib files (qwen2lib.model.corpus)"
+            return ids, ("held-out Python stdlib files" if text == "code" else "held-out package READMEs") + \
+                " (qwen2lib.model.corpus)"
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (n_blocks, block_tokens), generator=gen), f"random token ids (seed {seed})"
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from datasets import load_dataset
 
 from ..artifacts import atomic_dir
+from ..errors import BadInputError
 from .datasets import CHOICES, DATASETS, NOT_CEVAL_MARKER, TITLES, EvalDataError, open_benchmark
 from .runner import MODES, accuracy_table, evaluate_benchmark, plan
 from .scoring import build_prompt, continuation_ce, score_gen, score_ppl
@@ -129,9 +130,9 @@ def strided_perplexity(logits_fn: LogitsFn, ids: Sequence[int] | torch.Tensor, m
     """
     ids = torch.as_tensor(ids, dtype=torch.long).flatten()
     if not 0 < stride <= max_length:
-        raise ValueError(f"stride={stride} must be in 1..max_length={max_length}, or tokens go unscored")
+        raise BadInputError(f"stride={stride} must be in 1..max_length={max_length}, or tokens go unscored")
     if len(ids) < 2:
-        raise ValueError("need at least 2 tokens to score")
+        raise BadInputError("need at least 2 tokens to score: the text is too short")
     nll_sum, scored, windows, prev_end = 0.0, 0, 0, 0
     for begin in range(0, len(ids), stride):
         end = min(begin + max_length, len(ids))

@@ -52,6 +52,12 @@ class Files:
 
     def __init__(self, path: Path):
         self.path = path
+        try:
+            self._list(path)
+        except (zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:  # a damaged archive is the user's file
+            raise EvalDataError(f"{path} cannot be read ({type(exc).__name__}: {exc}): download it again") from exc
+
+    def _list(self, path: Path) -> None:
         if path.is_dir():
             self.kind = "folder"
             self.names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
@@ -70,6 +76,13 @@ class Files:
             raise EvalDataError(f"{path} is not a folder, a zip or tar archive, or a CSV file")
 
     def read_text(self, name: str) -> str:
+        try:
+            return self._read(name).decode("utf-8-sig")  # CMMLU's CSVs may start with a byte-order mark
+        except (zipfile.BadZipFile, tarfile.TarError, EOFError, UnicodeDecodeError) as exc:
+            raise EvalDataError(f"{self.path}: {name} cannot be read ({type(exc).__name__}: {exc}): the file is "
+                                "damaged or not UTF-8 text; download it again") from exc
+
+    def _read(self, name: str) -> bytes:
         if self.kind == "folder":
             data = (self.path / name).read_bytes()
         elif self.kind == "csv":
@@ -81,7 +94,7 @@ class Files:
             with tarfile.open(self.path) as archive:
                 member = archive.getmember(name) if name in archive.getnames() else archive.getmember("./" + name)
                 data = archive.extractfile(member).read()
-        return data.decode("utf-8-sig")  # CMMLU's CSVs may start with a byte-order mark
+        return data
 
 
 @dataclass

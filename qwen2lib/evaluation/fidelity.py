@@ -16,13 +16,14 @@ from ..model.corpus import heldout_token_blocks
 from ..errors import NumericalOverflowError
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
-REPORT_KEYS = ("max_abs_dlogits", "kld_mean", "kld_p99", "top1_agreement", "ppl_reference", "ppl_candidate",
+REPORT_KEYS = ("max_abs_dlogits", "kld_mean", "kld_ci95", "kld_p99", "top1_agreement", "ppl_reference", "ppl_candidate",
                "ppl_ratio", "tokens")
 
 
-def heldout_blocks(tokenizer, n_blocks: int = 8, seq_len: int = 128, seed: int = 0) -> torch.Tensor:
-    """(n_blocks, seq_len) token ids of held-out text: stdlib files the embedded model never trained on."""
-    return heldout_token_blocks(tokenizer, n_blocks, seq_len, seed=seed)
+def heldout_blocks(tokenizer, n_blocks: int = 8, seq_len: int = 128, seed: int = 0, text: str = "code") -> torch.Tensor:
+    """(n_blocks, seq_len) token ids of held-out text: stdlib files the embedded model never trained on ("code"), or
+    the READMEs of held-out installed packages ("prose", ``qwen2lib.model.corpus``)."""
+    return heldout_token_blocks(tokenizer, n_blocks, seq_len, seed=seed, text=text)
 
 
 @torch.no_grad()
@@ -32,6 +33,8 @@ def fidelity_report(reference: LogitsFn, candidate: LogitsFn, blocks: torch.Tens
     kld_*: per-token KL(reference || candidate) in nats; top1_agreement: share of positions whose
     argmax agrees; ppl_*: next-token perplexity of the blocks themselves under each side. The float64 math runs
     one block at a time: at a 152k vocabulary a block's (T, V) in float64 is already tens of MB per copy.
+    kld_ci95: the half-width of a 95% confidence interval of kld_mean, blocks as the sampling unit (tokens within a
+    block are not independent); NaN with one block.
     """
     kl_parts, agree, nll_ref, nll_cand, max_abs, positions = [], 0, 0.0, 0.0, 0.0, 0
     for start in range(0, blocks.shape[0], batch_size):
@@ -54,11 +57,14 @@ def fidelity_report(reference: LogitsFn, candidate: LogitsFn, blocks: torch.Tens
             positions += ids.numel()
             del ref, cand, logp_ref, logp_cand
     kl = torch.cat(kl_parts).clamp(min=0)  # tiny negatives are rounding
+    per_block = torch.stack([part.clamp(min=0).mean() for part in kl_parts])  # (N,)
+    ci95 = float(1.96 * per_block.std() / math.sqrt(len(per_block))) if len(per_block) > 1 else float("nan")
     predicted = blocks[:, 1:].numel()
     ppl_ref, ppl_cand = math.exp(nll_ref / predicted), math.exp(nll_cand / predicted)
     return {
         "max_abs_dlogits": max_abs,
         "kld_mean": float(kl.mean()),
+        "kld_ci95": ci95,
         "kld_p99": float(torch.quantile(kl, 0.99)),
         "top1_agreement": agree / positions,
         "ppl_reference": ppl_ref,

@@ -39,7 +39,8 @@ from .gguf import GGUF_TYPES, ExportError, write_gguf
 from ..evaluation.fidelity import fidelity_report, heldout_blocks as make_heldout_blocks
 from ..deploy import ensure_patched, load_deploy_package
 from ..deploy.layerwise import LayerwiseModel
-from ..quantize.stage import INT8_SCHEMES, ensure_quantized, load_quantized, logits_fn, streamed_fidelity
+from ..quantize.stage import (INT8_SCHEMES, default_settings, ensure_quantized, load_quantized, logits_fn,
+                             streamed_fidelity)
 from ..stages.reuse import ensure_stage
 from ..model.tokenizer import load_tokenizer
 
@@ -167,7 +168,8 @@ def ensure_exported(model: str = "tiny", weights: str = "auto", workdir: str | o
                    "source": {name: str(path) for name, path in inputs.items()}}
         if verify_blocks:
             tokenizer = load_tokenizer(str(package))
-            blocks = make_heldout_blocks(tokenizer, verify_blocks, verify_len, seed=seed)
+            blocks = make_heldout_blocks(tokenizer, verify_blocks, verify_len, seed=seed,
+                                         text=default_settings(model, weights)["heldout_text"])
             if fmt == "gguf":
                 metrics.update(verify_gguf(package, tmp / summary["file"], blocks, tokenizer))
             else:

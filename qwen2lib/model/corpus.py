@@ -1,4 +1,5 @@
-"""A corpus every machine that runs the workbook already has: the Python standard library's own sources.
+"""Corpora every machine that runs the workbook already has: the Python standard library's own sources (code),
+and the README texts of the Python packages installed beside it (English technical prose, ``prose_corpus``).
 
 Nothing is downloaded and nothing is copied into this repository. The selection rule is fixed and
 written into the description: every ``*.py`` under ``sysconfig.get_paths()["stdlib"]`` except the
@@ -11,6 +12,7 @@ over (relative path, content) of the used files records exactly which text a mod
 """
 from __future__ import annotations
 
+import email
 import hashlib
 import random
 import sys
@@ -36,6 +38,13 @@ SELECTION_RULE = (
 )
 
 
+# A package's README (its METADATA long description) of at least this many characters is a document of the prose
+# corpus; shorter ones are a line or two of boilerplate.
+MIN_PROSE_CHARS = 2000
+PROSE_RULE = (f"the long description (README) of every *.dist-info/METADATA under the interpreter's purelib folder "
+              f"of at least {MIN_PROSE_CHARS} characters (qwen2lib's own excepted), sorted by folder name")
+
+
 @dataclass(frozen=True)
 class Corpus:
     root: Path
@@ -44,6 +53,7 @@ class Corpus:
     sha256: str = field(repr=False)  # over (relative path, content) of train + held-out files
     seed: int = 0
     held_out_fraction: float = 0.05
+    kind: str = "code"  # "code": source files read whole; "prose": package METADATA files, their description read
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -52,20 +62,24 @@ class Corpus:
     @property
     def description(self) -> str:
         version = ".".join(map(str, sys.version_info[:3]))
+        what = (f"README texts of the installed Python packages under {self.root}: {PROSE_RULE}" if self.kind == "prose"
+                else f"CPython {version} standard library sources under {self.root}: {SELECTION_RULE}")
         return (
-            f"CPython {version} standard library sources under {self.root}: {SELECTION_RULE}. "
+            f"{what}. "
             f"{len(self.train_files)} train files, {len(self.heldout_files)} held-out files "
             f"(a file is held out when sha256('{self.seed}:' + path) falls in the lowest "
             f"{self.held_out_fraction:.0%} of the hash range)"
         )
 
     def read(self, relative: str) -> str:
-        return (self.root / relative).read_text(encoding="utf-8", errors="replace")
+        text = (self.root / relative).read_text(encoding="utf-8", errors="replace")
+        return readme_of(text) if self.kind == "prose" else text
 
     def summary(self) -> dict:
         return {
             "description": self.description,
-            "selection_rule": SELECTION_RULE,
+            "selection_rule": PROSE_RULE if self.kind == "prose" else SELECTION_RULE,
+            "kind": self.kind,
             "root": str(self.root),
             "python": ".".join(map(str, sys.version_info[:3])),
             "sha256": self.sha256,
@@ -117,6 +131,44 @@ def stdlib_corpus(seed: int = 0, held_out_fraction: float = 0.05) -> Corpus:
         raise ValueError(f"held_out_fraction={held_out_fraction} holds out none of {len(files)} files")
     return Corpus(root=root, train_files=train, heldout_files=heldout, sha256=corpus_sha256(root, files),
                   seed=seed, held_out_fraction=held_out_fraction)
+
+
+def readme_of(metadata: str) -> str:
+    """The long description of a METADATA file: its body, or the Description header of older metadata versions."""
+    message = email.message_from_string(metadata)
+    body = message.get_payload()
+    return body if isinstance(body, str) and body.strip() else str(message.get("Description") or "")
+
+
+def prose_root() -> Path:
+    return Path(sysconfig.get_paths()["purelib"])
+
+
+def prose_corpus(seed: int = 0, held_out_fraction: float = 0.2) -> Corpus:
+    """The installed packages' READMEs split into train and held-out packages (by a hash of the folder name without
+    its version, so a package stays on its side across versions). English prose with some code and reST/Markdown:
+    the offline stand-in for general text (c4) when no data set is given."""
+    root = prose_root()
+    found = sorted(p.relative_to(root).as_posix() for p in root.glob("*.dist-info/METADATA"))
+    files = [f for f in found if not f.startswith("qwen2lib-")  # our own README changes with every edit
+             and len(readme_of((root / f).read_text(encoding="utf-8", errors="replace"))) >= MIN_PROSE_CHARS]
+    if len(files) < 10:
+        raise RuntimeError(f"only {len(files)} package READMEs under {root}: the prose corpus needs the workbook's "
+                           "installed packages (run from its .venv)")
+    package = lambda f: f.split("-")[0].lower()  # noqa: E731  (name of "name-1.2.dist-info/METADATA")
+    heldout = tuple(f for f in files if is_held_out(package(f), seed, held_out_fraction))
+    train = tuple(f for f in files if not is_held_out(package(f), seed, held_out_fraction))
+    return Corpus(root=root, train_files=train, heldout_files=heldout, sha256=corpus_sha256(root, files),
+                  seed=seed, held_out_fraction=held_out_fraction, kind="prose")
+
+
+CORPORA = {"code": stdlib_corpus, "prose": prose_corpus}
+
+
+def model_text(embedded: bool) -> str:
+    """The text a model's stages calibrate and verify on by default: the embedded models learned the stdlib's code;
+    any other checkpoint is a general model, so general text (code would calibrate it for one narrow domain)."""
+    return "code" if embedded else "prose"
 
 
 # ---- tokenization ----------------------------------------------------------------------------------
@@ -183,12 +235,15 @@ def spread_blocks(per_file_ids: list[torch.Tensor], n_blocks: int, block_len: in
     return torch.cat(rows)
 
 
-def heldout_token_blocks(tokenizer, n_blocks: int, block_len: int, seed: int = 0) -> torch.Tensor:
-    """Held-out text (never trained on) as (n_blocks, block_len) token ids, spread over the held-out files.
+def heldout_token_blocks(tokenizer, n_blocks: int, block_len: int, seed: int = 0, text: str = "code") -> torch.Tensor:
+    """Held-out text (never trained on) as (n_blocks, block_len) token ids, spread over the held-out files of the
+    ``text`` corpus ("code": the stdlib's, "prose": the package READMEs').
 
     ``seed`` 0 takes the held-out files in sorted order; other seeds shuffle them first, which changes the
     files that give one block more than the others when ``n_blocks`` is not a multiple of their count.
     """
-    corpus = stdlib_corpus(seed=0)
+    if text not in CORPORA:
+        raise ValueError(f"text={text!r}: held-out text is one of {', '.join(CORPORA)}")
+    corpus = CORPORA[text](seed=0)
     files = list(corpus.heldout_files) if not seed else shuffled_files(corpus.heldout_files, seed)
     return spread_blocks(tokenize_files(corpus, files, tokenizer), n_blocks, block_len)

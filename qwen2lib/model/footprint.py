@@ -20,7 +20,10 @@ model; ``RUNTIME_BYTES`` is what the Python process holds before any weight (tor
     compiled        the graph's weights once (onnxruntime holds the session's copy for the verification), the
                     verification's logits (reference, graph, float64 rows: a few x blocks x tokens x V), one fp32
                     reference layer (streamed verification); building the graph holds one tensor, less than these
-    inference       the graph's weights plus a KV cache of ``context`` positions for ``batch`` rows
+    inference       a backend's weights at its precision (torch fp32/bf16/fp16, an int8 package, a graph), a KV cache
+                    of ``context`` positions for ``batch`` rows, and one prefill's activations (a graph prefills
+                    ``GRAPH_PREFILL_CHUNK`` tokens a call); ``check_fits(config, "inference", label, ...)`` refuses
+                    what does not fit and names what would (a quantized graph, a smaller context)
 """
 from __future__ import annotations
 
@@ -44,6 +47,8 @@ CALIBRATION_BATCH = (16, 128, 4)  # samples, tokens per sample, batch size: cali
 VERIFY_TOKENS = (4, 64)  # a compile's fidelity blocks x tokens (configs' verify.blocks, verify.block_tokens)
 SHARD_BYTES = 2 * GiB  # quantized_package.MAX_SHARD_BYTES (the package cannot import qwen2lib; a test ties them)
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+GRAPH_PREFILL_CHUNK = 256  # compile.runtime.PREFILL_CHUNK: prompt tokens per graph call (a test ties them)
+INFERENCE_CONTEXT = 4096  # positions an inference estimate assumes when the run does not say (a graph's default)
 
 
 def parameter_counts(config: Qwen2Args | Mapping) -> dict[str, int]:
@@ -77,18 +82,58 @@ def int8_graph_bytes(config: Mapping) -> int:
     return int8 + scales + (p["total"] - int8) * 4
 
 
+def int4_graph_bytes(config: Mapping) -> int:
+    """The int4 graph's weights: every layer Linear at half a byte plus an fp32 scale and a 4-bit zero point a
+    128-input group (MatMulNBits bits=4); the embedding and an untied head counted as in the int8 graph."""
+    p = parameter_counts(config)
+    linear = shape_numbers(config)["L"] * p["linear_per_layer"]
+    return int8_graph_bytes(config) - linear - linear // 128 * 4 + linear // 2 + linear // 128 * 9 // 2
+
+
 def backend_bytes(config: Mapping, label: str) -> int:
     """The weights one of notebook 05's backends holds ("fp32 torch", "fp16 graph", "int8 torch smoothquant", ...):
-    4 B a parameter in fp32, 2 in fp16, the int8 graph's bytes for an int8 package or graph."""
+    4 B a parameter in fp32, 2 in fp16 or bf16, the int8 graph's bytes for an int8 package or graph, the int4
+    graph's for int4."""
     precision = label.split()[0]
     if precision == "int8":
         return int8_graph_bytes(config)
-    return (2 if precision == "fp16" else 4) * parameter_counts(config)["total"]
+    if precision == "int4":
+        return int4_graph_bytes(config)
+    return (2 if precision in ("fp16", "bf16") else 4) * parameter_counts(config)["total"]
 
 
 def kv_cache_bytes(config: Mapping, context: int, batch: int = 1, dtype_bytes: int = 4) -> int:
     s = shape_numbers(config)
     return 2 * s["L"] * s["n_kv"] * s["hd"] * context * batch * dtype_bytes
+
+
+def activation_bytes(config: Mapping, tokens: int, keys: int, batch: int = 1, logits_rows: int = 0) -> int:
+    """One layer's fp32 activations for ``tokens`` queries over ``keys`` positions (the MLP's (B, T, I) three
+    times, four hidden-state copies, the attention scores) plus the logits of ``logits_rows`` positions."""
+    s = shape_numbers(config)
+    return 4 * batch * (tokens * (3 * s["I"] + 4 * s["H"] + s["n_h"] * keys) + logits_rows * s["V"])
+
+
+def inference_estimate(config: Mapping, label: str = "int8 graph", context: int = INFERENCE_CONTEXT, batch: int = 1,
+                       prompt_tokens: int | None = None, prefill_rows: int | None = None,
+                       all_logits: bool = False) -> Estimate:
+    """What running backend ``label`` needs ("fp32 torch", "bf16 torch", "int8 torch smoothquant", "int4 graph", ...,
+    ``backend_bytes``'s labels) with a KV cache of ``context`` positions for each of ``batch`` rows: runtime +
+    weights + the cache (in the backend's float: 2 B for fp16/bf16, else 4) + one prefill's activations
+    (``prefill_rows`` rows, ``batch`` when not given, of ``prompt_tokens`` queries, ``context`` when not given; a
+    graph runs ``GRAPH_PREFILL_CHUNK`` a call; logits for the last position, or every prefilled one with
+    ``all_logits``: scoring)."""
+    precision, kind = label.split()[:2]
+    weights = backend_bytes(config, label)
+    cache = kv_cache_bytes(config, context, batch, 2 if precision in ("fp16", "bf16") else 4)
+    tokens = context if prompt_tokens is None else min(prompt_tokens, context)
+    if kind == "graph":
+        tokens = min(tokens, GRAPH_PREFILL_CHUNK)
+    rows = batch if prefill_rows is None else prefill_rows
+    acts = activation_bytes(config, tokens, context, rows, tokens if all_logits else 1)
+    formula = (f"runtime {gb(RUNTIME_BYTES)} + {precision} weights {gb(weights)} + KV cache {gb(cache)} for {batch} x "
+               f"{context} positions + activations {gb(acts)}")
+    return Estimate(f"inference {label}", RUNTIME_BYTES + weights + cache + acts, formula)
 
 
 def fidelity_logits_bytes(vocab: int) -> int:
@@ -104,7 +149,7 @@ def stage_estimates(config: Mapping, *, calibration: tuple[int, int, int] = CALI
     P, layer, big = p["total"], p["layer"], p["largest_tensor"]
     samples, seq_len, bsz = calibration
     hidden = 2 * samples * seq_len * s["H"] * 4  # the batch's hidden states in and out of the layer
-    acts = bsz * seq_len * (3 * s["I"] + s["n_h"] * seq_len + 4 * s["H"]) * 4
+    acts = activation_bytes(config, seq_len, seq_len, bsz)
     int8 = int8_graph_bytes(config)
     fp32 = 4 * P
     R = RUNTIME_BYTES
@@ -136,22 +181,21 @@ def stage_estimates(config: Mapping, *, calibration: tuple[int, int, int] = CALI
                                         "runtime + the largest tensor in fp32 and quantized + one layer's tensors "
                                         "(weights written as built; verification skipped: it needs the graph "
                                         "loaded, as inference does)"),
-        "inference int8": Estimate("inference int8", R + int8 + kv_cache_bytes(config, context, batch),
-                                   f"runtime + int8 graph + fp32 KV cache ({batch} x {context} positions)"),
+        "inference int8": inference_estimate(config, "int8 graph", context, batch),
     }
 
 
-def estimate(config: Mapping, stage: str, precision: str | None = None) -> Estimate:
-    """The estimate of one stage (``compiled`` and ``inference`` by precision; fp16 graphs count as fp32 here:
-    their range probe runs the whole fp32 reference)."""
+def estimate(config: Mapping, stage: str, precision: str | None = None, **run) -> Estimate:
+    """The estimate of one stage (``compiled`` by precision; fp16 graphs count as fp32 here: their range probe runs
+    the whole fp32 reference). ``inference``: ``precision`` is a backend label ("bf16 torch", "int8 graph", ...)
+    or a graph's precision ("int8": the int8 graph), ``run`` the run's ``inference_estimate`` arguments (context,
+    batch, prompt_tokens, prefill_rows, all_logits)."""
+    if stage == "inference":
+        label = precision if precision and " " in precision else f"{precision or 'fp32'} graph"
+        return inference_estimate(config, label, **run)
     estimates = stage_estimates(config)
-    if stage in ("compiled", "inference"):
-        label = f"{stage} {'int8' if precision in ('int8', 'int4') else 'fp32'}"
-        if label not in estimates:  # inference fp32: the fp32 graph plus the same cache
-            e = estimates["inference int8"]
-            extra = 4 * parameter_counts(config)["total"] - int8_graph_bytes(config)
-            return Estimate(label, e.resident_bytes + extra, e.formula.replace("int8", "fp32"))
-        return estimates[label]
+    if stage == "compiled":
+        return estimates[f"{stage} {'int8' if precision in ('int8', 'int4') else 'fp32'}"]
     if stage in ("exported", "exported unverified"):  # the writers stream, and so does the verification
         p = parameter_counts(config)
         write = RUNTIME_BYTES + 5 * p["largest_tensor"]
@@ -187,27 +231,65 @@ def available_bytes() -> int:
 
 
 def gb(n: int) -> str:
+    if n < 0.1e9:  # a small cache or activation reads as MB, not "0.0 GB"
+        return f"{n / 1e6:.0f} MB"
     return f"{n / 1e9:.0f} GB" if n >= 10e9 else f"{n / 1e9:.1f} GB"
 
 
 WHAT = {"checkpoint": "random checkpoint build", "quantized": "quantize", "quantized gptq": "GPTQ quantize",
         "exported": "export",
         "compiled fp32": "fp32 graph compile", "compiled int8": "int8 graph compile",
-        "compiled unverified": "graph compile (unverified)", "exported unverified": "export (unverified)", "inference int8": "int8 graph",
-        "inference fp32": "fp32 graph"}
+        "compiled unverified": "graph compile (unverified)", "exported unverified": "export (unverified)"}
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def backend_words(label: str) -> str:
+    """"bf16 torch" -> "in torch bfloat16"; "int8 torch smoothquant" -> "int8 package (smoothquant) in torch";
+    graphs keep their label ("int8 graph")."""
+    precision, kind, *scheme = label.split()
+    if kind != "torch":
+        return label
+    if precision in TORCH_DTYPES:
+        return f"in torch {TORCH_DTYPES[precision]}"
+    return f"{precision} package{f' ({scheme[0]})' if scheme else ''} in torch"
+
+
+def smaller_alternative(config: Mapping, label: str, available: int, **run) -> str:
+    """What would fit instead, for an inference refusal: the most precise lighter backend (bf16, the int8 graph,
+    the int4 graph) at the same context, else a smaller context, else a smaller model. Random weights are not
+    an alternative: they weigh what the real ones do."""
+    half = "bf16 torch" if label.split()[1] == "torch" else "fp16 graph"
+    lighter = [other for other in (half, "int8 graph", "int4 graph")
+               if backend_bytes(config, other) < backend_bytes(config, label)]
+    for other in lighter:
+        e = inference_estimate(config, other, **run)
+        if e.resident_bytes <= available:
+            name = "the model in bfloat16" if other == "bf16 torch" else f"the {other}"
+            return f"run {name} instead (~{gb(e.resident_bytes)} at this context)"
+    for other in (label, *lighter):
+        if inference_estimate(config, other, **{**run, "context": 1, "prompt_tokens": 1}).resident_bytes <= available:
+            where = "" if other == label else f" with the {other}"
+            return f"ask for a smaller context{where} (fewer positions or rows: the KV cache and activations grow with both)"
+    smallest = inference_estimate(config, "int4 graph", **{**run, "context": 1, "prompt_tokens": 1})
+    return f"pick a smaller model (even its int4 graph needs ~{gb(smallest.resident_bytes)})"
 
 
 def check_fits(config: Mapping, stage: str, model: str = "", precision: str | None = None,
-               available: int | None = None) -> Estimate:
+               available: int | None = None, **run) -> Estimate:
     """Refuse (InsufficientMemoryError, one line with the numbers) when the stage's estimate exceeds the memory
-    available now; returns the estimate otherwise."""
-    e = estimate(config, stage, precision)
+    available now; returns the estimate otherwise. ``inference``: see ``estimate``; the refusal names what would
+    fit (``smaller_alternative``)."""
+    e = estimate(config, stage, precision, **run)
     available = available_bytes() if available is None else available
     if e.resident_bytes > available:
-        what = WHAT.get(e.stage, e.stage)
+        if stage == "inference":
+            label = e.stage.removeprefix("inference ")
+            what, advice = backend_words(label), smaller_alternative(config, label, available, **run)
+        else:
+            what, advice = WHAT.get(e.stage, e.stage), "free memory, or pick a smaller model"
         raise InsufficientMemoryError(
             f"{model or 'this model'} {what} needs ~{gb(e.resident_bytes)} resident; this machine has "
-            f"{gb(available)} available ({e.formula}): free memory, or pick a smaller model")
+            f"{gb(available)} available ({e.formula}): {advice}")
     return e
 
 

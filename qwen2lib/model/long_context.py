@@ -36,20 +36,20 @@ def dca_config_from_dict(d: dict) -> tuple[int, int, int]:
     Extra keys (e.g. vLLM's ``sparse_attention_config``) are ignored.
     """
     if not isinstance(d, dict):
-        raise ValueError(f"dual_chunk_attention_config must be a dict, got {type(d).__name__}")
+        raise LongContextError(f"dual_chunk_attention_config must be a dict, got {type(d).__name__}")
     values = {}
     for key in ("chunk_size", "local_size", "original_max_position_embeddings"):
         if key not in d:
-            raise ValueError(f"dual_chunk_attention_config is missing {key!r}")
+            raise LongContextError(f"dual_chunk_attention_config is missing {key!r}")
         value = d[key]
         # bool is an int subclass; True as a chunk size is a config bug, not 1
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"dual_chunk_attention_config[{key!r}] must be an int, got {value!r}")
+            raise LongContextError(f"dual_chunk_attention_config[{key!r}] must be an int, got {value!r}")
         if value <= 0:
-            raise ValueError(f"dual_chunk_attention_config[{key!r}] must be positive, got {value}")
+            raise LongContextError(f"dual_chunk_attention_config[{key!r}] must be positive, got {value}")
         values[key] = value
     if values["local_size"] >= values["chunk_size"]:
-        raise ValueError(
+        raise LongContextError(
             f"dual_chunk_attention_config['local_size'] ({values['local_size']}) must be smaller than "
             f"chunk_size ({values['chunk_size']}): the chunk length chunk_size - local_size would be <= 0"
         )

@@ -52,7 +52,7 @@ TINY_CONFIG = dict(
     torch_dtype="float32",
 )
 EMBEDDED = {
-    "tiny": "small Qwen2 trained on first use on the Python standard library's sources (the workbook default)",
+    "tiny": "small Qwen2 trained on the Python standard library's sources, shipped with qwen2lib (the workbook default)",
     "tiny-random": "the same architecture as tiny with seeded random weights (unit tests)",
 }
 

@@ -25,7 +25,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from ..artifacts import default_workdir, read_metrics, stage_dir
-from ..calibrate.stage import describe as describe_calibration, ensure_calibration
+from ..errors import BadInputError
+from ..calibrate.stage import default_request, describe as describe_calibration, ensure_calibration
 from ..deploy import ensure_patched, package_auto_map, package_target, verify_package_code
 from ..deploy.quantized_package import (INT8_CLASS, INT8_MODELING_FILE, WEIGHTS_FILE, int8_auto_map, int8_code,
                                         save_quantized)
@@ -183,21 +184,32 @@ def calibration_to_use(workdir: Path, out: Path, calibration: Mapping | None) ->
 
 
 DEFAULT_SETTINGS = {"alpha": 0.5, "skip": list(DEFAULT_SKIP), "heldout_blocks": 4, "heldout_len": 64,
-                    "group_size": DEFAULT_GROUP_SIZE}
+                    "heldout_text": "code", "group_size": DEFAULT_GROUP_SIZE}
+# A trained checkpoint is verified on general text, on enough tokens to rank the schemes (256 tokens could not tell
+# AWQ from round-to-nearest on a real 0.5B).
+TRAINED_SETTINGS = {"heldout_blocks": 16, "heldout_len": 128, "heldout_text": "prose"}
+HELDOUT_TEXTS = {"code": "stdlib held-out files (qwen2lib.model.corpus), never trained on",
+                 "prose": "READMEs of held-out installed packages (qwen2lib.model.corpus.prose_corpus)"}
 
 
-def quantize_settings(out: Path, **asked) -> dict:
+def quantize_settings(out: Path, defaults: dict | None = None, **asked) -> dict:
     """The settings asked for; those left None keep what the package in ``out`` was built with (so notebook 05
     reuses notebook 03's package), else the defaults."""
     existing = recorded_request(out) or {}
     return {k: asked[k] if asked.get(k) is not None else existing.get(k) if existing.get(k) is not None else default
-            for k, default in DEFAULT_SETTINGS.items()}
+            for k, default in (defaults or DEFAULT_SETTINGS).items()}
+
+
+def default_settings(model: str, weights: str) -> dict:
+    """The defaults for ``model``: a trained checkpoint other than the embedded ones is verified on more prose."""
+    trained_general = default_request(model, weights)["dataset"] == "prose"
+    return {**DEFAULT_SETTINGS, **(TRAINED_SETTINGS if trained_general else {})}
 
 
 def ensure_quantized(model: str = "tiny", weights: str = "auto", workdir: str | os.PathLike | None = None, *,
                      scheme: str = "w8a16", alpha: float | None = None, seed: int = 0,
                      skip: Iterable[str] | None = None, heldout_blocks: int | None = None,
-                     heldout_len: int | None = None, group_size: int | None = None,
+                     heldout_len: int | None = None, heldout_text: str | None = None, group_size: int | None = None,
                      calibration: Mapping | None = None, force: bool = False, verbose: bool = True) -> Path:
     """``<workdir>/quantized/<scheme>/``: the deploy package's own ``quantize()`` run with notebook 02's
     statistics, saved as a quantized package, with a metrics.json holding the fidelity report vs the fp32
@@ -205,15 +217,20 @@ def ensure_quantized(model: str = "tiny", weights: str = "auto", workdir: str | 
     show. Reused when nothing it depends on changed (``qwen2lib.stages.reuse``).
 
     ``group_size``: inputs per int4 scale and zero point (w4a16, awq, gptq; default 128).
+    ``heldout_text``: "code" (stdlib files) or "prose" (package READMEs) for the fidelity report; the default is the
+    text the model is for (``default_settings``).
     ``calibration``: settings for ``ensure_calibration`` (dataset, data_path, samples, ...); None uses the
     existing calibration as it is. Other settings left None keep the existing package's (``quantize_settings``).
     """
     workdir = Path(workdir) if workdir else default_workdir(model)
     out = stage_dir(workdir, "quantized", scheme)
-    settings = quantize_settings(out, alpha=alpha, skip=None if skip is None else list(skip),
-                                 heldout_blocks=heldout_blocks, heldout_len=heldout_len, group_size=group_size)
+    settings = quantize_settings(out, default_settings(model, weights), alpha=alpha,
+                                 skip=None if skip is None else list(skip), heldout_blocks=heldout_blocks,
+                                 heldout_len=heldout_len, heldout_text=heldout_text, group_size=group_size)
     alpha, skip, group_size = settings["alpha"], tuple(settings["skip"]), settings["group_size"]
-    heldout_blocks, heldout_len = settings["heldout_blocks"], settings["heldout_len"]
+    heldout_blocks, heldout_len, heldout_text = settings["heldout_blocks"], settings["heldout_len"], settings["heldout_text"]
+    if heldout_text not in HELDOUT_TEXTS:
+        raise BadInputError(f"heldout_text={heldout_text!r}: use one of {', '.join(HELDOUT_TEXTS)}")
     check_settings(scheme, alpha, group_size)
     package = ensure_patched(model, weights, workdir, seed=seed, verbose=verbose)
     calibration_dir = ensure_calibration(model, weights, workdir, seed=seed, verbose=verbose,
@@ -221,7 +238,7 @@ def ensure_quantized(model: str = "tiny", weights: str = "auto", workdir: str | 
     if verbose:
         print(f"[quantized] {describe_calibration(calibration_dir)}", file=sys.stderr, flush=True)
     request = {"scheme": scheme, "alpha": alpha if scheme == "smoothquant" else None, "skip": list(skip),
-               "heldout_blocks": heldout_blocks, "heldout_len": heldout_len, "seed": seed,
+               "heldout_blocks": heldout_blocks, "heldout_len": heldout_len, "heldout_text": heldout_text, "seed": seed,
                "calibration": recorded_request(calibration_dir)}
     if scheme in INT4_SCHEMES:  # only int4 packages record it: the int8 ones' requests stay as they were
         request["group_size"] = group_size
@@ -234,7 +251,8 @@ def ensure_quantized(model: str = "tiny", weights: str = "auto", workdir: str | 
         # the package's own entry point, one decoder layer at a time
         type(reference.skeleton).quantize_checkpoint(package, tmp, scheme, stats=stats, alpha=alpha, skip=skip, **extra)
         quantize_s = time.perf_counter() - started
-        blocks = make_heldout_blocks(AutoTokenizer.from_pretrained(str(package)), heldout_blocks, heldout_len, seed=seed)
+        blocks = make_heldout_blocks(AutoTokenizer.from_pretrained(str(package)), heldout_blocks, heldout_len, seed=seed,
+                                     text=heldout_text)
         candidate = layerwise_quantized(tmp)
         report, sqnr = streamed_fidelity(reference, candidate, blocks)
         sizes = {label: {"disk_bytes": disk_bytes(folder), "memory_bytes": memory_bytes(m.skeleton),
@@ -251,7 +269,7 @@ def ensure_quantized(model: str = "tiny", weights: str = "auto", workdir: str | 
             "activation_outliers": activation_outliers(stats),
             "fidelity": report, "sqnr_db": sqnr, "sizes": sizes, "quantize_s": quantize_s,
             "heldout": {"blocks": heldout_blocks, "tokens_per_block": heldout_len,
-                        "text": "stdlib held-out files (qwen2lib.model.corpus), never trained on"},
+                        "text": HELDOUT_TEXTS[heldout_text], "kind": heldout_text},
         }
 
     return ensure_stage("quantized", out, request, {"patched": package, "calibration": calibration_dir}, build,

@@ -40,7 +40,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..artifacts import atomic_write_text
-from ..errors import Qwen2LibError
+from ..errors import BadInputError, MissingInputError, Qwen2LibError
 from .generation import SamplingParams, generate
 
 MIN_TOKENS = 4
@@ -83,8 +83,8 @@ def sharegpt_pairs(conversations: list[dict]) -> list[tuple[str, str]]:
         turns = item.get("conversations") or item.get("conversation") or [] if isinstance(item, dict) else None
         if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("value"), str)
                                                   for t in turns):
-            raise ValueError(f"conversation {n} is not in the ShareGPT layout: expected "
-                             '{"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}')
+            raise BadInputError(f"conversation {n} is not in the ShareGPT layout: expected "
+                                '{"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}')
         if len(turns) < 2:
             continue
         first = next((i for i, t in enumerate(turns) if t.get("from", t.get("role")) in HUMAN_ROLES), None)
@@ -98,18 +98,18 @@ def sample_sharegpt_requests(path: str | Path, tokenizer, num_requests: int, see
     """Up to ``num_requests`` requests from a ShareGPT JSON file, filtered and shuffled as vLLM does."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: pass a ShareGPT-format JSON file (a list of "
+        raise MissingInputError(f"{path} does not exist: pass a ShareGPT-format JSON file (a list of "
                                 '{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]})')
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}): expected the ShareGPT layout") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"{path} is not valid UTF-8 JSON ({exc}): expected the ShareGPT layout") from exc
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of conversations, got {type(data).__name__}")
+        raise BadInputError(f"{path}: expected a JSON list of conversations, got {type(data).__name__}")
     try:
         pairs = sharegpt_pairs(data)
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
+    except BadInputError as exc:
+        raise BadInputError(f"{path}: {exc}") from None
     random.Random(seed).shuffle(pairs)
     requests = []
     for prompt, reply in pairs:
@@ -123,8 +123,8 @@ def sample_sharegpt_requests(path: str | Path, tokenizer, num_requests: int, see
             continue
         requests.append(Request(prompt_ids, output_len, prompt))
     if not requests:
-        raise ValueError(f"{path}: no conversation survived the filters (>= 2 turns, prompt and reply >= "
-                         f"{MIN_TOKENS} tokens, prompt <= {MAX_PROMPT_TOKENS}, total <= {MAX_TOTAL_TOKENS})")
+        raise BadInputError(f"{path}: no conversation survived the filters (>= 2 turns, prompt and reply >= "
+                            f"{MIN_TOKENS} tokens, prompt <= {MAX_PROMPT_TOKENS}, total <= {MAX_TOTAL_TOKENS})")
     return requests
 
 
@@ -156,7 +156,7 @@ def run_requests(backend, requests: Sequence[Request], batch_size: int = 1, prog
                  desc: str = "bench") -> tuple[list[RequestResult], float]:
     """Generate every request at its forced output length; (per-request results, wall seconds)."""
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: use 1 or more")
+        raise BadInputError(f"batch_size={batch_size}: use 1 or more")
     params = SamplingParams(max_new_tokens=max(r.output_len for r in requests), ignore_eos=True)
     results: list[RequestResult] = []
     bar = tqdm(total=len(requests), desc=desc, unit="req", disable=not progress, file=sys.stderr)
@@ -230,7 +230,7 @@ def arrival_delays(num_requests: int, request_rate: float = math.inf, burstiness
     burstiness 1 is a Poisson process (exponential gaps); an infinite rate sends everything at once.
     """
     if not request_rate > 0 or not burstiness > 0:
-        raise ValueError(f"request_rate={request_rate}, burstiness={burstiness}: both must be > 0 (inf: all at once)")
+        raise BadInputError(f"request_rate={request_rate}, burstiness={burstiness}: both must be > 0 (inf: all at once)")
     if math.isinf(request_rate):
         return np.zeros(num_requests)
     gaps = np.random.default_rng(seed).gamma(burstiness, 1.0 / (request_rate * burstiness), num_requests)
@@ -348,7 +348,7 @@ def benchmark_server(url: str, requests: Sequence[Request], *, request_rate: flo
     """Send ``requests`` to an OpenAI-compatible server as vLLM's benchmark_serving does; the same dict as ``benchmark``."""
     url = base_url(url)
     if max_concurrency is not None and max_concurrency < 1:
-        raise ValueError(f"max_concurrency={max_concurrency}: use 1 or more, or None for no limit")
+        raise BadInputError(f"max_concurrency={max_concurrency}: use 1 or more, or None for no limit")
     if not requests:
         raise ValueError("no requests to send")
     if chat and tokenizer is None and any(r.prompt is None for r in requests):

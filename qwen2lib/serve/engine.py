@@ -1,8 +1,9 @@
 """Continuous batching over any generation backend: requests join the running batch at decode-step boundaries.
 
 One engine thread owns the model. Between two decode steps it (1) cuts out the rows whose client went
-away, (2) admits waiting requests while the batch and the KV budget allow, and (3) runs one decode step
-for every row, emitting each row's token as soon as it is sampled. A row leaves the moment it finishes.
+away, (2) prefills up to ``prefill_chunk`` prompt tokens of the requests it admits while the batch and the KV
+budget allow, and (3) runs one decode step for every row, emitting each row's token as soon as it is sampled.
+A row leaves the moment it finishes.
 
 How a request joins: its prompt is prefilled alone (batch 1, no padding), its first token goes out, and
 its KV cache is spliced into the running state, left-padded to the batch's common length
@@ -14,12 +15,22 @@ no recomputation), where re-prefilling the batch would recompute every running r
 are prefilled one by one, not as one padded batch: on the compiled graph (CPU) a batch of prompts measured no
 faster than the same prompts one at a time, and padding short prompts to the longest only adds work.
 
+Chunked prefill: a step feeds at most ``prefill_chunk`` prompt tokens, so a long prompt is prefilled over several
+steps, its chunks continuing its own cache (``backend.extend``), and the running rows get a token at every one of
+those steps instead of waiting for the whole prompt (prefilled at once, ~1k-token prompts held every stream for
+their whole prefill: ITL p99 1.3 s, where llama-server, which also feeds prompts in pieces, had 0.2 s). The step's
+budget goes first to the request being prefilled, then to the next waiting ones, so short prompts still join
+together; one request at most is left half-prefilled between steps. Its first token is sampled after its last
+chunk; the chunks give the logits the whole prompt gives at once (the same attention over the same cache, up to
+float rounding).
+
 Events leave in bursts (a prefill's first token; a step's token for every row), each followed by the
 ``on_burst`` hook, so a consumer on another thread (the HTTP server's event loop) is woken once per burst.
 
 KV budget: the cache holds rows x common length slots, padding included. A request is admitted only
 if the peak of that product over the rest of the batch's life (rows leave as they finish; the longest
-row sets the length) stays within ``kv_budget_tokens``; requests are served first come, first served.
+row sets the length) stays within ``kv_budget_tokens``; requests are served first come, first served. A request
+prefilled in chunks is counted from its admission, at its whole prompt's length, for the steps until it joins too.
 """
 from __future__ import annotations
 
@@ -29,11 +40,11 @@ import uuid
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
-from ..errors import Qwen2LibError
+from ..errors import BadInputError, Qwen2LibError
 from .generation import SamplingParams, fit_prompt, next_tokens
 
 
@@ -50,11 +61,15 @@ class EngineConfig:
     max_batch: int = 8  # rows decoded together (llama.cpp's slots, vLLM's max_num_seqs)
     kv_budget_tokens: int = 16384  # KV cache slots (rows x padded length) the batch may hold at its peak
     max_queue: int = 256  # requests waiting for a slot; one more is refused (HTTP 429)
+    # prompt tokens prefilled per step (see the module's docstring); 256 is what a compiled graph runs per call
+    # anyway (compile.runtime.PREFILL_CHUNK), so chunking adds no graph calls; a value above the longest prompt
+    # turns chunking off
+    prefill_chunk: int = 256
 
     def __post_init__(self):
-        for name in ("max_batch", "kv_budget_tokens", "max_queue"):
+        for name in ("max_batch", "kv_budget_tokens", "max_queue", "prefill_chunk"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
+                raise BadInputError(f"{name}={getattr(self, name)}: must be at least 1")
 
 
 @dataclass
@@ -93,15 +108,28 @@ class ServeRequest:
         return len(self.prompt_ids) + max(len(self.output) - 1, 0)
 
 
-def peak_kv_slots(rows: list[tuple[int, int]]) -> int:
-    """Peak of rows x common length over the batch's life; rows are (tokens cached now, steps left).
+@dataclass(eq=False)
+class _Prefilling:
+    """The request whose prompt is being prefilled over several steps, and its own cache so far."""
+
+    request: ServeRequest
+    state: Any = None  # the backend's state after ``done`` prompt tokens
+    done: int = 0
+
+
+def peak_kv_slots(rows: list[tuple[int, ...]]) -> int:
+    """Peak of rows x common length over the batch's life; rows are (tokens cached now, steps left), or
+    (tokens, steps left, steps before it joins) for a request still being prefilled.
 
     After s more steps the rows with at least s steps left remain, and the longest of them sets the
     length; between two rows' ends the product only grows, so the peak sits at some row's last step.
+    A row that joins after d steps counts from now at its whole prompt's length and lives d steps longer:
+    more than it holds, never less.
     """
+    rows = [(row[0], row[1], row[2] if len(row) > 2 else 0) for row in rows]
     peak = 0
-    for s in sorted({left for _, left in rows}):
-        alive = [cached + s for cached, left in rows if left >= s]
+    for s in sorted({left + delay for _, left, delay in rows}):
+        alive = [cached + max(s - delay, 0) for cached, left, delay in rows if left + delay >= s]
         peak = max(peak, len(alive) * max(alive))
     return peak
 
@@ -125,6 +153,9 @@ class Engine:
         self._waiting: deque[ServeRequest] = deque()
         self._rows: list[ServeRequest] = []
         self._state = None
+        self._filling: _Prefilling | None = None  # admitted, its prompt not yet whole in its cache
+        # a backend that cannot continue a cache with several tokens prefills each prompt at once
+        self._chunked = hasattr(backend, "extend")
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._live = weakref.WeakSet()  # every request not yet garbage: a leak shows up here
@@ -167,11 +198,13 @@ class Engine:
     def stats(self) -> dict:
         with self._cond:
             rows = [(r.cached, r.remaining) for r in self._rows]
-            return {"active": len(self._rows), "queued": len(self._waiting), "live_requests": len(self._live),
-                    "kv_state": self._state is not None,
-                    "kv_slots": len(rows) * max((c for c, _ in rows), default=0),
+            filling = self._filling.done if self._filling is not None else 0
+            return {"active": len(self._rows) + (self._filling is not None), "queued": len(self._waiting),
+                    "prefilling": int(self._filling is not None), "live_requests": len(self._live),
+                    "kv_state": self._state is not None or self._filling is not None,
+                    "kv_slots": len(rows) * max((c for c, _ in rows), default=0) + filling,
                     "max_batch": self.config.max_batch, "kv_budget_tokens": self.config.kv_budget_tokens,
-                    **self.counts}
+                    "prefill_chunk": self.config.prefill_chunk, **self.counts}
 
     def start(self) -> "Engine":
         if self._thread is None:
@@ -198,7 +231,7 @@ class Engine:
         try:
             while True:
                 with self._cond:
-                    while not self._stopping and not self._waiting and not self._rows:
+                    while not self._stopping and not self._waiting and not self._rows and self._filling is None:
                         self._cond.wait()
                     if self._stopping:
                         return
@@ -212,7 +245,7 @@ class Engine:
     @torch.no_grad()
     def _step(self) -> None:
         self._retire()
-        self._admit()
+        self._prefill_step()
         if not self._rows:
             return
         self.counts["peak_batch"] = max(self.counts["peak_batch"], len(self._rows))
@@ -223,27 +256,67 @@ class Engine:
         self._retire()  # before the events go out: a client told "finished" finds its row already gone
         self._emit(events)
 
-    def _admit(self) -> None:
-        while len(self._rows) < self.config.max_batch:
-            with self._cond:
-                while self._waiting and self._waiting[0].cancelled:
-                    self._finish(self._waiting.popleft(), "cancelled")
-                if not self._waiting:
-                    return
-                head = self._waiting[0]
-                rows = [(r.cached, r.remaining) for r in self._rows] + [(len(head.prompt_ids), head.params.max_new_tokens)]
-                if peak_kv_slots(rows) > self.config.kv_budget_tokens:
-                    return  # first come, first served: the head waits for rows to finish
-                self._waiting.popleft()
-            self._prefill(head)
+    def _prefill_step(self) -> None:
+        """Feed this step's ``prefill_chunk`` prompt tokens: first to the request being prefilled, then to waiting
+        requests admitted in turn, while the batch and the KV budget have room for them."""
+        budget = self.config.prefill_chunk
+        while budget > 0:
+            if self._filling is None and not self._admit(budget):
+                return
+            budget -= self._feed(budget)
 
-    def _prefill(self, request: ServeRequest) -> None:
-        ids = torch.tensor([request.prompt_ids])
+    def _admit(self, budget: int) -> bool:
+        """Take the head of the queue into prefill if the batch and the KV budget allow it; whether one was taken."""
+        if len(self._rows) >= self.config.max_batch:
+            return False
+        with self._cond:
+            while self._waiting and self._waiting[0].cancelled:
+                self._finish(self._waiting.popleft(), "cancelled")
+            if not self._waiting:
+                return False
+            head = self._waiting[0]
+            prompt = len(head.prompt_ids)
+            # running rows keep decoding until the head's last chunk: one step for every chunk after this step's
+            joins_after = -(-max(prompt - budget, 0) // self.config.prefill_chunk) if self._chunked else 0
+            rows = [(r.cached, r.remaining) for r in self._rows] + [(prompt, head.params.max_new_tokens, joins_after)]
+            if peak_kv_slots(rows) > self.config.kv_budget_tokens:
+                return False  # first come, first served: the head waits for rows to finish
+            self._waiting.popleft()
+            self._filling = _Prefilling(head)
+        return True
+
+    def _feed(self, budget: int) -> int:
+        """Prefill the next chunk (at most ``budget`` tokens) of the request being prefilled; the tokens it took.
+
+        After its last chunk the request's first token goes out and it joins the batch."""
+        filling, request = self._filling, self._filling.request
+        if request.cancelled:  # its client went away mid-prompt: drop its cache now, not after the whole prompt
+            with self._cond:
+                self._filling = None
+            self._finish(request, "cancelled")
+            return 0
+        end = min(filling.done + budget, len(request.prompt_ids)) if self._chunked else len(request.prompt_ids)
+        ids = torch.tensor([request.prompt_ids[filling.done:end]])
         try:
-            logits, state = self.backend.prefill(ids, torch.ones_like(ids))
+            if filling.state is None:
+                logits, state = self.backend.prefill(ids, torch.ones_like(ids))
+            else:
+                logits, state = self.backend.extend(ids, filling.state)
         except Exception as exc:  # this request's failure (e.g. a position limit) leaves the batch alone
+            with self._cond:
+                self._filling = None
             self._fail(request, f"{type(exc).__name__}: {exc}".splitlines()[0])
-            return
+            return end - filling.done
+        with self._cond:
+            filling.state, taken, filling.done = state, end - filling.done, end
+            if end == len(request.prompt_ids):
+                self._filling = None
+        if end == len(request.prompt_ids):
+            self._join(request, logits, state)
+        return taken
+
+    def _join(self, request: ServeRequest, logits: torch.Tensor, state) -> None:
+        """A fully prefilled request: sample and send its first token, then splice its cache into the batch."""
         if request.params.repetition_penalty != 1.0:
             request.seen = torch.zeros(logits.shape, dtype=torch.bool)
             request.seen[0, request.prompt_ids] = True
@@ -307,8 +380,9 @@ class Engine:
 
     def _fail_all(self, message: str) -> None:
         with self._cond:
-            pending = [r for r in [*self._rows, *self._waiting] if not r.finished]
-            self._rows, self._state = [], None
+            filling = [self._filling.request] if self._filling is not None else []
+            pending = [r for r in [*self._rows, *filling, *self._waiting] if not r.finished]
+            self._rows, self._state, self._filling = [], None, None
             self._waiting.clear()
         for r in pending:
             self._fail(r, message)

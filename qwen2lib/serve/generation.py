@@ -7,7 +7,8 @@ A backend is anything with ``max_positions`` and two methods, so the loop never 
 
 ``state`` is the backend's own (a KV cache plus the growing attention mask); ``join_states(a, b)`` and
 ``select_rows(state, rows)`` let the serving engine (``qwen2lib.serve.engine``) splice rows in and out of a running
-batch between steps (both backends here have them). On top of that the loop
+batch between steps, and ``extend(ids (B, T), state) -> logits, state`` continues a cache with several tokens, so
+the engine can prefill a long prompt in chunks (both backends here have them). On top of that the loop
 does greedy or sampled decoding (temperature, top-k, top-p, repetition penalty, a seeded
 ``torch.Generator``), stops on the family's end tokens, left-pads a batch of prompts, streams text
 deltas that never split a multi-byte character, and stamps every token with a clock reading so the
@@ -22,12 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
+import numpy as np
 import torch
 from transformers import DynamicCache
 
-from ..errors import PromptTooLongError, Qwen2LibError
+from ..errors import BadInputError, PromptTooLongError, Qwen2LibError
 from ..compile.runtime import OnnxCausalLM
-from ..compile.runtime import join_kv, select_kv
+from ..compile.runtime import KVState, join_kv, select_kv
 from ..scratch.masks import positions_from_mask
 from ..scratch.model import Qwen2
 
@@ -49,15 +51,15 @@ class SamplingParams:
     def __post_init__(self):
         # each check is written "not <valid>" so that NaN, which fails every comparison, is refused too
         if not self.max_new_tokens >= 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens}: ask for at least one new token")
+            raise BadInputError(f"max_new_tokens={self.max_new_tokens}: ask for at least one new token")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature={self.temperature}: use 0 for greedy or a positive value to sample")
+            raise BadInputError(f"temperature={self.temperature}: use 0 for greedy or a positive value to sample")
         if not self.top_k >= 0:
-            raise ValueError(f"top_k={self.top_k}: use 0 (off) or a positive count")
+            raise BadInputError(f"top_k={self.top_k}: use 0 (off) or a positive count")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p}: must be in (0, 1]; 1 turns it off")
+            raise BadInputError(f"top_p={self.top_p}: must be in (0, 1]; 1 turns it off")
         if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
-            raise ValueError(f"repetition_penalty={self.repetition_penalty}: must be > 0; 1 turns it off")
+            raise BadInputError(f"repetition_penalty={self.repetition_penalty}: must be > 0; 1 turns it off")
 
     @property
     def greedy(self) -> bool:
@@ -151,6 +153,19 @@ class TorchBackend:
         position_ids = attention_mask.long().sum(-1, keepdim=True) - 1  # (B, 1)
         out = self.model(input_ids=next_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=True, **{self._cache_kw: cache})
+        return out.logits[:, -1].float(), (self._cache_of(out), attention_mask)
+
+    @torch.no_grad()
+    def extend(self, ids, state):
+        """``ids`` (B, T) after the state's tokens: the next chunk of a prompt (the serving engine's chunked prefill).
+        The same attention over the same cache as one prefill of the whole prompt, so the same logits."""
+        cache, attention_mask = state
+        ids = ids.to(self.device)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(ids.shape)], dim=1)
+        position_ids = positions_from_mask(attention_mask)[:, -ids.shape[1]:]
+        kwargs = {"logits_to_keep": 1} if self._keep_last else {}
+        out = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                         **{self._cache_kw: cache}, **kwargs)
         return out.logits[:, -1].float(), (self._cache_of(out), attention_mask)
 
     # Continuous batching (qwen2lib.serve.engine) splices rows in and out of a running state between decode steps.
@@ -268,6 +283,13 @@ class OnnxBackend:
         logits, state = self.runtime.decode(next_ids.numpy(), state)
         return torch.from_numpy(logits[:, -1]).float(), state
 
+    def extend(self, ids, state):
+        """``ids`` (B, T) after the state's tokens, one graph call over its cache (as the runtime's own chunked
+        prefill runs a prompt's pieces); a fresh state, the given one is left as it was."""
+        mask = np.concatenate([state.attention_mask, np.ones(tuple(ids.shape), np.int64)], axis=1)
+        logits, present = self.runtime.run(ids.numpy(), mask, past=state.past)
+        return torch.from_numpy(logits[:, -1]).float(), KVState(present, mask)
+
     def join_states(self, a, b):
         return join_kv(a, b)
 
@@ -309,7 +331,7 @@ def encode_prompt(tokenizer, prompt, chat: bool = False) -> list[int]:
         messages = [{"role": "user", "content": str(prompt)}]
     if chat:
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("this tokenizer has no chat template: drop --chat/chat=True or use an -Instruct model")
+            raise BadInputError("this tokenizer has no chat template: drop --chat/chat=True or use an -Instruct model")
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer.encode(text, add_special_tokens=False)
     return tokenizer.encode(str(prompt), add_special_tokens=False)
@@ -319,14 +341,14 @@ def fit_prompt(ids: list[int], max_new_tokens: int, max_positions: int, truncate
                index: int = 0) -> list[int]:
     """Refuse (or, with ``truncate="left"``, cut) a prompt that would run past the model's positions."""
     if not ids:
-        raise ValueError(f"prompt {index} is empty: give at least one token")
+        raise BadInputError(f"prompt {index} is empty: give at least one token")
     if len(ids) + max_new_tokens <= max_positions:
         return ids
     room = max_positions - max_new_tokens
     if truncate == "left" and room > 0:
         return ids[-room:]
     if truncate not in (None, "left"):
-        raise ValueError(f"truncate={truncate!r}: use None (refuse) or 'left' (keep the last tokens)")
+        raise BadInputError(f"truncate={truncate!r}: use None (refuse) or 'left' (keep the last tokens)")
     raise PromptTooLongError(
         f"prompt {index} has {len(ids)} tokens and max_new_tokens={max_new_tokens}: {len(ids) + max_new_tokens} "
         f"positions, but the model has {max_positions} (max_position_embeddings or the compiled graph's limit). "

@@ -29,6 +29,7 @@ from typing import Callable, Mapping
 
 from ..artifacts import atomic_dir, read_metrics, write_metrics
 from ..model.footprint import check_stage
+from ..model.tokenizer import TOKENIZER_FILES
 from .closure import import_closure
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the qwen2lib folder
@@ -36,9 +37,11 @@ GRAPH = ("checkpoint", "patched", "calibration", "quantized", "compiled", "expor
 # The modules that build each stage. Its hashed source files are their import closure (``closure.py``), so editing
 # any module they can reach rebuilds that stage and what follows it.
 STAGE_ENTRIES = {
-    # the quantizer modules are copied into the deploy package as files, not imported by the code that copies them
+    # the quantizer modules and the modules the patches' code imports (``Patch.copies``) are copied into the deploy
+    # package as files, not imported by the code that copies them
     "patched": ("qwen2lib.deploy.package", "qwen2lib.deploy.quantizer", "qwen2lib.deploy.schemes",
-                "qwen2lib.deploy.quantized_package"),
+                "qwen2lib.deploy.quantized_package", "qwen2lib.deploy.inserted.causal_mask",
+                "qwen2lib.deploy.inserted.kv_cache", "qwen2lib.scratch.dual_chunk"),
     "calibration": ("qwen2lib.calibrate.stage",),
     "quantized": ("qwen2lib.quantize.stage",),
     "compiled": ("qwen2lib.compile.stage",),
@@ -60,9 +63,13 @@ def code_digest(stage: str) -> dict[str, str]:
 
 
 def checkpoint_identity(folder: str | os.PathLike) -> str:
-    """A checkpoint's fingerprint: config.json's bytes and each weight file's name, size and mtime."""
+    """A checkpoint's fingerprint: config.json's and the tokenizer files' bytes, and each weight file's name, size
+    and mtime (a tokenizer.json added beside vocab.json + merges.txt is a different checkpoint to every stage)."""
     folder = Path(folder)
     h = hashlib.sha256((folder / "config.json").read_bytes() if (folder / "config.json").is_file() else b"")
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            h.update(name.encode() + hashlib.sha256((folder / name).read_bytes()).digest())
     for f in sorted(folder.glob("*.safetensors")):
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
