@@ -20,7 +20,6 @@ from typing import Iterable, Mapping
 import pandas as pd
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -41,7 +40,7 @@ from ..stages.reuse import ensure_stage, recorded_request
 __all__ = ["DEFAULT_SKIP", "INT4_SCHEMES", "INT8_CLASS", "INT8_MODELING_FILE", "INT8_SCHEMES", "Int8Linear",
            "QUANT_METHOD", "QuantizationError", "SCHEMES", "WEIGHTS_FILE", "activation_outliers", "dequantize_weight", "disk_bytes", "ensure_quantized",
            "is_int4_linear", "is_int8_linear", "is_skipped", "layerwise_quantized", "streamed_fidelity",
-           "linear_bytes", "load_quantized", "logits_fn", "matmul_timings", "memory_bytes", "quantize_model",
+           "linear_bytes", "load_quantized", "logits_fn", "memory_bytes", "quantize_model",
            "save_quantized", "size_table", "verify_quantized_code"]
 
 
@@ -107,55 +106,6 @@ def size_table(sizes: Mapping[str, Mapping[str, int]]):
     for title in list(table.columns):
         table[title.replace(" (MiB)", " vs first")] = table[title] / first[title]
     return table
-
-
-def _median_ms(fn, repeats: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[len(times) // 2]
-
-
-@torch.no_grad()
-def matmul_timings(in_features: int = 896, out_features: int = 4864, tokens: Iterable[int] = (1, 512),
-                   repeats: int = 10, seed: int = 0, threads: int | None = 1):
-    """Median ms of one Linear's matmul, each way this module could run it, at each token count (CPU).
-
-    fp32 F.linear; "dequantise then fp32" (the slow path this module avoids); W8A16 (bf16 x int8 kernel);
-    W8A8 (per-token int8 + int32 matmul). ``threads=1`` by default: on a shared machine a multi-threaded
-    single-token call mostly measures how long the scheduler takes to wake the second thread. ``None`` keeps
-    torch's setting. Compare within one call only.
-    """
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        return _matmul_timings(in_features, out_features, tuple(tokens), repeats, seed)
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _matmul_timings(in_features, out_features, tokens, repeats, seed):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out_features, in_features, generator=g) / in_features**0.5
-    lin = nn.Linear(in_features, out_features, bias=False)
-    lin.weight.copy_(w)
-    w8a16, w8a8 = Int8Linear.from_linear(lin, "bf16"), Int8Linear.from_linear(lin, "int8")
-    rows = []
-    for t in tokens:
-        x = torch.randn(t, in_features, generator=g)
-        rows.append({
-            "tokens": t,
-            "fp32 F.linear": _median_ms(lambda: F.linear(x, w), repeats),
-            "dequantise + fp32": _median_ms(lambda: F.linear(x, dequantize_weight(w8a16.weight, w8a16.weight_scale)), repeats),
-            "W8A16 int8pack (bf16 x)": _median_ms(lambda: w8a16(x), repeats),
-            "W8A8 _int_mm (per-token x)": _median_ms(lambda: w8a8(x), repeats),
-        })
-    return pd.DataFrame(rows).set_index("tokens")
 
 
 # ---- the stage ----------------------------------------------------------------------------------
