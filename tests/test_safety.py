@@ -15,6 +15,7 @@ from qwen2lib.compile.config_schema import ConfigError, load_config
 from qwen2lib.errors import WeightsError, WeightsUnavailableError
 from qwen2lib.model.loading import check_weights_match_config, load_model
 from qwen2lib.deploy import PackageCodeError, build_deploy_package, load_deploy_package
+from qwen2lib.deploy.package import patched_sources
 from qwen2lib.quantize import stage as q
 
 
@@ -149,7 +150,8 @@ def test_the_deploy_package_records_the_hash_of_its_generated_files(package):
 
     recorded = json.loads((package / "metrics.json").read_text())["generated_code"]
     on_disk = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in package.glob("*.py")}
-    assert recorded == on_disk and len(on_disk) == 5  # modeling, configuration, quantizer, schemes, package writer
+    # modeling, configuration, quantizer, schemes, package writer, and the modules the patches' call sites import
+    assert recorded == on_disk and set(on_disk) == set(patched_sources("onnx").files()) and len(on_disk) == 8
 
 
 def test_a_tampered_quantized_package_is_refused(package, tmp_path):
