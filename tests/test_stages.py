@@ -117,7 +117,9 @@ def test_a_changed_patch_source_rebuilds_patched_and_everything_after_it(make_ch
     ensure_compiled(folder, "auto", wd, config="qwen2_fp32_standard", verbose=True)
     err = capsys.readouterr().err
     assert "[patched] rebuilding, code changed: deploy/patches/p4_explicit_kv_cache.py" in err, err
-    assert "[compiled] rebuilding, input changed: source" in err, err
+    # the graph rebuilds too: its input (the package) changed, and the compile code imports the deploy package, so
+    # the edited file is in its own closure as well (either reason may be named first)
+    assert "[compiled] rebuilding" in err and "[compiled] reusing" not in err, err
     assert identity(wd / "patched") != before[0] and identity(graph) != before[1]
 
 
