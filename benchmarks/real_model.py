@@ -185,7 +185,8 @@ def machine() -> str:
         info = Path("/proc/cpuinfo").read_text()
         model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
         have = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-        flags = f"{model}; " + " ".join(f for f in ("avx512f", "avx512_vnni", "amx_int8") if f in have)
+        present = [f for f in ("avx512f", "avx512_vnni", "amx_int8") if f in have]
+        flags = f"{model}; " + (" ".join(present) if present else "no avx512f / avx512_vnni / amx_int8")
     return (f"{platform.machine()} {flags}; {os.cpu_count()} cores; load {os.getloadavg()[0]:.1f}; "
             f"{torch.get_num_threads()} threads")
 
