@@ -1,6 +1,8 @@
 """Shared fixtures: no network, and tiny checkpoints that tests build themselves."""
 from __future__ import annotations
 
+import ast
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download at test time
@@ -62,3 +64,14 @@ def make_checkpoint(tmp_path):
         return folder
 
     return make
+
+
+def imported_names(text: str) -> set[str]:
+    """Every module a Python source imports, anywhere in it, as written (``.cli``, ``argparse``)."""
+    names = set()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ImportFrom):
+            names.add("." * node.level + (node.module or ""))
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names

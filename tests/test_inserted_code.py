@@ -4,11 +4,11 @@ reference); then how the package carries them: byte for byte, imported by one li
 part of the patched stage's rebuild key."""
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import imported_names
 import torch
 from transformers import DynamicCache, Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
@@ -227,16 +227,6 @@ def test_dual_chunk_settings_off_and_refused_with_a_sliding_window():
 # ---- how the package carries them ------------------------------------------------------------------
 
 
-def imported(text: str) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(text)):
-        if isinstance(node, ast.ImportFrom):
-            names.add("." * node.level + (node.module or ""))
-        elif isinstance(node, ast.Import):
-            names.update(a.name for a in node.names)
-    return names
-
-
 def test_each_copied_module_is_its_qwen2lib_file_byte_for_byte_under_a_header():
     sources = deploy.patched_sources(TARGET)
     copies = {filename: source for a in sources.applied for filename, source in a.patch.copies}
@@ -251,7 +241,7 @@ def test_each_copied_module_is_its_qwen2lib_file_byte_for_byte_under_a_header():
 def test_copied_modules_import_only_torch_and_transformers():
     allowed = {"__future__", "dataclasses", "torch", "transformers.cache_utils", "transformers.modeling_outputs"}
     for filename, text in deploy.patched_sources(TARGET).copied.items():
-        assert imported(text) <= allowed, (filename, imported(text) - allowed)
+        assert imported_names(text) <= allowed, (filename, imported_names(text) - allowed)
 
 
 def test_the_modeling_file_imports_each_copied_module_once_in_patch_order_above_the_configuration():

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import imported_names
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "qwen2lib"
@@ -151,13 +152,7 @@ def test_the_import_scan_finds_imports_in_methods_and_nested_functions(tmp_path)
 
 def imported_modules(path: Path) -> set[str]:
     """Every module ``path`` imports, anywhere in it, as written (``.cli``, ``argparse``)."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom):
-            names.add("." * node.level + (node.module or ""))
-        elif isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-    return names
+    return imported_names(path.read_text(encoding="utf-8"))
 
 
 def test_argparse_only_in_the_cli_and_the_library_never_imports_it():
