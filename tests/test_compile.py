@@ -457,13 +457,19 @@ def int4_package(folder, out, scheme):
     """A quantized int4 package of a checkpoint (the quantizer's tensors and config) and its torch model."""
     from safetensors.torch import save_file
 
+    from transformers import AutoModelForCausalLM
+
     from qwen2lib.calibrate.stage import collect_activation_stats
-    from qwen2lib.deploy import schemes
+    from qwen2lib.deploy import build_deploy_package, schemes
     from qwen2lib.deploy.quantized_package import state_dict_for_saving
 
-    model = hf_model(folder)
-    stats = collect_activation_stats(model, torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(1)),
-                                     progress=False)
+    ids = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(1))
+    if scheme in schemes.LAYERWISE_SCHEMES:  # calibrated layer by layer: the deploy package's model runs them
+        model = AutoModelForCausalLM.from_pretrained(build_deploy_package(folder, out.parent / "patched"),
+                                                     trust_remote_code=True).eval()
+    else:
+        model = hf_model(folder)
+    stats = {**collect_activation_stats(model, ids, progress=False), schemes.CALIBRATION_IDS: ids}
     schemes.quantize_model(model, scheme, stats=stats, group_size=32)
     out.mkdir()
     save_file(state_dict_for_saving(model), str(out / "model.safetensors"))

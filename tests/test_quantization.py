@@ -226,42 +226,88 @@ def output_error(w, w_hat, x) -> float:
     return float((x @ (w_hat - w).t()).square().mean())
 
 
+def awq_rounded(w, h, group_size):
+    """AWQ on one Linear: scales searched against H, clipping against H's blocks of the scaled input, W back in the
+    input's units."""
+    s = schemes.awq_factors([w], h, group_size)
+    scaled_h = h / (s[:, None] * s[None, :])
+    return qz.dequantize_int4(*qz.quantize_int4(w * s, group_size, scaled_h), group_size) / s, s
+
+
 def test_awq_scaling_and_clipping_beat_round_to_nearest_on_outlier_channels():
     w, x = outlier_layer()
-    meansq = x.square().mean(0)
+    h = x.T @ x / x.shape[0]
     rtn = qz.dequantize_int4(*qz.quantize_int4(w, 64), 64)
-    s = schemes.awq_factors([w], meansq, 64)
+    awq, s = awq_rounded(w, h, 64)
     assert float(s[:4].min()) > float(s[4:].max())  # the loud channels are scaled up before rounding
-    awq = qz.dequantize_int4(*qz.quantize_int4(w * s, 64, meansq / s.square()), 64) / s
-    clipped_only = qz.dequantize_int4(*qz.quantize_int4(w, 64, meansq), 64)
+    clipped_only = qz.dequantize_int4(*qz.quantize_int4(w, 64, h), 64)
     assert output_error(w, clipped_only, x) <= output_error(w, rtn, x)
     assert output_error(w, awq, x) < 0.6 * output_error(w, rtn, x), (output_error(w, awq, x), output_error(w, rtn, x))
+    # the search's error is the output error itself: tr(dW H dW^T) = sum over tokens and rows / tokens
+    torch.testing.assert_close(schemes.output_error(w, awq, h), output_error(w, awq, x) * w.shape[0], rtol=1e-3,
+                               atol=0)
 
 
-def test_awq_exponent_search_on_a_row_sample_picks_the_full_search_exponent(monkeypatch):
+def test_block_clipping_weighs_correlations_inside_a_group():
+    """Inputs mixed within each group of 32 (and not across): the output error is the sum of the groups' errors,
+    which the block form weighs exactly and the diagonal only approximately."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=g) * 0.02
+    mix = torch.block_diag(*[torch.eye(32) + 0.5 * torch.randn(32, 32, generator=g) for _ in range(4)])
+    x = torch.randn(4096, 128, generator=g) @ mix
+    h = x.T @ x / x.shape[0]
+    diagonal = qz.dequantize_int4(*qz.quantize_int4(w, 32, torch.diagonal(h)), 32)
+    block = qz.dequantize_int4(*qz.quantize_int4(w, 32, h), 32)
+    assert not torch.equal(block, diagonal)
+    assert output_error(w, block, x) <= output_error(w, diagonal, x) * (1 + 1e-5)
+    with torch.no_grad():  # a diagonal H is the (K,) form
+        d = torch.diag(torch.diagonal(h))
+    assert all(torch.equal(a, b) for a, b in zip(qz.quantize_int4(w, 32, d), qz.quantize_int4(w, 32, torch.diagonal(h))))
+
+
+def test_awq_exponent_search_on_a_row_sample_is_as_good_as_the_full_search(monkeypatch):
     w, x = outlier_layer(N=4096)
-    meansq = x.square().mean(0)
+    h = x.T @ x / x.shape[0]
     assert schemes.AWQ_SEARCH_ROWS < 4096
-    sampled = schemes.awq_factors([w[:2048], w[2048:]], meansq, 64)  # 4096 rows > AWQ_SEARCH_ROWS: every 4th scores it
+    sampled = schemes.awq_factors([w[:2048], w[2048:]], h, 64)  # 4096 rows > AWQ_SEARCH_ROWS: a strided sample
     monkeypatch.setattr(schemes, "AWQ_SEARCH_ROWS", 1 << 20)
-    full = schemes.awq_factors([w[:2048], w[2048:]], meansq, 64)
-    torch.testing.assert_close(sampled, full)
+    full = schemes.awq_factors([w[:2048], w[2048:]], h, 64)
+
+    def error(s):
+        return schemes.output_error(w, qz.dequantize_int4(*qz.quantize_int4(w * s, 64), 64) / s, h)
+
+    assert error(sampled) <= 1.02 * error(full), (error(sampled), error(full))
+    assert error(sampled) < 0.8 * error(torch.ones(256))  # and far from round-to-nearest
 
 
-def test_awq_folding_leaves_fp32_outputs_unchanged_and_needs_mean_squares():
-    from qwen2lib.calibrate.stage import collect_activation_stats
+def test_kv_shared_rms_gives_the_query_heads_of_one_kv_head_one_scale():
+    meansq = torch.arange(1.0, 13.0)  # 4 query heads x head_dim 3, 2 kv heads: heads 0, 1 read kv 0
+    rms = schemes.kv_shared_rms(meansq, kv_heads=2, head_dim=3)
+    expected = torch.tensor([2.5, 3.5, 4.5] * 2 + [8.5, 9.5, 10.5] * 2).sqrt()
+    torch.testing.assert_close(rms, expected)
 
-    model = seeded_model()
-    ids = torch.randint(0, 320, (2, 12))
-    stats = collect_activation_stats(model, ids, progress=False)
-    with torch.no_grad():
-        before = model(ids).logits
-        importance = schemes.awq_model(model, stats, 32)
-        after = model(ids).logits
+
+@torch.no_grad()
+def test_awq_folding_leaves_fp32_outputs_unchanged(deploy_package):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(deploy_package, trust_remote_code=True).eval()
+    ids = torch.randint(0, 320, (4, 12), generator=torch.Generator().manual_seed(2))
+    base = model.model
+    run = schemes.CalibrationRun(base, model.config, base.rotary_emb, base.embed_tokens(ids))
+    layer = base.layers[0]
+    sources = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
+    moments = schemes.InputMoments(layer, sources)
+    run.run(layer, 0, advance=False)
+    hessians = moments.remove()
+    v_before, o_before = layer.self_attn.v_proj.weight.clone(), layer.self_attn.o_proj.weight.clone()
+    before = model(ids).logits
+    scaled = schemes.awq_fold(layer, hessians, 32)
+    after = model(ids).logits
     assert (after - before).abs().max() <= 1e-4 * before.abs().max()
-    assert set(importance) >= {"model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"}
-    with pytest.raises(q.QuantizationError, match="recalibrate"):
-        q.quantize_model(seeded_model(), "awq", stats=absmax_stats(model, ids), group_size=32)
+    assert set(scaled) == set(sources)
+    assert not torch.equal(layer.self_attn.o_proj.weight, o_before)  # o_proj got its scales, v_proj their inverse
+    assert not torch.equal(layer.self_attn.v_proj.weight, v_before)
 
 
 def correlated_layer(seed: int = 0, K: int = 200, N: int = 48):
@@ -298,30 +344,29 @@ def test_gptq_with_uncorrelated_inputs_is_clipped_round_to_nearest():
 def test_gptq_beats_round_to_nearest_and_awq_on_correlated_inputs():
     w, x = correlated_layer(K=256, N=96)
     h = x.T @ x / x.shape[0]
-    meansq = torch.diagonal(h)
     rtn = qz.dequantize_int4(*qz.quantize_int4(w, 64), 64)
-    s = schemes.awq_factors([w], meansq, 64)
-    awq = qz.dequantize_int4(*qz.quantize_int4(w * s, 64, meansq / s.square()), 64) / s
+    awq, _ = awq_rounded(w, h, 64)
     gptq = qz.dequantize_int4(*qz.gptq_int4(w, h, 64), 64)
     errors = {k: output_error(w, v, x) for k, v in (("rtn", rtn), ("awq", awq), ("gptq", gptq))}
     assert errors["gptq"] < 0.7 * errors["rtn"] and errors["gptq"] < errors["awq"], errors
 
 
-def test_gptq_needs_the_calibration_blocks_and_the_deploy_packages_model(deploy_package):
+@pytest.mark.parametrize("scheme", schemes.LAYERWISE_SCHEMES)
+def test_layerwise_schemes_need_the_calibration_blocks_and_the_deploy_packages_model(deploy_package, scheme):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(deploy_package, trust_remote_code=True).eval()
     ids = torch.randint(0, 320, (2, 12))
-    stats = calibration_stats(model, ids, "gptq")
+    stats = calibration_stats(model, ids, scheme)
     del stats[schemes.CALIBRATION_IDS]  # statistics saved before the blocks were
     with pytest.raises(q.QuantizationError, match="recalibrate"):
-        q.quantize_model(model, "gptq", stats=stats, group_size=32)
+        q.quantize_model(model, scheme, stats=stats, group_size=32)
     with pytest.raises(q.QuantizationError, match="deploy package"):  # stock transformers: no causal_mask_for
-        q.quantize_model(seeded_model(), "gptq", stats=calibration_stats(model, ids, "gptq"), group_size=32)
+        q.quantize_model(seeded_model(), scheme, stats=calibration_stats(model, ids, scheme), group_size=32)
 
 
 @torch.no_grad()
-def test_gptq_package_is_closer_to_fp32_than_round_to_nearest(deploy_package):
+def test_layerwise_packages_are_closer_to_fp32_than_round_to_nearest(deploy_package):
     from transformers import AutoModelForCausalLM
 
     def load():
@@ -331,12 +376,12 @@ def test_gptq_package_is_closer_to_fp32_than_round_to_nearest(deploy_package):
     calib, heldout = torch.randint(0, 320, (16, 32), generator=g), torch.randint(0, 320, (4, 32), generator=g)
     reference = load()(heldout).logits.log_softmax(-1)
     kld = {}
-    for scheme in ("w4a16", "gptq"):
+    for scheme in ("w4a16", "awq", "gptq"):
         model = load()
         model.quantize(scheme, stats=calibration_stats(model, calib, scheme), group_size=32)
         kld[scheme] = float(F.kl_div(model(heldout).logits.log_softmax(-1), reference, log_target=True,
                                      reduction="none").sum(-1).mean())
-    assert 0 < kld["gptq"] < 0.9 * kld["w4a16"], kld
+    assert 0 < kld["gptq"] < 0.9 * kld["w4a16"] and 0 < kld["awq"] < kld["w4a16"], kld
 
 
 def test_ensure_quantized_writes_package_and_fidelity_metrics_then_reuses(tmp_path):

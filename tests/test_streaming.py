@@ -51,18 +51,19 @@ def test_a_stage_that_does_not_fit_is_refused_with_the_numbers():
     assert 70e9 < int8 < 90e9, int8  # ~1 byte a parameter plus its scales and the cache
 
 
-def test_gptq_is_checked_against_its_own_estimate(monkeypatch):
-    """GPTQ holds the calibration blocks and down_proj's input second moment with its factors: 72B's do not fit
-    in 23 GB where its plain quantize does, 7B's do; the stage check picks the estimate by the scheme."""
+def test_gptq_and_awq_are_checked_against_their_own_estimate(monkeypatch):
+    """GPTQ and AWQ hold the calibration blocks and down_proj's input second moment (GPTQ its factors too): 72B's
+    do not fit in 23 GB where its plain quantize does, 7B's do; the stage check picks the estimate by the scheme."""
     big, seven = resolve("Qwen2.5-72B").config, resolve("Qwen2.5-7B").config
-    with pytest.raises(InsufficientMemoryError, match=r"Qwen2.5-72B GPTQ quantize needs ~\d+ GB resident"):
+    with pytest.raises(InsufficientMemoryError, match=r"Qwen2.5-72B GPTQ/AWQ quantize needs ~\d+ GB resident"):
         footprint.check_fits(big, "quantized gptq", "Qwen2.5-72B", available=23 * 10**9)
     assert footprint.check_fits(seven, "quantized gptq", "Qwen2.5-7B", available=23 * 10**9)
     monkeypatch.setattr(footprint, "available_bytes", lambda: 23 * 10**9)
     monkeypatch.setattr(footprint, "config_of_inputs", lambda inputs: dict(big))
-    footprint.check_stage("quantized", {"scheme": "awq"}, {"patched": "x"})  # fits: no error
-    with pytest.raises(InsufficientMemoryError, match="GPTQ quantize"):
-        footprint.check_stage("quantized", {"scheme": "gptq"}, {"patched": "x"})
+    footprint.check_stage("quantized", {"scheme": "w4a16"}, {"patched": "x"})  # fits: no error
+    for scheme in ("awq", "gptq"):
+        with pytest.raises(InsufficientMemoryError, match="GPTQ/AWQ quantize"):
+            footprint.check_stage("quantized", {"scheme": scheme}, {"patched": "x"})
 
 
 def test_a_quantized_compile_past_memory_is_built_unverified_and_says_so():

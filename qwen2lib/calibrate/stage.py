@@ -10,11 +10,12 @@ A forward pre-hook on each ``nn.Linear`` sees its input X (B, T, K) and keeps, p
                which is stable in the number of batches where the max only grows. The gap between the two
                is what clipping (a percentile instead of the max) would buy.
   meansq       mean over tokens of X_k^2: the diagonal of the input's second moment, how much an error in
-               column k of the weight costs at the output (what AWQ's int4 search weighs errors by).
+               column k of the weight costs at the output, its correlations left out (AWQ and GPTQ need them:
+               they recompute the whole second moment from the token blocks, one decoder layer at a time).
 
 Saved with the model id, data set label, sample count and seed as ``stats.safetensors`` (keys
 ``<linear>.absmax``, ``<linear>.percentile`` and ``<linear>.meansq``, (K,) fp32, and ``calibration.input_ids``, the
-(N, L) token blocks themselves, which GPTQ runs through the model again) plus ``metrics.json`` (the summary).
+(N, L) token blocks themselves, which AWQ and GPTQ run through the model again) plus ``metrics.json`` (the summary).
 """
 from __future__ import annotations
 

@@ -23,8 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .quantizer import DEFAULT_GROUP_SIZE, QuantizationError
-from .schemes import (DEFAULT_SKIP, QUANT_METHOD, CalibrationRun, calibration_ids, check_request, plan_modules,
-                      quantization_config, quantize_layer, replace_linears)
+from .schemes import (DEFAULT_SKIP, LAYERWISE_SCHEMES, QUANT_METHOD, CalibrationRun, calibration_ids, check_request,
+                      plan_modules, quantization_config, quantize_layer, replace_linears)
 
 INT8_MODELING_FILE = "modeling_qwen2_int8.py"
 INT8_CLASS = "Qwen2ForCausalLMInt8"
@@ -239,7 +239,7 @@ def quantize_checkpoint(skeleton, deploy_package: str | os.PathLike, out_dir: st
     write_package_files(out, src, config, torch.float32)
     where, writer, narrow = checkpoint_shards(src), ShardWriter(out, max_shard_bytes), checkpoint_dtype(src)
     tied = bool(getattr(skeleton.config, "tie_word_embeddings", False))
-    run = _calibration_run(skeleton, where, stats, narrow) if scheme == "gptq" else None
+    run = _calibration_run(skeleton, where, stats, narrow) if scheme in LAYERWISE_SCHEMES else None
     for name, module in skeleton.named_children():  # the base model's embeddings, layers and norm, then the head
         if name == "model":
             for child_name, child in module.named_children():
@@ -256,7 +256,7 @@ def quantize_checkpoint(skeleton, deploy_package: str | os.PathLike, out_dir: st
 
 
 def _calibration_run(skeleton, where, stats, narrow) -> CalibrationRun:
-    """GPTQ's calibration blocks embedded: the token table read as stored (no fp32 copy of it), its rows kept."""
+    """AWQ's and GPTQ's calibration blocks embedded: the token table read as stored (no fp32 copy of it), its rows kept."""
     ids = calibration_ids(stats)
     table = read_tensors(where, ["model.embed_tokens.weight"], torch.float32, narrow)["model.embed_tokens.weight"]
     embedded = table[ids].float()  # (N, L, D)

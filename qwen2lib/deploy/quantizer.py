@@ -125,11 +125,31 @@ def check_group_size(group_size: int) -> None:
         raise QuantizationError(f"group_size={group_size}: a power of two >= 16 (32, 64, 128: what MatMulNBits runs)")
 
 
+def _group_importance(importance, K: int, group_size: int) -> torch.Tensor:
+    """(K,) per-input weights -> (G, g); (K, K) second moment H -> its diagonal blocks (G, g, g), zero-padded."""
+    h = torch.as_tensor(importance).float()
+    G = -(-K // group_size)
+    if h.ndim == 1:
+        return F.pad(h, (0, G * group_size - K)).reshape(G, group_size)
+    h = F.pad(h, (0, G * group_size - K, 0, G * group_size - K))
+    return torch.stack([h[i : i + group_size, i : i + group_size] for i in range(0, G * group_size, group_size)])
+
+
+def _group_error(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Rounding errors d (N, G, g) -> (N, G): sum_j h_j d_j^2, or d H_gg d^T for H's diagonal blocks (G, g, g)."""
+    if h.ndim == 2:
+        return (d.square() * h).sum(-1)
+    return (torch.einsum("ngi,gij->ngj", d, h) * d).sum(-1)
+
+
 def quantize_int4(weight, group_size: int = DEFAULT_GROUP_SIZE, importance=None):
     """(N, K) -> (uint8 q (N, K) in 0..15, fp32 scale (N, G), uint8 zero point (N, G)), G = ceil(K / group_size).
 
-    ``importance`` (K,), e.g. E[X_j^2]: each (row, group) keeps the ``CLIP_RATIOS`` shrink of its range that
-    minimises sum_j importance_j (w_j - w_q_j)^2 (AWQ's clipping); None: the full range (round to nearest)."""
+    ``importance``: each (row, group) keeps the ``CLIP_RATIOS`` shrink of its range that minimises the expected
+    output error of its group (AWQ's clipping): (K,) e.g. E[X_j^2], the error sum_j E[X_j^2] (w_j - w_q_j)^2; or the
+    input's second moment H = E[x x^T] (K, K), the error d H_gg d^T with each group's own block of H (what a
+    group's rounding does to the output, correlations inside the group included). None: the full range (round to
+    nearest)."""
     w, numpy_in = _as_tensor(weight)
     N, K = w.shape
     G = -(-K // group_size)
@@ -138,13 +158,11 @@ def quantize_int4(weight, group_size: int = DEFAULT_GROUP_SIZE, importance=None)
     groups = groups.reshape(N, G, group_size)
     best = _asymmetric4(groups)
     if importance is not None:
-        h = torch.zeros(G * group_size)
-        h[:K] = torch.as_tensor(importance).float()
-        h = h.reshape(G, group_size)
+        h = _group_importance(importance, K, group_size)
         best_err = None
         for ratio in CLIP_RATIOS:
             q, scale, zero = candidate = _asymmetric4(groups, ratio)
-            err = (((q.float() - zero[..., None].float()) * scale[..., None] - groups).square() * h).sum(-1)  # (N, G)
+            err = _group_error((q.float() - zero[..., None].float()) * scale[..., None] - groups, h)  # (N, G)
             if best_err is None:
                 best, best_err = candidate, err
                 continue

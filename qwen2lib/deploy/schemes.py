@@ -1,6 +1,6 @@
 """The deploy package's quantization schemes, on the int8/int4 numbers of ``quantizer.py``: which Linear gets what,
-SmoothQuant and AWQ from the calibration statistics (notebook 02), and ``quantize_model``, the package's
-``Qwen2ForCausalLM.quantize()``. Every deploy package carries this file as ``schemes_<target>.py``, byte for byte
+SmoothQuant from the calibration statistics (notebook 02), AWQ and GPTQ from its token blocks, and
+``quantize_model``, the package's ``Qwen2ForCausalLM.quantize()``. Every deploy package carries this file as ``schemes_<target>.py``, byte for byte
 but its import of the quantizer, which there names ``.quantization_<target>``.
 
 w8a16     every Linear (but ``skip``) holds int8 weights, one fp32 scale per output channel; activations stay
@@ -12,13 +12,15 @@ smoothquant  W8A8 for the Linears fed by an RMSNorm (q/k/v after ``input_layerno
           o_proj and down_proj stay W8A16: no norm precedes them, so there is nowhere free to fold s, and their
           inputs carry the largest per-channel outliers, which per-token int8 without smoothing would clip.
 w4a16     every Linear (but ``skip``) holds 4-bit weights, round to nearest, groups of ``group_size`` inputs.
-awq       int4, calibrated. It uses the calibration's per-channel mean square E[X_j^2] (the diagonal of the
-          input's second moment, so ``sum_j E[X_j^2] (W - W_q)_nj^2`` is the expected output error): per input
-          shared by q|k|v, by gate|up and by down_proj, a scale ``s_j = rms(X_j)^a`` (a searched on a grid, a = 0
-          being round-to-nearest) multiplies W's columns before rounding and divides the input, folded into the
-          RMSNorm before (q|k|v, gate|up) or into up_proj's rows (down_proj), as AWQ does; then each group's range
-          is shrunk (clipped) by the factor that minimises the same weighted error. o_proj (its input is the
-          attention output: with GQA no free place to fold) gets the clipping only.
+awq       int4, calibrated on activations like gptq (below): the calibration blocks run through the model one
+          decoder layer at a time, and each layer's inputs give H = E[x x^T]. Per input (shared by q|k|v, by
+          gate|up; down_proj's; o_proj's) a scale ``s_j = rms(X_j)^a`` multiplies W's columns before rounding and
+          divides the input, a searched on a grid (a = 0 is round-to-nearest) for the least output error
+          tr(dW H dW^T) of the rounded weight; s is folded into the RMSNorm before (q|k|v, gate|up), into
+          up_proj's rows (down_proj) or into v_proj's rows (o_proj: s shared by the query heads that read one
+          key/value head, so GQA's sharing survives), as AWQ does. Then each group's range is shrunk (clipped) by
+          the factor that minimises that group's output error under its block of H, and the blocks go on through
+          the rounded layer.
 gptq      int4, calibrated on activations, not statistics: the calibration blocks (their token ids, saved with the
           statistics) run through the model one decoder layer at a time, as GPTQ does. Each layer's Linears get
           their input's second moment H = E[x x^T] from the blocks (inputs computed by the layers already
@@ -49,10 +51,11 @@ SCHEMES = INT8_SCHEMES + INT4_SCHEMES
 QUANT_METHOD = "qwen2lib-int8"
 DEFAULT_SKIP = ("lm_head",)
 AWQ_GRID = 20  # exponents a = 0, 1/20, ..., 1 tried per input
-AWQ_SEARCH_ROWS = 1024  # the exponent is shared by all rows, so a strided sample of rows scores it (7B: 37,888)
+AWQ_SEARCH_ROWS = 256  # the exponent is shared by all rows, so a strided sample of rows scores it (each K^2 flops)
 STATS_FILE = "stats.safetensors"  # the calibration stage's statistics (notebook 02)
 CALIBRATION_IDS = "calibration.input_ids"  # (N, L) token blocks the statistics came from, saved beside them
-GPTQ_BATCH = 8  # calibration blocks run through a layer at a time
+GPTQ_BATCH = 8  # calibration blocks run through a layer at a time (GPTQ and AWQ)
+LAYERWISE_SCHEMES = ("awq", "gptq")  # quantized against activations, one decoder layer at a time
 # Linears whose input is an RMSNorm's output, by the norm: the ones SmoothQuant can smooth for free.
 SMOOTH_GROUPS = (
     ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
@@ -136,72 +139,6 @@ def smooth_model(model, stats: Mapping[str, torch.Tensor], alpha: float = 0.5) -
 # ---- AWQ (activation-aware int4) ----------------------------------------------------------------
 
 
-def stats_meansq(stats: Mapping[str, torch.Tensor], linear_name: str) -> torch.Tensor:
-    """The calibration mean square E[X_j^2] (K,) of a Linear's input (``stats["<name>.meansq"]``)."""
-    if f"{linear_name}.meansq" not in stats:
-        raise QuantizationError(f"the calibration statistics hold no input mean square for {linear_name!r} (statistics "
-                                "from before it was recorded?): recalibrate (`qwen2lib calibrate`, notebook 02)")
-    return stats[f"{linear_name}.meansq"].float()
-
-
-def weighted_int4_error(weight: torch.Tensor, meansq: torch.Tensor, group_size: int, s: torch.Tensor) -> float:
-    """sum_nj E[X_j^2] (W - Q(W s) / s)_nj^2: the expected squared output error of rounding ``weight`` scaled by s."""
-    w = weight.float()
-    q, scale, zero = quantize_int4(w * s, group_size)
-    return float(((w - dequantize_int4(q, scale, zero, group_size) / s).square() * meansq).sum())
-
-
-def awq_factors(weights: Iterable[torch.Tensor], meansq: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Per input channel s (K,) = rms(X_j)^a (normalised to a geometric mean of max and min of 1), a on a grid
-    of ``AWQ_GRID`` + 1 values in [0, 1], the one with the least weighted error (a = 0: s = 1, round to nearest).
-    The error is summed over at most ``AWQ_SEARCH_ROWS`` evenly strided rows: one exponent serves every row."""
-    w = torch.cat([t.detach() for t in weights])  # (N, K): Linears reading the same input
-    w = w[:: -(-w.shape[0] // AWQ_SEARCH_ROWS)].float()  # (<= AWQ_SEARCH_ROWS, K)
-    rms = meansq.sqrt().clamp(min=1e-8)
-    best, best_s = None, torch.ones_like(rms)
-    for i in range(AWQ_GRID + 1):
-        s = rms.pow(i / AWQ_GRID)
-        s = s / (s.max() * s.min()).sqrt()
-        err = weighted_int4_error(w, meansq, group_size, s)
-        if best is None or err < best:
-            best, best_s = err, s
-    return best_s
-
-
-@torch.no_grad()
-def awq_layer(layer, index: int, stats: Mapping[str, torch.Tensor], group_size: int) -> dict[str, torch.Tensor]:
-    """Fold AWQ scales into decoder layer ``index`` in place (still float: it computes the same function up to
-    fp32 rounding) and return, per Linear, the importance E[X_j^2] of its (now scaled) input for the clipping.
-
-    down_proj first (its s divides up_proj's rows), then q|k|v and gate|up (their s divides the norm's weight);
-    o_proj is left unscaled."""
-    importance = {}
-    p, mlp = f"model.layers.{index}", layer.mlp
-    h = stats_meansq(stats, f"{p}.mlp.down_proj")
-    s = awq_factors([mlp.down_proj.weight], h, group_size)
-    mlp.up_proj.weight.div_(s.to(mlp.up_proj.weight.dtype)[:, None])
-    mlp.down_proj.weight.mul_(s.to(mlp.down_proj.weight.dtype)[None, :])
-    importance[f"{p}.mlp.down_proj"] = h / s.square()
-    for norm_name, linear_names in SMOOTH_GROUPS:
-        norm, linears = getattr(layer, norm_name), [layer.get_submodule(n) for n in linear_names]
-        h = stats_meansq(stats, f"{p}.{linear_names[0]}")
-        s = awq_factors([lin.weight for lin in linears], h, group_size)
-        norm.weight.div_(s.to(norm.weight.dtype))
-        for name, lin in zip(linear_names, linears):
-            lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
-            importance[f"{p}.{name}"] = h / s.square()
-    importance[f"{p}.self_attn.o_proj"] = stats_meansq(stats, f"{p}.self_attn.o_proj")
-    return importance
-
-
-def awq_model(model, stats: Mapping[str, torch.Tensor], group_size: int) -> dict[str, torch.Tensor]:
-    """``awq_layer`` on every decoder layer of a whole model: {Linear name: importance of its input}."""
-    importance = {}
-    for i, layer in enumerate(model.model.layers):
-        importance.update(awq_layer(layer, i, stats, group_size))
-    return importance
-
-
 # ---- GPTQ (int4 rounded against the calibration activations) ------------------------------------
 
 
@@ -226,8 +163,8 @@ class CalibrationRun:
     def __init__(self, base, config, rotary, embedded: torch.Tensor):
         """``embedded``: (N, L, D) embedding rows of the blocks; ``base``: the model's decoder (its mask code)."""
         if not hasattr(base, "causal_mask_for"):
-            raise QuantizationError("gptq runs the deploy package's model (it needs its causal_mask_for): load the "
-                                    "model from the deploy package (notebook 01, `qwen2lib patch`)")
+            raise QuantizationError("awq and gptq run the deploy package's model (it needs its causal_mask_for): "
+                                    "load the model from the deploy package (notebook 01, `qwen2lib patch`)")
         self.config = config
         self.hidden = list(embedded.float().split(GPTQ_BATCH))  # [(B, L, D)]
         self.extra = layer_inputs(base, config, rotary, self.hidden[0])  # every block has the same length
@@ -293,6 +230,102 @@ def gptq_layer(layer, index: int, plan: Mapping[str, str], group_size: int, run:
     return rounded
 
 
+# ---- AWQ (scales and clipping searched against the calibration activations) ----------------------
+
+
+def output_error(weight: torch.Tensor, rounded: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr(dW H dW^T), dW = rounded - weight: the squared output error summed over rows, averaged over the tokens
+    whose second moment is ``hessian``."""
+    d = (rounded - weight).float()
+    return float(((d @ hessian) * d).sum())
+
+
+def awq_factors(weights: Iterable[torch.Tensor], hessian: torch.Tensor, group_size: int,
+                rms: torch.Tensor | None = None) -> torch.Tensor:
+    """Per input channel s (K,) = rms^a (normalised to a geometric mean of max and min of 1; ``rms`` defaults to
+    sqrt(diag H)), a on a grid of ``AWQ_GRID`` + 1 values in [0, 1], the one whose rounded weight has the least
+    output error (a = 0: s = 1, round to nearest). The error is summed over at most ``AWQ_SEARCH_ROWS`` evenly
+    strided rows: one exponent serves every row."""
+    w = torch.cat([t.detach() for t in weights])  # (N, K): Linears reading the same input
+    w = w[:: -(-w.shape[0] // AWQ_SEARCH_ROWS)].float()  # (<= AWQ_SEARCH_ROWS, K)
+    h = hessian.float()
+    rms = (torch.diagonal(h).sqrt() if rms is None else rms).clamp(min=1e-8)
+    best, best_s = None, torch.ones_like(rms)
+    for i in range(AWQ_GRID + 1):
+        s = rms.pow(i / AWQ_GRID)
+        s = s / (s.max() * s.min()).sqrt()
+        err = output_error(w, dequantize_int4(*quantize_int4(w * s, group_size), group_size) / s, h)
+        if best is None or err < best:
+            best, best_s = err, s
+    return best_s
+
+
+def kv_shared_rms(meansq: torch.Tensor, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """o_proj's input E[X^2] (heads * head_dim,) -> the rms per (key/value head, dim), averaged over the query
+    heads that read that key/value head (repeat_kv's order: query head h reads h // (heads / kv_heads)), repeated
+    for each of them: a scale that v_proj's rows can carry."""
+    per_kv = meansq.reshape(kv_heads, -1, head_dim).mean(1, keepdim=True)  # (kv_heads, 1, head_dim)
+    return per_kv.expand(kv_heads, meansq.numel() // (kv_heads * head_dim), head_dim).reshape(-1).sqrt()
+
+
+def _scaled(hessian: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """H of the input x / s."""
+    return hessian / (s[:, None] * s[None, :])
+
+
+@torch.no_grad()
+def awq_fold(layer, hessians: Mapping[str, torch.Tensor], group_size: int) -> dict[str, torch.Tensor]:
+    """Fold AWQ scales into a float decoder layer in place (it computes the same function up to fp32 rounding);
+    ``hessians``: {source Linear (q_proj, o_proj, gate_proj, down_proj): H of its input}. Returns H of each
+    (now scaled) input, by source."""
+    attn, mlp, scaled = layer.self_attn, layer.mlp, {}
+    h = hessians["mlp.down_proj"]
+    s = awq_factors([mlp.down_proj.weight], h, group_size)
+    mlp.up_proj.weight.div_(s.to(mlp.up_proj.weight.dtype)[:, None])
+    mlp.down_proj.weight.mul_(s.to(mlp.down_proj.weight.dtype)[None, :])
+    scaled["mlp.down_proj"] = _scaled(h, s)
+    h, v = hessians["self_attn.o_proj"], attn.v_proj
+    kv_heads = v.out_features // attn.head_dim
+    s = awq_factors([attn.o_proj.weight], h, group_size, kv_shared_rms(torch.diagonal(h), kv_heads, attn.head_dim))
+    s_kv = s.reshape(kv_heads, -1, attn.head_dim)[:, 0].reshape(-1).to(v.weight.dtype)  # (kv_heads * head_dim,)
+    v.weight.div_(s_kv[:, None])
+    if v.bias is not None:
+        v.bias.div_(s_kv)
+    attn.o_proj.weight.mul_(s.to(attn.o_proj.weight.dtype)[None, :])
+    scaled["self_attn.o_proj"] = _scaled(h, s)
+    for norm_name, linear_names in SMOOTH_GROUPS:
+        norm, linears = getattr(layer, norm_name), [layer.get_submodule(n) for n in linear_names]
+        h = hessians[linear_names[0]]
+        s = awq_factors([lin.weight for lin in linears], h, group_size)
+        norm.weight.div_(s.to(norm.weight.dtype))
+        for lin in linears:
+            lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
+        scaled[linear_names[0]] = _scaled(h, s)
+    return scaled
+
+
+@torch.no_grad()
+def awq_layer(layer, index: int, plan: Mapping[str, str], group_size: int, run: CalibrationRun) -> dict:
+    """AWQ on decoder layer ``index``: H of each input from the blocks, scales folded (``awq_fold``), the planned
+    Linears rounded with clipping against their group's block of H and given the rounded weights, the blocks moved
+    on through the layer so rounded. Returns {full name: (q, scale, zero)}."""
+    prefix = f"model.layers.{index}."
+    sources = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
+    moments = InputMoments(layer, sources)
+    run.run(layer, index, advance=False)
+    hessians = awq_fold(layer, moments.remove(), group_size)
+    shared = {n: group[0] for _, group in SMOOTH_GROUPS for n in group}
+    rounded = {}
+    for full in (n for n in plan if n.startswith(prefix)):
+        name = full[len(prefix):]
+        linear = layer.get_submodule(name)
+        rounded[full] = quantize_int4(linear.weight, group_size, hessians[shared.get(name, name)])
+        linear.weight.copy_(dequantize_int4(*rounded[full], group_size).to(linear.weight.dtype))
+    del hessians
+    run.run(layer, index, advance=True)
+    return rounded
+
+
 # ---- quantize_model -----------------------------------------------------------------------------
 
 
@@ -342,21 +375,20 @@ def plan_modules(model, scheme: str, skip: Iterable[str]) -> dict[str, str]:
     return plan
 
 
-def quantized_module(linear: nn.Linear, kind: str, group_size: int, importance=None, rounded=None) -> nn.Module:
+def quantized_module(linear: nn.Linear, kind: str, group_size: int, rounded=None) -> nn.Module:
     if kind == "w4a16":
-        return Int4Linear.from_linear(linear, group_size, importance, rounded)
+        return Int4Linear.from_linear(linear, group_size, quantized=rounded)
     return Int8Linear.from_linear(linear, "int8" if kind == "w8a8" else "bf16")
 
 
 def replace_linears(root: nn.Module, prefix: str, plan: Mapping[str, str], group_size: int,
-                    importance: Mapping[str, torch.Tensor] | None = None, rounded: Mapping | None = None) -> None:
+                    rounded: Mapping | None = None) -> None:
     """Swap the Linears of ``root`` (whose name in the model is ``prefix``) that ``plan`` names for their
-    quantized modules, in place (``rounded``: int4 numbers already computed, by GPTQ)."""
+    quantized modules, in place (``rounded``: int4 numbers already computed, by AWQ or GPTQ)."""
     for name, module in list(root.named_modules()):
         full = f"{prefix}.{name}" if prefix and name else prefix or name
         if full in plan and isinstance(module, nn.Linear):
-            new = quantized_module(module, plan[full], group_size, (importance or {}).get(full),
-                                   (rounded or {}).get(full))
+            new = quantized_module(module, plan[full], group_size, (rounded or {}).get(full))
             parent_name, _, leaf = name.rpartition(".")
             root.get_submodule(parent_name).__setattr__(leaf, new)
 
@@ -367,14 +399,14 @@ def quantize_layer(layer, index: int, scheme: str, plan: Mapping[str, str], *, s
     """Quantize decoder layer ``index`` in place: fold SmoothQuant / AWQ scales or round by GPTQ (``run``: the
     calibration blocks, at this layer's input), then swap in the ``plan``'s quantized modules. The unit both
     ``quantize_model`` and ``quantize_checkpoint`` run."""
-    importance, rounded = {}, {}
+    rounded = {}
     if scheme == "smoothquant":
         smooth_layer(layer, index, stats, alpha)
     elif scheme == "awq":
-        importance = awq_layer(layer, index, stats, group_size)
+        rounded = awq_layer(layer, index, plan, group_size, run)
     elif scheme == "gptq":
         rounded = gptq_layer(layer, index, plan, group_size, run)
-    replace_linears(layer, f"model.layers.{index}", plan, group_size, importance, rounded)
+    replace_linears(layer, f"model.layers.{index}", plan, group_size, rounded=rounded)
 
 
 def quantization_config(scheme: str, plan: Mapping[str, str], *, alpha: float, group_size: int,
@@ -411,7 +443,7 @@ def quantize_model(model, scheme: str = "w8a16", *, stats: Mapping[str, torch.Te
     stats = check_request(scheme, stats, group_size, alpha)
     plan = plan_modules(model, scheme, skip)
     run = None
-    if scheme == "gptq":
+    if scheme in LAYERWISE_SCHEMES:
         base = model.model
         run = CalibrationRun(base, model.config, base.rotary_emb, base.embed_tokens(calibration_ids(stats)))
     for i, layer in enumerate(model.model.layers):

@@ -155,7 +155,7 @@ def stage_estimates(config: Mapping, *, calibration: tuple[int, int, int] = CALI
     R = RUNTIME_BYTES
     verify = fidelity_logits_bytes(s["V"]) + 6 * layer
     quantized = R + DATA_BYTES + 12 * layer + min(SHARD_BYTES, P) + 2 * big + verify
-    # GPTQ: the blocks' hidden states and a batch's activations, H = E[x x^T] of the widest input (down_proj's),
+    # GPTQ and AWQ: the blocks' hidden states and a batch's activations, H = E[x x^T] of the widest input (down_proj's),
     # its Cholesky factors (4 K x K fp32 at the peak) and gate|up's stacked rows being rounded
     gptq = hidden + acts + 16 * s["I"] ** 2 + 12 * 2 * s["I"] * s["H"]
     return {
@@ -236,7 +236,7 @@ def gb(n: int) -> str:
     return f"{n / 1e9:.0f} GB" if n >= 10e9 else f"{n / 1e9:.1f} GB"
 
 
-WHAT = {"checkpoint": "random checkpoint build", "quantized": "quantize", "quantized gptq": "GPTQ quantize",
+WHAT = {"checkpoint": "random checkpoint build", "quantized": "quantize", "quantized gptq": "GPTQ/AWQ quantize",
         "exported": "export",
         "compiled fp32": "fp32 graph compile", "compiled int8": "int8 graph compile",
         "compiled unverified": "graph compile (unverified)", "exported unverified": "export (unverified)"}
@@ -337,7 +337,7 @@ def check_stage(stage: str, request: Mapping, inputs: Mapping[str, str | os.Path
         stage = "compiled unverified"
     if stage == "exported" and not request.get("verify_blocks"):
         stage = "exported unverified"
-    if stage == "quantized" and request.get("scheme") == "gptq":
+    if stage == "quantized" and request.get("scheme") in ("awq", "gptq"):  # both run the calibration blocks
         stage = "quantized gptq"
     check_fits(config, stage, model, precision)
 
