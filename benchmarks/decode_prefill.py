@@ -22,11 +22,20 @@ bytes read + written, on ``--threads`` threads); every row gets the bytes of wei
 matrix read in full; a token table only gathered is not counted) and the rate at which batch-1 decode streams
 them, beside the probed read bandwidth: the distance to the physical limit. Random weights: the speed is real,
 the text is not. Compare rows of one run only: the printed tables are ratios to the peers of the same run.
+
+Every run names what it ran on: the CPU and its instruction sets (``machine.py``), and each llama.cpp build (its
+version line and CMake options, ``llamacpp.build_record``). ``--llama-cpp`` may be given once per build
+(``--llama-cpp native=DIR --llama-cpp avx512=DIR``, see ``llamacpp.CONFIGURATIONS``): each figure is then compared
+with the fastest build that ran it, and the table says which. When other processes took CPU time during the run
+(``machine.LoadWatch``), the targets print UNRELIABLE instead of PASS / FAIL. The raw results (every round's rows,
+the machine, the builds) are written as JSON beside the table (``--json``; default benchmarks/runs/).
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import math
 import os
 import sys
 import time
@@ -41,7 +50,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from llamacpp import BUILD_HINT, batched_bench, find_tool, gguf_matmul_bytes  # noqa: E402
+from llamacpp import BUILD_HINT, batched_bench, build_record, describe_build, find_tool, gguf_matmul_bytes  # noqa: E402
+from machine import LoadWatch, cpu_record, describe_cpu, verdict  # noqa: E402
 from tables import markdown  # noqa: E402
 from qwen2lib import load_model  # noqa: E402
 from qwen2lib.artifacts import default_workdir  # noqa: E402
@@ -170,14 +180,60 @@ def measure_python(make, args, vocab) -> dict:
     return row
 
 
+def _bench_or_nan(tool: Path, gguf: Path, args, prompt: int, decode: int, batches: list[int]) -> dict[int, dict]:
+    """``batched_bench`` over ``batches``; where the whole run fails (a build whose batched path dies, e.g. the
+    native build's AMX tile kernel with SIGILL), each batch alone, and a failing one gets NaN speeds."""
+    try:
+        return batched_bench(tool, gguf, args.threads, prompt, decode, batches)
+    except RuntimeError as e:
+        if len(batches) == 1:
+            print(f"[bench]   {tool.name} failed at batch {batches[0]}: {str(e).splitlines()[-1]}", flush=True)
+            return {batches[0]: {"speed_pp": math.nan, "speed_tg": math.nan}}
+    return {b: row for one in batches for b, row in _bench_or_nan(tool, gguf, args, prompt, decode, [one]).items()}
+
+
 def measure_llamacpp(tool: Path, gguf: Path, args) -> dict:
     """The same measurements by ``llama-batched-bench``: a prefill run and a decode run over the batch sizes."""
-    prefill = batched_bench(tool, gguf, args.threads, args.prompt, 1, [1])
-    decode = batched_bench(tool, gguf, args.threads, args.context, args.decode, args.batches)
+    prefill = _bench_or_nan(tool, gguf, args, args.prompt, 1, [1])
+    decode = _bench_or_nan(tool, gguf, args, args.context, args.decode, args.batches)
     row = {"prefill tok/s": prefill[1]["speed_pp"]}
     row.update({f"decode b{b} tok/s": decode[b]["speed_tg"] for b in args.batches})
     row["weights MB"] = gguf_matmul_bytes(gguf) / 1e6
     return row
+
+
+def best_of(a: float, b: float) -> float:
+    """The larger figure, a round that could not run (NaN) passed over."""
+    return b if math.isnan(a) else a if math.isnan(b) else max(a, b)
+
+
+def llama_builds(args) -> dict[str, Path | None]:
+    """{build name: its llama-batched-bench or None}: ``--llama-cpp [NAME=]DIR`` as given, else the one found in
+    $LLAMA_CPP_DIR or on PATH."""
+    if not args.llama_cpp:
+        return {"": find_tool("llama-batched-bench", None)}
+    builds = {}
+    for spec in args.llama_cpp:
+        name, _, folder = spec.rpartition("=")
+        builds[name or Path(folder).name] = find_tool("llama-batched-bench", folder)
+    return builds
+
+
+def best_peer(table, gguf_type: str, builds) -> tuple[dict, dict]:
+    """The fastest build's figure per column for one GGUF type, and which build gave each (a build that cannot run
+    a path has NaN there and is passed over)."""
+    labels = [peer_label(gguf_type, name, builds) for name in builds]
+    labels = [lab for lab in labels if lab in table.index]
+    best, which = {}, {}
+    for col in table.columns:
+        values = table.loc[labels, col].dropna()
+        if len(values):
+            best[col], which[col] = values.max(), values.idxmax()
+    return best, which
+
+
+def peer_label(gguf_type: str, build: str, builds) -> str:
+    return f"llama.cpp {gguf_type.upper()}" + (f" [{build}]" if len(builds) > 1 else "")
 
 
 def compile_graphs(args, workdir: Path) -> dict[str, Path]:
@@ -228,19 +284,19 @@ def backends(args, workdir: Path) -> tuple[list, list[str]]:
     if args.kv_copy_row and "graph int8" in graphs:
         makers.append(("graph int8, KV copied per step", lambda: GraphRunner(graphs["graph int8"], args.threads, True)))
     rows = [(label, lambda m=make: measure_python(m, args, vocab)) for label, make in makers if label not in args.skip]
-    notes = []
-    tool = find_tool("llama-batched-bench", args.llama_cpp)
-    for gguf_type in args.gguf_types:
-        label = f"llama.cpp {gguf_type.upper()}"
-        if label in args.skip:
-            continue
-        if tool is None:
-            notes.append(f"{label}: not built (llama-batched-bench not found in --llama-cpp, $LLAMA_CPP_DIR or "
-                         f"PATH): {BUILD_HINT.format(tool='llama-batched-bench')}")
-            continue
-        path = gguf_file(ensure_exported(args.model, args.weights, workdir, format="gguf", variant=gguf_type,
-                                         verify_blocks=args.gguf_verify_blocks))
-        rows.append((label, lambda p=path: measure_llamacpp(tool, p, args)))
+    notes, builds = [], llama_builds(args)
+    for build, tool in builds.items():
+        for gguf_type in args.gguf_types:
+            label = peer_label(gguf_type, build, builds)
+            if label in args.skip:
+                continue
+            if tool is None:
+                notes.append(f"{label}: not built (llama-batched-bench not found in --llama-cpp, $LLAMA_CPP_DIR or "
+                             f"PATH): {BUILD_HINT.format(tool='llama-batched-bench')}")
+                continue
+            path = gguf_file(ensure_exported(args.model, args.weights, workdir, format="gguf", variant=gguf_type,
+                                             verify_blocks=args.gguf_verify_blocks))
+            rows.append((label, lambda p=path, t=tool: measure_llamacpp(t, p, args)))
     return rows, notes
 
 
@@ -260,7 +316,12 @@ def parse_args(argv=None):
                    help="backends to leave out (labels as printed; default: the other int8 activation schemes)")
     p.add_argument("--kv-copy-row", action="store_true",
                    help="add the int8 graph decoding with a KV cache copied each step (what writing it in place saves)")
-    p.add_argument("--llama-cpp", default=None, help="llama.cpp build folder holding bin/llama-batched-bench")
+    p.add_argument("--llama-cpp", action="append", default=[], metavar="[NAME=]DIR",
+                   help="a llama.cpp build folder holding bin/llama-batched-bench; give several (native=..., "
+                        "avx512=...: benchmarks/llamacpp.py's CONFIGURATIONS) to compare each figure with the "
+                        "fastest build that runs it")
+    p.add_argument("--json", default=None,
+                   help="where the raw results go (default benchmarks/runs/decode_prefill-<UTC time>.json)")
     p.add_argument("--gguf-types", nargs="*", default=["f32", "q8_0", "q4_0"], help="llama.cpp rows (GGUF types)")
     p.add_argument("--gguf-verify-blocks", type=int, default=2,
                    help="held-out blocks each GGUF export is checked on (0: unverified, for a quicker first run)")
@@ -283,18 +344,52 @@ def ratio_table(table, references: list[str]):
     return out
 
 
-def check_targets(table) -> list[str]:
+def check_targets(table, watch: LoadWatch | None = None) -> list[str]:
+    """The issue's targets, PASS / FAIL, or UNRELIABLE when the machine was not the run's alone."""
     lines = []
     for row, col, ref, goal in TARGETS:
         if row in table.index and ref in table.index and col in table.columns:
             ratio = table.loc[row, col] / table.loc[ref, col]
             lines.append(f"{row} {col.removesuffix(' tok/s')} = {ratio:.2f}x {ref} (target >= {goal}x): "
-                         f"{'PASS' if ratio >= goal else 'FAIL'}")
+                         f"{verdict(ratio >= goal, watch)}")
     return lines
+
+
+def add_best_peers(table, args) -> list[str]:
+    """With several llama.cpp builds: a "llama.cpp <TYPE>" row holding, per column, the fastest build's figure (the
+    ratios and targets compare with it), and a line naming the build behind each column."""
+    builds = llama_builds(args)
+    if len(builds) < 2:
+        return []
+    lines = []
+    for gguf_type in args.gguf_types:
+        best, which = best_peer(table, gguf_type, builds)
+        if best:
+            label = f"llama.cpp {gguf_type.upper()}"
+            for col, value in best.items():
+                table.loc[label, col] = value
+            lines.append(f"{label} = per column, the fastest build: "
+                         + ", ".join(f"{c.removesuffix(' tok/s')} <- {w}" for c, w in which.items()
+                                     if c.endswith("tok/s")))
+    return lines
+
+
+def write_raw(args, record: dict) -> Path:
+    """The run's raw results as JSON, kept beside the printed table."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    path = Path(args.json) if args.json else Path(__file__).resolve().parent / "runs" / f"decode_prefill-{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, default=str))
+    return path
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    cpu = cpu_record()
+    print(f"[bench] CPU: {describe_cpu(cpu)}", flush=True)
+    builds = {name: build_record(tool) for name, tool in llama_builds(args).items() if tool is not None}
+    for name, record in builds.items():
+        print(f"[bench] llama.cpp build {name or '(found)'}: {describe_build(record)}", flush=True)
     load_before = os.getloadavg()[0]
     if load_before > 0.5:
         print(f"[bench] WARNING: load average {load_before:.1f} before starting: other processes hold cores. "
@@ -311,37 +406,52 @@ def main(argv=None) -> int:
     # thread pools of the others (onnxruntime and OpenMP spin-wait) would steal the cores.
     best: dict[str, dict] = {}
     bandwidth: dict[str, float] = {}
+    raw_rounds = []
+    watch = LoadWatch().start()
     for r in range(args.rounds):
         probe = memory_bandwidth(args.threads)
         bandwidth = {k: max(v, bandwidth.get(k, 0.0)) for k, v in probe.items()}
         print(f"[bench] round {r + 1}/{args.rounds}: memory " + ", ".join(f"{k} {v:.1f}" for k, v in probe.items()),
               flush=True)
+        raw_rounds.append({"memory": probe, "rows": {}})
         for label, measure in rows:
             t0 = time.perf_counter()
             row = measure()
+            raw_rounds[-1]["rows"][label] = row
             print(f"[bench]   {label:28s} {', '.join(f'{k} {v:.1f}' for k, v in row.items())} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
-            best[label] = {k: max(v, best.get(label, {}).get(k, 0.0)) for k, v in row.items()}
+            best[label] = {k: best_of(v, best.get(label, {}).get(k, math.nan)) for k, v in row.items()}
+    watch.stop()
 
     import pandas as pd
 
     table = pd.DataFrame.from_dict(best, orient="index")
     table.index.name = "backend"
+    peers = add_best_peers(table, args)
     if "decode b1 tok/s" in table.columns:
         table["b1 weights GB/s"] = table["weights MB"] * table["decode b1 tok/s"] / 1e3
         table["b1 % of read bw"] = 100 * table["b1 weights GB/s"] / bandwidth["read GB/s"]
     print(f"\n{args.model} ({args.weights} weights), {args.threads} threads, prefill {args.prompt} tokens, "
           f"decode {args.decode} tokens after a {args.context}-token prompt, best of {args.rounds} interleaved "
           f"rounds; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; memory bandwidth (best probe) "
-          + ", ".join(f"{k} {v:.1f}" for k, v in bandwidth.items())
-          + f"; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
+          + ", ".join(f"{k} {v:.1f}" for k, v in bandwidth.items()) + f"; CPU {describe_cpu(cpu)}")
+    print(f"Machine during the run: {watch.why}: {'idle' if watch.reliable else 'BUSY, figures UNRELIABLE'}")
+    for name, record in builds.items():
+        print(f"llama.cpp {name or 'build'}: {describe_build(record)}")
     print(markdown(table.round(1)))
+    for line in peers:
+        print(line)
     ratios = ratio_table(table, ["llama.cpp Q8_0", "llama.cpp Q4_0", "torch dynamic int8"])
     if len(ratios.columns):
         print("\nRatios (each speed column over the reference row's, same run):")
         print(markdown(ratios.round(2)))
-    for line in check_targets(table) + notes:
+    for line in check_targets(table, watch) + notes:
         print(line)
+    raw = write_raw(args, {"args": vars(args), "cpu": cpu, "llama_cpp_builds": builds, "load": watch.as_dict(),
+                           "bandwidth": bandwidth, "rounds": raw_rounds,
+                           "best": table.to_dict(orient="index"), "targets": check_targets(table, watch),
+                           "notes": notes})
+    print(f"raw results: {raw}")
     return 0
 
 
