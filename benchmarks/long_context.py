@@ -46,7 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from decode_prefill import TorchRunner  # noqa: E402
-from llamacpp import BUILD_HINT, find_tool  # noqa: E402
+from llamacpp import BUILD_HINT, build_record, describe_build, find_tool  # noqa: E402
+from machine import LoadWatch, cpu_record, describe_cpu, verdict  # noqa: E402
 from tables import markdown  # noqa: E402
 from qwen2lib import load_model  # noqa: E402
 from qwen2lib.scratch.architecture import kv_bytes_per_token  # noqa: E402
@@ -311,14 +312,15 @@ def kv_check(last: dict[str, dict[int, dict]], lengths, config: dict) -> "pd.Dat
     return pd.DataFrame(rows).set_index("backend")
 
 
-def check_targets(table) -> list[str]:
+def check_targets(table, watch: LoadWatch | None = None) -> list[str]:
+    """PASS / FAIL per target, UNRELIABLE when other processes took CPU during the run."""
     lines = []
     for backend, kind, length in TARGETS:
         column = f"prefill {length} x ref" if kind == "prefill" else f"decode @{length} x ref"
         if backend in table.index and column in table.columns and not np.isnan(table.loc[backend, column]):
             ratio = table.loc[backend, column]
             lines.append(f"{backend} {kind} {'of' if kind == 'prefill' else 'at'} {length} tokens = {ratio:.2f}x "
-                         f"{REFERENCE} (target >= 1.0x): {'PASS' if ratio >= 1.0 else 'FAIL'}")
+                         f"{REFERENCE} (target >= 1.0x): {verdict(ratio >= 1.0, watch)}")
     return lines
 
 
@@ -356,6 +358,7 @@ def main(argv=None) -> int:
     rows, notes = backends(args, workdir, config)
     best: dict[str, dict[int, dict]] = {}
     last: dict[str, dict[int, dict]] = {}
+    watch = LoadWatch().start()
     for r in range(args.rounds):
         print(f"[long] round {r + 1}/{args.rounds}", flush=True)
         for label, measure in rows:
@@ -368,7 +371,11 @@ def main(argv=None) -> int:
             best[label] = {L: {**v, "prefill tok/s": max(v["prefill tok/s"], best.get(label, {}).get(L, v)["prefill tok/s"]),
                                "decode ms": min(v["decode ms"], best.get(label, {}).get(L, v)["decode ms"])}
                            for L, v in per.items()}
-    print(f"\n{args.model} ({args.weights} weights), {args.threads} threads, prompts of {', '.join(map(str, args.lengths))} "
+    watch.stop()
+    tool = find_tool("llama-batched-bench", args.llama_cpp)
+    print(f"\nCPU {describe_cpu(cpu_record())}; llama.cpp "
+          f"{describe_build(build_record(tool)) if tool else 'not built'}; machine during the run: {watch.why}")
+    print(f"{args.model} ({args.weights} weights), {args.threads} threads, prompts of {', '.join(map(str, args.lengths))} "
           f"tokens then {args.decode} decode steps; best of {args.rounds} interleaved rounds; DCA {args.dca}; "
           f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; load average {load_before:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after\n")
@@ -381,7 +388,7 @@ def main(argv=None) -> int:
         print(f"\nKV cache growth {min(args.lengths)} -> {max(args.lengths)} tokens against notebook 00's formula:\n")
         print(markdown(kv_check(last, args.lengths, config).round(2)))
     print()
-    for line in check_targets(table) + notes:
+    for line in check_targets(table, watch) + notes:
         print(line)
     return 0
 

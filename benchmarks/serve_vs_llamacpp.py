@@ -59,7 +59,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from llamacpp import BUILD_HINT, find_tool  # noqa: E402
+from llamacpp import BUILD_HINT, build_record, describe_build, find_tool  # noqa: E402
+from machine import cpu_record, describe_cpu  # noqa: E402
 
 from qwen2lib import load_tokenizer  # noqa: E402
 from qwen2lib.artifacts import default_workdir  # noqa: E402
@@ -388,7 +389,10 @@ def main(argv=None) -> int:
     runs = {label: [pooled(per_rate) for per_rate in label_runs] for label, label_runs in rounds.items()}
     report(rounds, runs, args)
     every = [r for label_runs in runs.values() for r in label_runs]
-    (out / "runs.json").write_text(json.dumps({"pooled": every, "rounds": rounds}, indent=2) + "\n")
+    provenance = {"cpu": cpu_record(), "llama_server": build_record(Path(args.llama_server)) if args.llama_server else None}
+    print(f"CPU {describe_cpu(provenance['cpu'])}; llama-server "
+          f"{describe_build(provenance['llama_server']) if provenance['llama_server'] else 'not run'}")
+    (out / "runs.json").write_text(json.dumps({"pooled": every, "rounds": rounds, **provenance}, indent=2) + "\n")
     plot(every, out / "ttft_tpot_vs_rate.png")
     print(f"wrote {out / 'runs.json'} and {out / 'ttft_tpot_vs_rate.png'}", file=sys.stderr)
     return 0
