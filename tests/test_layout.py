@@ -263,3 +263,16 @@ def test_import_qwen2lib_loads_neither_the_trainer_nor_a_later_stage():
     heavy = [m for m in modules if m.endswith(("train_tiny", "tiny_shipping", "corpus"))
              or m.split(".")[1:2] in (["scratch"], ["compile"], ["serve"], ["deploy"])]
     assert not heavy, f"import qwen2lib loads {heavy}: the trainer and later stages load only when used"
+
+
+def test_generation_loads_the_graph_runtime_and_no_graph_compiler():
+    """Serving a compiled graph needs onnxruntime and the runtime, not the builder, its verification or the
+    deploy package's patches (issue 34: generation imports only the graph runtime)."""
+    code = ("import sys, qwen2lib.serve.generation; "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('qwen2lib'))))")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    modules = loaded.stdout.split()
+    assert "qwen2lib.compile.runtime" in modules, "the check must see what generation loads"
+    compiler = [m for m in modules if m.split(".")[1:2] == ["deploy"]
+                or (m.startswith("qwen2lib.compile.") and m != "qwen2lib.compile.runtime")]
+    assert not compiler, f"qwen2lib.serve.generation loads {compiler}"

@@ -16,6 +16,7 @@ import math
 import numpy as np
 
 from .ops import Nodes, attention_bias, rotary_tables, rotate
+from .runtime import DUAL_CHUNK_SCOPE
 
 PARTS = ("intra", "successive", "inter")
 
@@ -23,7 +24,7 @@ PARTS = ("intra", "successive", "inter")
 def dual_chunk_inputs(g: Nodes, args, chunk_size: int, local_size: int) -> dict:
     """Once per graph: the causal/padding bias, the cos/sin of the key and of each query part, and the part of
     every (query, key) pair. Shapes: cos/sin (B, 1, T, hd) float32; intra/successive (B, 1, 1, T, A) bool."""
-    pre, s = "/model/dual_chunk", chunk_size - local_size
+    pre, s = DUAL_CHUNK_SCOPE, chunk_size - local_size
     cos, sin = rotary_tables(args, chunk_size + 1)  # (chunk_size + 1, hd), YaRN's factor included
     tables = g.init("dual_chunk.cos", cos), g.init("dual_chunk.sin", sin)
     in_chunk = g.op("Mod", ["position_ids", g.const(s)], f"{pre}/query_in_chunk")  # (B, T)
@@ -81,9 +82,3 @@ def attention_dual_chunk(g: Nodes, q: str, k: str, v: str, i: int, H: int, n_kv:
     out = g.op("Transpose", [g.op("Reshape", [out, g.const([0, H, -1, hd])], f"{pre}/context_heads")],
                f"{pre}/context_bthd", perm=[0, 2, 1, 3])  # (B, T, H, hd)
     return g.cast(g.op("Reshape", [out, g.const([0, 0, H * hd])], f"{pre}/context_flat"), "float32", dt)
-
-
-def uses_dual_chunk(graph) -> bool:
-    """Whether a loaded ONNX graph has this module's nodes (a bare graph without its manifest)."""
-    return any(node.name.startswith("/model/dual_chunk/") for node in graph.node)
-

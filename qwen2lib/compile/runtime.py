@@ -28,7 +28,15 @@ import torch
 from ..errors import MissingInputError, NumericalOverflowError, PromptTooLongError, Qwen2LibError
 from ..model.threads import workbook_threads
 from ..scratch.masks import positions_from_mask
-from .dual_chunk import uses_dual_chunk
+
+# The name scope of the Dual Chunk Attention nodes (``dual_chunk.py`` builds them): how a bare graph, without its
+# manifest, shows that it takes the DCA inputs. Kept here so running a graph never imports the graph builder.
+DUAL_CHUNK_SCOPE = "/model/dual_chunk"
+
+
+def uses_dual_chunk(graph) -> bool:
+    """Whether a loaded ONNX graph has Dual Chunk Attention nodes (a bare graph without its manifest)."""
+    return any(node.name.startswith(DUAL_CHUNK_SCOPE + "/") for node in graph.node)
 
 _ORT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
                "all": "ORT_ENABLE_ALL"}
