@@ -18,7 +18,7 @@ from qwen2lib.errors import InsufficientMemoryError
 from qwen2lib.compile.plan import GraphPlan
 from qwen2lib.compile.runtime import OnnxCausalLM
 from qwen2lib.compile.builder import build_graph
-from qwen2lib.compile.verify import reference_logits_fn, streamed_reference
+from qwen2lib.compile.reference import reference_logits_fn, streamed_reference
 from qwen2lib.deploy.layerwise import LayerwiseModel
 from qwen2lib.model.model_config import Qwen2Args
 from qwen2lib.model.random_weights import build_random_model, random_state_dict, write_random_checkpoint

@@ -46,8 +46,8 @@ from .builder import build_graph, io_signature, op_histogram
 from .trace import export_package_graph
 from ..model.footprint import verification_fits
 from .plan import QUANTIZED
-from .verify import (activation_ranges, check_bounds, decode_parity, fidelity, fp16_plan, load_reference,
-                     reference_logits_fn, streamed_reference, verify_tokens)
+from .reference import load_reference, reference_logits_fn, streamed_reference, verify_tokens
+from .verify import activation_ranges, check_bounds, decode_parity, fidelity, fp16_plan
 from ..model.loading import check_weights_match_config, checkpoint_dir
 from ..model.model_config import Qwen2Args
 from ..model.tokenizer import TOKENIZER_FILES

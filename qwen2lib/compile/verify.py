@@ -3,49 +3,19 @@
 ``decode_parity`` compares the graph's prefill and cached decode steps with the reference run without a cache on
 the same tokens; ``fidelity`` is the fidelity report (``qwen2lib.evaluation.fidelity``) of the graph on held-out text;
 ``check_bounds`` names the bounds of a config's ``verify`` section a graph misses. Before an fp16 graph is built,
-``activation_ranges`` and ``fp16_plan`` find what fp16 could not hold.
+``activation_ranges`` and ``fp16_plan`` find what fp16 could not hold. Each takes the reference and the tokens as
+arguments; where they come from (the deploy package streamed or loaded, held-out text) is ``reference.py``.
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from .config_schema import VerifyConfig
-from ..model.corpus import heldout_token_blocks
-from ..deploy import load_deploy_package
 from ..errors import NumericalOverflowError
 from ..evaluation.fidelity import fidelity_report
-from ..deploy.layerwise import LayerwiseModel
-from ..model.loading import load_model
-from ..model.tokenizer import load_tokenizer
 from .plan import FP16_MAX
 from .runtime import OnnxCausalLM, check_finite
-
-
-def verify_tokens(folder: Path, vocab_size: int, n_blocks: int, block_tokens: int, seed: int,
-                  text: str = "code") -> tuple[torch.Tensor, str]:
-    """(n_blocks, block_tokens) token ids and what they are: held-out text (``qwen2lib.model.corpus``: standard
-    library files the tiny model never trained on, or held-out package READMEs for a general model) when the folder
-    has a tokenizer that fits the vocabulary, else seeded random ids (test checkpoints with a toy vocabulary)."""
-    if (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file():
-        ids = heldout_token_blocks(load_tokenizer(str(folder)), n_blocks, block_tokens, seed=seed, text=text)
-        if int(ids.max()) < vocab_size:
-            return ids, ("held-out Python stdlib files" if text == "code" else "held-out package READMEs") + \
-                " (qwen2lib.model.corpus)"
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab_size, (n_blocks, block_tokens), generator=gen), f"random token ids (seed {seed})"
-
-
-def reference_logits_fn(hf_model):
-    """ids (B, T) -> float32 logits (B, T, V) of the torch reference, no cache."""
-
-    @torch.no_grad()
-    def fn(ids):
-        return hf_model(input_ids=torch.as_tensor(ids), use_cache=False).logits.float()
-
-    return fn
 
 
 def decode_parity(reference, lm: OnnxCausalLM, prompt: torch.Tensor, steps: int) -> dict:
@@ -193,23 +163,3 @@ def check_bounds(bounds: VerifyConfig, parity: dict, fid: dict, random_weights: 
     if bounds.max_ppl_ratio is not None and not fid["ppl_ratio"] <= bounds.max_ppl_ratio:
         failures.append(f"ppl_ratio {fid['ppl_ratio']:.4f} > verify.max_ppl_ratio {bounds.max_ppl_ratio:g}")
     return failures
-
-
-def streamed_reference(folder: Path, say: str | bool = False):
-    """ids -> fp32 logits of the reference without holding it whole: a deploy package runs one decoder layer at a
-    time (``qwen2lib.deploy.layerwise``); a raw checkpoint (``source.package: checkpoint``) is loaded whole."""
-    if (folder / "patches.json").is_file():
-        if say:
-            print(f"{say} torch fp32 reference streamed layer by layer from {folder}", flush=True)
-        return LayerwiseModel(folder).logits_fn()
-    return reference_logits_fn(load_reference(folder))
-
-
-def load_reference(folder: Path):
-    """The torch fp32 reference a graph is checked against: the deploy package it was built from (its code
-    checked first), or the plain transformers model of a raw checkpoint."""
-    if (folder / "patches.json").is_file():
-        model = load_deploy_package(folder, torch.float32)
-        model.config.insert_slice = False  # the reference scores every position; a sliced graph is walked per step
-        return model
-    return load_model(str(folder), dtype=torch.float32)
