@@ -63,6 +63,11 @@ SMOOTH_GROUPS = (
 )
 
 
+def input_source(name: str) -> str:
+    """The Linear (within a layer) whose input ``name`` reads: q|k|v share q_proj's, gate|up gate_proj's."""
+    return next((group[0] for _, group in SMOOTH_GROUPS if name in group), name)
+
+
 class MissingStatisticsError(_ErrorBase, FileNotFoundError):
     """No calibration statistics where they were asked for."""
 
@@ -213,8 +218,7 @@ def gptq_layer(layer, index: int, plan: Mapping[str, str], group_size: int, run:
     """Round decoder layer ``index``'s planned Linears by GPTQ against the blocks' inputs, give them the rounded
     weights, and move the blocks on through the layer so rounded. Returns {full name: (q, scale, zero)}."""
     prefix = f"model.layers.{index}."
-    shared = {n: group[0] for _, group in SMOOTH_GROUPS for n in group}  # q|k|v and gate|up read one input
-    names = {n[len(prefix):]: shared.get(n[len(prefix):], n[len(prefix):]) for n in plan if n.startswith(prefix)}
+    names = {n[len(prefix):]: input_source(n[len(prefix):]) for n in plan if n.startswith(prefix)}
     moments = InputMoments(layer, dict.fromkeys(names.values()))
     run.run(layer, index, advance=False)
     hessians, rounded = moments.remove(), {}
@@ -314,12 +318,11 @@ def awq_layer(layer, index: int, plan: Mapping[str, str], group_size: int, run: 
     moments = InputMoments(layer, sources)
     run.run(layer, index, advance=False)
     hessians = awq_fold(layer, moments.remove(), group_size)
-    shared = {n: group[0] for _, group in SMOOTH_GROUPS for n in group}
     rounded = {}
     for full in (n for n in plan if n.startswith(prefix)):
         name = full[len(prefix):]
         linear = layer.get_submodule(name)
-        rounded[full] = quantize_int4(linear.weight, group_size, hessians[shared.get(name, name)])
+        rounded[full] = quantize_int4(linear.weight, group_size, hessians[input_source(name)])
         linear.weight.copy_(dequantize_int4(*rounded[full], group_size).to(linear.weight.dtype))
     del hessians
     run.run(layer, index, advance=True)
