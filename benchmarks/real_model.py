@@ -33,7 +33,6 @@ import gc
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gguf_vs_llamacpp import gguf_bits_per_weight, layer_bits_per_weight, llama_cpp_logits  # noqa: E402
 from qwen2lib.artifacts import default_workdir, read_metrics  # noqa: E402
+from machine import cpu_record, describe_cpu  # noqa: E402
 from tables import markdown  # noqa: E402
 from qwen2lib.compile.runtime import OnnxCausalLM  # noqa: E402
 from qwen2lib.compile.stage import ensure_compiled  # noqa: E402
@@ -180,15 +180,7 @@ def stage_table(workdir: Path) -> pd.DataFrame:
 
 
 def machine() -> str:
-    flags = ""
-    if Path("/proc/cpuinfo").is_file():
-        info = Path("/proc/cpuinfo").read_text()
-        model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-        have = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-        present = [f for f in ("avx512f", "avx512_vnni", "amx_int8") if f in have]
-        flags = f"{model}; " + (" ".join(present) if present else "no avx512f / avx512_vnni / amx_int8")
-    return (f"{platform.machine()} {flags}; {os.cpu_count()} cores; load {os.getloadavg()[0]:.1f}; "
-            f"{torch.get_num_threads()} threads")
+    return f"{describe_cpu(cpu_record())}; load {os.getloadavg()[0]:.1f}; {torch.get_num_threads()} threads"
 
 
 def report(args, fidelity: dict[str, pd.DataFrame], scores: pd.DataFrame | None, stages: pd.DataFrame) -> str:
