@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .artifacts import default_workdir
 from .calibrate.stage import ensure_calibration
-from .compile.stage import ensure_compiled, read_manifest
+from .compile.manifest import GraphManifest
+from .compile.stage import ensure_compiled
 from .deploy import ensure_patched, load_deploy_package
 from .errors import BadInputError
 from .export.stage import ensure_exported
@@ -64,7 +65,7 @@ def backend_label(backend: str, dtype="float32", precision: str = "fp32", compil
     if backend != "onnx":
         raise BadInputError(f"backend={backend!r}: use 'torch' or 'onnx'")
     if compiled is not None and (Path(compiled) / "manifest.json").is_file():
-        precision = read_manifest(compiled).get("config", {}).get("precision") or precision
+        precision = GraphManifest.read(compiled).compiled_precision or precision
     return f"{precision} graph"
 
 
@@ -106,7 +107,7 @@ def load_backend(model: str = "tiny", backend: str = "torch", *, weights: str = 
 def _load_graph(compiled: str | Path, config: dict, spinning: bool) -> OnnxBackend:
     out = OnnxBackend.load(compiled, config, spinning=spinning)
     out.config = config
-    announce_graph(out.runtime.manifest, config)
+    announce_graph(out.runtime.manifest.dual_chunk_attention, config)
     return _runs(out, compiled, graph_precision(out.runtime.manifest))
 
 
@@ -117,11 +118,11 @@ LLAMA_CPP = {"fp32": "F32", "float32": "F32", "bf16": "BF16", "bfloat16": "BF16"
 ACTIVATIONS = {"int8_per_tensor": "A8 dynamic", "int8_per_block": "A8 dynamic per block", "float": "A16"}
 
 
-def graph_precision(manifest: Mapping) -> str:
+def graph_precision(manifest: GraphManifest) -> str:
     """"(int8 weights per channel, W8A8 dynamic; ~llama.cpp Q8_0)" from a compiled graph's manifest (its config's
     precision and quantization; a bare graph without one reads "?")."""
-    config = manifest.get("config") or {}
-    precision = config.get("precision") or "?"
+    config = manifest.config
+    precision = manifest.compiled_precision or "?"
     if precision not in ("int8", "int4"):
         return f"({precision} weights; ~llama.cpp {LLAMA_CPP.get(precision, '?')})"
     quantization = config.get("quantization") or {}

@@ -11,10 +11,11 @@ import onnx
 import pytest
 import torch
 
+from qwen2lib.compile.manifest import GraphManifest
 from qwen2lib.compile.stage import (CompileVerificationError, compile_model, config_path, ensure_compiled,
-                                    load_weights, read_manifest, sha256_of)
+                                    load_weights, sha256_of)
 from qwen2lib.compile.config_schema import CompileConfig, ConfigError, describe_schema, load_config
-from qwen2lib.errors import NumericalOverflowError, PromptTooLongError
+from qwen2lib.errors import MissingInputError, NumericalOverflowError, PromptTooLongError
 from qwen2lib.model.model_config import Qwen2Args
 from qwen2lib.deploy.quantizer import quantize_per_block, quantize_weight
 from qwen2lib.compile.plan import GraphPlan
@@ -318,25 +319,44 @@ def test_insert_slice_and_fixed_axes(make_checkpoint, tmp_path):
 
 # ---- the compile: folder, manifest, reuse, atomicity, CLI ------------------------------------------
 
+def test_manifest_is_one_typed_record_and_refuses_another_format(tmp_path):
+    m = GraphManifest(operator_set="contrib", max_sequence_length=64, dual_chunk_attention={"chunk_size": 12,
+                      "local_size": 4}, config={"precision": "int8", "runtime": {"threads": 2}})
+    m.write(tmp_path)
+    back = GraphManifest.read(tmp_path)
+    assert back == m and back.runtime == {"threads": 2} and back.compiled_precision == "int8"
+    assert back.graph_file == "model.onnx" and GraphManifest().runtime == {} and GraphManifest().compiled_precision is None
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**data, "weights_layout": "x"}))
+    with pytest.raises(MissingInputError, match="unknown keys weights_layout.*compile it again"):
+        GraphManifest.read(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({**data, "format": "qwen2lib-compiled/0"}))
+    with pytest.raises(MissingInputError, match="format 'qwen2lib-compiled/0'"):
+        GraphManifest.read(tmp_path)
+    (tmp_path / "manifest.json").write_text("{")
+    with pytest.raises(MissingInputError, match="not JSON"):
+        GraphManifest.read(tmp_path)
+
+
 def test_compile_writes_a_verified_folder_with_manifest(make_checkpoint, tmp_path):
     folder = make_checkpoint()
     out = compile_model(config_path("qwen2_fp32"), model=str(folder), workdir=tmp_path / "wd", verbose=False)
     assert out == tmp_path / "wd" / "compiled" / "qwen2_fp32"
-    m = read_manifest(out)
-    names_in = [i["name"] for i in m["inputs"]]
-    names_out = [o["name"] for o in m["outputs"]]
+    m = GraphManifest.read(out)
+    names_in = [i["name"] for i in m.inputs]
+    names_out = [o["name"] for o in m.outputs]
     assert names_in == ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key",
                         "past_key_values.0.value", "past_key_values.1.key", "past_key_values.1.value"]
     assert names_out[:3] == ["logits", "present.0.key", "present.0.value"]
-    assert m["inputs"][3]["shape"] == ["batch", 2, "past_sequence", 16]  # (B, n_kv, P, hd)
-    assert m["outputs"][1]["shape"] == ["batch", 2, "total_sequence", 16]
-    assert m["parity"]["max_abs_dlogits"] <= 1e-4 and m["parity"]["decode_steps"] == 16
-    assert m["fidelity"]["top1_agreement"] == 1.0
-    assert m["graph"]["opset_imports"] == {"ai.onnx": 21, "com.microsoft": 1}
-    assert m["precision"]["attention"] == "fp32" and m["op_histogram"]["com.microsoft:GroupQueryAttention"] == 2
-    for name, f in m["files"].items():
+    assert m.inputs[3]["shape"] == ["batch", 2, "past_sequence", 16]  # (B, n_kv, P, hd)
+    assert m.outputs[1]["shape"] == ["batch", 2, "total_sequence", 16]
+    assert m.parity["max_abs_dlogits"] <= 1e-4 and m.parity["decode_steps"] == 16
+    assert m.fidelity["top1_agreement"] == 1.0
+    assert m.graph["opset_imports"] == {"ai.onnx": 21, "com.microsoft": 1}
+    assert m.precision["attention"] == "fp32" and m.op_histogram["com.microsoft:GroupQueryAttention"] == 2
+    for name, f in m.files.items():
         assert sha256_of(out / name) == f["sha256"], name
-    assert "config.json" in m["files"] and json.loads((out / "metrics.json").read_text())["parity"] == m["parity"]
+    assert "config.json" in m.files and json.loads((out / "metrics.json").read_text())["parity"] == m.parity
     onnx.checker.check_model(str(out / "model.onnx"))
     assert not list((tmp_path / "wd" / "compiled").glob(".*"))  # no temp folders left behind
 
@@ -350,7 +370,7 @@ def test_ensure_compiled_reuses_only_an_identical_request(make_checkpoint, tmp_p
     assert (first / "model.onnx").stat().st_mtime_ns == stamp
     ensure_compiled(folder, "auto", wd, config="qwen2_fp32_standard", overrides={"graph.opset": 19}, verbose=False)
     assert (first / "model.onnx").stat().st_mtime_ns != stamp
-    assert read_manifest(first)["graph"]["opset_imports"]["ai.onnx"] == 19
+    assert GraphManifest.read(first).graph["opset_imports"]["ai.onnx"] == 19
     # a retrained checkpoint (new weight file) is a different request too
     stamp = (first / "model.onnx").stat().st_mtime_ns
     weights_file = Path(folder) / "model.safetensors"
@@ -374,10 +394,10 @@ def test_external_data_folder_runs_like_the_embedded_one(make_checkpoint, tmp_pa
     folder = make_checkpoint()
     out = compile_model(config_path("qwen2_fp32"), model=str(folder), workdir=tmp_path, verbose=False,
                         overrides={"graph.external_data": "always", "name": "ext"})
-    m = read_manifest(out)
-    assert m["graph"]["external_data"] == "model.onnx.data" and "model.onnx.data" in m["files"]
+    m = GraphManifest.read(out)
+    assert m.graph["external_data"] == "model.onnx.data" and "model.onnx.data" in m.files
     assert (out / "model.onnx").stat().st_size < 200_000  # the weights live in the data file
-    assert m["parity"]["max_abs_dlogits"] <= 1e-4
+    assert m.parity["max_abs_dlogits"] <= 1e-4
 
 
 def test_cli_compiles_and_reports_bad_configs_in_one_line(make_checkpoint, tmp_path, capsys):
@@ -389,7 +409,7 @@ def test_cli_compiles_and_reports_bad_configs_in_one_line(make_checkpoint, tmp_p
     assert rc == 0
     out = capsys.readouterr().out
     assert "(7/8) verify vs torch" in out and '"max_abs_dlogits"' in out
-    assert read_manifest(tmp_path / "wd" / "compiled" / "qwen2_fp32_standard")["insert_slice"] is True
+    assert GraphManifest.read(tmp_path / "wd" / "compiled" / "qwen2_fp32_standard").insert_slice is True
     bad = small_config(tmp_path, "precision: fp32\nruntime:\n  threads: two\n")
     assert main(["compile", str(bad), "--model", str(folder), "--workdir", str(tmp_path / "wd")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -406,27 +426,27 @@ def test_fp16_and_int8_graphs_meet_the_shipped_fidelity_bounds(make_checkpoint, 
                  if name == "qwen2_int8" else {})
     out = compile_model(config_path(name), model=str(folder), workdir=tmp_path, verbose=False,
                         overrides=overrides)  # raises if not
-    m = read_manifest(out)
+    m = GraphManifest.read(out)
     bounds = load_config(config_path(name)).verify
-    fid = m["fidelity"]
+    fid = m.fidelity
     assert fid["kld_mean"] <= bounds.max_kld_mean and fid["top1_agreement"] >= bounds.min_top1_agreement
     assert fid["ppl_ratio"] <= bounds.max_ppl_ratio
     assert fid["kld_mean"] > 0  # really a different precision, not the fp32 graph
     if name == "qwen2_int8":
         # q|k|v, o and gate|up quantize their activations per call; down_proj (the SwiGLU product, outlier
         # channels) per block in MatMulNBits, like the head
-        assert m["op_histogram"]["com.microsoft:DynamicQuantizeMatMul"] == 3 * 3
-        assert m["op_histogram"]["com.microsoft:MatMulNBits"] == 3 + 1
-        assert m["precision"]["mlp"].startswith("int8 per-channel") and "down_proj: MatMulNBits" in m["precision"]["mlp"]
-        assert m["op_histogram"]["com.microsoft:GatherBlockQuantized"] == 1
-        assert m["precision"]["lm_head"].endswith("(tied: shares embed_tokens)")
+        assert m.op_histogram["com.microsoft:DynamicQuantizeMatMul"] == 3 * 3
+        assert m.op_histogram["com.microsoft:MatMulNBits"] == 3 + 1
+        assert m.precision["mlp"].startswith("int8 per-channel") and "down_proj: MatMulNBits" in m.precision["mlp"]
+        assert m.op_histogram["com.microsoft:GatherBlockQuantized"] == 1
+        assert m.precision["lm_head"].endswith("(tied: shares embed_tokens)")
         uint8_tables = [t for t in onnx.load(str(out / "model.onnx")).graph.initializer
                         if t.data_type == onnx.TensorProto.UINT8 and t.dims[0] == 320]
         assert len(uint8_tables) == 1  # the tied embedding and LM head are one int8 table
-        assert m["inputs"][3]["dtype"] == "float32"
+        assert m.inputs[3]["dtype"] == "float32"
     else:
-        assert m["inputs"][3]["dtype"] == "float16" and m["outputs"][0]["dtype"] == "float32"
-        assert m["fp16_probe"]["kept_in_fp32"] == []
+        assert m.inputs[3]["dtype"] == "float16" and m.outputs[0]["dtype"] == "float32"
+        assert m.fp16_probe["kept_in_fp32"] == []
 
 
 def test_int8_graph_reuses_notebook03_weights_and_scales(make_checkpoint, tmp_path):
@@ -447,10 +467,35 @@ def test_int8_graph_reuses_notebook03_weights_and_scales(make_checkpoint, tmp_pa
                          overrides={"source.package": "checkpoint", "quantization.per_block_projections": []})
     reused = compile_model(config_path("qwen2_int8"), model=str(folder), workdir=tmp_path / "b", verbose=False,
                            overrides={"quantization.package": str(package), "quantization.per_block_projections": []})
-    assert "notebook 03 package" in read_manifest(reused)["source"]["int8_weights"]
+    assert "notebook 03 package" in GraphManifest.read(reused).source["int8_weights"]
     ids = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(3))
     a, b = OnnxCausalLM.load(here)(ids), OnnxCausalLM.load(reused)(ids)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_package_reader_reads_what_the_quantizer_writes_and_refuses_the_rest(tmp_path):
+    from safetensors.torch import save_file
+
+    from qwen2lib.deploy.quantizer import Int4Linear, Int8Linear, QuantizationError
+    from qwen2lib.quantize.package_reader import SCALE, ZERO_POINT, Int4Weight, read_quantized_package
+
+    linear = torch.nn.Linear(64, 8, bias=False)
+    tensors = {f"a.{k}": v for k, v in Int8Linear.from_linear(linear).state_dict().items()}
+    tensors |= {f"b.{k}": v for k, v in Int4Linear.from_linear(linear, group_size=32).state_dict().items()}
+    tensors["norm.weight"] = torch.ones(64)
+    assert set(tensors) == {"a.weight", f"a.{SCALE}", "b.weight", f"b.{SCALE}", f"b.{ZERO_POINT}", "norm.weight"}
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"group_size": 32}}))
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    floats, quantized = read_quantized_package(tmp_path)
+    assert list(floats) == ["norm.weight"] and sorted(quantized) == ["a.weight", "b.weight"]
+    q, scale = quantized["a.weight"]
+    assert q.dtype == np.int8 and scale.shape == (8, 1)
+    np.testing.assert_allclose(q * scale, linear.weight.detach().numpy(), atol=float(scale.max()) / 2 + 1e-7)
+    int4 = quantized["b.weight"]
+    assert isinstance(int4, Int4Weight) and int4.q.shape == (8, 64) and int4.group_size == 32
+    save_file({"a.weight": tensors["a.weight"], "a.scales": tensors[f"a.{SCALE}"]}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(QuantizationError, match="a.weight is not an X.weight with its X.weight_scale"):
+        read_quantized_package(tmp_path)
 
 
 def int4_package(folder, out, scheme):
@@ -490,16 +535,16 @@ def test_int4_graph_equals_the_torch_int4_model(make_checkpoint, tmp_path, schem
     exact = compile_model(config_path("qwen2_int4"), model=str(folder), workdir=tmp_path / "a", verbose=False,
                           overrides={**unbounded, "quantization.activations": "float",
                                      "quantization.modules": ["attention", "mlp"]})  # the torch head stays float
-    manifest = read_manifest(exact)
-    assert manifest["precision"]["mlp"].startswith("int4 asymmetric, group 32")
-    assert manifest["op_histogram"]["com.microsoft:MatMulNBits"] == 2 * 4  # q|k|v, o, gate|up, down x 2 layers
+    manifest = GraphManifest.read(exact)
+    assert manifest.precision["mlp"].startswith("int4 asymmetric, group 32")
+    assert manifest.op_histogram["com.microsoft:MatMulNBits"] == 2 * 4  # q|k|v, o, gate|up, down x 2 layers
     ids = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         reference = model(ids).logits
     torch.testing.assert_close(OnnxCausalLM.load(exact)(ids), reference, rtol=0, atol=2e-4)
     shipped = compile_model(config_path("qwen2_int4"), model=str(folder), workdir=tmp_path / "b", verbose=False,
                             overrides=unbounded)
-    assert "int8" in read_manifest(shipped)["precision"]["lm_head"]
+    assert "int8" in GraphManifest.read(shipped).precision["lm_head"]
     logits = OnnxCausalLM.load(shipped)(ids)
     kld = torch.nn.functional.kl_div(logits.log_softmax(-1), reference.log_softmax(-1), log_target=True,
                                      reduction="none").sum(-1).mean()
@@ -541,10 +586,10 @@ def test_fp16_overflow_is_detected_and_kept_in_fp32_or_refused(make_checkpoint, 
                       overrides={"fp16.on_overflow": "error"})
     # 3) keep_fp32: the residual stream and layer 0's MLP run in fp32, the rest in fp16, and it is faithful
     out = compile_model(config_path("qwen2_fp16"), model=str(folder), workdir=tmp_path, verbose=False)
-    m = read_manifest(out)
-    assert m["fp16_probe"]["kept_in_fp32"] == ["layers.0.mlp", "residual"]
-    assert m["precision"]["attention"] == "fp16" and "layers [0] kept in fp32" in m["precision"]["mlp"]
-    assert m["fidelity"]["top1_agreement"] >= 0.95 and np.isfinite(m["fidelity"]["kld_mean"])
+    m = GraphManifest.read(out)
+    assert m.fp16_probe["kept_in_fp32"] == ["layers.0.mlp", "residual"]
+    assert m.precision["attention"] == "fp16" and "layers [0] kept in fp32" in m.precision["mlp"]
+    assert m.fidelity["top1_agreement"] >= 0.95 and np.isfinite(m.fidelity["kld_mean"])
 
 
 def test_fp16_cannot_keep_queries_keys_values_so_it_refuses():
@@ -566,8 +611,8 @@ def test_a_yaml_names_its_checkpoint_relative_to_itself(make_checkpoint, tmp_pat
     cfg = load_config(path)
     assert cfg.source.checkpoint == str(folder.resolve())
     out = compile_model(path, workdir=tmp_path / "wd", verbose=False)  # no model argument: the YAML's checkpoint
-    assert read_manifest(out)["source"]["model"] == str(folder.resolve())
-    package = Path(read_manifest(out)["source"]["folder"])
+    assert GraphManifest.read(out).source["model"] == str(folder.resolve())
+    package = Path(GraphManifest.read(out).source["folder"])
     assert json.loads((package / "metrics.json").read_text())["checkpoint"] == str(folder.resolve())
 
 
@@ -579,10 +624,10 @@ def test_int8_per_tensor_activations_use_dynamic_quantize_matmul(make_checkpoint
                                    # random weights saved as a checkpoint: near-tied logits flip the argmax
                                    # (0.89 measured on prose), so top-1 is bounded loosely; KLD keeps its bound
                                    "verify.min_top1_agreement": 0.8})  # raises if under the bounds
-    m = read_manifest(out)
-    assert m["op_histogram"]["com.microsoft:DynamicQuantizeMatMul"] == 2 * 4
-    assert m["op_histogram"]["com.microsoft:MatMulNBits"] == 1  # the head (an untied one here)
-    assert "MatMulNBits" in m["precision"]["lm_head"] and "(tied" not in m["precision"]["lm_head"]
+    m = GraphManifest.read(out)
+    assert m.op_histogram["com.microsoft:DynamicQuantizeMatMul"] == 2 * 4
+    assert m.op_histogram["com.microsoft:MatMulNBits"] == 1  # the head (an untied one here)
+    assert "MatMulNBits" in m.precision["lm_head"] and "(tied" not in m.precision["lm_head"]
     with pytest.raises(ConfigError, match="per-channel weight scales only"):
         load_config(config_path("qwen2_int8"), {"quantization.activations": "int8_per_tensor",
                                                 "quantization.granularity": "per_block"})

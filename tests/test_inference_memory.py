@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from qwen2lib import cli, pipeline
+from qwen2lib.compile.manifest import GraphManifest
 from qwen2lib.compile.runtime import PREFILL_CHUNK
 from qwen2lib.errors import InsufficientMemoryError
 from qwen2lib.model import footprint
@@ -112,7 +113,8 @@ def test_every_inference_command_refuses_in_one_line_before_loading(command, tmp
 
 def test_graph_precision_reads_the_manifest():
     def manifest(precision, **quantization):  # the manifest keeps its compile config under "config"
-        return {"precision": {"attention": "..."}, "config": {"precision": precision, "quantization": quantization}}
+        return GraphManifest(precision={"attention": "..."}, config={"precision": precision,
+                                                                    "quantization": quantization})
 
     int8 = manifest("int8", granularity="per_channel", activations="int8_per_tensor")
     assert pipeline.graph_precision(int8) == "(int8 weights per channel, W8A8 dynamic; ~llama.cpp Q8_0)"
@@ -120,7 +122,7 @@ def test_graph_precision_reads_the_manifest():
     assert pipeline.graph_precision(block) == ("(int8 weights per block of 32, W8A8 dynamic per block; "
                                                "~llama.cpp Q8_0)")
     assert pipeline.graph_precision(manifest("fp16", activations="int8_per_block")) == "(fp16 weights; ~llama.cpp F16)"
-    assert pipeline.graph_precision({}) == "(? weights; ~llama.cpp ?)"  # a bare .onnx file
+    assert pipeline.graph_precision(GraphManifest()) == "(? weights; ~llama.cpp ?)"  # a bare .onnx file
 
 
 def test_generate_names_the_checkpoint_and_its_precision_once(capsys):

@@ -8,7 +8,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from qwen2lib.compile.stage import config_path, ensure_compiled, load_weights, read_manifest
+from qwen2lib.compile.manifest import GraphManifest
+from qwen2lib.compile.stage import config_path, ensure_compiled, load_weights
 from qwen2lib.compile.config_schema import ConfigError, load_config
 from qwen2lib.deploy.quantizer import quantize_per_block
 
@@ -17,10 +18,10 @@ def test_block32_graph_is_per_block_everywhere_and_closer_than_per_tensor(tmp_pa
     wd = tmp_path / "run"
     block = ensure_compiled("tiny-random", "auto", wd, config="qwen2_int8_block32", verbose=False)
     fast = ensure_compiled("tiny-random", "auto", wd, config="qwen2_int8", verbose=False)
-    m = read_manifest(block)
-    assert "com.microsoft:DynamicQuantizeMatMul" not in m["op_histogram"]  # no one-scale-per-call matmul left
+    m = GraphManifest.read(block)
+    assert "com.microsoft:DynamicQuantizeMatMul" not in m.op_histogram  # no one-scale-per-call matmul left
     layers = json.loads((wd / "patched" / "config.json").read_text())["num_hidden_layers"]
-    assert m["op_histogram"]["com.microsoft:MatMulNBits"] == 4 * layers + 1  # qkv, o, gate|up, down; the head
+    assert m.op_histogram["com.microsoft:MatMulNBits"] == 4 * layers + 1  # qkv, o, gate|up, down; the head
     assert json.loads((block / "metrics.json").read_text())["int8_package"] == ""  # not notebook 03's package
 
     # the weights are the shared quantizer's per-32 rounding of the deploy package's fp32 ones
@@ -36,7 +37,7 @@ def test_block32_graph_is_per_block_everywhere_and_closer_than_per_tensor(tmp_pa
     np.testing.assert_allclose(scales.reshape(s.shape), s, rtol=1e-6)
 
     # Q8_0's granularity is the accurate int8 graph: closer to fp32 than one activation scale per call
-    kld = {name: read_manifest(g)["fidelity"]["kld_mean"] for name, g in [("block32", block), ("fast", fast)]}
+    kld = {name: GraphManifest.read(g).fidelity["kld_mean"] for name, g in [("block32", block), ("fast", fast)]}
     assert 0 < kld["block32"] < kld["fast"], kld
 
 

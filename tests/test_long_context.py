@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from qwen2lib import deploy
-from qwen2lib.compile.stage import compile_model, config_path, load_weights, read_manifest
+from qwen2lib.compile.manifest import GraphManifest
+from qwen2lib.compile.stage import compile_model, config_path, load_weights
 from qwen2lib.compile.config_schema import ConfigError
 from qwen2lib.compile.plan import GraphPlan
 from qwen2lib.compile.runtime import OnnxCausalLM
@@ -116,15 +117,15 @@ def test_int8_dual_chunk_graph_shares_the_attention_builder(dca_package, tmp_pat
 
 def test_compile_follows_the_package_config_and_the_yaml_switch(make_checkpoint, tmp_path):
     folder = str(make_checkpoint(dual_chunk_attention_config=DCA))
-    on = read_manifest(compile_model(config_path("qwen2_fp32"), model=folder, workdir=tmp_path / "a", verbose=False))
-    assert on["dual_chunk_attention"] == {"chunk_size": 12, "local_size": 4}
-    assert "com.microsoft:GroupQueryAttention" not in on["op_histogram"] and on["parity"]["max_abs_dlogits"] <= 1e-4
-    assert any("Dual Chunk Attention" in line for line in on["limits"])
-    off = read_manifest(compile_model(config_path("qwen2_fp32"), model=folder, workdir=tmp_path / "b", verbose=False,
+    on = GraphManifest.read(compile_model(config_path("qwen2_fp32"), model=folder, workdir=tmp_path / "a", verbose=False))
+    assert on.dual_chunk_attention == {"chunk_size": 12, "local_size": 4}
+    assert "com.microsoft:GroupQueryAttention" not in on.op_histogram and on.parity["max_abs_dlogits"] <= 1e-4
+    assert any("Dual Chunk Attention" in line for line in on.limits)
+    off = GraphManifest.read(compile_model(config_path("qwen2_fp32"), model=folder, workdir=tmp_path / "b", verbose=False,
                                       overrides={"graph.dual_chunk_attention": False}))
     # verified against the package with DCA switched off too: equal, not merely close within one chunk
-    assert off["dual_chunk_attention"] is None and off["op_histogram"]["com.microsoft:GroupQueryAttention"] == 2
-    assert off["parity"]["max_abs_dlogits"] <= 1e-4
+    assert off.dual_chunk_attention is None and off.op_histogram["com.microsoft:GroupQueryAttention"] == 2
+    assert off.parity["max_abs_dlogits"] <= 1e-4
 
 
 def test_compile_refuses_dual_chunk_it_cannot_verify(make_checkpoint, tmp_path):

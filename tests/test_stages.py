@@ -14,7 +14,8 @@ from qwen2lib import pipeline
 from qwen2lib.stages import reuse as stages
 from qwen2lib.artifacts import read_metrics
 from qwen2lib.calibrate.stage import ensure_calibration
-from qwen2lib.compile.stage import ensure_compiled, read_manifest
+from qwen2lib.compile.manifest import GraphManifest
+from qwen2lib.compile.stage import ensure_compiled
 from qwen2lib.compile.runtime import OnnxCausalLM
 from qwen2lib.deploy import ensure_patched
 from qwen2lib.quantize.stage import ensure_quantized
@@ -139,7 +140,7 @@ def test_a_package_built_with_insert_slice_compiles_to_last_position_logits(make
     folder, wd = str(make_checkpoint()), tmp_path / "run"
     ensure_patched(folder, "auto", wd, insert_slice=True)
     graph = ensure_compiled(folder, "auto", wd, config="qwen2_fp32", verbose=False)
-    assert read_manifest(graph)["insert_slice"] is True
+    assert GraphManifest.read(graph).insert_slice is True
     ids = np.random.default_rng(0).integers(2, 320, (2, 7))
     logits, _ = OnnxCausalLM.load(graph).prefill(ids)
     assert logits.shape == (2, 1, 320)
@@ -159,7 +160,7 @@ def test_the_int8_graph_compiles_from_the_quantized_package(tmp_path):
     record = read_metrics(graph)["stage"]
     assert record["inputs"]["int8_package"]["identity"] == identity(wd / "quantized" / "w8a16")
     assert record["inputs"]["source"]["identity"] == identity(wd / "patched")
-    assert "notebook 03 package" in read_manifest(graph)["source"]["int8_weights"]
+    assert "notebook 03 package" in GraphManifest.read(graph).source["int8_weights"]
     # the calibration statistics decide which projections keep per-block activation scales, and say why
     outliers = read_metrics(wd / "quantized" / "w8a16")["activation_outliers"]
     decided = read_metrics(graph)["per_block_projections"]
@@ -208,7 +209,7 @@ def test_an_insert_slice_package_quantizes_and_compiles_to_a_last_position_int8_
     ensure_patched(MODEL, "auto", wd, insert_slice=True)
     graph = ensure_compiled(MODEL, "auto", wd, config="qwen2_int8", verbose=False,
                             overrides={"verify.blocks": 1, "verify.block_tokens": 16})
-    assert read_manifest(graph)["insert_slice"] is True
+    assert GraphManifest.read(graph).insert_slice is True
     package = json.loads((wd / "quantized" / "w8a16" / "config.json").read_text())
     assert package["insert_slice"] is True  # the quantized package keeps the deploy package's setting
     assert read_metrics(wd / "quantized" / "w8a16")["fidelity"]["tokens"] > 1  # scored on every position

@@ -10,7 +10,8 @@ import yaml
 
 from ..artifacts import read_metrics, stage_dir
 from ..calibrate.stage import DEFAULT_PERCENTILE, DEFAULT_REQUEST, ensure_calibration
-from ..compile.stage import compile_model, config_path, read_manifest
+from ..compile.manifest import GraphManifest
+from ..compile.stage import compile_model, config_path
 from ..compile.config_schema import ConfigError
 from ..calibrate.data import DATASETS
 from ..deploy import build_deploy_package, prove_package
@@ -140,10 +141,10 @@ def _parse_set(items: list[str]) -> dict:
 def cmd_compile(args) -> int:
     path = compile_model(config_path(args.config), args.model, args.weights, args.workdir, seed=args.seed,
                          overrides=_parse_set(args.set))
-    manifest = read_manifest(path)
-    parity = {k: v for k, v in manifest["parity"].items() if k != "per_position"}
-    print(json.dumps({"folder": str(path), "precision": manifest["precision"], "parity": parity,
-                      "fidelity": manifest["fidelity"]}, indent=2, default=str))
+    manifest = GraphManifest.read(path)
+    parity = {k: v for k, v in manifest.parity.items() if k != "per_position"}
+    print(json.dumps({"folder": str(path), "precision": manifest.precision, "parity": parity,
+                      "fidelity": manifest.fidelity}, indent=2, default=str))
     return 0
 
 

@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from .ops import Nodes, attention_bias, rotary_tables, rotate
-from .runtime import DUAL_CHUNK_SCOPE
+from .manifest import DUAL_CHUNK_SCOPE
 
 PARTS = ("intra", "successive", "inter")
 

@@ -6,7 +6,7 @@ attention bias from ``attention_mask``, and the Linear layers in fp32/fp16 or in
 from __future__ import annotations
 
 import math
-from typing import Iterable, NamedTuple
+from typing import Iterable
 
 import numpy as np
 import onnx
@@ -16,16 +16,8 @@ from onnx import TensorProto, helper
 from ..scratch import rope
 from ..deploy.quantizer import quantize_per_block, quantize_weight
 from ..model.model_config import Qwen2Args
+from ..quantize.package_reader import Int4Weight
 from .plan import CONTRIB, NP_DTYPE, ONNX_DTYPE, GraphPlan
-
-class Int4Weight(NamedTuple):
-    """One Linear's int4 weight from notebook 03's int4 package (``quantizer.quantize_int4``)."""
-
-    q: np.ndarray  # uint8 (N, K) in 0..15
-    scales: np.ndarray  # fp32 (N, groups)
-    zero_points: np.ndarray  # uint8 (N, groups)
-    group_size: int
-
 
 class Nodes:
     """Append-only node list with unique names and a numpy initializer table."""

@@ -15,7 +15,6 @@ token), so left-padded batches need no position bookkeeping. Attributes worth kn
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,18 +24,10 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from .manifest import GraphManifest
 from ..errors import MissingInputError, NumericalOverflowError, PromptTooLongError, Qwen2LibError
 from ..model.threads import workbook_threads
 from ..scratch.masks import positions_from_mask
-
-# The name scope of the Dual Chunk Attention nodes (``dual_chunk.py`` builds them): how a bare graph, without its
-# manifest, shows that it takes the DCA inputs. Kept here so running a graph never imports the graph builder.
-DUAL_CHUNK_SCOPE = "/model/dual_chunk"
-
-
-def uses_dual_chunk(graph) -> bool:
-    """Whether a loaded ONNX graph has Dual Chunk Attention nodes (a bare graph without its manifest)."""
-    return any(node.name.startswith(DUAL_CHUNK_SCOPE + "/") for node in graph.node)
 
 _ORT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
                "all": "ORT_ENABLE_ALL"}
@@ -126,9 +117,9 @@ def session_options(threads: int | None = None, optimization_level: str = "all",
 class OnnxCausalLM:
     """One onnxruntime session over a graph with the decoder I/O convention."""
 
-    def __init__(self, session, manifest: dict | None = None):
+    def __init__(self, session, manifest: GraphManifest | None = None):
         self.session = session
-        self.manifest = manifest or {}
+        self.manifest = manifest or GraphManifest()
         inputs = {i.name: i for i in session.get_inputs()}
         self.input_names = set(inputs)
         self.output_names = [o.name for o in session.get_outputs()]
@@ -139,15 +130,15 @@ class OnnxCausalLM:
         logits_shape = session.get_outputs()[0].shape
         self.vocab_size = int(logits_shape[-1])
         self.insert_slice = logits_shape[1] == 1
-        self.max_positions = int(self.manifest.get("max_sequence_length", 1 << 62))
-        self.operator_set = self.manifest.get("operator_set", "standard")
+        self.max_positions = int(self.manifest.max_sequence_length)
+        self.operator_set = self.manifest.operator_set
         # GroupQueryAttention graphs share past/present buffers; a Dual Chunk Attention graph concatenates
-        self.group_query_attention = self.operator_set == "contrib" and not self.manifest.get("dual_chunk_attention")
+        self.group_query_attention = self.operator_set == "contrib" and not self.manifest.dual_chunk_attention
         self.prefill_chunk = PREFILL_CHUNK
 
     @classmethod
     def load(cls, folder: str | os.PathLike, threads: int | None = None, optimization_level: str | None = None,
-             manifest: dict | None = None, spinning: bool = True):
+             manifest: GraphManifest | None = None, spinning: bool = True):
         """A compiled folder (manifest.json + model.onnx) or a bare .onnx file.
 
         ``manifest`` stands in for the folder's manifest.json (the compiler verifies before writing one).
@@ -155,22 +146,14 @@ class OnnxCausalLM:
         folder = Path(folder)
         graph = folder
         if folder.is_dir():
-            if manifest is None:
-                if not (folder / "manifest.json").is_file():
-                    raise MissingInputError(f"{folder} has no manifest.json: compile it first (`qwen2lib compile CONFIG`)")
-                manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-            graph = folder / manifest.get("graph", {}).get("file", "model.onnx")
+            manifest = manifest or GraphManifest.read(folder)
+            graph = folder / manifest.graph_file
         elif not folder.is_file():
             raise MissingInputError(f"{folder} does not exist: compile a graph first (`qwen2lib compile CONFIG`)")
-        manifest = dict(manifest or {})
-        if "operator_set" not in manifest:  # a bare graph: read its opsets (not its weights) to tell
-
-            proto = onnx.load(str(graph), load_external_data=False)
-            manifest["operator_set"] = "contrib" if "com.microsoft" in {o.domain for o in proto.opset_import} else "standard"
-            manifest.setdefault("dual_chunk_attention", uses_dual_chunk(proto.graph))
-        runtime = manifest.get("config", {}).get("runtime", {})
-        threads = threads if threads is not None else (runtime.get("threads") or None)
-        level = optimization_level or runtime.get("optimization_level", "all")
+        if manifest is None:  # a bare graph: its opsets and node names (not its weights) tell what it runs
+            manifest = GraphManifest.for_bare_graph(onnx.load(str(graph), load_external_data=False))
+        threads = threads if threads is not None else (manifest.runtime.get("threads") or None)
+        level = optimization_level or manifest.runtime.get("optimization_level", "all")
         try:
             session = ort.InferenceSession(str(graph), session_options(threads, level, spinning), providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime's own error types (InvalidProtobuf, Fail, NoSuchFile ...)

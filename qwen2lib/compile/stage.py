@@ -41,6 +41,7 @@ from ..model.long_context import dca_config_from_dict
 from ..deploy import ensure_patched
 from ..errors import MissingInputError, Qwen2LibError
 from .plan import GraphPlan, weight_precision
+from .manifest import GRAPH_FILE, GraphManifest
 from .runtime import OnnxCausalLM
 from .builder import build_graph, io_signature, op_histogram
 from .trace import export_package_graph
@@ -51,14 +52,12 @@ from .verify import activation_ranges, check_bounds, decode_parity, fidelity, fp
 from ..model.loading import check_weights_match_config, checkpoint_dir
 from ..model.model_config import Qwen2Args
 from ..model.tokenizer import TOKENIZER_FILES
-from ..deploy.quantizer import unpack_int4
-from .ops import Int4Weight
+from ..quantize.package_reader import read_quantized_package
 from ..quantize.stage import default_settings, ensure_quantized
 from ..stages.reuse import ensure_stage
 from ..model.tensorio import TensorReader
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-MANIFEST_FORMAT = "qwen2lib-compiled/1"
 
 
 class CompileVerificationError(Qwen2LibError, RuntimeError):
@@ -148,91 +147,6 @@ def load_weights(folder: Path) -> FloatWeights:
     """Every tensor of the folder's safetensors as float32 numpy, read lazily (``FloatWeights``)."""
     check_weights_match_config(folder)
     return FloatWeights(TensorReader(folder))
-
-
-SCALE_SUFFIXES = ("_scale", "_scales", ".scale", ".scales")
-
-
-class QuantizedWeights(Mapping):
-    """{"<linear>.weight": (int8 (N, K), fp32 scales (N, 1 or k_blocks)) or Int4Weight} of notebook 03's package,
-    read lazily."""
-
-    def __init__(self, reader: TensorReader, names: dict[str, str], int4: dict[str, tuple[str, int]] | None = None):
-        self.reader, self.names = reader, names  # weight name -> its scale tensor's name
-        self.int4 = int4 or {}  # int4 weight name -> (its zero-point tensor's name, group size)
-
-    def __getitem__(self, name: str) -> tuple[np.ndarray, np.ndarray] | Int4Weight:
-        q, scale = self.reader[name], self.reader[self.names[name]].float()
-        if name in self.int4:  # uint8, two 4-bit values per byte; Qwen2's inputs (hidden, intermediate) are even
-            zero_name, group = self.int4[name]
-            K = 2 * q.shape[1]
-            return Int4Weight(unpack_int4(q, K).numpy(), scale.numpy(), self.reader[zero_name].numpy(), group)
-        return q.numpy(), scale.numpy().reshape(q.shape[0], -1)
-
-    def __iter__(self):
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-
-def read_quantized_package(folder: Path) -> tuple[dict[str, torch.Tensor], QuantizedWeights]:
-    """Notebook 03's package -> (float tensors, {"<linear>.weight": (int8 (N, K), scales) or Int4Weight}), from
-    the headers: the quantized tensors are read when the graph builder asks for them.
-
-    An int8 tensor ``X.weight`` pairs with a float ``X.weight_scale`` / ``X.weight_scales`` / ``X.scale`` /
-    ``X.scales`` (N,) or (N, 1); an int4 one is uint8 ``X.weight`` (two values per byte) with ``X.weight_scale``
-    and ``X.weight_zero_point`` (N, groups). Float tensors (norms changed by SmoothQuant or AWQ, unquantized
-    Linears) are returned too (lazily), so they replace the checkpoint's.
-    """
-    reader = TensorReader(folder)
-    names, floats, int4 = {}, [], {}
-    for name in reader:
-        dtype = reader.info(name)["dtype"]
-        stem = name[: -len(".weight")] if name.endswith(".weight") else name
-        if dtype == "U8" and f"{stem}.weight_zero_point" in reader:
-            names[name] = f"{stem}.weight_scale"
-            groups = reader.info(f"{stem}.weight_scale")["shape"][1]
-            int4[name] = (f"{stem}.weight_zero_point", _group_size(folder, 2 * reader.info(name)["shape"][1], groups))
-        elif dtype == "I8":
-            stem = name[: -len(".weight")] if name.endswith(".weight") else name
-            scale = next((k for k in (f"{stem}.weight_scale", f"{stem}.weight_scales", f"{stem}.scale",
-                                      f"{stem}.scales") if k in reader), None)
-            if scale is None:
-                raise ConfigError(f"{folder}: int8 tensor {name} has no scale tensor ({stem}.weight_scale or "
-                                  f"{stem}.scale); cannot rebuild its float values")
-            names[f"{stem}.weight"] = scale
-        elif dtype in ("F32", "F16", "BF16") and not name.endswith(SCALE_SUFFIXES):
-            floats.append(name)
-    if not names:
-        raise ConfigError(f"{folder} holds no int8 or int4 weights: is it notebook 03's quantized package?")
-    return _LazyTensors(reader, floats), QuantizedWeights(reader, names, int4)
-
-
-class _LazyTensors(Mapping):
-    """Some tensors of a reader, by name, read when asked for."""
-
-    def __init__(self, reader: TensorReader, names: list[str]):
-        self.reader, self.names = reader, set(names)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self.names:
-            raise KeyError(name)
-        return self.reader[name]
-
-    def __iter__(self):
-        return iter(sorted(self.names))
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-
-def _group_size(folder: Path, K: int, groups: int) -> int:
-    recorded = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("quantization_config", {})
-    size = recorded.get("group_size") or K // groups
-    if -(-K // size) != groups:
-        raise ConfigError(f"{folder}: {groups} int4 groups do not fit {K} inputs in groups of {size}")
-    return int(size)
 
 
 def _int8_folder(cfg, model, weights, seed, workdir, verbose) -> Path | None:
@@ -441,7 +355,7 @@ def _compile_into(tmp: Path, cfg: CompileConfig, folder: Path, int8_folder: Path
                              quant_label, text_label, phases.timings)
     return {"name": cfg.name, "model": model, "weights": weights, "seed": seed, "precision": cfg.precision,
             "operator_set": plan.operator_set, "source": str(folder), "int8_package": str(int8_folder or ""),
-            "graph_bytes": sum(f["bytes"] for n, f in manifest["files"].items() if n.startswith("model.onnx")),
+            "graph_bytes": sum(f["bytes"] for n, f in manifest.files.items() if n.startswith("model.onnx")),
             "insert_slice": plan.insert_slice,
             "per_block_projections": {"projections": list(plan.per_block_projections), "why": per_block_reason},
             "parity": parity, "fidelity": fid, "kept_in_fp32": sorted(keep)}
@@ -451,9 +365,9 @@ def _verify(tmp: Path, cfg: CompileConfig, plan: GraphPlan, reference, blocks: t
     """Parity over a prompt + cached decode steps and the fidelity report against ``reference`` (ids -> fp32
     logits); raises when a bound is missed."""
     v = cfg.verify
-    lm = OnnxCausalLM.load(tmp, manifest={"config": cfg.as_dict(), "max_sequence_length": plan.max_sequence_length,
-                                          "operator_set": plan.operator_set,
-                                          "dual_chunk_attention": _dual_chunk_record(plan)})
+    lm = OnnxCausalLM.load(tmp, manifest=GraphManifest(
+        operator_set=plan.operator_set, max_sequence_length=plan.max_sequence_length,
+        dual_chunk_attention=_dual_chunk_record(plan), insert_slice=plan.insert_slice, config=cfg.as_dict()))
     prompt = blocks.flatten()[: v.prompt_tokens][None]
     parity = decode_parity(reference, lm, prompt, v.decode_steps)
     fid = fidelity(reference, lm, blocks)  # a last-position graph is walked token by token through its cache
@@ -469,33 +383,31 @@ def _verify(tmp: Path, cfg: CompileConfig, plan: GraphPlan, reference, blocks: t
 
 
 def _manifest(tmp, cfg, plan, source, files, histogram, precision, probe, parity, fid, weights, seed,
-              quant_label, text_label, timings) -> dict:
+              quant_label, text_label, timings) -> GraphManifest:
     args, hf_config = source.args, source.config
-    manifest = {
-        "format": MANIFEST_FORMAT, "name": cfg.name, "config": {**cfg.as_dict(), "_source": cfg.origin},
-        "source": {"model": source.model_id, "weights": weights, "seed": seed, "folder": str(source.folder),
-                   "int8_weights": quant_label, "random_weights": bool(hf_config.get("qwen2lib_random_weights"))},
-        "model_config": {k: hf_config.get(k) for k in ("vocab_size", "hidden_size", "intermediate_size",
-                                                       "num_hidden_layers", "num_attention_heads",
-                                                       "num_key_value_heads", "tie_word_embeddings",
-                                                       "max_position_embeddings", "rms_norm_eps", "insert_slice")},
-        "graph": {"file": "model.onnx", "external_data": "model.onnx.data" if len(files) > 1 else None,
-                  "opset": cfg.graph.opset,
-                  "opset_imports": {(o.domain or "ai.onnx"): o.version for o in _opsets(tmp)},
-                  "nodes": sum(histogram.values())},
-        "operator_set": plan.operator_set, "max_sequence_length": plan.max_sequence_length,
-        "insert_slice": plan.insert_slice, "dual_chunk_attention": _dual_chunk_record(plan),
-        "rope_scaling": args.rope_scaling,
-        "kv_cache": {"layout": "BNSH", "shape": ["batch", args.num_key_value_heads, "sequence", args.head_dim],
-                     "dtype": plan.kv_dtype, "num_layers": args.num_hidden_layers},
+    manifest = GraphManifest(
+        name=cfg.name, config={**cfg.as_dict(), "_source": cfg.origin},
+        source={"model": source.model_id, "weights": weights, "seed": seed, "folder": str(source.folder),
+                "int8_weights": quant_label, "random_weights": bool(hf_config.get("qwen2lib_random_weights"))},
+        model_config={k: hf_config.get(k) for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                    "num_hidden_layers", "num_attention_heads",
+                                                    "num_key_value_heads", "tie_word_embeddings",
+                                                    "max_position_embeddings", "rms_norm_eps", "insert_slice")},
+        graph={"file": GRAPH_FILE, "external_data": "model.onnx.data" if len(files) > 1 else None,
+               "opset": cfg.graph.opset, "opset_imports": {(o.domain or "ai.onnx"): o.version for o in _opsets(tmp)},
+               "nodes": sum(histogram.values())},
+        operator_set=plan.operator_set, max_sequence_length=plan.max_sequence_length,
+        insert_slice=plan.insert_slice, dual_chunk_attention=_dual_chunk_record(plan),
+        rope_scaling=args.rope_scaling,
+        kv_cache={"layout": "BNSH", "shape": ["batch", args.num_key_value_heads, "sequence", args.head_dim],
+                  "dtype": plan.kv_dtype, "num_layers": args.num_hidden_layers},
         **io_signature(tmp / "model.onnx"),
-        "precision": precision, "op_histogram": dict(histogram.most_common()), "fp16_probe": probe,
-        "verify_text": text_label, "parity": parity, "fidelity": fid, "limits": _limits(plan),
-        "timings_s": timings, "versions": _versions(),
-    }
-    manifest["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
-                         for p in sorted(tmp.iterdir()) if p.is_file() and p.name != "metrics.json"}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
+        precision=precision, op_histogram=dict(histogram.most_common()), fp16_probe=probe,
+        verify_text=text_label, parity=parity, fidelity=fid, limits=_limits(plan),
+        timings_s=timings, versions=_versions(),
+        files={p.name: {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
+               for p in sorted(tmp.iterdir()) if p.is_file() and p.name != "metrics.json"})
+    manifest.write(tmp)
     return manifest
 
 
@@ -530,11 +442,8 @@ def _versions() -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def read_manifest(folder: str | os.PathLike) -> dict:
-    path = Path(folder) / "manifest.json"
-    if not path.is_file():
-        raise MissingInputError(f"{path} does not exist: compile first (`qwen2lib compile CONFIG`)")
-    return json.loads(path.read_text(encoding="utf-8"))
+def read_manifest(folder: str | os.PathLike) -> GraphManifest:
+    return GraphManifest.read(folder)
 
 
 def ensure_compiled(model: str = "tiny", weights: str = "auto", workdir: str | os.PathLike | None = None, *,

@@ -163,9 +163,9 @@ def announce(config: dict, where: str) -> None:
         print(f"[long context] {where}: {line}", file=sys.stderr)
 
 
-def announce_graph(manifest: dict, config: dict) -> None:
-    """Name a compiled graph's long-context settings, and say so when it runs without the checkpoint's DCA."""
-    graph_dca = manifest.get("dual_chunk_attention")
+def announce_graph(graph_dca: dict | None, config: dict) -> None:
+    """Name a compiled graph's long-context settings (its manifest's ``dual_chunk_attention``), and say so when it
+    runs without the checkpoint's DCA."""
     announce({**config, "dual_chunk_attention_config": graph_dca}, "onnx graph")
     if config.get("dual_chunk_attention_config") and not graph_dca:
         print("[long context] onnx graph: plain attention, although the checkpoint asks for Dual Chunk Attention "
