@@ -153,7 +153,7 @@ def test_a_package_built_with_insert_slice_compiles_to_last_position_logits(make
     np.testing.assert_allclose(logits, ref.numpy(), atol=1e-4)
 
 
-def test_the_int8_graph_compiles_from_the_quantized_package(tmp_path):
+def test_the_int8_graph_compiles_from_the_quantized_package(tmp_path, capsys):
     wd = tmp_path / "run"
     graph = ensure_compiled(MODEL, "auto", wd, config="qwen2_int8", verbose=False,
                             overrides={"verify.blocks": 1, "verify.block_tokens": 16})
@@ -166,6 +166,13 @@ def test_the_int8_graph_compiles_from_the_quantized_package(tmp_path):
     decided = read_metrics(graph)["per_block_projections"]
     assert decided["projections"] == outliers["per_block_projections"]
     assert decided["why"].startswith("calibration statistics") and "down_proj" in decided["why"]
+    # a warm compile checks each upstream stage once (issue 34: resolved once per call)
+    capsys.readouterr()
+    assert ensure_compiled(MODEL, "auto", wd, config="qwen2_int8", verbose=True,
+                           overrides={"verify.blocks": 1, "verify.block_tokens": 16}) == graph
+    err = capsys.readouterr().err
+    for stage in ("patched", "calibration", "quantized", "compiled"):
+        assert err.count(f"[{stage}] reusing") == 1, err
 
 
 def test_ensure_by_stage_name(tmp_path):

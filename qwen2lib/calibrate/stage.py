@@ -212,12 +212,14 @@ def ensure_calibration(model: str = "tiny", weights: str = "auto", workdir: str 
                        dataset: str | None = None, data_path: str | os.PathLike | None = None,
                        samples: int | None = None, seq_len: int | None = None, seed: int = 0,
                        percentile: float | None = None, batch_size: int | None = None, fallback: bool = True,
-                       force: bool = False, progress: bool = True, verbose: bool = True) -> Path:
+                       force: bool = False, progress: bool = True, verbose: bool = True,
+                       package: str | os.PathLike | None = None) -> Path:
     """``<workdir>/calibration/`` (stats.safetensors + metrics.json): the statistics of notebook 01's deploy
     package (loaded with its checked remote code) on a calibration set.
 
     Settings left None keep the existing calibration's (``calibration_request``); defaults are CI-sized
-    (peers use 128 x 512). An instruct model sees its samples through its chat template.
+    (peers use 128 x 512). An instruct model sees its samples through its chat template. ``package``: the deploy
+    package a caller has just ensured (``ensure_patched``), so a call resolves each upstream stage once.
     """
     workdir = Path(workdir) if workdir else default_workdir(model)
     out = stage_dir(workdir, "calibration")
@@ -225,7 +227,7 @@ def ensure_calibration(model: str = "tiny", weights: str = "auto", workdir: str 
                                   samples=samples, seq_len=seq_len, percentile=percentile, batch_size=batch_size)
     if request["dataset"] not in DATASETS:
         raise CalibrationDataError(f"dataset {request['dataset']!r}: use one of {', '.join(DATASETS)}")
-    package = ensure_patched(model, weights, workdir, seed=seed, verbose=verbose)
+    package = Path(package) if package else ensure_patched(model, weights, workdir, seed=seed, verbose=verbose)
 
     def build(tmp: Path) -> dict:
         tokenizer = load_tokenizer(str(package))

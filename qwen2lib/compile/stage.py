@@ -149,7 +149,7 @@ def load_weights(folder: Path) -> FloatWeights:
     return FloatWeights(TensorReader(folder))
 
 
-def _int8_folder(cfg, model, weights, seed, workdir, verbose) -> Path | None:
+def _int8_folder(cfg, model, weights, seed, workdir, verbose, package: Path) -> Path | None:
     """The quantized package int8 weights come from: ``quantization.package`` when named, else notebook 03's
     ``quantized/<quantization.from_scheme>`` (built when missing) for a graph of the deploy package; None
     when compiling the raw checkpoint or with ``from_scheme: null``: the shared quantizer
@@ -160,7 +160,8 @@ def _int8_folder(cfg, model, weights, seed, workdir, verbose) -> Path | None:
     if q.package:
         return Path(q.package)
     if cfg.source.package == "patched" and q.from_scheme:
-        return Path(ensure_quantized(model, weights, workdir, seed=seed, scheme=q.from_scheme, verbose=verbose))
+        return Path(ensure_quantized(model, weights, workdir, seed=seed, scheme=q.from_scheme, verbose=verbose,
+                                     package=package))
     return None
 
 
@@ -265,7 +266,7 @@ def compile_model(config: str | os.PathLike | dict | CompileConfig, model: str |
     final = Path(out_dir) if out_dir else stage_dir(workdir, "compiled", cfg.name)
     check_replaceable(final)  # before any slow work: never replace a folder qwen2lib did not write
     folder = _source_folder(cfg, model, weights, seed, workdir, verbose)
-    int8_folder = _int8_folder(cfg, model, weights, seed, workdir, verbose)
+    int8_folder = _int8_folder(cfg, model, weights, seed, workdir, verbose, folder)  # the package ensured once
     inputs = {"source": folder, **({"int8_package": int8_folder} if int8_folder else {})}
     request = {"config": cfg.as_dict(), "seed": seed}
 

@@ -160,7 +160,8 @@ def ensure_quantized(model: str = "tiny", weights: str = "auto", workdir: str | 
                      scheme: str = "w8a16", alpha: float | None = None, seed: int = 0,
                      skip: Iterable[str] | None = None, heldout_blocks: int | None = None,
                      heldout_len: int | None = None, heldout_text: str | None = None, group_size: int | None = None,
-                     calibration: Mapping | None = None, force: bool = False, verbose: bool = True) -> Path:
+                     calibration: Mapping | None = None, force: bool = False, verbose: bool = True,
+                     package: str | os.PathLike | None = None) -> Path:
     """``<workdir>/quantized/<scheme>/``: the deploy package's own ``quantize()`` run with notebook 02's
     statistics, saved as a quantized package, with a metrics.json holding the fidelity report vs the fp32
     deploy package on held-out blocks, per-layer SQNR, the sizes and the activation outliers the statistics
@@ -171,6 +172,7 @@ def ensure_quantized(model: str = "tiny", weights: str = "auto", workdir: str | 
     text the model is for (``default_settings``).
     ``calibration``: settings for ``ensure_calibration`` (dataset, data_path, samples, ...); None uses the
     existing calibration as it is. Other settings left None keep the existing package's (``quantize_settings``).
+    ``package``: the deploy package a caller has just ensured (each upstream stage resolved once per call).
     """
     workdir = Path(workdir) if workdir else default_workdir(model)
     out = stage_dir(workdir, "quantized", scheme)
@@ -182,8 +184,8 @@ def ensure_quantized(model: str = "tiny", weights: str = "auto", workdir: str | 
     if heldout_text not in HELDOUT_TEXTS:
         raise BadInputError(f"heldout_text={heldout_text!r}: use one of {', '.join(HELDOUT_TEXTS)}")
     check_settings(scheme, alpha, group_size)
-    package = ensure_patched(model, weights, workdir, seed=seed, verbose=verbose)
-    calibration_dir = ensure_calibration(model, weights, workdir, seed=seed, verbose=verbose,
+    package = Path(package) if package else ensure_patched(model, weights, workdir, seed=seed, verbose=verbose)
+    calibration_dir = ensure_calibration(model, weights, workdir, seed=seed, verbose=verbose, package=package,
                                          **calibration_to_use(workdir, out, calibration))
     if verbose:
         print(f"[quantized] {describe_calibration(calibration_dir)}", file=sys.stderr, flush=True)
