@@ -35,11 +35,11 @@ def ensure(stage: str, model: str = "tiny", weights: str = "auto", workdir: str 
     if stage == "checkpoint":
         return checkpoint_dir(model, weights, request.get("seed", 0))
     if stage not in BUILDERS:
-        raise BadInputError(f"stage {stage!r}: one of {', '.join(GRAPH[:-1])} (inference is notebook 05's report)")
+        raise BadInputError(f"stage {stage!r}: one of {', '.join(GRAPH[:-1])} (inference is notebooks 05 and 06's report)")
     return BUILDERS[stage](model, weights, workdir, **request)
 
 
-# ---- a backend by name: a checkpoint, a compiled graph, or one of notebook 05's stages ----------
+# ---- a backend by name: a checkpoint, a compiled graph, or one of notebooks 05 and 06's stages ----------
 
 def check_memory(model: str, label: str, shape: Mapping | None = None, long_context: dict | None = None,
                  available: int | None = None) -> footprint.Estimate:
@@ -168,11 +168,11 @@ def _ensure_graph(model, weights, workdir, seed, precision, config: str | None =
     return Path(ensure_compiled(model, weights, workdir, config=config, seed=seed, overrides=overrides or None))
 
 
-# The ways notebook 05 runs a model, each built from (or reusing) the earlier stages' folders: the transformers
+# The ways notebooks 05 and 06 run a model, each built from (or reusing) the earlier stages' folders: the transformers
 # reference, notebook 03's two int8 packages in torch, and notebook 04's graphs (int8: one per package).
 STAGE_BACKENDS = ("fp32 torch", "int8 torch", "int8 torch smoothquant", "fp32 graph", "fp16 graph", "int8 graph",
                   "int8 graph smoothquant")
-ACCURACY_STAGES = STAGE_BACKENDS  # notebook 05 scores every stage it runs
+ACCURACY_STAGES = STAGE_BACKENDS  # notebook 06 scores every stage notebook 05 runs
 
 
 def stage_backend(label: str, model: str = "tiny", *, weights: str = "auto", workdir: str | Path | None = None,
@@ -198,7 +198,7 @@ def stage_backend(label: str, model: str = "tiny", *, weights: str = "auto", wor
 
 
 class StageBackends(Mapping):
-    """Notebook 05's backends by label, each loaded when first asked for and kept while memory allows.
+    """Notebooks 05 and 06's backends by label, each loaded when first asked for and kept while memory allows.
 
     ``keep`` (the reference) stays loaded until ``release(everything=True)``. When twice the weights of all of
     them (``footprint.backend_bytes``; twice: loading a graph and running it need about as much again) fit in the

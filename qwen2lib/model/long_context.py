@@ -1,5 +1,5 @@
 """Long context: a checkpoint's Dual Chunk Attention and rope-scaling settings, set from the command line and honoured
-by every backend (what they buy is measured in ``qwen2lib.scratch.context_study``, notebook 06).
+by every backend (what they buy is measured in ``qwen2lib.scratch.context_study``, notebook 07).
 
 Settings are config.json keys, so the deploy package, the graphs and transformers read the same thing:
 

@@ -1,4 +1,4 @@
-"""What long-context settings buy: perplexity past the training length, per method (notebook 06).
+"""What long-context settings buy: perplexity past the training length, per method (notebook 07).
 
 Each method is a set of config.json overrides made by the same parser as ``--dca`` / ``--yarn``
 (``qwen2lib.model.long_context``), run on the teaching model.
