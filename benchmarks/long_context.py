@@ -59,6 +59,7 @@ from qwen2lib.compile.runtime import OnnxCausalLM  # noqa: E402
 from qwen2lib.model.long_context import long_context_overrides, workdir_tag  # noqa: E402
 from qwen2lib.quantize.stage import ensure_quantized  # noqa: E402
 from qwen2lib.model.registry import resolve  # noqa: E402
+from qwen2lib.stages.resident import reset_peak, status_bytes  # noqa: E402
 
 REFERENCE = "llama.cpp Q8_0"
 TARGETS = [(graph, kind, L) for graph in ("graph int8", "graph int8 block32")  # each >= 1.0x
@@ -69,25 +70,6 @@ KV_DTYPES = {"graph int8": "float32", "graph int8 block32": "float32", "graph in
 
 
 # ---- resident memory -------------------------------------------------------------------------------
-
-def _status_bytes(field: str, pid: str = "self") -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak() -> bool:
-    """Reset this process's resident high-water mark (Linux >= 4.0: ``5`` into clear_refs)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
 
 def kv_nbytes(state) -> int:
     """Bytes of a KV cache object: the graphs' KVState buffers (capacity included) or a transformers cache."""
@@ -120,7 +102,7 @@ def measure_lengths(runner, lengths: list[int], decode: int, vocab: int) -> dict
     gc.collect()
     out = {}
     for length in lengths:
-        before = _status_bytes("VmRSS")
+        before = status_bytes("VmRSS")
         reset_peak()
         ids = rng.integers(0, vocab, (1, length))
         t0 = time.perf_counter()
@@ -133,8 +115,8 @@ def measure_lengths(runner, lengths: list[int], decode: int, vocab: int) -> dict
             logits, state = runner.decode(logits.argmax(-1)[:, None], state)
         step_s = (time.perf_counter() - t0) / decode
         out[length] = {"prefill tok/s": length / prefill_s, "decode ms": 1e3 * step_s,
-                       "peak MB": (_status_bytes("VmHWM") or 0) / 1e6,
-                       "held MB": ((_status_bytes("VmRSS") or 0) - (before or 0)) / 1e6,
+                       "peak MB": (status_bytes("VmHWM") or 0) / 1e6,
+                       "held MB": ((status_bytes("VmRSS") or 0) - (before or 0)) / 1e6,
                        "KV MB": kv_nbytes(state) / 1e6}
         del logits, state
         gc.collect()
@@ -172,7 +154,7 @@ def run_with_peak_rss(command: list[str], timeout_s: float) -> tuple[int, str, i
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
         peak, deadline = 0, time.monotonic() + timeout_s
         while proc.poll() is None:
-            peak = max(peak, _status_bytes("VmHWM", str(proc.pid)) or 0)
+            peak = max(peak, status_bytes("VmHWM", str(proc.pid)) or 0)
             if time.monotonic() > deadline:
                 proc.kill()
                 proc.wait()

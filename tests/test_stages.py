@@ -220,3 +220,16 @@ def test_an_insert_slice_package_quantizes_and_compiles_to_a_last_position_int8_
     package = json.loads((wd / "quantized" / "w8a16" / "config.json").read_text())
     assert package["insert_slice"] is True  # the quantized package keeps the deploy package's setting
     assert read_metrics(wd / "quantized" / "w8a16")["fidelity"]["tokens"] > 1  # scored on every position
+
+
+def test_resident_memory_is_read_from_proc_and_its_peak_restarts():
+    from qwen2lib.stages.resident import peak_bytes, reset_peak, resident_bytes, status_bytes
+
+    assert status_bytes("VmRSS", "0") is None  # no such process: None, not an error
+    assert reset_peak(), "Linux lets a process restart its own high-water mark"
+    before = peak_bytes()
+    block = b"\x01" * (64 << 20)  # written, so resident
+    assert peak_bytes() >= before + (48 << 20) and resident_bytes() >= 48 << 20
+    del block
+    reset_peak()
+    assert peak_bytes() < before + (48 << 20), "after a reset the peak is what the process holds now"

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import resource
 import threading
 import time
 
 from aiohttp import web
 
 from ..errors import PromptTooLongError
+from ..stages.resident import resident_bytes
 from .generation import SamplingParams, TextStream, encode_prompt, stop_token_ids
 from .engine import Engine, EngineConfig, Event, QueueFullError, RequestTooLargeError, ServeRequest
 
@@ -308,12 +308,8 @@ async def handle_health(request: web.Request) -> web.Response:
 
 
 def rss_mb() -> float:
-    """Resident memory of this process now (Linux /proc), in MiB; the peak where /proc is missing."""
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Resident memory of this process now, in MiB."""
+    return resident_bytes() / 2**20
 
 
 def build_app(backend, tokenizer, model_name: str, config: EngineConfig | None = None) -> web.Application:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from ..artifacts import atomic_dir, read_metrics, write_metrics
 from ..model.footprint import check_stage
 from ..model.tokenizer import TOKENIZER_FILES
 from .closure import import_closure
+from .resident import peak_bytes, reset_peak
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the qwen2lib folder
 GRAPH = ("checkpoint", "patched", "calibration", "quantized", "compiled", "exported", "inference")
@@ -157,38 +157,16 @@ def recorded_request(folder: str | os.PathLike) -> dict | None:
 _peaks_before: list[int] = []  # per stage being built (outermost first): its peak so far, kept across a nested stage's reset
 
 
-def _high_water_mark() -> int:
-    """Peak resident bytes of this process since the last reset (VmHWM), else since it started (ru_maxrss)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _reset_high_water_mark() -> None:
-    """Start the peak over from the current resident set (Linux), so a stage built in a notebook's long-lived
-    process records its own peak, not an earlier stage's."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-            fh.write("5")
-    except OSError:
-        pass
-
-
 def _start_peak() -> None:
     if _peaks_before:  # a stage built inside another's build: the outer one keeps the peak it had reached
-        _peaks_before[-1] = max(_peaks_before[-1], _high_water_mark())
+        _peaks_before[-1] = max(_peaks_before[-1], peak_bytes())
     _peaks_before.append(0)
-    _reset_high_water_mark()
+    reset_peak()
 
 
 def _end_peak() -> int:
     """This stage's peak resident bytes (its nested stages' included)."""
-    peak = max(_peaks_before.pop(), _high_water_mark())
+    peak = max(_peaks_before.pop(), peak_bytes())
     if _peaks_before:
         _peaks_before[-1] = max(_peaks_before[-1], peak)
     return peak
