@@ -49,7 +49,8 @@ from qwen2lib.compile.runtime import OnnxCausalLM  # noqa: E402
 from qwen2lib.deploy import ensure_patched, load_deploy_package  # noqa: E402
 from qwen2lib.deploy.quantizer import is_int4_linear, is_int8_linear  # noqa: E402
 from qwen2lib.deploy.schemes import INT4_SCHEMES  # noqa: E402
-from qwen2lib.quantize.stage import ensure_quantized, load_quantized, logits_fn  # noqa: E402
+from qwen2lib.evaluation.fidelity import logits_fn  # noqa: E402
+from qwen2lib.quantize.stage import ensure_quantized, load_quantized  # noqa: E402
 from qwen2lib.model.tokenizer import load_tokenizer  # noqa: E402
 
 

@@ -56,7 +56,8 @@ from qwen2lib.evaluation.runner import accuracy_table, evaluate_benchmark  # noq
 from qwen2lib.export.stage import ensure_exported, gguf_file  # noqa: E402
 from qwen2lib.model.gguf import load_gguf_model  # noqa: E402
 from qwen2lib.model.tokenizer import load_tokenizer  # noqa: E402
-from qwen2lib.quantize.stage import ensure_quantized, load_quantized, logits_fn  # noqa: E402
+from qwen2lib.evaluation.fidelity import logits_fn  # noqa: E402
+from qwen2lib.quantize.stage import ensure_quantized, load_quantized  # noqa: E402
 
 README = Path(__file__).resolve().parent / "README.md"
 SECTION = "## On a real checkpoint"

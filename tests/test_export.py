@@ -14,7 +14,8 @@ from qwen2lib.export import stage as export, compressed_tensors as export_ct, gg
 from qwen2lib.model import gguf as gguf_reader
 from qwen2lib.artifacts import read_metrics
 from qwen2lib.evaluation.fidelity import fidelity_report
-from qwen2lib.quantize.stage import dequantize_weight, is_int8_linear, load_quantized, logits_fn, quantize_model
+from qwen2lib.evaluation.fidelity import logits_fn
+from qwen2lib.quantize.stage import dequantize_weight, is_int8_linear, load_quantized, quantize_model
 from qwen2lib.model.tokenizer import cached_family_tokenizer_dir
 
 VOCAB = 320

@@ -18,7 +18,8 @@ from qwen2lib.errors import InsufficientMemoryError
 from qwen2lib.compile.plan import GraphPlan
 from qwen2lib.compile.runtime import OnnxCausalLM
 from qwen2lib.compile.builder import build_graph
-from qwen2lib.compile.reference import reference_logits_fn, streamed_reference
+from qwen2lib.compile.reference import streamed_reference
+from qwen2lib.evaluation.fidelity import logits_fn
 from qwen2lib.deploy.layerwise import LayerwiseModel
 from qwen2lib.model.model_config import Qwen2Args
 from qwen2lib.model.random_weights import build_random_model, random_state_dict, write_random_checkpoint
@@ -136,7 +137,7 @@ def package(make_checkpoint, tmp_path):
 
 def test_streamed_reference_equals_the_whole_model(package):
     ids = torch.randint(0, 320, (3, 17), generator=torch.Generator().manual_seed(0))
-    whole = reference_logits_fn(load_deploy_package(package))(ids)
+    whole = logits_fn(load_deploy_package(package))(ids)
     streamed = streamed_reference(Path(package))(ids)
     torch.testing.assert_close(streamed, whole, rtol=1e-5, atol=1e-5)
     layerwise = LayerwiseModel(package)
@@ -154,7 +155,7 @@ def test_streamed_fidelity_equals_the_whole_models_report(package, tmp_path):
     blocks = torch.randint(0, 320, (3, 16), generator=torch.Generator().manual_seed(1))
     report, sqnr = q.streamed_fidelity(LayerwiseModel(package),
                                        LayerwiseModel(tmp_path / "int8", verify=q.verify_quantized_code), blocks)
-    whole = fidelity_report(q.logits_fn(reference), q.logits_fn(candidate), blocks, batch_size=1)
+    whole = fidelity_report(logits_fn(reference), logits_fn(candidate), blocks, batch_size=1)
     assert report.keys() == whole.keys() and 0 < whole["kld_mean"]
     for key, value in whole.items():
         assert report[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key

@@ -12,6 +12,7 @@ import torch
 
 from ..deploy import load_deploy_package
 from ..deploy.layerwise import LayerwiseModel
+from ..evaluation.fidelity import logits_fn
 from ..model.corpus import heldout_token_blocks
 from ..model.loading import load_model
 from ..model.tokenizer import load_tokenizer
@@ -31,16 +32,6 @@ def verify_tokens(folder: Path, vocab_size: int, n_blocks: int, block_tokens: in
     return torch.randint(0, vocab_size, (n_blocks, block_tokens), generator=gen), f"random token ids (seed {seed})"
 
 
-def reference_logits_fn(hf_model):
-    """ids (B, T) -> float32 logits (B, T, V) of the torch reference, no cache."""
-
-    @torch.no_grad()
-    def fn(ids):
-        return hf_model(input_ids=torch.as_tensor(ids), use_cache=False).logits.float()
-
-    return fn
-
-
 def streamed_reference(folder: Path, say: str | bool = False):
     """ids -> fp32 logits of the reference without holding it whole: a deploy package runs one decoder layer at a
     time (``qwen2lib.deploy.layerwise``); a raw checkpoint (``source.package: checkpoint``) is loaded whole."""
@@ -48,7 +39,7 @@ def streamed_reference(folder: Path, say: str | bool = False):
         if say:
             print(f"{say} torch fp32 reference streamed layer by layer from {folder}", flush=True)
         return LayerwiseModel(folder).logits_fn()
-    return reference_logits_fn(load_reference(folder))
+    return logits_fn(load_reference(folder))
 
 
 def load_reference(folder: Path):

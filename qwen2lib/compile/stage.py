@@ -47,7 +47,8 @@ from .builder import build_graph, io_signature, op_histogram
 from .trace import export_package_graph
 from ..model.footprint import verification_fits
 from .plan import QUANTIZED
-from .reference import load_reference, reference_logits_fn, streamed_reference, verify_tokens
+from ..evaluation.fidelity import logits_fn
+from .reference import load_reference, streamed_reference, verify_tokens
 from .verify import activation_ranges, check_bounds, decode_parity, fidelity, fp16_plan
 from ..model.loading import check_weights_match_config, checkpoint_dir
 from ..model.model_config import Qwen2Args
@@ -347,7 +348,7 @@ def _compile_into(tmp: Path, cfg: CompileConfig, folder: Path, int8_folder: Path
                 # patch 7's attention takes its chunk positions from the model's forward, which the layer-by-layer
                 # reference skips; and with DCA switched off for the graph, match_plan turns it off in the reference
                 reference_model = load_reference(folder)
-            reference = (reference_logits_fn(match_plan(reference_model, plan)) if reference_model is not None
+            reference = (logits_fn(match_plan(reference_model, plan)) if reference_model is not None
                          else streamed_reference(folder, verbose and f"[compile {cfg.name}]    "))
             parity, fid = _verify(tmp, cfg, plan, reference, blocks, source.config)
             del reference_model, reference

@@ -20,6 +20,17 @@ REPORT_KEYS = ("max_abs_dlogits", "kld_mean", "kld_ci95", "kld_p99", "top1_agree
                "ppl_ratio", "tokens")
 
 
+def logits_fn(model) -> LogitsFn:
+    """ids (B, T) -> fp32 logits (B, T, V) of a torch causal LM, no cache: the callable the fidelity report, the
+    graphs' verification and the exports' checks compare."""
+
+    @torch.no_grad()
+    def run(ids) -> torch.Tensor:
+        return model(input_ids=torch.as_tensor(ids), use_cache=False).logits.float()
+
+    return run
+
+
 def heldout_blocks(tokenizer, n_blocks: int = 8, seq_len: int = 128, seed: int = 0, text: str = "code") -> torch.Tensor:
     """(n_blocks, seq_len) token ids of held-out text: stdlib files the embedded model never trained on ("code"), or
     the READMEs of held-out installed packages ("prose", ``qwen2lib.model.corpus``)."""

@@ -36,11 +36,10 @@ from ..artifacts import default_workdir, stage_dir
 from .compressed_tensors import FLOAT_DTYPES, write_compressed_tensors
 from ..model.gguf import GGUFTensors, as_reader, gguf_tokenizer
 from .gguf import GGUF_TYPES, ExportError, write_gguf
-from ..evaluation.fidelity import fidelity_report, heldout_blocks as make_heldout_blocks
+from ..evaluation.fidelity import fidelity_report, heldout_blocks as make_heldout_blocks, logits_fn
 from ..deploy import ensure_patched, load_deploy_package
 from ..deploy.layerwise import LayerwiseModel
-from ..quantize.stage import (INT8_SCHEMES, default_settings, ensure_quantized, load_quantized, logits_fn,
-                             streamed_fidelity)
+from ..quantize.stage import INT8_SCHEMES, default_settings, ensure_quantized, load_quantized, streamed_fidelity
 from ..stages.reuse import ensure_stage
 from ..model.tokenizer import load_tokenizer
 

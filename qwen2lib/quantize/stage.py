@@ -40,7 +40,7 @@ from ..stages.reuse import ensure_stage, recorded_request
 __all__ = ["DEFAULT_SKIP", "INT4_SCHEMES", "INT8_CLASS", "INT8_MODELING_FILE", "INT8_SCHEMES", "Int8Linear",
            "QUANT_METHOD", "QuantizationError", "SCHEMES", "WEIGHTS_FILE", "activation_outliers", "dequantize_weight", "disk_bytes", "ensure_quantized",
            "is_int4_linear", "is_int8_linear", "is_skipped", "layerwise_quantized", "streamed_fidelity",
-           "linear_bytes", "load_quantized", "logits_fn", "memory_bytes", "quantize_model",
+           "linear_bytes", "load_quantized", "memory_bytes", "quantize_model",
            "save_quantized", "size_table", "verify_quantized_code"]
 
 
@@ -109,16 +109,6 @@ def size_table(sizes: Mapping[str, Mapping[str, int]]):
 
 
 # ---- the stage ----------------------------------------------------------------------------------
-
-
-def logits_fn(model):
-    """ids (B, T) -> fp32 logits (B, T, V), no cache: the callable the fidelity report compares."""
-
-    @torch.no_grad()
-    def run(ids: torch.Tensor) -> torch.Tensor:
-        return model(ids, use_cache=False).logits.float()
-
-    return run
 
 
 def calibration_to_use(workdir: Path, out: Path, calibration: Mapping | None) -> dict:
