@@ -175,8 +175,9 @@ class RuntimeConfig:
 class VerifyConfig:
     prompt_tokens: int = setting(24, "parity prompt length")
     decode_steps: int = setting(16, "cached decode steps compared after the prompt")
-    blocks: int = setting(4, "held-out text blocks for the fidelity report")
-    block_tokens: int = setting(64, "tokens per block")
+    blocks: int | None = setting(None, "held-out text blocks for the fidelity report (null: notebook 03's sample for "
+                                       "the model: 4, or 16 for a trained checkpoint other than tiny)")
+    block_tokens: int | None = setting(None, "tokens per block (null: 64, or 128 for a trained checkpoint)")
     max_abs_dlogits: float | None = setting(1.0e-4, "parity bound vs the torch fp32 reference (null: report only)")
     max_kld_mean: float | None = setting(None, "fidelity bound: mean KL(ref || graph) per token")
     min_top1_agreement: float | None = setting(None, "fidelity bound: share of positions with the same argmax")
@@ -184,7 +185,8 @@ class VerifyConfig:
 
     def __post_init__(self):
         for key in ("prompt_tokens", "decode_steps", "blocks", "block_tokens"):
-            if getattr(self, key) < (0 if key == "decode_steps" else 1):
+            value = getattr(self, key)
+            if value is not None and value < (0 if key == "decode_steps" else 1):
                 raise ConfigError("must be a positive count", f"verify.{key}")
 
 

@@ -290,6 +290,15 @@ def _load_source(cfg: CompileConfig, folder: Path, int8_folder: Path | None, mod
     return source, quantized, label
 
 
+def verify_sample(v, model: str, weights: str, hf_config: dict) -> tuple[int, int, str]:
+    """(blocks, tokens per block, text) the fidelity report runs on: the config's sizes, or where it leaves them null
+    notebook 03's sample for the model (a trained checkpoint gets 16 x 128 tokens of the text it is for: 256 could
+    not rank schemes, nor tell a broken int8 graph from a good one); random weights keep the small one."""
+    settings = default_settings(model, weights)
+    small = default_settings("tiny", "random") if hf_config.get("qwen2lib_random_weights") else settings
+    return (v.blocks or small["heldout_blocks"], v.block_tokens or small["heldout_len"], settings["heldout_text"])
+
+
 def traced(cfg: CompileConfig, folder: Path) -> bool:
     """The standard-ops fp32 graph of a deploy package is traced from its model (``qwen2lib.compile.trace``), as the
     guide's compiler does; every other graph is built node by node (``qwen2lib.compile.builder``)."""
@@ -305,8 +314,8 @@ def _compile_into(tmp: Path, cfg: CompileConfig, folder: Path, int8_folder: Path
         pass
     source, quantized, quant_label = _load_source(cfg, folder, int8_folder, model, phases)
     v = cfg.verify
-    text = default_settings(model, weights)["heldout_text"]  # the text the model is for, as notebook 03 measures
-    blocks, text_label = verify_tokens(folder, source.args.vocab_size, v.blocks, v.block_tokens, seed, text)
+    sample = verify_sample(v, model, weights, source.config)
+    blocks, text_label = verify_tokens(folder, source.args.vocab_size, sample[0], sample[1], seed, sample[2])
     reference_model, keep, probe = None, frozenset(), None  # at 7B+ weights, graph and reference do not all fit
     with phases("fp16 range probe", "yes" if cfg.precision == "fp16" else "not needed"):
         if cfg.precision == "fp16":
@@ -340,7 +349,7 @@ def _compile_into(tmp: Path, cfg: CompileConfig, folder: Path, int8_folder: Path
     fits, skipped = (verification_fits(source.config, cfg.precision) if cfg.precision in QUANTIZED
                      else (True, ""))
     with phases("verify vs torch", f"{v.prompt_tokens}-token prompt + {v.decode_steps} decode steps, "
-                                   f"{v.blocks}x{v.block_tokens} tokens of {text_label}" if fits else skipped):
+                                   f"{sample[0]}x{sample[1]} tokens of {text_label}" if fits else skipped):
         if not fits:  # past this machine's memory: built, and verified where it can be loaded
             parity, fid = {"skipped": skipped}, {"skipped": skipped}
         else:
