@@ -54,7 +54,7 @@ from ..model.loading import check_weights_match_config, checkpoint_dir
 from ..model.model_config import Qwen2Args
 from ..model.tokenizer import TOKENIZER_FILES
 from ..quantize.package_reader import read_quantized_package
-from ..quantize.stage import default_settings, ensure_quantized
+from ..quantize.stage import DEFAULT_SETTINGS, default_settings, ensure_quantized
 from ..stages.reuse import ensure_stage
 from ..model.tensorio import TensorReader
 
@@ -295,7 +295,7 @@ def verify_sample(v, model: str, weights: str, hf_config: dict) -> tuple[int, in
     notebook 03's sample for the model (a trained checkpoint gets 16 x 128 tokens of the text it is for: 256 could
     not rank schemes, nor tell a broken int8 graph from a good one); random weights keep the small one."""
     settings = default_settings(model, weights)
-    small = default_settings("tiny", "random") if hf_config.get("qwen2lib_random_weights") else settings
+    small = DEFAULT_SETTINGS if hf_config.get("qwen2lib_random_weights") else settings
     return (v.blocks or small["heldout_blocks"], v.block_tokens or small["heldout_len"], settings["heldout_text"])
 
 
