@@ -453,10 +453,6 @@ def _versions() -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def read_manifest(folder: str | os.PathLike) -> GraphManifest:
-    return GraphManifest.read(folder)
-
-
 def ensure_compiled(model: str = "tiny", weights: str = "auto", workdir: str | os.PathLike | None = None, *,
                     config: str | os.PathLike | dict | CompileConfig = "qwen2_fp32", seed: int = 0,
                     overrides: dict | None = None, verbose: bool = True) -> Path:
