@@ -18,7 +18,7 @@ from qwen2lib.compile.config_schema import CompileConfig, ConfigError, describe_
 from qwen2lib.errors import MissingInputError, NumericalOverflowError, PromptTooLongError
 from qwen2lib.model.model_config import Qwen2Args
 from qwen2lib.deploy.quantizer import quantize_per_block, quantize_weight
-from qwen2lib.compile.plan import GraphPlan
+from qwen2lib.compile.plan import GraphPlan, activation_outliers
 from qwen2lib.compile.runtime import OnnxCausalLM, check_finite
 from qwen2lib.compile.builder import build_graph, op_histogram
 from qwen2lib.compile.ops import pack_matmul_nbits
@@ -194,6 +194,21 @@ def test_graph_rules_live_in_the_plan_and_yaml_errors_point_at_the_key(tmp_path)
         load_config(config_path("qwen2_int8"), {"quantization.modules": ["mlp", "mlp"]})
     with pytest.raises(ConfigError, match=r":2: graph.opset: 16 is outside the supported 17-23"):
         load_config(small_config(tmp_path, "graph:\n  opset: 16\n"))
+
+
+def test_calibration_statistics_decide_which_projections_stay_per_block():
+    flat, spiky = torch.ones(64), torch.ones(64)
+    spiky[5] = 4.0  # one channel 4x the median: one scale per call would leave the others 2 bits fewer
+    stats = {}
+    for i in range(2):
+        for linear in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj"):
+            stats[f"model.layers.{i}.{linear}.absmax"] = flat
+        stats[f"model.layers.{i}.mlp.down_proj.absmax"] = spiky if i == 1 else flat  # the worst layer counts
+    decided = activation_outliers(stats)
+    assert decided["per_block_projections"] == ["down_proj"]
+    assert decided["max_over_median"] == {"qkv_proj": 1.0, "o_proj": 1.0, "gate_up_proj": 1.0, "down_proj": 4.0}
+    stats["model.layers.0.self_attn.o_proj.absmax"] = torch.full((64,), 3.9).index_fill(0, torch.tensor([0]), 15.0)
+    assert activation_outliers(stats)["per_block_projections"] == ["down_proj"]  # 15 / 3.9 < 4
 
 
 # ---- int8 packing -----------------------------------------------------------------------------

@@ -13,8 +13,9 @@ import torch
 from qwen2lib import pipeline
 from qwen2lib.stages import reuse as stages
 from qwen2lib.artifacts import read_metrics
-from qwen2lib.calibrate.stage import ensure_calibration
+from qwen2lib.calibrate.stage import ensure_calibration, load_stats
 from qwen2lib.compile.manifest import GraphManifest
+from qwen2lib.compile.plan import activation_outliers
 from qwen2lib.compile.stage import ensure_compiled
 from qwen2lib.compile.runtime import OnnxCausalLM
 from qwen2lib.deploy import ensure_patched
@@ -161,10 +162,13 @@ def test_the_int8_graph_compiles_from_the_quantized_package(tmp_path, capsys):
     assert record["inputs"]["int8_package"]["identity"] == identity(wd / "quantized" / "w8a16")
     assert record["inputs"]["source"]["identity"] == identity(wd / "patched")
     assert "notebook 03 package" in GraphManifest.read(graph).source["int8_weights"]
-    # the calibration statistics decide which projections keep per-block activation scales, and say why
-    outliers = read_metrics(wd / "quantized" / "w8a16")["activation_outliers"]
+    # the plan reads the calibration statistics the package came from: they decide which projections keep
+    # per-block activation scales, the graph records why, and they are one of the graph's inputs
+    assert record["inputs"]["calibration"]["identity"] == identity(wd / "calibration")
+    outliers = activation_outliers(load_stats(wd / "calibration"))
     decided = read_metrics(graph)["per_block_projections"]
     assert decided["projections"] == outliers["per_block_projections"]
+    assert decided["max_over_median"] == outliers["max_over_median"]
     assert decided["why"].startswith("calibration statistics") and "down_proj" in decided["why"]
     # a warm compile checks each upstream stage once (issue 34: resolved once per call)
     capsys.readouterr()

@@ -83,7 +83,7 @@ class QuantizationConfig:
     per_block_projections: tuple[str, ...] | str = setting(
         (), "with int8_per_tensor: projections whose activations stay quantized per block (MatMulNBits), for inputs "
         "with outlier channels: qkv_proj, o_proj, gate_up_proj, down_proj; auto: those whose calibration statistics "
-        "(notebook 02, recorded by notebook 03's package) show outlier channels")
+        "(notebook 02's, those the package was quantized from) show outlier channels")
     modules: tuple[str, ...] = setting(QUANTIZABLE_GROUPS, "weight groups stored as int8: embed_tokens, attention, "
                                        "mlp, lm_head")
     from_scheme: str | None = setting("w8a16", "which of notebook 03's quantized packages (<workdir>/quantized/"

@@ -1,6 +1,7 @@
 """What a compiled graph is, decided before any node is written: the ``GraphPlan`` (operator set, dtype, which
 weight groups are int8 and how their activations are quantized, the fixed or dynamic axes), the model features
-the graphs implement (``check_supported``), and how each weight group ends up stored (``weight_precision``).
+the graphs implement (``check_supported``), how each weight group ends up stored (``weight_precision``), and
+which projections keep per-block activation scales given notebook 02's statistics (``activation_outliers``).
 
 The plan is the one validator of graph rules: ``GraphPlan.__post_init__`` refuses a plan the builder cannot
 build, with a ``PlanError`` naming the field. A YAML config (``qwen2lib.compile.config_schema``) builds its plan when it
@@ -8,6 +9,7 @@ is loaded and reports that error at the line of the key the field comes from.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -174,3 +176,29 @@ def weight_precision(args: Qwen2Args, plan: GraphPlan) -> dict[str, str]:
     return out
 
 
+
+
+# The graph's projections and the Linear whose input each one reads (q|k|v share one input, gate|up another).
+PROJECTION_INPUTS = {"qkv_proj": "self_attn.q_proj", "o_proj": "self_attn.o_proj", "gate_up_proj": "mlp.gate_proj",
+                     "down_proj": "mlp.down_proj"}
+# With one int8 scale per call, the scale follows the largest channel: a channel r times smaller than it keeps
+# 127 / r levels, about log2(r) bits fewer. Past 2 bits (r = 4) the int8 graph keeps that projection's
+# activations quantized per block of inputs instead, which follows the outlier only inside its own block.
+OUTLIER_RATIO_FOR_PER_BLOCK = 4.0
+
+
+def activation_outliers(stats: Mapping) -> dict:
+    """Per graph projection, from notebook 02's statistics (``{"<linear>.absmax": (K,) tensor}``): the largest
+    (max / median channel absmax) over layers of its input, and the projections whose activations that puts per
+    block (``per_block_projections: auto`` of ``qwen2_int8.yaml``)."""
+    ratios = {}
+    for projection, linear in PROJECTION_INPUTS.items():
+        worst, i = 0.0, 0
+        while f"model.layers.{i}.{linear}.absmax" in stats:
+            a = stats[f"model.layers.{i}.{linear}.absmax"].float()  # (K,)
+            median = float(a.median())
+            worst = max(worst, float(a.max()) / median if median > 0 else float("inf"))
+            i += 1
+        ratios[projection] = worst
+    return {"max_over_median": ratios, "threshold": OUTLIER_RATIO_FOR_PER_BLOCK,
+            "per_block_projections": [p for p, r in ratios.items() if r >= OUTLIER_RATIO_FOR_PER_BLOCK]}

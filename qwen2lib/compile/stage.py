@@ -40,7 +40,7 @@ from .config_schema import CompileConfig, ConfigError, load_config
 from ..model.long_context import dca_config_from_dict
 from ..deploy import ensure_patched
 from ..errors import MissingInputError, Qwen2LibError
-from .plan import GraphPlan, weight_precision
+from .plan import GraphPlan, activation_outliers, weight_precision
 from .manifest import GRAPH_FILE, GraphManifest
 from .runtime import OnnxCausalLM
 from .builder import build_graph, io_signature, op_histogram
@@ -56,6 +56,7 @@ from ..model.tokenizer import TOKENIZER_FILES
 from ..quantize.package_reader import read_quantized_package
 from ..quantize.stage import DEFAULT_SETTINGS, default_settings, ensure_quantized
 from ..stages.reuse import ensure_stage
+from ..deploy.schemes import STATS_FILE, load_stats
 from ..model.tensorio import TensorReader
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -184,26 +185,45 @@ def _int8_weights(cfg, folder: Path | None, source: Source) -> tuple[dict, str]:
 
 # ---- the compile ---------------------------------------------------------------------------------
 
-def per_block_projections(cfg: CompileConfig, int8_folder: Path | None) -> tuple[list[str], str]:
+def statistics_folder(cfg: CompileConfig, int8_folder: Path | None) -> Path | None:
+    """Notebook 02's calibration folder the plan reads (``per_block_projections: auto``): the one the quantized
+    package was calibrated on, as its metrics record; None when the config lists the projections."""
+    q = cfg.quantization
+    if q.per_block_projections != "auto" or q.activations != "int8_per_tensor" or int8_folder is None:
+        return None
+    recorded = read_metrics(int8_folder).get("calibration")
+    folder = Path(recorded) if recorded else None
+    if folder is None or not (folder / STATS_FILE).is_file():
+        raise ConfigError(f"per_block_projections: auto reads the calibration statistics {int8_folder} was quantized "
+                          f"from, and {folder or 'its metrics name none'} has no {STATS_FILE}: rebuild the package "
+                          "(notebook 03), or list the projections", "quantization.per_block_projections")
+    return folder
+
+
+def per_block_projections(cfg: CompileConfig, statistics: Path | None) -> tuple[list[str], dict]:
     """The projections whose activations stay per block, and why: as listed in the YAML, or (``auto``) as the
-    calibration statistics recorded with the quantized package decide (``quantization.activation_outliers``)."""
-    listed = cfg.quantization.per_block_projections
+    calibration statistics decide (``qwen2lib.compile.plan.activation_outliers``)."""
+    listed, activations = cfg.quantization.per_block_projections, cfg.quantization.activations
+    if activations != "int8_per_tensor":
+        return [], {"why": f"activations: {activations} (no per-call scale to keep any projection from)"}
     if listed != "auto":
-        return list(listed), "listed in the config"
-    outliers = read_metrics(int8_folder).get("activation_outliers") if int8_folder else None
-    if not outliers:
-        raise ConfigError(f"per_block_projections: auto needs the activation statistics a quantized package of "
-                          f"notebook 03 records; {int8_folder} has none (rebuild it, or list the projections)")
+        return list(listed), {"why": "listed in the config"}
+    if statistics is None:
+        raise ConfigError("per_block_projections: auto needs notebook 02's calibration statistics, which a graph "
+                          "quantized here has none of: list the projections", "quantization.per_block_projections")
+    outliers = activation_outliers(load_stats(statistics))
     ratios = ", ".join(f"{p} {r:.1f}" for p, r in outliers["max_over_median"].items())
-    return list(outliers["per_block_projections"]), (f"calibration statistics: input max/median channel "
-                                                     f"{ratios}; per block at >= {outliers['threshold']:g}")
+    why = (f"calibration statistics ({statistics}): input max/median channel {ratios}; per block at >= "
+           f"{outliers['threshold']:g}")
+    return list(outliers["per_block_projections"]), {"why": why, "max_over_median": outliers["max_over_median"],
+                                                     "threshold": outliers["threshold"]}
 
 
 def _plan(cfg: CompileConfig, args: Qwen2Args, keep_fp32=frozenset(), hf_config: dict | None = None,
           per_block: list[str] = ()) -> GraphPlan:
     """The graph plan: the YAML's choices, with what the package's config.json decides (insert_slice ->
     last-position logits, unless graph.insert_slice says otherwise) and the resolved per-block list."""
-    per_block = tuple(per_block) if cfg.quantization.activations == "int8_per_tensor" else ()
+    per_block = tuple(per_block)
     return cfg.graph_plan(max_position_embeddings=args.max_position_embeddings,
                           insert_slice=bool((hf_config or {}).get("insert_slice", False)),
                           dual_chunk=_dual_chunk(cfg.graph.dual_chunk_attention, args, hf_config),
@@ -268,11 +288,13 @@ def compile_model(config: str | os.PathLike | dict | CompileConfig, model: str |
     check_replaceable(final)  # before any slow work: never replace a folder qwen2lib did not write
     folder = _source_folder(cfg, model, weights, seed, workdir, verbose)
     int8_folder = _int8_folder(cfg, model, weights, seed, workdir, verbose, folder)  # the package ensured once
-    inputs = {"source": folder, **({"int8_package": int8_folder} if int8_folder else {})}
+    statistics = statistics_folder(cfg, int8_folder) if cfg.quantized else None  # what decides per-block activations
+    inputs = {"source": folder, **({"int8_package": int8_folder} if int8_folder else {}),
+              **({"calibration": statistics} if statistics else {})}
     request = {"config": cfg.as_dict(), "seed": seed}
 
     def build(tmp: Path) -> dict:
-        return _compile_into(tmp, cfg, folder, int8_folder, str(model), weights, seed, verbose)
+        return _compile_into(tmp, cfg, folder, int8_folder, statistics, str(model), weights, seed, verbose)
 
     out = ensure_stage("compiled", final, request, inputs, build, force=force, verbose=verbose)
     if verbose:
@@ -306,8 +328,8 @@ def traced(cfg: CompileConfig, folder: Path) -> bool:
             and (folder / "patches.json").is_file())
 
 
-def _compile_into(tmp: Path, cfg: CompileConfig, folder: Path, int8_folder: Path | None, model: str, weights: str,
-                  seed: int, verbose: bool) -> dict:
+def _compile_into(tmp: Path, cfg: CompileConfig, folder: Path, int8_folder: Path | None, statistics: Path | None,
+                  model: str, weights: str, seed: int, verbose: bool) -> dict:
     """Build, save, check and verify the graph into ``tmp``; returns the metrics (manifest.json written too)."""
     phases = _Phases(cfg.name, verbose)
     with phases("config", cfg.origin or "dict"):
@@ -324,7 +346,7 @@ def _compile_into(tmp: Path, cfg: CompileConfig, folder: Path, int8_folder: Path
                                     cfg.fp16.on_overflow)
             if verbose and keep:
                 print(f"[compile {cfg.name}]     kept in fp32 (fp16 would overflow): {', '.join(sorted(keep))}")
-    per_block, per_block_reason = per_block_projections(cfg, int8_folder) if cfg.quantized else ([], None)
+    per_block, per_block_reason = per_block_projections(cfg, statistics) if cfg.quantized else ([], {"why": None})
     plan = _plan(cfg, source.args, keep, source.config, per_block)
     external = {"auto": None, "always": True, "never": False}[cfg.graph.external_data]
     if traced(cfg, folder):
@@ -368,7 +390,7 @@ def _compile_into(tmp: Path, cfg: CompileConfig, folder: Path, int8_folder: Path
             "operator_set": plan.operator_set, "source": str(folder), "int8_package": str(int8_folder or ""),
             "graph_bytes": sum(f["bytes"] for n, f in manifest.files.items() if n.startswith("model.onnx")),
             "insert_slice": plan.insert_slice,
-            "per_block_projections": {"projections": list(plan.per_block_projections), "why": per_block_reason},
+            "per_block_projections": {"projections": list(plan.per_block_projections), **per_block_reason},
             "parity": parity, "fidelity": fid, "kept_in_fp32": sorted(keep)}
 
 

@@ -38,7 +38,7 @@ from ..deploy.layerwise import LayerwiseModel
 from ..stages.reuse import ensure_stage, recorded_request
 
 __all__ = ["DEFAULT_SKIP", "INT4_SCHEMES", "INT8_CLASS", "INT8_MODELING_FILE", "INT8_SCHEMES", "Int8Linear",
-           "QUANT_METHOD", "QuantizationError", "SCHEMES", "WEIGHTS_FILE", "activation_outliers", "dequantize_weight", "disk_bytes", "ensure_quantized",
+           "QUANT_METHOD", "QuantizationError", "SCHEMES", "WEIGHTS_FILE", "dequantize_weight", "disk_bytes", "ensure_quantized",
            "is_int4_linear", "is_int8_linear", "is_skipped", "layerwise_quantized", "streamed_fidelity",
            "linear_bytes", "load_quantized", "memory_bytes", "quantize_model",
            "save_quantized", "size_table", "verify_quantized_code"]
@@ -208,7 +208,6 @@ def ensure_quantized(model: str = "tiny", weights: str = "auto", workdir: str | 
             "deploy_package": str(package), "calibration": str(calibration_dir),
             "calibration_data": read_metrics(calibration_dir)["dataset"],
             "quantization_config": candidate.config.quantization_config,
-            "activation_outliers": activation_outliers(stats),
             "fidelity": report, "sqnr_db": sqnr, "sizes": sizes, "quantize_s": quantize_s,
             "heldout": {"blocks": heldout_blocks, "tokens_per_block": heldout_len,
                         "text": HELDOUT_TEXTS[heldout_text], "kind": heldout_text},
@@ -247,26 +246,3 @@ def streamed_fidelity(reference: LayerwiseModel, candidate: LayerwiseModel, bloc
     return report, {name: sqnr_db(ref[name], cand[name]) for name in ref}
 
 
-# The graph's projections and the Linear whose input each one reads (q|k|v share one input, gate|up another).
-PROJECTION_INPUTS = {"qkv_proj": "self_attn.q_proj", "o_proj": "self_attn.o_proj", "gate_up_proj": "mlp.gate_proj",
-                     "down_proj": "mlp.down_proj"}
-# With one int8 scale per call, the scale follows the largest channel: a channel r times smaller than it keeps
-# 127 / r levels, about log2(r) bits fewer. Past 2 bits (r = 4) the int8 graph keeps that projection's
-# activations quantized per block of inputs instead, which follows the outlier only inside its own block.
-OUTLIER_RATIO_FOR_PER_BLOCK = 4.0
-
-
-def activation_outliers(stats: Mapping[str, torch.Tensor]) -> dict:
-    """Per graph projection: the largest (max / median channel absmax) over layers of its input, and the
-    decision it implies for the int8 graph (``per_block_projections`` of ``qwen2_int8.yaml``'s ``auto``)."""
-    ratios = {}
-    for projection, linear in PROJECTION_INPUTS.items():
-        worst, i = 0.0, 0
-        while f"model.layers.{i}.{linear}.absmax" in stats:
-            a = stats[f"model.layers.{i}.{linear}.absmax"].float()
-            median = float(a.median())
-            worst = max(worst, float(a.max()) / median if median > 0 else float("inf"))
-            i += 1
-        ratios[projection] = worst
-    return {"max_over_median": ratios, "threshold": OUTLIER_RATIO_FOR_PER_BLOCK,
-            "per_block_projections": [p for p, r in ratios.items() if r >= OUTLIER_RATIO_FOR_PER_BLOCK]}
