@@ -58,7 +58,8 @@ from qwen2lib.artifacts import default_workdir  # noqa: E402
 from qwen2lib.compile.stage import ensure_compiled  # noqa: E402
 from qwen2lib.deploy.schemes import INT4_SCHEMES  # noqa: E402
 from qwen2lib.export.stage import ensure_exported, gguf_file  # noqa: E402
-from qwen2lib.compile.runtime import OnnxCausalLM  # noqa: E402
+from qwen2lib.compile.manifest import GRAPH_FILE  # noqa: E402
+from qwen2lib.serve.generation import OnnxBackend, torch_backend  # noqa: E402
 
 GATHER_OPS = {"Gather", "GatherBlockQuantized"}
 TARGETS = [  # (row, column, reference row, at least): the issue's targets, printed PASS / FAIL
@@ -70,47 +71,16 @@ TARGETS = [  # (row, column, reference row, at least): the issue's targets, prin
 ]
 
 
-class TorchRunner:
-    def __init__(self, model):
-        self.model = model
-
-    @torch.no_grad()
-    def prefill(self, ids):
-        out = self.model(input_ids=torch.as_tensor(ids), use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float().numpy(), out.cache
-
-    @torch.no_grad()
-    def decode(self, next_ids, cache):
-        out = self.model(input_ids=torch.as_tensor(next_ids), cache=cache, use_cache=True)
-        return out.logits[:, -1].float().numpy(), out.cache
-
-    def weight_bytes(self) -> int:
-        """Every Linear's weight (the head included: tied or not it reads a whole table); float or packed int8."""
-        total = 0
-        for module in self.model.modules():
-            if isinstance(module, torch.nn.Linear):
-                total += module.weight.numel() * module.weight.element_size()
-            elif hasattr(module, "weight") and callable(module.weight):  # torch.ao dynamic quantized Linear
-                total += module.weight().numel()
-        return total
-
-
-class GraphRunner:
-    def __init__(self, folder: Path, threads: int, copy_kv: bool = False):
-        self.lm = OnnxCausalLM.load(folder, threads=threads)
-        self.folder = folder
-        self.copy_kv = copy_kv  # feed the cache and take a fresh concatenated copy back each step (the plain way)
-
-    def prefill(self, ids):
-        logits, state = self.lm.prefill(ids)
-        return logits[:, -1], state
-
-    def decode(self, next_ids, state):
-        logits, state = self.lm.decode(next_ids, state, in_place=not self.copy_kv)
-        return logits[:, -1], state
-
-    def weight_bytes(self) -> int:
-        return graph_matmul_bytes(self.folder / "model.onnx")
+def torch_weight_bytes(backend) -> int:
+    """Every Linear's weight of a torch backend's model (the head included: tied or not it reads a whole table);
+    float or packed int8."""
+    total = 0
+    for module in backend.model.modules():
+        if isinstance(module, torch.nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+        elif hasattr(module, "weight") and callable(module.weight):  # torch.ao dynamic quantized Linear
+            total += module.weight().numel()
+    return total
 
 
 def graph_matmul_bytes(path: Path) -> int:
@@ -148,34 +118,36 @@ def memory_bandwidth(threads: int, mib: int = 1024, repeats: int = 5) -> dict[st
     return best
 
 
-def time_prefill(runner, prompt_len: int, vocab: int) -> float:
-    ids = np.random.default_rng(0).integers(0, vocab, (1, prompt_len))
+def time_prefill(backend, prompt_len: int, vocab: int) -> float:
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, vocab, (1, prompt_len)))
     t0 = time.perf_counter()
-    runner.prefill(ids)
+    backend.prefill(ids, torch.ones_like(ids))
     return prompt_len / (time.perf_counter() - t0)
 
 
-def time_decode(runner, batch: int, steps: int, vocab: int, context: int) -> float:
-    rng = np.random.default_rng(1)
-    ids = rng.integers(0, vocab, (batch, context))
-    logits, state = runner.prefill(ids)
+def time_decode(backend, batch: int, steps: int, vocab: int, context: int) -> float:
+    ids = torch.from_numpy(np.random.default_rng(1).integers(0, vocab, (batch, context)))
+    logits, state = backend.prefill(ids, torch.ones_like(ids))
     for _ in range(2):  # warm-up steps, not timed
-        logits, state = runner.decode(logits.argmax(-1)[:, None], state)
+        logits, state = backend.decode(logits.argmax(-1, keepdim=True), state)
     t0 = time.perf_counter()
     for _ in range(steps):
-        logits, state = runner.decode(logits.argmax(-1)[:, None], state)
+        logits, state = backend.decode(logits.argmax(-1, keepdim=True), state)
     return batch * steps / (time.perf_counter() - t0)
 
 
-def measure_python(make, args, vocab) -> dict:
-    """One of each measurement for one in-process backend."""
-    runner = make()
-    runner.prefill(np.random.default_rng(0).integers(0, vocab, (1, 32)))  # warm-up: allocator, prepacking
-    row = {"prefill tok/s": time_prefill(runner, args.prompt, vocab)}
+def measure_python(make, weight_bytes, args, vocab) -> dict:
+    """One of each measurement for one in-process generation backend (``qwen2lib.serve.generation``: what
+    ``qwen2lib generate`` and the serving engine run); ``weight_bytes(backend)`` counts what a decode step reads."""
+    backend = make()
+    warm = torch.from_numpy(np.random.default_rng(0).integers(0, vocab, (1, 32)))
+    backend.prefill(warm, torch.ones_like(warm))  # warm-up: allocator, prepacking
+    row = {"prefill tok/s": time_prefill(backend, args.prompt, vocab)}
     for b in args.batches:
-        row[f"decode b{b} tok/s"] = time_decode(runner, b, args.decode, vocab, args.context)
-    row["weights MB"] = runner.weight_bytes() / 1e6
-    del runner
+        row[f"decode b{b} tok/s"] = time_decode(backend, b, args.decode, vocab, args.context)
+    row["weights MB"] = weight_bytes(backend) / 1e6
+    backend.close()
+    del backend
     gc.collect()
     return row
 
@@ -272,18 +244,27 @@ def backends(args, workdir: Path) -> tuple[list, list[str]]:
     graphs = compile_graphs(args, workdir)
 
     def hf(dtype):
-        return lambda: TorchRunner(load_model(args.model, weights=args.weights, dtype=dtype))
+        return lambda: torch_backend(load_model(args.model, weights=args.weights, dtype=dtype))
 
     def dynamic_int8():
         model = load_model(args.model, weights=args.weights, dtype="float32")
-        return TorchRunner(torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8))
+        return torch_backend(torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8))
 
-    makers = [("transformers fp32", hf("float32")), ("transformers bf16", hf("bfloat16")),
-              ("torch dynamic int8", dynamic_int8)]
-    makers += [(label, lambda f=folder: GraphRunner(f, args.threads)) for label, folder in graphs.items()]
-    if args.kv_copy_row and "graph int8" in graphs:
-        makers.append(("graph int8, KV copied per step", lambda: GraphRunner(graphs["graph int8"], args.threads, True)))
-    rows = [(label, lambda m=make: measure_python(m, args, vocab)) for label, make in makers if label not in args.skip]
+    def graph(folder: Path, in_place: bool = True):
+        return lambda: OnnxBackend.load(folder, threads=args.threads, in_place=in_place)
+
+    def graph_bytes(folder: Path):
+        return lambda backend: graph_matmul_bytes(folder / GRAPH_FILE)
+
+    makers = [("transformers fp32", hf("float32"), torch_weight_bytes),
+              ("transformers bf16", hf("bfloat16"), torch_weight_bytes),
+              ("torch dynamic int8", dynamic_int8, torch_weight_bytes)]
+    makers += [(label, graph(folder), graph_bytes(folder)) for label, folder in graphs.items()]
+    if args.kv_copy_row and "graph int8" in graphs:  # the cache fed and a fresh concatenated copy taken back each step
+        makers.append(("graph int8, KV copied per step", graph(graphs["graph int8"], in_place=False),
+                       graph_bytes(graphs["graph int8"])))
+    rows = [(label, lambda m=make, w=weights: measure_python(m, w, args, vocab))
+            for label, make, weights in makers if label not in args.skip]
     notes, builds = [], llama_builds(args)
     for build, tool in builds.items():
         for gguf_type in args.gguf_types:

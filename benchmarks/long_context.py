@@ -45,7 +45,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decode_prefill import TorchRunner  # noqa: E402
 from llamacpp import BUILD_HINT, build_record, describe_build, find_tool  # noqa: E402
 from machine import LoadWatch, cpu_record, describe_cpu, verdict  # noqa: E402
 from tables import markdown  # noqa: E402
@@ -55,10 +54,10 @@ from qwen2lib.artifacts import default_workdir  # noqa: E402
 from qwen2lib.compile.stage import ensure_compiled  # noqa: E402
 from qwen2lib.deploy import ensure_patched  # noqa: E402
 from qwen2lib.export.stage import ensure_exported, gguf_file  # noqa: E402
-from qwen2lib.compile.runtime import OnnxCausalLM  # noqa: E402
 from qwen2lib.model.long_context import long_context_overrides, workdir_tag  # noqa: E402
 from qwen2lib.quantize.stage import ensure_quantized  # noqa: E402
 from qwen2lib.model.registry import resolve  # noqa: E402
+from qwen2lib.serve.generation import OnnxBackend, torch_backend  # noqa: E402
 from qwen2lib.stages.resident import reset_peak, status_bytes  # noqa: E402
 
 REFERENCE = "llama.cpp Q8_0"
@@ -72,47 +71,35 @@ KV_DTYPES = {"graph int8": "float32", "graph int8 block32": "float32", "graph in
 # ---- resident memory -------------------------------------------------------------------------------
 
 def kv_nbytes(state) -> int:
-    """Bytes of a KV cache object: the graphs' KVState buffers (capacity included) or a transformers cache."""
+    """Bytes of a generation backend's KV cache: the graphs' KVState buffers (capacity included), or the
+    transformers cache of a torch backend's (cache, attention mask) state."""
     if hasattr(state, "buffers"):
         return sum(k.nbytes + v.nbytes for k, v in state.buffers)
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in state.layers)
+    cache, _ = state
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
 
-# ---- in-process backends -----------------------------------------------------------------------------
+# ---- in-process backends (qwen2lib.serve.generation's: what generate and serve run) ------------------------
 
-class GraphLM:
-    """An OnnxCausalLM behind the TorchRunner interface (prefill / decode -> last logits (B, V), state)."""
-
-    def __init__(self, folder: Path, threads: int):
-        self.lm = OnnxCausalLM.load(folder, threads=threads)
-
-    def prefill(self, ids):
-        logits, state = self.lm.prefill(ids)
-        return logits[:, -1], state
-
-    def decode(self, next_ids, state):
-        logits, state = self.lm.decode(next_ids, state)
-        return logits[:, -1], state
-
-
-def measure_lengths(runner, lengths: list[int], decode: int, vocab: int) -> dict[int, dict]:
-    """{L: prefill tok/s, decode ms/step, peak / held resident MB, KV MB} for one loaded backend."""
+def measure_lengths(backend, lengths: list[int], decode: int, vocab: int) -> dict[int, dict]:
+    """{L: prefill tok/s, decode ms/step, peak / held resident MB, KV MB} for one loaded generation backend."""
     rng = np.random.default_rng(0)
-    runner.prefill(rng.integers(0, vocab, (1, 32)))  # warm-up: allocator, prepacking
+    warm = torch.from_numpy(rng.integers(0, vocab, (1, 32)))
+    backend.prefill(warm, torch.ones_like(warm))  # warm-up: allocator, prepacking
     gc.collect()
     out = {}
     for length in lengths:
         before = status_bytes("VmRSS")
         reset_peak()
-        ids = rng.integers(0, vocab, (1, length))
+        ids = torch.from_numpy(rng.integers(0, vocab, (1, length)))
         t0 = time.perf_counter()
-        logits, state = runner.prefill(ids)
+        logits, state = backend.prefill(ids, torch.ones_like(ids))
         prefill_s = time.perf_counter() - t0
         for _ in range(2):  # warm-up steps (the graphs move the cache into growable buffers here)
-            logits, state = runner.decode(logits.argmax(-1)[:, None], state)
+            logits, state = backend.decode(logits.argmax(-1, keepdim=True), state)
         t0 = time.perf_counter()
         for _ in range(decode):
-            logits, state = runner.decode(logits.argmax(-1)[:, None], state)
+            logits, state = backend.decode(logits.argmax(-1, keepdim=True), state)
         step_s = (time.perf_counter() - t0) / decode
         out[length] = {"prefill tok/s": length / prefill_s, "decode ms": 1e3 * step_s,
                        "peak MB": (status_bytes("VmHWM") or 0) / 1e6,
@@ -138,10 +125,10 @@ def measure_python(label: str, folder: Path | None, args) -> dict[int, dict]:
 def worker(args) -> int:
     vocab = int(resolve(args.model).config["vocab_size"])
     if args.worker == "transformers fp32":
-        runner = TorchRunner(load_model(args.model, weights=args.weights, dtype="float32"))
+        backend = torch_backend(load_model(args.model, weights=args.weights, dtype="float32"))
     else:
-        runner = GraphLM(Path(args.folder), args.threads)
-    print(json.dumps(measure_lengths(runner, args.lengths, args.decode, vocab)), flush=True)
+        backend = OnnxBackend.load(Path(args.folder), threads=args.threads)
+    print(json.dumps(measure_lengths(backend, args.lengths, args.decode, vocab)), flush=True)
     return 0
 
 

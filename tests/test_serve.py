@@ -9,6 +9,7 @@ import torch
 from transformers import Qwen2ForCausalLM
 
 from conftest import tiny_hf_config
+from qwen2lib.errors import Qwen2LibError
 from qwen2lib.serve.generation import SamplingParams, TorchBackend, generate
 from qwen2lib.serve.engine import Engine, EngineConfig, Event, ServeRequest, peak_kv_slots
 
@@ -383,6 +384,20 @@ def test_streamed_chat_is_the_greedy_chat_completion(server, tiny_random):
     assert chunks[-1]["choices"][0]["finish_reason"] == expected.finish_reason
 
 
+def test_bench_stream_chat_hands_each_token_over_as_it_arrives_and_refuses_in_one_line(server, tiny_random):
+    backend, tokenizer = tiny_random
+    messages = [{"role": "user", "content": "Write a haiku about tests."}]
+    expected = generate(backend, tokenizer, messages, SamplingParams(max_new_tokens=10))
+    pieces = []
+    answer = stream_chat(server, {"messages": messages, "max_tokens": 10, "temperature": 0,
+                                  "stream_options": {"include_usage": True}}, on_text=pieces.append)
+    assert answer["text"] == "".join(pieces) == expected.text and len(pieces) == len(expected.token_ids)
+    assert answer["usage"]["completion_tokens"] == len(expected.token_ids)
+    with pytest.raises(Qwen2LibError, match=r"chat/completions: HTTP 400: .*max_tokens") as refused:
+        stream_chat(server, {"messages": messages, "max_tokens": -1})
+    assert "\n" not in str(refused.value)
+
+
 @pytest.mark.parametrize("path, body, param", [
     ("/v1/completions", None, None),  # malformed JSON
     ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, "model"),
@@ -481,7 +496,7 @@ def test_soak_every_request_is_answered_or_refused_and_the_server_drains(tiny_ra
 
 # ---- bench --url: the load client -----------------------------------------------------------
 
-from qwen2lib.serve.bench import arrival_delays, benchmark_server, synthetic_requests  # noqa: E402
+from qwen2lib.serve.bench import arrival_delays, benchmark_server, stream_chat, synthetic_requests  # noqa: E402
 
 
 def test_arrivals_are_poisson_at_the_rate_or_all_at_once():

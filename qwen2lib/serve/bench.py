@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import aiohttp
 import matplotlib.pyplot as plt
@@ -256,28 +256,44 @@ def _request_body(request: Request, model: str, chat: bool, tokenizer) -> dict:
     return body
 
 
+class StreamError(Exception):
+    """A streamed completion the server refused or broke off (HTTP status, or an error event in the stream)."""
+
+
+async def stream_pieces(session, endpoint: str, body: dict, chat: bool):
+    """One streamed completion, read as a client of an OpenAI-compatible server reads it (server-sent events,
+    ``data: {json}`` lines, ``data: [DONE]`` last): yields ``(text, None)`` per token and ``(None, usage)`` when the
+    server reports the counts; raises StreamError on an HTTP or in-stream error."""
+    async with session.post(endpoint, json=body) as response:
+        if response.status != 200:
+            raise StreamError(f"HTTP {response.status}: {(await response.text())[:300]}")
+        async for line in response.content:
+            line = line.strip()
+            if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            if chunk.get("error"):
+                raise StreamError(f"server error: {chunk['error'].get('message', chunk['error'])}")
+            choice = (chunk.get("choices") or [None])[0]
+            piece = None if choice is None else (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+            if piece is not None and (piece or not choice.get("finish_reason")):  # a token, not a bare terminator
+                yield piece, None
+            if chunk.get("usage"):
+                yield None, chunk["usage"]
+
+
 async def _send(session, endpoint: str, body: dict, request: Request, chat: bool) -> RequestResult | str:
     """One streamed request -> its timings, or the reason it failed."""
     start = time.perf_counter()
     times, usage = [], {}
     try:
-        async with session.post(endpoint, json=body) as response:
-            if response.status != 200:
-                return f"HTTP {response.status}: {(await response.text())[:300]}"
-            async for line in response.content:
-                line = line.strip()
-                if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
-                    continue
-                chunk = json.loads(line[5:])
-                if chunk.get("error"):
-                    return f"server error: {chunk['error'].get('message', chunk['error'])}"
-                usage = chunk.get("usage") or usage
-                choice = (chunk.get("choices") or [None])[0]
-                if choice is None:
-                    continue
-                piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-                if piece is not None and (piece or not choice.get("finish_reason")):  # a token, not a bare terminator
-                    times.append(time.perf_counter())
+        async for piece, reported in stream_pieces(session, endpoint, body, chat):
+            if piece is None:
+                usage = reported
+            else:
+                times.append(time.perf_counter())
+    except StreamError as exc:
+        return str(exc)
     except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
         return f"{type(exc).__name__}: {exc}".splitlines()[0]
     if not times:
@@ -285,6 +301,31 @@ async def _send(session, endpoint: str, body: dict, request: Request, chat: bool
     n = int(usage.get("completion_tokens") or len(times))
     return RequestResult(int(usage.get("prompt_tokens") or request.prompt_len), n, times[0] - start,
                          [b - a for a, b in zip(times, times[1:])], times[-1] - start)
+
+
+def stream_chat(url: str, body: dict, on_text: Callable[[str], None] | None = None, timeout_s: float = 300) -> dict:
+    """One streamed chat completion (``body``: the OpenAI request, ``"stream": True`` added) from the server at
+    ``url``, each token's text handed to ``on_text`` as it arrives: {"text", "usage"}. Raises Qwen2LibError when
+    the server refuses or breaks off the answer."""
+    endpoint = f"{base_url(url)}/v1/chat/completions"
+
+    async def run() -> dict:
+        pieces, usage = [], {}
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s), connector=connector) as session:
+            try:
+                async for piece, reported in stream_pieces(session, endpoint, {**body, "stream": True}, chat=True):
+                    if piece is None:
+                        usage = reported
+                    else:
+                        pieces.append(piece)
+                        if on_text is not None:
+                            on_text(piece)
+            except (StreamError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                raise Qwen2LibError(f"{endpoint}: {exc}".splitlines()[0]) from exc
+        return {"text": "".join(pieces), "usage": usage}
+
+    return run_coroutine(run())
 
 
 async def _load(url, requests, model, chat, tokenizer, delays, max_concurrency, timeout_s, progress):

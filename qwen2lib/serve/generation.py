@@ -263,24 +263,25 @@ class OnnxBackend:
     # sampling ops meanwhile fights them for the cores, so the loop samples on one thread for this backend.
     sampling_threads = 1
 
-    def __init__(self, runtime, max_positions: int | None = None):
+    def __init__(self, runtime, max_positions: int | None = None, in_place: bool = True):
         self.runtime = runtime
         # the graph's rotary table size, capped by the model's own limit when known
         self.max_positions = int(min(runtime.max_positions, max_positions or runtime.max_positions))
+        self.in_place = in_place  # False: the cache fed and a fresh copy taken back each step (the plain way)
 
     @classmethod
     def load(cls, folder: str | Path, config: dict | None = None, threads: int | None = None,
-             spinning: bool = True) -> "OnnxBackend":
+             spinning: bool = True, in_place: bool = True) -> "OnnxBackend":
         """A compiled folder (manifest.json + model.onnx); ``config`` is the model's config.json dict."""
         limit = (config or {}).get("max_position_embeddings")
-        return cls(OnnxCausalLM.load(folder, threads=threads, spinning=spinning), limit)
+        return cls(OnnxCausalLM.load(folder, threads=threads, spinning=spinning), limit, in_place)
 
     def prefill(self, ids, attention_mask):
         logits, state = self.runtime.prefill(ids.numpy(), attention_mask.numpy())
         return torch.from_numpy(logits[:, -1]).float(), state
 
     def decode(self, next_ids, state):
-        logits, state = self.runtime.decode(next_ids.numpy(), state)
+        logits, state = self.runtime.decode(next_ids.numpy(), state, in_place=self.in_place)
         return torch.from_numpy(logits[:, -1]).float(), state
 
     def extend(self, ids, state):
