@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 import gguf
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -52,6 +51,7 @@ from qwen2lib.deploy.schemes import INT4_SCHEMES  # noqa: E402
 from qwen2lib.evaluation.fidelity import logits_fn  # noqa: E402
 from qwen2lib.quantize.stage import ensure_quantized, load_quantized  # noqa: E402
 from qwen2lib.model.tokenizer import load_tokenizer  # noqa: E402
+from qwen2lib.serve import llamacpp  # noqa: E402
 
 
 def timed(fn):
@@ -86,20 +86,6 @@ def gguf_bits_per_weight(path: Path) -> float:
     return 8 * sum(int(t.n_bytes) for t in matrices) / sum(int(t.n_elements) for t in matrices)
 
 
-def llama_cpp_logits(llm):
-    """ids (B, T) -> logits (B, T, V) from llama.cpp, every position (logits_all), a fresh context per row."""
-
-    def run(ids: torch.Tensor) -> torch.Tensor:
-        rows = []
-        for row in ids.tolist():
-            llm.reset()
-            llm.eval(row)
-            rows.append(torch.from_numpy(np.array(llm.scores[: len(row)], dtype=np.float32)))
-        return torch.stack(rows)
-
-    return run
-
-
 def tokenizer_check(llm, tokenizer, texts: list[str]) -> str:
     same = sum(llm.tokenize(t.encode("utf-8"), add_bos=False, special=True)
                == tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts)
@@ -120,9 +106,7 @@ def main() -> None:
     parser.add_argument("--graphs", nargs="*", default=[], help="shipped configs whose compiled graphs get a row each "
                         "(qwen2_int8 qwen2_int4); bits per weight as the package each is compiled from")
     args = parser.parse_args()
-    try:
-        from llama_cpp import Llama
-    except ImportError:
+    if not llamacpp.available():
         raise SystemExit("llama-cpp-python is not importable: pip install --target DIR llama-cpp-python, then run "
                          "with PYTHONPATH=DIR (see the module doc)")
     import pandas as pd
@@ -154,13 +138,13 @@ def main() -> None:
     texts.append(tokenizer.apply_chat_template(CHAT_SAMPLE, tokenize=False, add_generation_prompt=True))
     for gguf_type in args.types:
         path = gguf_file(ensure_exported(args.model, args.weights, workdir, format="gguf", variant=gguf_type))
-        llm = Llama(model_path=str(path), n_ctx=args.block_len + 8, n_batch=args.block_len + 8, logits_all=True,
-                    n_threads=args.threads, verbose=False)
-        notes.append(f"{gguf_type}: {tokenizer_check(llm, tokenizer, texts)}")
+        backend = llamacpp.LlamaCppBackend.load(path, context=args.block_len + 8, threads=args.threads,
+                                                every_position=True)
+        notes.append(f"{gguf_type}: {tokenizer_check(backend.llm, tokenizer, texts)}")
         bits = gguf_bits_per_weight(path)
-        add(f"gguf {gguf_type} (llama.cpp)", llama_cpp_logits(llm), bits)
+        add(f"gguf {gguf_type} (llama.cpp)", backend.logits, bits)
         add(f"gguf {gguf_type} (dequantized)", logits_fn(load_gguf_model(path)), bits)
-        llm.close()
+        backend.close()
     columns = ["bits_per_weight", "kld_mean", "kld_p99", "top1_agreement", "ppl_ratio", "max_abs_dlogits",
                "ms_per_block"]
     table = pd.DataFrame.from_dict(rows, orient="index")[columns]

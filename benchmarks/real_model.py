@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gguf_vs_llamacpp import gguf_bits_per_weight, layer_bits_per_weight, llama_cpp_logits  # noqa: E402
+from gguf_vs_llamacpp import gguf_bits_per_weight, layer_bits_per_weight  # noqa: E402
 from qwen2lib.artifacts import default_workdir, read_metrics  # noqa: E402
 from machine import cpu_record, describe_cpu  # noqa: E402
 from tables import markdown  # noqa: E402
@@ -58,6 +58,7 @@ from qwen2lib.model.gguf import load_gguf_model  # noqa: E402
 from qwen2lib.model.tokenizer import load_tokenizer  # noqa: E402
 from qwen2lib.evaluation.fidelity import logits_fn  # noqa: E402
 from qwen2lib.quantize.stage import ensure_quantized, load_quantized  # noqa: E402
+from qwen2lib.serve.llamacpp import LlamaCppBackend, available as llamacpp_available  # noqa: E402
 
 README = Path(__file__).resolve().parent / "README.md"
 SECTION = "## On a real checkpoint"
@@ -106,24 +107,13 @@ def candidates(args, workdir: Path):
             return gguf_file(ensure_exported(args.model, args.weights, workdir, format="gguf", variant=gguf_type))
 
         yield f"gguf {gguf_type} (dequantized)", lambda p=path: (logits_fn(load_gguf_model(p())), gguf_bits_per_weight(p()))
-        if llama_cpp_available():
+        if llamacpp_available():
             yield f"gguf {gguf_type} (llama.cpp)", lambda p=path: (llama_cpp(p(), args), gguf_bits_per_weight(p()))
 
 
-def llama_cpp_available() -> bool:
-    try:
-        import llama_cpp  # noqa: F401  (optional: built from source, see gguf_vs_llamacpp.py)
-    except ImportError:
-        return False
-    return True
-
-
 def llama_cpp(path: Path, args):
-    from llama_cpp import Llama  # optional, checked by llama_cpp_available
-
-    llm = Llama(model_path=str(path), n_ctx=args.block_len + 8, n_batch=args.block_len + 8, logits_all=True,
-                n_threads=args.threads, verbose=False)
-    return llama_cpp_logits(llm)
+    """ids -> logits of every position, by llama.cpp itself on the GGUF file."""
+    return LlamaCppBackend.load(path, context=args.block_len + 8, threads=args.threads, every_position=True).logits
 
 
 def fidelity_tables(args, workdir: Path, package: Path) -> dict[str, pd.DataFrame]:

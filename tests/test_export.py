@@ -17,6 +17,10 @@ from qwen2lib.evaluation.fidelity import fidelity_report
 from qwen2lib.evaluation.fidelity import logits_fn
 from qwen2lib.quantize.stage import dequantize_weight, is_int8_linear, load_quantized, quantize_model
 from qwen2lib.model.tokenizer import cached_family_tokenizer_dir
+from qwen2lib.errors import MissingInputError, Qwen2LibError
+from qwen2lib.serve import llamacpp
+from qwen2lib.serve.generation import SamplingParams, TorchBackend, generate
+from qwen2lib.serve.llamacpp import LlamaCppBackend
 
 VOCAB = 320
 CONTROL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -169,6 +173,35 @@ def test_gguf_tokenizer_rebuilt_from_the_file_gives_the_packages_ids(gguf_report
         assert rebuilt.encode(text, add_special_tokens=False).ids == ids, text
         assert rebuilt.decode(ids, skip_special_tokens=False) == reference.decode(ids)
     assert any(len(reference(t)["input_ids"]) < len(t.encode()) for t in SAMPLES)  # merges were applied
+
+
+def test_llama_cpp_runs_the_gguf_through_the_generation_loop(package, reference, blocks, tmp_path):
+    """llama.cpp itself (llama-cpp-python, optional: it compiles llama.cpp) on our f32 GGUF: the package's logits
+    and its greedy tokens, through the same generate() as the torch and graph backends."""
+    pytest.importorskip("llama_cpp")
+    path = tmp_path / "m-f32.gguf"
+    export_gguf.write_gguf(package, path, "f32")
+    backend = LlamaCppBackend.load(path, context=64, threads=1, every_position=True)
+    report = fidelity_report(logits_fn(reference), backend.logits, blocks)
+    assert report["kld_mean"] < 1e-4 and report["top1_agreement"] == 1.0, report
+    prompt = blocks[0, :8].tolist()
+    greedy = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    ours = generate(TorchBackend(reference), None, prompt, greedy)
+    theirs = generate(backend, None, prompt, greedy)
+    assert theirs.token_ids == ours.token_ids
+    logits, state = backend.prefill(blocks[:1, :4], torch.ones(1, 4, dtype=torch.long))
+    backend.prefill(blocks[:1, :6], torch.ones(1, 6, dtype=torch.long))
+    with pytest.raises(Qwen2LibError, match="one sequence at a time"):
+        backend.decode(logits.argmax(-1, keepdim=True), state)  # the context has moved on to another prompt
+    with pytest.raises(Qwen2LibError, match="one unpadded row at a time"):
+        backend.prefill(blocks[:, :4], torch.ones(2, 4, dtype=torch.long))
+    backend.close()
+
+
+def test_the_llama_cpp_backend_without_llama_cpp_python_says_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(llamacpp, "available", lambda: False)
+    with pytest.raises(MissingInputError, match=r"^llama.cpp backend: llama-cpp-python is not installed: pip install "):
+        LlamaCppBackend.load(tmp_path / "m.gguf")
 
 
 def test_gguf_writer_streams_and_refuses_what_it_cannot_write(package, tmp_path, monkeypatch):
