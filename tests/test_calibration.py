@@ -55,6 +55,19 @@ def test_batches_keep_the_exact_absmax_and_average_the_percentile():
     torch.testing.assert_close(stats["model.layers.1.mlp.down_proj.meansq"], x.square().mean(0))  # over all batches
 
 
+def test_a_percentile_never_passes_the_max_where_every_batch_hits_it():
+    """At 99.9% a batch of up to 1,000 tokens has its max as its nearest-rank percentile; the token-weighted mean of
+    ten such batches is the max again, where float32 sums rounded 0.7 up to 0.70000005 (notebook 02 at 1.5B)."""
+    linear = nn.Linear(3, 2)
+    stats = cal.ActivationStats(linear, percentile=99.9)
+    x = torch.tensor([[0.7, 1.3, 3.3]]).expand(7, 3)  # (7, 3): every token equal, so percentile == max
+    with torch.no_grad():
+        for _ in range(10):
+            linear(x)
+    out = stats.tensors()
+    assert torch.equal(out[".percentile"], out[".absmax"]) and torch.equal(out[".absmax"], x[0])
+
+
 def test_save_load_and_plots(tmp_path):
     model, ids = seeded_model(), torch.randint(0, 320, (2, 8))
     stats = cal.collect_activation_stats(model, ids, progress=False)

@@ -75,7 +75,7 @@ class ActivationStats:
             abs_x = x.reshape(-1, x.shape[-1]).float().abs()  # (M, K)
             m = abs_x.shape[0]
             batch_max = abs_x.amax(dim=0)
-            batch_pct = nearest_rank_percentile(abs_x, self.percentile) * m  # token-weighted
+            batch_pct = nearest_rank_percentile(abs_x, self.percentile).double() * m  # token-weighted
             batch_sq = abs_x.square().sum(dim=0, dtype=torch.float64)
             if name in self.absmax:
                 torch.maximum(self.absmax[name], batch_max, out=self.absmax[name])
@@ -96,7 +96,10 @@ class ActivationStats:
         out = {}
         for name in self.absmax:
             out[f"{name}.absmax"] = self.absmax[name].contiguous()
-            out[f"{name}.percentile"] = (self.percentile_sum[name] / self.tokens[name]).contiguous()
+            # a token-weighted mean of per-batch percentiles, each <= its batch's max: clamped to the max, which only
+            # floating-point rounding of the sum could pass (where every batch's percentile is its max)
+            mean = (self.percentile_sum[name] / self.tokens[name]).float()
+            out[f"{name}.percentile"] = torch.minimum(mean, self.absmax[name]).contiguous()
             out[f"{name}.meansq"] = (self.square_sum[name] / self.tokens[name]).float().contiguous()
         return out
 
