@@ -81,7 +81,7 @@ def kernel_started(page, served) -> bool:
 
 
 def widget_table_text(page) -> str:
-    return page.locator(".jp-OutputArea-output .widget-output table, .widget-output table").first.inner_text()
+    return page.locator("table.kv-cache-table").first.inner_text()
 
 
 def test_notebook_00_runs_all_cells_in_jupyterlab_and_its_widget_reacts(served):
@@ -118,7 +118,7 @@ def test_notebook_00_runs_all_cells_in_jupyterlab_and_its_widget_reacts(served):
 
             slider = page.locator(".widget-slider").nth(1)  # the batch slider of the KV-cache widget
             slider.scroll_into_view_if_needed()
-            wait_until(lambda: page.locator(".widget-output table").count() > 0, 300, "the widget's table")
+            wait_until(lambda: page.locator("table.kv-cache-table").count() > 0, 300, "the widget's table")
             before = widget_table_text(page)
             slider.locator(".noUi-handle, .ui-slider-handle, [role='slider']").first.focus()
             for _ in range(3):
