@@ -321,7 +321,7 @@ def stream_chat(url: str, body: dict, on_text: Callable[[str], None] | None = No
                         pieces.append(piece)
                         if on_text is not None:
                             on_text(piece)
-            except (StreamError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (StreamError, aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
                 raise Qwen2LibError(f"{endpoint}: {exc}".splitlines()[0]) from exc
         return {"text": "".join(pieces), "usage": usage}
 
